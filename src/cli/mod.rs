@@ -1,0 +1,84 @@
+//! The command line: one file per subcommand. Exit codes: 0 success, 1 the
+//! checked thing is bad, 2 usage or I/O error.
+
+pub mod check_keys;
+pub mod route;
+pub mod serve;
+pub mod usage;
+pub mod validate_config;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "gptbalance",
+    version,
+    about = "A declarative model router for OpenAI-compatible APIs",
+    long_about = "gptbalance routes OpenAI-compatible requests by their `model` to the upstream \
+clients of one YAML file: it rotates keys, retries, falls back to other models, streams without \
+delay and records usage in monthly SQLite files.\n\n\
+Start with `gptbalance validate-config --config config.yaml`, then `gptbalance serve`.",
+    after_help = "Exit codes: 0 success, 1 the checked thing is bad, 2 usage or I/O error."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the router daemon
+    Serve(serve::Args),
+    /// Check a config file offline; print every problem as PATH:LINE:COL: message
+    ValidateConfig(validate_config::Args),
+    /// Probe every key of every client with GET {base_url}/models
+    CheckKeys(check_keys::Args),
+    /// Explain how a request for MODEL would be routed
+    Route(route::Args),
+    /// Totals of requests, errors and tokens from the usage files
+    Usage(usage::Args),
+}
+
+/// `--config`, shared by every subcommand.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigArg {
+    /// Config file [default: $GPTBALANCE_CONFIG, then config/config.yaml]
+    #[arg(long, short = 'c', env = "GPTBALANCE_CONFIG", default_value = "config/config.yaml", hide_env = true, hide_default_value = true)]
+    pub config: PathBuf,
+}
+
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Serve(a) => serve::run(a),
+        Command::ValidateConfig(a) => validate_config::run(a),
+        Command::CheckKeys(a) => check_keys::run(a),
+        Command::Route(a) => route::run(a),
+        Command::Usage(a) => usage::run(a),
+    }
+}
+
+/// Loads the config for a subcommand that needs a valid one, printing
+/// problems the way `validate-config` does; `Err` is the exit code.
+pub fn load_or_exit(path: &std::path::Path) -> Result<crate::config::Loaded, ExitCode> {
+    match crate::config::load(path) {
+        Ok(loaded) => {
+            for w in &loaded.warnings {
+                eprintln!("{w}");
+            }
+            Ok(loaded)
+        }
+        Err(crate::config::LoadError::Io { path, source }) => {
+            eprintln!("error: cannot read config file {}: {source}", path.display());
+            Err(ExitCode::from(2))
+        }
+        Err(crate::config::LoadError::Invalid(diags)) => {
+            for d in &diags {
+                eprintln!("{d}");
+            }
+            Err(ExitCode::from(1))
+        }
+    }
+}

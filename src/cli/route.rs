@@ -1,0 +1,16 @@
+//! `gptbalance route`.
+
+use std::process::ExitCode;
+
+use super::ConfigArg;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+pub fn run(_args: Args) -> ExitCode {
+    eprintln!("gptbalance route: not yet");
+    ExitCode::from(2)
+}

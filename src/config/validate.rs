@@ -1,0 +1,547 @@
+//! Every check of a parsed config, with line and column, and the defaults.
+//!
+//! Collects all errors and warnings instead of stopping at the first, then
+//! builds the [`Config`] only from sections that deserialized.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+use regex::Regex;
+
+use super::load::Diags;
+use super::schema::{self, AuthTokenEntry, ClientSection, MatchKind};
+use super::source_map::SourceMap;
+use super::{
+    AuthToken, ClientConfig, Config, LoggingConfig, MatchRule, RoutingPolicy, ServerConfig,
+    UsageConfig,
+};
+use crate::routing::matcher;
+use crate::secret::Secret;
+
+/// Each section as deserialized (defaults when absent); `None` where it had
+/// an error already reported.
+pub struct Sections {
+    pub server: Option<schema::ServerSection>,
+    pub routing: Option<schema::RoutingSection>,
+    pub usage: Option<schema::UsageSection>,
+    pub logging: Option<schema::LoggingSection>,
+    /// `(path, client)` per list item.
+    pub clients: Vec<(String, Option<ClientSection>)>,
+}
+
+impl Default for Sections {
+    fn default() -> Self {
+        Sections {
+            server: Some(Default::default()),
+            routing: Some(Default::default()),
+            usage: Some(Default::default()),
+            logging: Some(Default::default()),
+            clients: Vec::new(),
+        }
+    }
+}
+
+const HEADERS_NOT_SETTABLE: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "keep-alive",
+];
+
+/// Checks everything and builds the config. Returns `None` only when some
+/// section could not be read; errors found here go to `diags`.
+pub fn validate(
+    sections: Sections,
+    base_dir: &Path,
+    map: &SourceMap,
+    diags: &mut Diags,
+) -> Option<Config> {
+    let s = sections;
+    let any_missing = s.server.is_none() || s.routing.is_none() || s.usage.is_none() || s.logging.is_none();
+    let server = server(s.server.as_ref().unwrap_or(&Default::default()), map, diags);
+    let routing = routing(s.routing.as_ref().unwrap_or(&Default::default()), "routing", map, diags);
+    let usage = usage(s.usage.as_ref().unwrap_or(&Default::default()), base_dir);
+    let logging = logging(s.logging.as_ref().unwrap_or(&Default::default()), base_dir, map, diags);
+
+    if s.clients.is_empty() && !diags.has_errors() {
+        diags.error_at(
+            map.value("openai_clients"),
+            "`openai_clients` is empty: list at least one upstream client",
+        );
+    }
+    let mut clients = Vec::new();
+    let mut seen_names: HashMap<String, String> = HashMap::new();
+    let mut all_read = true;
+    for (path, section) in &s.clients {
+        let Some(section) = section else {
+            all_read = false;
+            continue;
+        };
+        if let Some(first) = seen_names.insert(section.name.clone(), path.clone()) {
+            let first_pos = map.value(&format!("{first}.name"));
+            diags.error_at(
+                map.value(&format!("{path}.name")),
+                format!(
+                    "duplicate client name `{}` (first defined at line {})",
+                    section.name, first_pos.line
+                ),
+            );
+        }
+        if let Some(client) = client(section, path, &routing, map, diags) {
+            clients.push((path.clone(), client));
+        } else {
+            all_read = false;
+        }
+    }
+    if all_read {
+        check_fallbacks(&clients, map, diags);
+        warn_unreachable_clients(&clients, map, diags);
+    }
+    if !server.auth_tokens.is_empty() || server.listen.ip().is_loopback() {
+        // Auth is on, or only this machine can connect.
+    } else {
+        diags.warn_at(
+            map.value("server.listen"),
+            format!(
+                "auth is disabled (no server.auth_tokens) but listen address {} is not loopback: anyone who can reach it can spend your keys",
+                server.listen
+            ),
+        );
+    }
+    if any_missing {
+        return None;
+    }
+    Some(Config {
+        server,
+        routing,
+        usage,
+        logging,
+        clients: clients.into_iter().map(|(_, c)| c).collect(),
+    })
+}
+
+fn server(s: &schema::ServerSection, map: &SourceMap, diags: &mut Diags) -> ServerConfig {
+    let listen_text = s.listen.as_deref().unwrap_or("127.0.0.1:8000");
+    let listen = parse_listen(listen_text).unwrap_or_else(|| {
+        diags.error_at(
+            map.value("server.listen"),
+            format!("server.listen: `{listen_text}` is not an address such as \"127.0.0.1:8000\" or \"[::]:8000\""),
+        );
+        SocketAddr::from(([127, 0, 0, 1], 8000))
+    });
+    let mut auth_tokens = Vec::new();
+    for (i, entry) in s.auth_tokens.iter().flatten().enumerate() {
+        let path = format!("server.auth_tokens[{i}]");
+        let (name, token) = match entry {
+            AuthTokenEntry::Bare(token) => (None, token),
+            AuthTokenEntry::Named { name, token } => (Some(name.clone()), token),
+        };
+        if token.is_empty() {
+            diags.error_at(map.value(&path), format!("{path}: the token is empty"));
+            continue;
+        }
+        check_no_control_chars(token, &path, map, diags);
+        auth_tokens.push(AuthToken {
+            name,
+            token: Secret::new(token.as_str()),
+        });
+    }
+    let admin_token = match s.admin_token.as_deref() {
+        Some("") => {
+            diags.error_at(map.value("server.admin_token"), "server.admin_token is empty; remove it to disable /admin/*");
+            None
+        }
+        Some(t) => Some(Secret::new(t)),
+        None => None,
+    };
+    let max_body_bytes = s.max_body_bytes.unwrap_or(32 * 1024 * 1024);
+    if max_body_bytes == 0 {
+        diags.error_at(map.value("server.max_body_bytes"), "server.max_body_bytes must be at least 1");
+    }
+    let max_connections = s.max_connections.unwrap_or(10_000);
+    if max_connections == 0 {
+        diags.error_at(map.value("server.max_connections"), "server.max_connections must be at least 1");
+    }
+    let header_read_timeout = s.header_read_timeout.unwrap_or(Duration::from_secs(30));
+    if header_read_timeout.is_zero() {
+        diags.error_at(map.value("server.header_read_timeout"), "server.header_read_timeout must be more than 0");
+    }
+    ServerConfig {
+        listen,
+        auth_tokens,
+        admin_token,
+        max_body_bytes,
+        shutdown_grace: s.shutdown_grace.unwrap_or(Duration::from_secs(30)),
+        header_read_timeout,
+        max_connections,
+    }
+}
+
+/// `host:port` with an IP address; `localhost` is taken as 127.0.0.1.
+pub fn parse_listen(text: &str) -> Option<SocketAddr> {
+    if let Ok(addr) = text.parse() {
+        return Some(addr);
+    }
+    let port = text.strip_prefix("localhost:")?.parse().ok()?;
+    Some(SocketAddr::new(IpAddr::from([127, 0, 0, 1]), port))
+}
+
+fn routing(
+    r: &schema::RoutingSection,
+    path: &str,
+    map: &SourceMap,
+    diags: &mut Diags,
+) -> RoutingPolicy {
+    let policy = RoutingPolicy::default().merged(r);
+    check_policy(&policy, r, path, map, diags);
+    policy
+}
+
+fn check_policy(
+    policy: &RoutingPolicy,
+    set: &schema::RoutingSection,
+    path: &str,
+    map: &SourceMap,
+    diags: &mut Diags,
+) {
+    if set.max_attempts.is_some() && policy.max_attempts == 0 {
+        diags.error_at(map.value(&format!("{path}.max_attempts")), "max_attempts must be at least 1");
+    }
+    if set.max_failures.is_some() && policy.max_failures == 0 {
+        diags.error_at(map.value(&format!("{path}.max_failures")), "max_failures must be at least 1");
+    }
+    for (key, d) in [
+        ("connect_timeout", set.connect_timeout),
+        ("request_timeout", set.request_timeout),
+        ("idle_timeout", set.idle_timeout),
+    ] {
+        if d.is_some_and(|d| d.is_zero()) {
+            diags.error_at(map.value(&format!("{path}.{key}")), format!("{key} must be more than 0"));
+        }
+    }
+    if set.retry_on.is_some() {
+        for (i, code) in policy.retry_on.iter().enumerate() {
+            if !(100..=599).contains(code) {
+                diags.error_at(
+                    map.value(&format!("{path}.retry_on[{i}]")),
+                    format!("retry_on: {code} is not an HTTP status code (100-599)"),
+                );
+            }
+        }
+    }
+}
+
+fn usage(u: &schema::UsageSection, base_dir: &Path) -> UsageConfig {
+    UsageConfig {
+        dir: resolve(base_dir, u.dir.as_deref().unwrap_or("./data")),
+        enabled: u.enabled.unwrap_or(true),
+    }
+}
+
+fn logging(l: &schema::LoggingSection, base_dir: &Path, map: &SourceMap, diags: &mut Diags) -> LoggingConfig {
+    let level = l.level.clone().unwrap_or_else(|| "info".to_owned());
+    if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+        diags.error_at(
+            map.value("logging.level"),
+            format!("logging.level: `{level}` is not a level (error, warn, info, debug, trace) or filter"),
+        );
+    }
+    LoggingConfig {
+        level,
+        dir: l.dir.as_deref().filter(|d| !d.is_empty()).map(|d| resolve(base_dir, d)),
+        format: l.format.unwrap_or_default(),
+    }
+}
+
+fn resolve(base_dir: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base_dir.join(p)
+    }
+}
+
+fn check_no_control_chars(value: &str, path: &str, map: &SourceMap, diags: &mut Diags) -> bool {
+    if value.chars().any(|c| c.is_control()) {
+        diags.error_at(
+            map.value(path),
+            format!("{path}: contains a control character (CR, LF, ...), which cannot be sent in a header"),
+        );
+        return false;
+    }
+    true
+}
+
+fn client(
+    c: &ClientSection,
+    path: &str,
+    global: &RoutingPolicy,
+    map: &SourceMap,
+    diags: &mut Diags,
+) -> Option<ClientConfig> {
+    let at = |key: &str| format!("{path}.{key}");
+    let errors_before = diags.list.len();
+    if c.name.is_empty()
+        || !c
+            .name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '.' | '-'))
+    {
+        diags.error_at(
+            map.value(&at("name")),
+            format!("client name `{}` may use only letters, digits, `_`, `.` and `-`", c.name),
+        );
+    }
+    let base_url = c.base_url.trim_end_matches('/').to_owned();
+    check_base_url(&base_url, &at("base_url"), map, diags);
+
+    let mut keys: Vec<Secret> = Vec::new();
+    let key_paths = c
+        .api_key
+        .iter()
+        .map(|k| (at("api_key"), k))
+        .chain(
+            c.api_keys
+                .iter()
+                .flatten()
+                .enumerate()
+                .map(|(i, k)| (format!("{path}.api_keys[{i}]"), k)),
+        );
+    for (kpath, key) in key_paths {
+        if key.is_empty() {
+            diags.warn_at(map.value(&kpath), format!("{kpath}: empty key ignored"));
+            continue;
+        }
+        if !check_no_control_chars(key, &kpath, map, diags) {
+            continue;
+        }
+        let secret = Secret::new(key.as_str());
+        if !keys.contains(&secret) {
+            keys.push(secret);
+        }
+    }
+    if keys.is_empty() {
+        diags.error_at(
+            map.key(path),
+            format!("client `{}` has no keys: set api_key or api_keys", c.name),
+        );
+    }
+
+    let weight = c.weight.unwrap_or(1);
+    if weight == 0 {
+        diags.error_at(map.value(&at("weight")), "weight must be at least 1 (use priority to keep a client in reserve)");
+    }
+
+    let mm = &c.model_match;
+    if mm.value.is_empty() {
+        diags.error_at(map.value(&at("model_match.value")), "model_match.value is empty: the client would match no model");
+    }
+    let mut regexes = Vec::new();
+    for (i, v) in mm.value.iter().enumerate() {
+        let vpath = format!("{path}.model_match.value[{i}]");
+        if v.is_empty() {
+            diags.error_at(map.value(&vpath), "model_match value is empty");
+        }
+        if mm.kind == MatchKind::Regex {
+            match Regex::new(&format!("^(?:{v})$")) {
+                Ok(r) => regexes.push(r),
+                Err(e) => diags.error_at(
+                    map.value(&vpath),
+                    format!("invalid regex `{v}`: {}", first_line_of_regex_error(&e)),
+                ),
+            }
+        }
+    }
+
+    let mut headers = Vec::new();
+    for (name, value) in c.headers.iter().flatten() {
+        let hpath = format!("{path}.headers.{name}");
+        let parsed_name = HeaderName::from_bytes(name.as_bytes());
+        let parsed_value = HeaderValue::from_str(value);
+        match (parsed_name, parsed_value) {
+            (Ok(n), Ok(mut v)) => {
+                if HEADERS_NOT_SETTABLE.contains(&n.as_str()) {
+                    diags.error_at(map.key(&hpath), format!("header `{name}` is managed by gptbalance and cannot be set"));
+                } else {
+                    v.set_sensitive(true);
+                    headers.push((n, v));
+                }
+            }
+            (Err(_), _) => diags.error_at(map.key(&hpath), format!("`{name}` is not a valid header name")),
+            (_, Err(_)) => diags.error_at(
+                map.value(&hpath),
+                format!("the value of header `{name}` is not valid (control characters such as CR or LF are not allowed)"),
+            ),
+        }
+    }
+
+    let overrides = c.routing_overrides();
+    let policy = global.merged(&overrides);
+    check_policy(&policy, &overrides, path, map, diags);
+
+    if diags.list[errors_before..]
+        .iter()
+        .any(|d| d.severity == super::Severity::Error)
+    {
+        return None;
+    }
+    Some(ClientConfig {
+        name: c.name.clone(),
+        base_url,
+        keys,
+        priority: c.priority.unwrap_or(100),
+        weight,
+        model_match: MatchRule {
+            kind: mm.kind,
+            values: mm.value.clone(),
+            regexes,
+        },
+        fallback: c.fallback.clone().unwrap_or_default(),
+        upstream_model: c.upstream_model.clone().filter(|m| !m.is_empty()),
+        special_prefix: c.special_prefix.clone().filter(|p| !p.is_empty()),
+        stop: c.stop.clone(),
+        max_tokens: c.max_tokens,
+        extra_body: c.extra_body.clone().unwrap_or_default(),
+        headers,
+        policy,
+    })
+}
+
+fn first_line_of_regex_error(e: &regex::Error) -> String {
+    let text = e.to_string();
+    text.lines()
+        .rev()
+        .find(|l| l.starts_with("error:"))
+        .map(|l| l.trim_start_matches("error:").trim().to_owned())
+        .unwrap_or(text)
+}
+
+fn check_base_url(url: &str, path: &str, map: &SourceMap, diags: &mut Diags) {
+    let problem = match url.parse::<http::Uri>() {
+        Err(_) => Some("is not a URL".to_owned()),
+        Ok(uri) => match (uri.scheme_str(), uri.host()) {
+            (Some("http") | Some("https"), Some(h)) if !h.is_empty() => {
+                if uri.query().is_some() {
+                    Some("must not have a query string".to_owned())
+                } else if url.contains('#') {
+                    Some("must not have a fragment".to_owned())
+                } else {
+                    None
+                }
+            }
+            (Some("http") | Some("https"), _) => Some("has no host".to_owned()),
+            _ => Some("must start with http:// or https://".to_owned()),
+        },
+    };
+    if let Some(problem) = problem {
+        diags.error_at(map.value(path), format!("base_url `{url}` {problem}"));
+    }
+}
+
+/// Fallback targets must route somewhere, and fallback chains must not loop.
+fn check_fallbacks(clients: &[(String, ClientConfig)], map: &SourceMap, diags: &mut Diags) {
+    let configs: Vec<&ClientConfig> = clients.iter().map(|(_, c)| c).collect();
+    let mut missing = HashSet::new();
+    for (path, c) in clients {
+        for (i, target) in c.fallback.iter().enumerate() {
+            if matcher::candidates(&configs, target).is_empty() {
+                let fpath = if c.fallback.len() == 1 && map.value(&format!("{path}.fallback[0]")) == map.value(path) {
+                    format!("{path}.fallback")
+                } else {
+                    format!("{path}.fallback[{i}]")
+                };
+                diags.error_at(
+                    map.value(&fpath),
+                    format!("fallback target `{target}` of client `{}` is matched by no client", c.name),
+                );
+                missing.insert(target.clone());
+            }
+        }
+    }
+    // Edges between fallback targets: a cycle must run through them only.
+    let next = |model: &str| -> Option<(usize, &Vec<String>)> {
+        matcher::candidates(&configs, model)
+            .into_iter()
+            .find(|&i| !configs[i].fallback.is_empty())
+            .map(|i| (i, &configs[i].fallback))
+    };
+    let mut reported = HashSet::new();
+    for (path, c) in clients {
+        for start in &c.fallback {
+            if missing.contains(start) {
+                continue;
+            }
+            let mut chain = vec![start.clone()];
+            if let Some(cycle) = find_cycle(&next, &mut chain) {
+                let mut key: Vec<String> = cycle.clone();
+                key.sort();
+                if reported.insert(key) {
+                    diags.error_at(
+                        map.value(&format!("{path}.fallback")),
+                        format!("fallback cycle: {}", cycle.join(" -> ")),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Depth-first walk of fallback edges from the end of `chain`.
+fn find_cycle<'a>(
+    next: &dyn Fn(&str) -> Option<(usize, &'a Vec<String>)>,
+    chain: &mut Vec<String>,
+) -> Option<Vec<String>> {
+    let last = chain.last()?.clone();
+    let (_, targets) = next(&last)?;
+    for t in targets {
+        if let Some(pos) = chain.iter().position(|m| m == t) {
+            let mut cycle = chain[pos..].to_vec();
+            cycle.push(t.clone());
+            return Some(cycle);
+        }
+        chain.push(t.clone());
+        if let Some(c) = find_cycle(next, chain) {
+            return Some(c);
+        }
+        chain.pop();
+    }
+    None
+}
+
+/// Warns about clients no model name can reach: a regex or keyword client
+/// whose every value is a plain name that some exact client owns (exact
+/// matches shadow the others).
+fn warn_unreachable_clients(clients: &[(String, ClientConfig)], map: &SourceMap, diags: &mut Diags) {
+    let exact: HashSet<&str> = clients
+        .iter()
+        .filter(|(_, c)| c.model_match.kind == MatchKind::Exact)
+        .flat_map(|(_, c)| c.model_match.values.iter().map(String::as_str))
+        .collect();
+    for (path, c) in clients {
+        if c.model_match.kind != MatchKind::Regex {
+            continue;
+        }
+        let literal = |v: &str| v.chars().all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '-' | ':' | '/'));
+        if c.model_match
+            .values
+            .iter()
+            .all(|v| literal(v) && exact.contains(v.as_str()))
+        {
+            diags.warn_at(
+                map.key(&format!("{path}.model_match")),
+                format!(
+                    "client `{}` can never be chosen: every model it matches is matched exactly by another client",
+                    c.name
+                ),
+            );
+        }
+    }
+}

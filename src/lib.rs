@@ -1,0 +1,27 @@
+//! gptbalance: a declarative model router for OpenAI-compatible APIs.
+//!
+//! # Layout
+//!
+//! - [`cli`]: one file per subcommand (`serve`, `validate-config`, ...).
+//! - [`config`]: read → expand `${VAR}` → parse → validate → `Config`, with
+//!   every diagnostic as `PATH:LINE:COL: message`.
+//! - [`routing`]: the immutable `RoutingTable` (matching, priority tiers,
+//!   weighted round robin, fallback, key health). Knows no HTTP.
+//! - [`proxy`]: raw hyper server, request handling, upstream attempts, the
+//!   streaming relay, OpenAI-shaped errors, local endpoints. Parses no YAML.
+//! - [`usage`]: the usage record, the background SQLite writer, reports.
+//! - [`ops`]: hot reload, systemd notify, logging, metrics.
+//! - [`secret`]: keys and tokens, which only ever show as a redacted id.
+//!
+//! A request flows one way: `proxy::handler` → `RoutingTable::candidates` →
+//! `proxy::attempt` (via `proxy::upstream`) → `proxy::relay` →
+//! `usage::UsageSink::send`. Config flows file → `config::load` →
+//! `RoutingTable::build` → `ArcSwap::store`.
+
+pub mod cli;
+pub mod config;
+pub mod ops;
+pub mod proxy;
+pub mod routing;
+pub mod secret;
+pub mod usage;

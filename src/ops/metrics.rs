@@ -1,0 +1,234 @@
+//! Prometheus metrics: what is counted, and the text exposition of `/metrics`.
+//!
+//! Labels never carry a key or token: keys appear as their redacted id.
+//! Model labels come from callers, so their number is capped.
+
+use std::collections::HashSet;
+use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+use crate::routing::RoutingTable;
+use crate::usage::UsageRecord;
+
+/// Distinct model label values kept; further models are counted as "other".
+const MAX_MODEL_LABELS: usize = 1000;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    client: String,
+    model: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttemptLabels {
+    client: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientLabels {
+    client: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    client: String,
+    model: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyLabels {
+    client: String,
+    key: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 16))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    attempts: Family<AttemptLabels, Counter>,
+    latency: Family<ClientLabels, Histogram, fn() -> Histogram>,
+    ttft: Family<ClientLabels, Histogram, fn() -> Histogram>,
+    tokens: Family<TokenLabels, Counter>,
+    key_healthy: Family<KeyLabels, Gauge>,
+    key_cooldown: Family<KeyLabels, Gauge<f64, AtomicU64>>,
+    key_requests: Family<KeyLabels, Gauge>,
+    reloads: Family<ResultLabels, Counter>,
+    generation: Gauge,
+    usage_rows: Family<ResultLabels, Counter>,
+    in_flight: Gauge,
+    models_seen: Mutex<HashSet<String>>,
+    scrape: Mutex<()>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("gptbalance");
+        let m = Metrics {
+            requests: Family::default(),
+            attempts: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            ttft: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            tokens: Family::default(),
+            key_healthy: Family::default(),
+            key_cooldown: Family::default(),
+            key_requests: Family::default(),
+            reloads: Family::default(),
+            generation: Gauge::default(),
+            usage_rows: Family::default(),
+            in_flight: Gauge::default(),
+            models_seen: Mutex::new(HashSet::new()),
+            scrape: Mutex::new(()),
+            registry: Registry::default(),
+        };
+        registry.register("requests", "Requests answered, by client, model and status", m.requests.clone());
+        registry.register(
+            "upstream_attempts",
+            "Upstream attempts by client and result (ok, or why it failed over)",
+            m.attempts.clone(),
+        );
+        registry.register("request_duration_seconds", "Time until the last response byte, by client", m.latency.clone());
+        registry.register("ttft_seconds", "Time until the first response body byte, by client", m.ttft.clone());
+        registry.register("tokens", "Tokens reported by upstreams, by client, model and kind", m.tokens.clone());
+        registry.register("key_healthy", "1 when the key is not cooling down", m.key_healthy.clone());
+        registry.register("key_cooldown_seconds", "Seconds left in the key's cooldown", m.key_cooldown.clone());
+        registry.register("key_requests", "Attempts made with the key since start", m.key_requests.clone());
+        registry.register("reloads", "Config reloads by result", m.reloads.clone());
+        registry.register("config_generation", "Generation of the routing table in use", m.generation.clone());
+        registry.register("usage_rows", "Usage rows by result (written, dropped)", m.usage_rows.clone());
+        registry.register("requests_in_flight", "Requests being served now", m.in_flight.clone());
+        registry.register(
+            "build",
+            "Build information",
+            Info::new(BuildLabels {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+            }),
+        );
+        Metrics { registry, ..m }
+    }
+
+    fn model_label(&self, model: Option<&str>) -> String {
+        let Some(model) = model else {
+            return String::new();
+        };
+        let mut seen = self.models_seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(model) {
+            return model.to_owned();
+        }
+        if seen.len() < MAX_MODEL_LABELS {
+            seen.insert(model.to_owned());
+            return model.to_owned();
+        }
+        "other".to_owned()
+    }
+
+    pub fn request_finished(&self, r: &UsageRecord) {
+        let client = r.client.clone().unwrap_or_default();
+        let model = self.model_label(r.model.as_deref());
+        self.requests
+            .get_or_create(&RequestLabels {
+                client: client.clone(),
+                model: model.clone(),
+                status: r.status.to_string(),
+            })
+            .inc();
+        if r.client.is_some() {
+            let labels = ClientLabels { client: client.clone() };
+            self.latency.get_or_create(&labels).observe(r.latency_ms as f64 / 1000.0);
+            if let Some(t) = r.ttft_ms {
+                self.ttft.get_or_create(&labels).observe(t as f64 / 1000.0);
+            }
+        }
+        for (kind, n) in [("prompt", r.prompt_tokens), ("completion", r.completion_tokens)] {
+            if let Some(n) = n {
+                self.tokens
+                    .get_or_create(&TokenLabels {
+                        client: client.clone(),
+                        model: model.clone(),
+                        kind: kind.to_owned(),
+                    })
+                    .inc_by(n);
+            }
+        }
+    }
+
+    pub fn attempt(&self, client: &str, result: &str) {
+        self.attempts
+            .get_or_create(&AttemptLabels {
+                client: client.to_owned(),
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn reload(&self, ok: bool, generation: u64) {
+        let result = if ok { "ok" } else { "failed" };
+        self.reloads.get_or_create(&ResultLabels { result: result.to_owned() }).inc();
+        self.generation.set(generation as i64);
+    }
+
+    pub fn usage_rows(&self, result: &str, n: u64) {
+        self.usage_rows.get_or_create(&ResultLabels { result: result.to_owned() }).inc_by(n);
+    }
+
+    pub fn in_flight(&self) -> &Gauge {
+        &self.in_flight
+    }
+
+    /// The exposition text, with key gauges read from `table` now.
+    pub fn render(&self, table: &RoutingTable) -> String {
+        let _one_scrape_at_a_time = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
+        self.generation.set(table.generation as i64);
+        self.key_healthy.clear();
+        self.key_cooldown.clear();
+        self.key_requests.clear();
+        for c in &table.clients {
+            for k in &c.keys {
+                let labels = KeyLabels {
+                    client: c.cfg.name.clone(),
+                    key: k.id.to_string(),
+                };
+                let left = k.health.cooling_for();
+                self.key_healthy.get_or_create(&labels).set(i64::from(left.is_none()));
+                self.key_cooldown
+                    .get_or_create(&labels)
+                    .set(left.map_or(0.0, |d| d.as_secs_f64()));
+                self.key_requests.get_or_create(&labels).set(k.health.requests() as i64);
+            }
+        }
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

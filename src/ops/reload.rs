@@ -1,0 +1,128 @@
+//! Hot reload: watch the config's directory, debounce, load, validate, swap.
+//!
+//! A valid file becomes a new `RoutingTable` swapped in whole; requests in
+//! flight keep the table they started with. An invalid file keeps the
+//! running table, and its errors are logged and shown in `/admin/status`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+use super::systemd;
+use crate::config::{self, LoadError};
+use crate::proxy::{AppState, ReloadStatus};
+use crate::routing::RoutingTable;
+
+/// Quiet time after the last change before reloading: editors write in bursts.
+const DEBOUNCE: Duration = Duration::from_millis(250);
+
+/// Loads the config file again and swaps it in if valid. Serialized: one
+/// reload at a time, whoever asked.
+pub async fn reload_now(state: &Arc<AppState>, trigger: &str) -> ReloadStatus {
+    let _one_at_a_time = state.reload_lock.lock().await;
+    let Some(path) = state.config_path.clone() else {
+        return state.last_reload.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    };
+    systemd::reloading();
+    let loaded = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || config::load(&path)).await
+    };
+    let current = state.table.load_full();
+    let status = match loaded {
+        Ok(Ok(loaded)) => {
+            for w in &loaded.warnings {
+                tracing::warn!("{w}");
+            }
+            if loaded.config.server.listen != current.config.server.listen {
+                tracing::warn!(
+                    old = %current.config.server.listen, new = %loaded.config.server.listen,
+                    "server.listen changed; it takes effect after a restart"
+                );
+            }
+            let table = RoutingTable::build(loaded.config, Some(&current));
+            let generation = table.generation;
+            state.table.store(Arc::new(table));
+            state.metrics.reload(true, generation);
+            tracing::info!(trigger, generation, "config reloaded");
+            ReloadStatus { ok: true, at: SystemTime::now(), errors: Vec::new() }
+        }
+        Ok(Err(e)) => {
+            let errors = match e {
+                LoadError::Invalid(diags) => diags
+                    .into_iter()
+                    .filter(|d| d.severity == config::Severity::Error)
+                    .map(|d| d.to_string())
+                    .collect(),
+                LoadError::Io { path, source } => vec![format!("{}:1:1: cannot read the config file: {source}", path.display())],
+            };
+            for e in &errors {
+                tracing::error!(trigger, "config reload rejected, keeping the running config: {e}");
+            }
+            state.metrics.reload(false, current.generation);
+            ReloadStatus { ok: false, at: SystemTime::now(), errors }
+        }
+        Err(join) => {
+            state.metrics.reload(false, current.generation);
+            ReloadStatus { ok: false, at: SystemTime::now(), errors: vec![format!("{}:1:1: reload failed: {join}", path.display())] }
+        }
+    };
+    *state.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = status.clone();
+    systemd::ready();
+    status
+}
+
+/// Watches the config file's directory (so rename-saves and symlink flips
+/// are seen) and reloads after each burst of changes. The returned watcher
+/// must be kept alive.
+pub fn watch(state: Arc<AppState>, path: &Path) -> notify::Result<notify::RecommendedWatcher> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    let name = path.file_name().map(|n| n.to_owned()).unwrap_or_default();
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        if event.kind.is_access() {
+            return;
+        }
+        let relevant = event.paths.iter().any(|p| {
+            p.file_name().is_some_and(|n| n == name || n.to_string_lossy().starts_with(".."))
+        });
+        if relevant {
+            let _ = tx.send(());
+        }
+    })?;
+    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            // Wait for the burst to end: DEBOUNCE with no further change.
+            loop {
+                match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
+                    Ok(Some(())) => continue,
+                    Ok(None) => return,
+                    Err(_) => break,
+                }
+            }
+            reload_now(&state, "file change").await;
+        }
+    });
+    Ok(watcher)
+}
+
+/// Reloads on every SIGHUP.
+pub fn on_sighup(state: Arc<AppState>) -> std::io::Result<()> {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            reload_now(&state, "SIGHUP").await;
+        }
+    });
+    Ok(())
+}
+
+/// The absolute form of the config path, so a later `chdir` changes nothing.
+pub fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}

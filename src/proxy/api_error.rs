@@ -1,0 +1,134 @@
+//! The only builder of error bodies: OpenAI's shape,
+//! `{"error": {"message", "type", "param", "code"}}`.
+//!
+//! `type` and `code` both carry the error's name (`model_not_found`, ...), so
+//! callers matching on either field see the same thing.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use super::body::ResponseBody;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    ModelNotFound(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("{0}")]
+    RequestTimeout(String),
+    #[error("request body is larger than the limit of {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("{0}")]
+    Upstream(String),
+    #[error("{message}")]
+    NoHealthyUpstream { message: String, retry_after: Duration },
+    #[error("{0}")]
+    UpstreamTimeout(String),
+    #[error("{0}")]
+    Overloaded(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ApiError::NoHealthyUpstream { .. } | ApiError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The error's name, used as both `type` and `code`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidRequest(_) => "invalid_request_error",
+            ApiError::Unauthorized(_) => "invalid_api_key",
+            ApiError::ModelNotFound(_) => "model_not_found",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
+            ApiError::RequestTimeout(_) => "request_timeout",
+            ApiError::TooLarge { .. } => "request_too_large",
+            ApiError::Upstream(_) => "upstream_error",
+            ApiError::NoHealthyUpstream { .. } => "no_healthy_upstream",
+            ApiError::UpstreamTimeout(_) => "upstream_timeout",
+            ApiError::Overloaded(_) => "overloaded",
+        }
+    }
+
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            ApiError::ModelNotFound(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    /// The JSON body alone, for callers that build their own response.
+    pub fn body(&self) -> Bytes {
+        let body = serde_json::json!({
+            "error": {
+                "message": self.to_string(),
+                "type": self.code(),
+                "param": self.param(),
+                "code": self.code(),
+            }
+        });
+        Bytes::from(body.to_string())
+    }
+
+    pub fn into_response(self, request_id: Option<&HeaderValue>) -> Response<ResponseBody> {
+        let mut resp = Response::new(ResponseBody::full(self.body()));
+        *resp.status_mut() = self.status();
+        let headers = resp.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(id) = request_id {
+            headers.insert("x-request-id", id.clone());
+        }
+        match &self {
+            ApiError::NoHealthyUpstream { retry_after, .. } => {
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            }
+            ApiError::Unauthorized(_) => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_bodies_have_openais_shape() {
+        let e = ApiError::ModelNotFound("no client serves model `x`".into());
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert_eq!(v["error"]["type"], "model_not_found");
+        assert_eq!(v["error"]["param"], "model");
+        assert_eq!(v["error"]["message"], "no client serves model `x`");
+        let r = ApiError::NoHealthyUpstream {
+            message: "cooling".into(),
+            retry_after: Duration::from_millis(1500),
+        }
+        .into_response(None);
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()["retry-after"], "2");
+    }
+}

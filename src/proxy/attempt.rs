@@ -1,0 +1,180 @@
+//! One try of one key of one client → an [`Outcome`], with the key's health
+//! updated by what happened.
+//!
+//! For a 2xx response the headers are held until the first body byte, so an
+//! upstream that answers and then dies before sending anything is failed
+//! over like a connect error. `request_timeout` runs until that byte.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use super::upstream::HttpClient;
+use crate::config::RoutingPolicy;
+use crate::routing::key_health::MAX_RETRY_AFTER;
+use crate::routing::KeyRoute;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connection failed: {0}")]
+    Connect(String),
+    #[error("no response within {0:?} (request_timeout)")]
+    HeadersTimeout(Duration),
+    #[error("the response ended before its first body byte")]
+    EmptyResponse,
+    #[error("upstream answered {0}")]
+    Status(u16),
+}
+
+impl UpstreamError {
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, UpstreamError::HeadersTimeout(_))
+    }
+}
+
+pub enum Outcome {
+    /// Goes to the caller: a 2xx with its first chunk read, or a status that
+    /// is not retried.
+    Respond {
+        parts: http::response::Parts,
+        body: Incoming,
+        first: Option<Bytes>,
+        ttft: Option<Duration>,
+    },
+    /// Try the next key or client.
+    FailOver(UpstreamError),
+}
+
+pub async fn run(http: &HttpClient, req: Request<Full<Bytes>>, policy: &RoutingPolicy, key: &KeyRoute, started: std::time::Instant) -> Outcome {
+    let deadline = Instant::now() + policy.request_timeout;
+    let failed = |e: UpstreamError| {
+        key.health.record_failure(policy.max_failures, policy.cooldown);
+        Outcome::FailOver(e)
+    };
+    let resp = match tokio::time::timeout_at(deadline, http.request(req)).await {
+        Err(_) => return failed(UpstreamError::HeadersTimeout(policy.request_timeout)),
+        Ok(Err(e)) => return failed(UpstreamError::Connect(describe(&e))),
+        Ok(Ok(resp)) => resp,
+    };
+    let status = resp.status().as_u16();
+    if resp.status().is_success() {
+        let (parts, mut body) = resp.into_parts();
+        loop {
+            match tokio::time::timeout_at(deadline, body.frame()).await {
+                Err(_) => return failed(UpstreamError::HeadersTimeout(policy.request_timeout)),
+                Ok(Some(Err(e))) => return failed(UpstreamError::Connect(describe(&e))),
+                Ok(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) if !data.is_empty() => {
+                        key.health.record_success();
+                        return Outcome::Respond {
+                            parts,
+                            body,
+                            first: Some(data),
+                            ttft: Some(started.elapsed()),
+                        };
+                    }
+                    _ => continue,
+                },
+                Ok(None) => {
+                    let declared_empty = status == 204
+                        || parts
+                            .headers
+                            .get(http::header::CONTENT_LENGTH)
+                            .is_some_and(|v| v.as_bytes() == b"0");
+                    if !declared_empty {
+                        return failed(UpstreamError::EmptyResponse);
+                    }
+                    key.health.record_success();
+                    return Outcome::Respond {
+                        parts,
+                        body,
+                        first: None,
+                        ttft: None,
+                    };
+                }
+            }
+        }
+    }
+    match status {
+        // The key itself is refused: cool it down and try another, always.
+        401 | 403 => {
+            key.health.record_rejection(policy.cooldown);
+            Outcome::FailOver(UpstreamError::Status(status))
+        }
+        429 => {
+            let wait = retry_after(resp.headers()).map_or(policy.cooldown, |d| d.min(MAX_RETRY_AFTER));
+            key.health.record_rejection(wait);
+            if policy.retries(429) {
+                Outcome::FailOver(UpstreamError::Status(429))
+            } else {
+                respond(resp)
+            }
+        }
+        s if policy.retries(s) => failed(UpstreamError::Status(s)),
+        _ => {
+            // The upstream works; the request itself was refused.
+            key.health.record_success();
+            respond(resp)
+        }
+    }
+}
+
+fn respond(resp: http::Response<Incoming>) -> Outcome {
+    let (parts, body) = resp.into_parts();
+    Outcome::Respond {
+        parts,
+        body,
+        first: None,
+        ttft: None,
+    }
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    let v = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    if let Ok(secs) = v.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(1e9)));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(std::time::SystemTime::now()).unwrap_or_default())
+}
+
+/// The error and its causes on one line; hyper's errors carry no URL or header.
+fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let mut h = http::HeaderMap::new();
+        h.insert("retry-after", "7".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        let later = std::time::SystemTime::now() + Duration::from_secs(120);
+        h.insert("retry-after", httpdate::fmt_http_date(later).parse().unwrap());
+        let d = retry_after(&h).unwrap();
+        assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120), "{d:?}");
+        h.insert("retry-after", "soon".parse().unwrap());
+        assert_eq!(retry_after(&h), None);
+    }
+}

@@ -1,0 +1,131 @@
+//! The endpoints answered locally: models, health, readiness, metrics, admin.
+
+use std::sync::Arc;
+
+use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
+use serde_json::json;
+
+use super::api_error::ApiError;
+use super::body::ResponseBody;
+use super::{AppState, ReloadStatus};
+use crate::routing::RoutingTable;
+use crate::secret::constant_time_eq;
+
+pub fn text(status: StatusCode, body: &'static str) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::full(value.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// Ready when a config is loaded and some key is not cooling down.
+pub fn readyz(table: &RoutingTable) -> Response<ResponseBody> {
+    if table.any_key_available() {
+        text(StatusCode::OK, "ready\n")
+    } else {
+        text(StatusCode::SERVICE_UNAVAILABLE, "every key is cooling down\n")
+    }
+}
+
+pub fn metrics(state: &AppState, table: &RoutingTable) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::full(state.metrics.render(table)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    resp
+}
+
+fn model_json(id: &str, owner: &str) -> serde_json::Value {
+    json!({ "id": id, "object": "model", "created": 0, "owned_by": owner })
+}
+
+/// Every exact model name, in OpenAI's list format.
+pub fn models(table: &RoutingTable) -> Response<ResponseBody> {
+    let data: Vec<_> = table.models().into_iter().map(|(id, owner)| model_json(id, owner)).collect();
+    json_response(StatusCode::OK, &json!({ "object": "list", "data": data }))
+}
+
+pub fn model(table: &RoutingTable, id: &str) -> Result<Response<ResponseBody>, ApiError> {
+    table
+        .models()
+        .into_iter()
+        .find(|(m, _)| *m == id)
+        .map(|(m, owner)| json_response(StatusCode::OK, &model_json(m, owner)))
+        .ok_or_else(|| ApiError::ModelNotFound(format!("the model `{id}` does not exist")))
+}
+
+/// `/admin/status` and `POST /admin/reload`, behind `admin_token`; 404 when
+/// no admin token is configured.
+pub async fn admin(
+    state: &Arc<AppState>,
+    table: &RoutingTable,
+    method: &Method,
+    what: &str,
+    headers: &HeaderMap,
+) -> Result<Response<ResponseBody>, ApiError> {
+    let Some(admin) = &table.config.server.admin_token else {
+        return Err(ApiError::NotFound("/admin is disabled: set server.admin_token".to_owned()));
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !constant_time_eq(presented.as_bytes(), admin.expose().as_bytes()) {
+        return Err(ApiError::Unauthorized("a valid admin token is required".to_owned()));
+    }
+    match (method, what) {
+        (&Method::GET, "status") => Ok(json_response(StatusCode::OK, &status_json(state))),
+        (&Method::POST, "reload") => {
+            crate::ops::reload::reload_now(state, "admin").await;
+            Ok(json_response(StatusCode::OK, &status_json(state)))
+        }
+        (_, "status" | "reload") => Err(ApiError::MethodNotAllowed(format!("{method} is not allowed on /admin/{what}"))),
+        _ => Err(ApiError::NotFound(format!("no admin endpoint /admin/{what}"))),
+    }
+}
+
+fn rfc3339(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// The status document: generation, last reload, key health per client.
+pub fn status_json(state: &AppState) -> serde_json::Value {
+    let table = state.table.load();
+    let last: ReloadStatus = state.last_reload.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let clients: Vec<_> = table
+        .clients
+        .iter()
+        .map(|c| {
+            let keys: Vec<_> = c
+                .keys
+                .iter()
+                .map(|k| {
+                    json!({
+                        "id": k.id.as_str(),
+                        "healthy": k.health.is_available(),
+                        "cooldown_until": k.health.cooldown_until().map(rfc3339),
+                        "requests": k.health.requests(),
+                        "failures": k.health.failures(),
+                    })
+                })
+                .collect();
+            json!({ "name": c.cfg.name, "keys": keys })
+        })
+        .collect();
+    json!({
+        "generation": table.generation,
+        "last_reload": { "ok": last.ok, "at": rfc3339(last.at), "errors": last.errors },
+        "clients": clients,
+    })
+}

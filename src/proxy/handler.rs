@@ -1,0 +1,533 @@
+//! One request: path, auth, body limit, `model`, request id; then the
+//! attempts across keys, clients and fallbacks.
+//!
+//! Builds no error bodies itself (that is `api_error.rs`) and sends nothing
+//! upstream itself (that is `attempt.rs` through `upstream.rs`).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::api_error::ApiError;
+use super::attempt::{self, Outcome, UpstreamError};
+use super::body::ResponseBody;
+use super::endpoints;
+use super::relay::{Filter, JsonSniffer, PrefixBuffer, Relay};
+use super::report::Completion;
+use super::sse::{PrefixSlot, SseFilter};
+use super::transform::{self, Changes, EndpointKind, RequestBody};
+use super::upstream;
+use super::AppState;
+use crate::routing::{KeyPick, RoutingTable};
+use crate::secret::constant_time_eq;
+use crate::usage::UsageRecord;
+
+/// What a request path asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route<'a> {
+    Healthz,
+    Readyz,
+    Metrics,
+    Admin(&'a str),
+    Models,
+    Model(String),
+    /// `/v1/{endpoint}` or `/{client}/v1/{endpoint}`.
+    Proxy { client: Option<&'a str>, endpoint: &'a str },
+    NotFound,
+}
+
+/// Classifies a path. Endpoints must be plain relative paths: no empty, `.`
+/// or `..` segments and no encoded slash, dot or backslash, so a caller can
+/// never steer a request outside its client's `base_url`.
+pub fn route(path: &str) -> Route<'_> {
+    match path {
+        "/healthz" => return Route::Healthz,
+        "/readyz" => return Route::Readyz,
+        "/metrics" => return Route::Metrics,
+        "/v1/models" | "/v1/models/" => return Route::Models,
+        _ => {}
+    }
+    if let Some(rest) = path.strip_prefix("/admin/") {
+        return Route::Admin(rest);
+    }
+    if let Some(id) = path.strip_prefix("/v1/models/") {
+        return match percent_decode(id) {
+            Some(id) if !id.is_empty() => Route::Model(id),
+            _ => Route::NotFound,
+        };
+    }
+    let (client, endpoint) = match path.strip_prefix("/v1/") {
+        Some(endpoint) => (None, endpoint),
+        None => {
+            let Some(rest) = path.strip_prefix('/') else {
+                return Route::NotFound;
+            };
+            let Some((client, endpoint)) = rest.split_once("/v1/") else {
+                return Route::NotFound;
+            };
+            if client.is_empty() || !client.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) {
+                return Route::NotFound;
+            }
+            (Some(client), endpoint)
+        }
+    };
+    if !safe_endpoint(endpoint) {
+        return Route::NotFound;
+    }
+    Route::Proxy { client, endpoint }
+}
+
+fn safe_endpoint(endpoint: &str) -> bool {
+    !endpoint.is_empty()
+        && endpoint.split('/').all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+        && !endpoint.contains('\\')
+        && !endpoint.to_ascii_lowercase().contains("%2f")
+        && !endpoint.to_ascii_lowercase().contains("%2e")
+        && !endpoint.to_ascii_lowercase().contains("%5c")
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn new_request_id() -> String {
+    format!("req_{:032x}", fastrand::u128(..))
+}
+
+/// The service function given to hyper for every request.
+pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
+    let request_id = new_request_id();
+    let rid_header = HeaderValue::from_str(&request_id).expect("request ids are ASCII hex");
+    let mut resp = match dispatch(&state, req, &request_id).await {
+        Ok(resp) => resp,
+        Err(e) => e.into_response(None),
+    };
+    resp.headers_mut().insert("x-request-id", rid_header);
+    Ok(resp)
+}
+
+async fn dispatch(state: &Arc<AppState>, req: Request<Incoming>, request_id: &str) -> Result<Response<ResponseBody>, ApiError> {
+    let table = state.table.load_full();
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    match route(&path) {
+        Route::Healthz => Ok(endpoints::text(StatusCode::OK, "ok\n")),
+        Route::Readyz => Ok(endpoints::readyz(&table)),
+        Route::Admin(what) => endpoints::admin(state, &table, &method, what, req.headers()).await,
+        Route::NotFound => Err(ApiError::NotFound(format!("no route for {method} {path}"))),
+        route => {
+            let caller = authenticate(&table, req.headers())?;
+            match route {
+                Route::Metrics => Ok(endpoints::metrics(state, &table)),
+                Route::Models if method == Method::GET => Ok(endpoints::models(&table)),
+                Route::Model(id) if method == Method::GET => endpoints::model(&table, &id),
+                Route::Proxy { client, endpoint } => {
+                    if client.is_none() && method != Method::POST {
+                        return Err(ApiError::MethodNotAllowed(format!("{method} is not allowed on /v1/{endpoint}; use POST")));
+                    }
+                    let pinned = match client {
+                        Some(name) => Some(
+                            table
+                                .client_index(name)
+                                .ok_or_else(|| ApiError::NotFound(format!("no client named `{name}`")))?,
+                        ),
+                        None => None,
+                    };
+                    let endpoint = endpoint.to_owned();
+                    Ok(proxy(state.clone(), table, req, request_id, caller, pinned, endpoint).await)
+                }
+                _ => Err(ApiError::MethodNotAllowed(format!("{method} is not allowed on {path}"))),
+            }
+        }
+    }
+}
+
+/// Checks `Authorization: Bearer <token>` against `auth_tokens`; returns the
+/// caller's name. Every configured token is compared, in constant time.
+fn authenticate(table: &RoutingTable, headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let tokens = &table.config.server.auth_tokens;
+    if tokens.is_empty() {
+        return Ok(None);
+    }
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .ok_or_else(|| ApiError::Unauthorized("missing bearer token: send `Authorization: Bearer <token>`".to_owned()))?;
+    let mut found = None;
+    for t in tokens {
+        if constant_time_eq(presented.as_bytes(), t.token.expose().as_bytes()) && found.is_none() {
+            found = Some(t.name.clone());
+        }
+    }
+    found.ok_or_else(|| ApiError::Unauthorized("invalid bearer token".to_owned()))
+}
+
+/// Reads the whole request body, within `max_body_bytes`; each chunk must
+/// arrive within `header_read_timeout` of the one before.
+async fn read_body(body: Incoming, headers: &HeaderMap, limit: u64, gap: Duration) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::TooLarge { limit });
+    }
+    let mut body = body;
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(limit) as usize);
+    loop {
+        match tokio::time::timeout(gap, body.frame()).await {
+            Err(_) => return Err(ApiError::RequestTimeout(format!("the request body stalled for {gap:?}"))),
+            Ok(None) => return Ok(buf.freeze()),
+            Ok(Some(Err(e))) => return Err(ApiError::InvalidRequest(format!("could not read the request body: {e}"))),
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    if buf.len() as u64 + data.len() as u64 > limit {
+                        return Err(ApiError::TooLarge { limit });
+                    }
+                    buf.extend_from_slice(&data);
+                }
+            }
+        }
+    }
+}
+
+/// Fails a request that had started: the row and log say why.
+fn fail(mut done: Completion, e: ApiError, request_id: &str) -> Response<ResponseBody> {
+    done.record.status = e.status().as_u16();
+    let message = e.to_string();
+    let resp = e.into_response(HeaderValue::from_str(request_id).ok().as_ref());
+    done.finish(None, Some(message));
+    resp
+}
+
+async fn proxy(
+    state: Arc<AppState>,
+    table: Arc<RoutingTable>,
+    req: Request<Incoming>,
+    request_id: &str,
+    caller: Option<String>,
+    pinned: Option<usize>,
+    endpoint: String,
+) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let record = UsageRecord {
+        ts: Some((state.clock)()),
+        request_id: request_id.to_owned(),
+        caller,
+        endpoint: endpoint.clone(),
+        ..UsageRecord::default()
+    };
+    let mut done = Completion::start(state.clone(), record, started);
+    let (parts, body) = req.into_parts();
+    let server = &table.config.server;
+    let bytes = match read_body(body, &parts.headers, server.max_body_bytes, server.header_read_timeout).await {
+        Ok(b) => b,
+        Err(e) => return fail(done, e, request_id),
+    };
+    let is_json_object = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    let peek = if pinned.is_some() && !is_json_object {
+        transform::Peek::default()
+    } else {
+        match transform::peek(&bytes) {
+            Ok(p) => p,
+            Err(msg) => return fail(done, ApiError::InvalidRequest(msg), request_id),
+        }
+    };
+    done.record.model = peek.model.clone();
+    done.record.stream = peek.stream;
+    let model = match (&peek.model, pinned) {
+        (Some(m), _) => Some(m.clone()),
+        (None, Some(_)) => None,
+        (None, None) => {
+            return fail(done, ApiError::InvalidRequest("the request body has no `model`".to_owned()), request_id)
+        }
+    };
+    if pinned.is_none() {
+        let m = model.as_deref().unwrap_or_default();
+        if table.candidates(m).is_empty() {
+            let e = ApiError::ModelNotFound(format!("no client serves model `{m}`"));
+            return fail(done, e, request_id);
+        }
+    }
+
+    let kind = EndpointKind::of(&endpoint);
+    let request = Prepared {
+        method: parts.method,
+        endpoint: &endpoint,
+        query: parts.uri.query().map(str::to_owned),
+        headers: upstream::forwardable_headers(&parts.headers),
+        body: RequestBody::new(bytes),
+        kind,
+        requested_model: model.clone(),
+        include_usage: peek.stream && kind.is_text_generation() && !peek.include_usage,
+    };
+    let mut run = Run::default();
+    match pinned {
+        Some(ci) => match try_client(&state, &table, &request, ci, model.as_deref(), &mut run, request_id).await {
+            Ok(Some(answer)) => return respond(done, answer, &table, &request, &run),
+            Ok(None) => {}
+            Err(e) => return fail(done, e, request_id),
+        },
+        None => {
+            let mut stack = vec![(model.clone().unwrap_or_default(), 0u32)];
+            let max_depth = table.config.routing.max_fallback_depth;
+            while let Some((m, depth)) = stack.pop() {
+                if run.models_tried.contains(&m) {
+                    continue;
+                }
+                run.models_tried.push(m.clone());
+                let candidates = table.candidates(&m);
+                for ci in candidates.order() {
+                    match try_client(&state, &table, &request, ci, Some(&m), &mut run, request_id).await {
+                        Ok(Some(answer)) => return respond(done, answer, &table, &request, &run),
+                        Ok(None) => {}
+                        Err(e) => return fail(done, e, request_id),
+                    }
+                }
+                let fallback = table.fallback_of(&candidates);
+                let limit = candidates
+                    .in_priority_order()
+                    .find(|&i| !table.clients[i].cfg.fallback.is_empty())
+                    .map_or(max_depth, |i| table.clients[i].cfg.policy.max_fallback_depth.min(max_depth));
+                if depth < limit {
+                    for f in fallback.iter().rev() {
+                        if !run.models_tried.contains(f) {
+                            stack.push((f.clone(), depth + 1));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let e = run.exhausted(model.as_deref().unwrap_or_default());
+    done.record.attempts = run.attempts;
+    fail(done, e, request_id)
+}
+
+/// The parts of the caller's request every attempt reuses.
+struct Prepared<'a> {
+    method: Method,
+    endpoint: &'a str,
+    query: Option<String>,
+    headers: HeaderMap,
+    body: RequestBody,
+    kind: EndpointKind,
+    requested_model: Option<String>,
+    include_usage: bool,
+}
+
+/// What the attempts of one request have done so far.
+#[derive(Default)]
+struct Run {
+    attempts: u32,
+    clients_tried: Vec<String>,
+    models_tried: Vec<String>,
+    soonest_free: Option<Duration>,
+    last_error: Option<UpstreamError>,
+}
+
+impl Run {
+    fn exhausted(&self, model: &str) -> ApiError {
+        if self.attempts == 0 {
+            if let Some(wait) = self.soonest_free {
+                return ApiError::NoHealthyUpstream {
+                    message: format!("every key of every client for model `{model}` is cooling down"),
+                    retry_after: wait,
+                };
+            }
+        }
+        let last = self
+            .last_error
+            .as_ref()
+            .map(|e| format!(" (last error: {e})"))
+            .unwrap_or_default();
+        let message = format!(
+            "no upstream could serve model `{model}`; clients tried: {}{last}",
+            if self.clients_tried.is_empty() { "none".to_owned() } else { self.clients_tried.join(", ") }
+        );
+        if self.last_error.as_ref().is_some_and(UpstreamError::is_timeout) {
+            ApiError::UpstreamTimeout(message)
+        } else {
+            ApiError::Upstream(message)
+        }
+    }
+}
+
+/// A response from an upstream that goes to the caller.
+struct Answer {
+    parts: http::response::Parts,
+    body: Incoming,
+    first: Option<Bytes>,
+    ttft: Option<Duration>,
+    client: usize,
+    key_id: String,
+    routed_model: Option<String>,
+    in_flight: crate::routing::key_health::InFlight,
+}
+
+/// Tries the keys of one client; `Ok(Some)` is the answer for the caller,
+/// `Ok(None)` means move on.
+async fn try_client(
+    state: &Arc<AppState>,
+    table: &RoutingTable,
+    request: &Prepared<'_>,
+    ci: usize,
+    model: Option<&str>,
+    run: &mut Run,
+    request_id: &str,
+) -> Result<Option<Answer>, ApiError> {
+    let client = &table.clients[ci];
+    let policy = &client.cfg.policy;
+    let max_attempts = table.config.routing.max_attempts;
+    let http = state.upstream.get(policy.connect_timeout);
+    let routed = client.cfg.upstream_model.as_deref().or(model);
+    let changes = Changes {
+        model: routed.filter(|r| Some(*r) != request.requested_model.as_deref()),
+        include_usage: request.include_usage,
+    };
+    let mut tried: Vec<usize> = Vec::new();
+    let mut client_attempts = 0;
+    while run.attempts < max_attempts && client_attempts < policy.max_attempts {
+        let ki = match client.pick_key(&tried) {
+            KeyPick::Key(i) => i,
+            KeyPick::Cooling(left) => {
+                run.soonest_free = Some(run.soonest_free.map_or(left, |s| s.min(left)));
+                break;
+            }
+            KeyPick::Exhausted => break,
+        };
+        let key = &client.keys[ki];
+        tried.push(ki);
+        run.attempts += 1;
+        client_attempts += 1;
+        if !run.clients_tried.contains(&client.cfg.name) {
+            run.clients_tried.push(client.cfg.name.clone());
+        }
+        let body = transform::upstream_body(&request.body, &client.cfg, request.kind, &changes);
+        let up = upstream::build_request(
+            client,
+            key,
+            &request.method,
+            request.endpoint,
+            request.query.as_deref(),
+            &request.headers,
+            body,
+        )
+        .map_err(|e| ApiError::InvalidRequest(format!("cannot build the upstream request: {e}")))?;
+        let in_flight = key.health.begin();
+        match attempt::run(&http, up, policy, key, Instant::now()).await {
+            Outcome::FailOver(e) => {
+                state.metrics.attempt(&client.cfg.name, failover_label(&e));
+                tracing::warn!(
+                    request_id, client = %client.cfg.name, key = %key.id,
+                    attempt = run.attempts, error = %e, "attempt failed, failing over"
+                );
+                run.last_error = Some(e);
+            }
+            Outcome::Respond { parts, body, first, ttft } => {
+                state.metrics.attempt(&client.cfg.name, "ok");
+                return Ok(Some(Answer {
+                    parts,
+                    body,
+                    first,
+                    ttft,
+                    client: ci,
+                    key_id: key.id.to_string(),
+                    routed_model: routed.map(str::to_owned),
+                    in_flight,
+                }));
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn failover_label(e: &UpstreamError) -> &'static str {
+    match e {
+        UpstreamError::Connect(_) => "connect_error",
+        UpstreamError::HeadersTimeout(_) => "timeout",
+        UpstreamError::EmptyResponse => "empty_response",
+        UpstreamError::Status(401 | 403) => "key_rejected",
+        UpstreamError::Status(429) => "rate_limited",
+        UpstreamError::Status(_) => "status_retry",
+    }
+}
+
+/// Starts relaying `answer` to the caller; the row is written when it ends.
+fn respond(mut done: Completion, answer: Answer, table: &RoutingTable, request: &Prepared<'_>, run: &Run) -> Response<ResponseBody> {
+    let client = &table.clients[answer.client];
+    let status = answer.parts.status;
+    let r = &mut done.record;
+    r.attempts = run.attempts;
+    r.client = Some(client.cfg.name.clone());
+    r.key_id = Some(answer.key_id);
+    r.routed_model = answer.routed_model;
+    r.status = status.as_u16();
+    r.ttft_ms = answer.ttft.map(|d| d.as_millis() as u64);
+    if !status.is_success() {
+        r.error = Some(format!("upstream answered {}", status.as_u16()));
+    }
+    done.in_flight = Some(answer.in_flight);
+    let filter = response_filter(&answer.parts, request, client.cfg.special_prefix.as_deref());
+    let keep_length = matches!(filter, Filter::Json(_) | Filter::Raw);
+    let mut resp = Response::new(ResponseBody::Relay(Box::new(Relay::new(
+        answer.body,
+        answer.first,
+        filter,
+        client.cfg.policy.idle_timeout,
+        done,
+    ))));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = upstream::relayable_response_headers(&answer.parts.headers, keep_length);
+    resp
+}
+
+/// How the response body is relayed: SSE event by event, JSON with usage
+/// read on the side, held whole for a prefix, or untouched.
+fn response_filter(parts: &http::response::Parts, request: &Prepared<'_>, prefix: Option<&str>) -> Filter {
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let slot = match request.kind {
+        EndpointKind::Chat => Some(PrefixSlot::Chat),
+        EndpointKind::Completion => Some(PrefixSlot::Completion),
+        EndpointKind::Other => None,
+    };
+    let prefix = match (prefix, slot) {
+        (Some(p), Some(slot)) if parts.status.is_success() => Some((p.to_owned(), slot)),
+        _ => None,
+    };
+    if content_type.starts_with("text/event-stream") {
+        Filter::Sse(SseFilter::new(request.include_usage, prefix))
+    } else if content_type.contains("json") {
+        match prefix {
+            Some((p, slot)) => Filter::Prefix(PrefixBuffer::new(p, slot)),
+            None => Filter::Json(JsonSniffer::new()),
+        }
+    } else {
+        Filter::Raw
+    }
+}

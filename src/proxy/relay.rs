@@ -1,0 +1,275 @@
+//! Relays an upstream response body to the caller as it arrives.
+//!
+//! Polls the upstream only when the caller's connection asks for more, so a
+//! slow caller slows the upstream read (backpressure) and a caller that goes
+//! away drops this body, which drops the upstream request. An upstream
+//! failure or an idle gap longer than `idle_timeout` aborts the caller's
+//! response; it never ends cleanly.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use super::body::BoxError;
+use super::report::Completion;
+use super::sse::{self, PrefixSlot, SseFilter, Usage};
+
+/// What the relay does to the bytes besides forwarding them.
+pub enum Filter {
+    /// `text/event-stream`: event-aligned, usage chunk read (and maybe removed).
+    Sse(SseFilter),
+    /// A JSON body: forwarded as it comes, `usage` read from a copy.
+    Json(JsonSniffer),
+    /// A JSON body whose first content gets a prefix: held whole, then sent.
+    Prefix(PrefixBuffer),
+    /// Anything else: forwarded untouched.
+    Raw,
+}
+
+pub struct Relay {
+    upstream: Incoming,
+    queued: VecDeque<Bytes>,
+    filter: Filter,
+    idle_timeout: Duration,
+    idle: Pin<Box<Sleep>>,
+    upstream_done: bool,
+    completion: Option<Completion>,
+}
+
+impl Relay {
+    /// `first` is the chunk already read while the response headers were held.
+    pub fn new(upstream: Incoming, first: Option<Bytes>, filter: Filter, idle_timeout: Duration, completion: Completion) -> Relay {
+        let mut relay = Relay {
+            upstream,
+            queued: VecDeque::new(),
+            filter,
+            idle_timeout,
+            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            upstream_done: false,
+            completion: Some(completion),
+        };
+        if let Some(first) = first {
+            relay.take_chunk(first);
+        }
+        if relay.upstream.is_end_stream() {
+            relay.upstream_done = true;
+            relay.end_of_upstream();
+            if relay.queued.is_empty() {
+                // Nothing will poll an empty body: it is complete now.
+                relay.complete(None);
+            }
+        }
+        relay
+    }
+
+    fn take_chunk(&mut self, chunk: Bytes) {
+        match &mut self.filter {
+            Filter::Sse(f) => f.push(chunk, &mut self.queued),
+            Filter::Json(s) => {
+                s.observe(&chunk);
+                self.queued.push_back(chunk);
+            }
+            Filter::Prefix(p) => {
+                if let Some(overflow) = p.push(chunk) {
+                    self.queued.extend(overflow);
+                }
+            }
+            Filter::Raw => self.queued.push_back(chunk),
+        }
+    }
+
+    fn end_of_upstream(&mut self) {
+        match &mut self.filter {
+            Filter::Sse(f) => f.finish(&mut self.queued),
+            Filter::Prefix(p) => self.queued.extend(p.finish()),
+            Filter::Json(_) | Filter::Raw => {}
+        }
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        match &self.filter {
+            Filter::Sse(f) => f.usage,
+            Filter::Json(s) => s.usage(),
+            Filter::Prefix(p) => p.usage,
+            Filter::Raw => None,
+        }
+    }
+
+    fn complete(&mut self, error: Option<String>) {
+        let usage = self.usage();
+        if let Some(c) = self.completion.take() {
+            c.finish(usage, error);
+        }
+    }
+}
+
+impl Body for Relay {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(chunk) = this.queued.pop_front() {
+                // A caller reading a sized body stops polling after the last
+                // byte, so the request is complete when that byte leaves.
+                if this.queued.is_empty() && this.upstream_done {
+                    this.complete(None);
+                }
+                return Poll::Ready(Some(Ok(Frame::data(chunk))));
+            }
+            if this.upstream_done {
+                this.complete(None);
+                return Poll::Ready(None);
+            }
+            // Upstream first: data already waiting is not an idle gap, even
+            // if the caller was slow to ask for it.
+            match Pin::new(&mut this.upstream).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        let deadline = Instant::now() + this.idle_timeout;
+                        this.idle.as_mut().reset(deadline);
+                        if !data.is_empty() {
+                            this.take_chunk(data);
+                        }
+                    }
+                    if this.upstream.is_end_stream() {
+                        this.upstream_done = true;
+                        this.end_of_upstream();
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.complete(Some(format!("upstream failed mid-response: {e}")));
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+                Poll::Ready(None) => {
+                    this.upstream_done = true;
+                    this.end_of_upstream();
+                }
+                Poll::Pending => {
+                    if this.idle.as_mut().poll(cx).is_ready() {
+                        let msg = format!("upstream sent nothing for {:?} (idle_timeout)", this.idle_timeout);
+                        this.complete(Some(msg.clone()));
+                        return Poll::Ready(Some(Err(msg.into())));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+impl Relay {
+    pub fn is_finished(&self) -> bool {
+        self.upstream_done && self.queued.is_empty()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if self.completion.is_some() {
+            self.complete(Some("caller closed the connection".to_owned()));
+        }
+    }
+}
+
+/// Bodies up to this size are kept whole to read `usage`; larger ones keep a tail.
+const WHOLE_JSON_LIMIT: usize = 256 * 1024;
+const JSON_TAIL: usize = 16 * 1024;
+
+#[derive(Default)]
+pub struct JsonSniffer {
+    kept: BytesMut,
+    whole: bool,
+}
+
+impl JsonSniffer {
+    pub fn new() -> Self {
+        JsonSniffer {
+            kept: BytesMut::new(),
+            whole: true,
+        }
+    }
+
+    fn observe(&mut self, chunk: &[u8]) {
+        if self.whole && self.kept.len() + chunk.len() <= WHOLE_JSON_LIMIT {
+            self.kept.extend_from_slice(chunk);
+            return;
+        }
+        self.whole = false;
+        let keep_old = JSON_TAIL.saturating_sub(chunk.len()).min(self.kept.len());
+        let old = self.kept.split_off(self.kept.len() - keep_old);
+        self.kept = old;
+        let from = chunk.len().saturating_sub(JSON_TAIL);
+        self.kept.extend_from_slice(&chunk[from..]);
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        sse::usage_in_json(&self.kept, self.whole)
+    }
+}
+
+/// Largest non-stream body held to add a `special_prefix`; beyond it the
+/// body is forwarded without the prefix rather than held in memory.
+const PREFIX_BUFFER_LIMIT: usize = 64 * 1024 * 1024;
+
+pub struct PrefixBuffer {
+    buf: BytesMut,
+    prefix: String,
+    slot: PrefixSlot,
+    overflowed: bool,
+    sniffer: JsonSniffer,
+    usage: Option<Usage>,
+}
+
+impl PrefixBuffer {
+    pub fn new(prefix: String, slot: PrefixSlot) -> Self {
+        PrefixBuffer {
+            buf: BytesMut::new(),
+            prefix,
+            slot,
+            overflowed: false,
+            sniffer: JsonSniffer::new(),
+            usage: None,
+        }
+    }
+
+    /// Holds the chunk; returns what to forward now if the body outgrew the limit.
+    fn push(&mut self, chunk: Bytes) -> Option<Vec<Bytes>> {
+        self.sniffer.observe(&chunk);
+        if self.overflowed {
+            return Some(vec![chunk]);
+        }
+        if self.buf.len() + chunk.len() > PREFIX_BUFFER_LIMIT {
+            self.overflowed = true;
+            return Some(vec![self.buf.split().freeze(), chunk]);
+        }
+        self.buf.extend_from_slice(&chunk);
+        None
+    }
+
+    fn finish(&mut self) -> Vec<Bytes> {
+        self.usage = self.sniffer.usage();
+        if self.overflowed {
+            return Vec::new();
+        }
+        let held = self.buf.split().freeze();
+        let Ok(mut json) = serde_json::from_slice::<serde_json::Value>(&held) else {
+            return vec![held];
+        };
+        if !sse::prepend(&mut json, &self.prefix, self.slot, false) {
+            return vec![held];
+        }
+        match serde_json::to_vec(&json) {
+            Ok(v) => vec![Bytes::from(v)],
+            Err(_) => vec![held],
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! The end of a request: one log line, metrics, one usage row.
+//!
+//! A [`Completion`] is made when a proxied request starts and reports
+//! exactly once: when finished, or when dropped because the caller went away.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::sse::Usage;
+use super::AppState;
+use crate::routing::key_health::InFlight;
+use crate::usage::UsageRecord;
+
+/// Status recorded for a request whose caller left before any response.
+pub const CALLER_CLOSED: u16 = 499;
+
+pub struct Completion {
+    state: Arc<AppState>,
+    pub record: UsageRecord,
+    started: Instant,
+    /// Keeps the key's in-flight count up until the response body ends.
+    pub in_flight: Option<InFlight>,
+    done: bool,
+}
+
+impl Completion {
+    pub fn start(state: Arc<AppState>, record: UsageRecord, started: Instant) -> Completion {
+        state.metrics.in_flight().inc();
+        Completion {
+            state,
+            record,
+            started,
+            in_flight: None,
+            done: false,
+        }
+    }
+
+    pub fn finish(mut self, usage: Option<Usage>, error: Option<String>) {
+        self.report(usage, error);
+    }
+
+    fn report(&mut self, usage: Option<Usage>, error: Option<String>) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        self.in_flight.take();
+        let r = &mut self.record;
+        r.latency_ms = self.started.elapsed().as_millis() as u64;
+        if let Some(u) = usage {
+            r.prompt_tokens = u.prompt_tokens;
+            r.completion_tokens = u.completion_tokens;
+            r.total_tokens = u.total_tokens;
+        }
+        if error.is_some() {
+            r.error = error;
+        }
+        let r = std::mem::take(&mut self.record);
+        let state = &self.state;
+        state.metrics.in_flight().dec();
+        state.metrics.request_finished(&r);
+        if r.status >= 500 || r.status == CALLER_CLOSED || (r.error.is_some() && r.status < 400) {
+            tracing::warn!(
+                request_id = %r.request_id, caller = r.caller.as_deref(), model = r.model.as_deref(),
+                client = r.client.as_deref(), key = r.key_id.as_deref(), status = r.status,
+                attempts = r.attempts, latency_ms = r.latency_ms, ttft_ms = r.ttft_ms,
+                error = r.error.as_deref(), "request"
+            );
+        } else {
+            tracing::info!(
+                request_id = %r.request_id, caller = r.caller.as_deref(), model = r.model.as_deref(),
+                client = r.client.as_deref(), key = r.key_id.as_deref(), status = r.status,
+                attempts = r.attempts, latency_ms = r.latency_ms, ttft_ms = r.ttft_ms,
+                tokens = r.total_tokens, error = r.error.as_deref(), "request"
+            );
+        }
+        state.usage.send(r);
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        if !self.done {
+            if self.record.status == 0 {
+                self.record.status = CALLER_CLOSED;
+            }
+            self.report(None, Some("caller closed the connection".to_owned()));
+        }
+    }
+}

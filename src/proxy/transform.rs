@@ -1,0 +1,252 @@
+//! The request body: what the proxy reads from it (`model`, `stream`) and
+//! the per-client changes made before sending it upstream.
+//!
+//! The caller's bytes go upstream unchanged unless a change applies; reading
+//! `model` skips over the rest of the document without building a tree.
+
+use std::sync::OnceLock;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::{Map, Value};
+
+use crate::config::ClientConfig;
+
+/// Longest model name accepted; longer ones are rejected before routing.
+pub const MAX_MODEL_LEN: usize = 256;
+
+/// The endpoints whose bodies and responses gptbalance understands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointKind {
+    Chat,
+    Completion,
+    Other,
+}
+
+impl EndpointKind {
+    pub fn of(endpoint: &str) -> Self {
+        match endpoint {
+            "chat/completions" => EndpointKind::Chat,
+            "completions" => EndpointKind::Completion,
+            _ => EndpointKind::Other,
+        }
+    }
+
+    /// Takes `stop`, `max_tokens` and `stream_options`.
+    pub fn is_text_generation(self) -> bool {
+        self != EndpointKind::Other
+    }
+}
+
+/// What the proxy needs from a JSON request body.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Peek {
+    pub model: Option<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+#[derive(Deserialize)]
+struct PeekDoc {
+    #[serde(default)]
+    model: Option<Value>,
+    #[serde(default)]
+    stream: Option<Value>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<Value>,
+}
+
+/// Reads `model`, `stream` and `stream_options.include_usage`.
+/// Err: the body is not a JSON object, or `model` is not a usable string.
+pub fn peek(body: &[u8]) -> Result<Peek, String> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err("the request body must be a JSON object".to_owned());
+    }
+    let doc: PeekDoc = serde_json::from_slice(body).map_err(|e| format!("the request body is not valid JSON: {e}"))?;
+    let model = match doc.model {
+        None | Some(Value::Null) => None,
+        Some(Value::String(m)) if m.is_empty() => return Err("`model` is empty".to_owned()),
+        Some(Value::String(m)) if m.len() > MAX_MODEL_LEN => {
+            return Err(format!("`model` is longer than {MAX_MODEL_LEN} bytes"))
+        }
+        Some(Value::String(m)) => Some(m),
+        Some(_) => return Err("`model` must be a string".to_owned()),
+    };
+    Ok(Peek {
+        model,
+        stream: doc.stream.as_ref().and_then(Value::as_bool).unwrap_or(false),
+        include_usage: doc
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false),
+    })
+}
+
+/// The caller's body, parsed into a map at most once and only if a change needs it.
+pub struct RequestBody {
+    pub bytes: Bytes,
+    parsed: OnceLock<Option<Map<String, Value>>>,
+}
+
+impl RequestBody {
+    pub fn new(bytes: Bytes) -> Self {
+        RequestBody {
+            bytes,
+            parsed: OnceLock::new(),
+        }
+    }
+
+    fn map(&self) -> Option<&Map<String, Value>> {
+        self.parsed
+            .get_or_init(|| serde_json::from_slice(&self.bytes).ok())
+            .as_ref()
+    }
+}
+
+/// The changes for one attempt.
+pub struct Changes<'a> {
+    /// Model name to send, when it differs from the caller's.
+    pub model: Option<&'a str>,
+    /// Ask for the final usage chunk of a stream.
+    pub include_usage: bool,
+}
+
+/// The body to send to `client`: the caller's bytes when nothing changes.
+pub fn upstream_body(body: &RequestBody, client: &ClientConfig, kind: EndpointKind, changes: &Changes) -> Bytes {
+    let text = kind.is_text_generation();
+    let client_fields = !client.extra_body.is_empty()
+        || (text && (client.stop.is_some() || client.max_tokens.is_some()));
+    if changes.model.is_none() && !changes.include_usage && !client_fields {
+        return body.bytes.clone();
+    }
+    let Some(map) = body.map() else {
+        return body.bytes.clone();
+    };
+    let mut set: Vec<(&str, Value)> = Vec::new();
+    if let Some(m) = changes.model {
+        set.push(("model", Value::String(m.to_owned())));
+    }
+    if changes.include_usage && text {
+        let mut opts = map
+            .get("stream_options")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        opts.insert("include_usage".to_owned(), Value::Bool(true));
+        set.push(("stream_options", Value::Object(opts)));
+    }
+    if text {
+        if let Some(stop) = &client.stop {
+            if !map.contains_key("stop") {
+                set.push(("stop", Value::from(stop.clone())));
+            }
+        }
+        if let Some(max) = client.max_tokens {
+            if !map.contains_key("max_tokens") && !map.contains_key("max_completion_tokens") {
+                set.push(("max_tokens", Value::from(max)));
+            }
+        }
+    }
+    for (k, v) in &client.extra_body {
+        if !map.contains_key(k) && !set.iter().any(|(s, _)| s == k) {
+            set.push((k.as_str(), v.clone()));
+        }
+    }
+    if set.is_empty() {
+        return body.bytes.clone();
+    }
+    match serde_json::to_vec(&Merged { base: map, set: &set }) {
+        Ok(v) => Bytes::from(v),
+        Err(_) => body.bytes.clone(),
+    }
+}
+
+/// Serializes `base` with the keys in `set` replaced or appended, without
+/// cloning `base`.
+struct Merged<'a> {
+    base: &'a Map<String, Value>,
+    set: &'a [(&'a str, Value)],
+}
+
+impl Serialize for Merged<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let replaced = |k: &str| self.set.iter().find(|(s, _)| *s == k).map(|(_, v)| v);
+        let existing = self
+            .base
+            .iter()
+            .map(|(k, v)| (k.as_str(), replaced(k).unwrap_or(v)));
+        let added = self
+            .set
+            .iter()
+            .filter(|(k, _)| !self.base.contains_key(*k))
+            .map(|(k, v)| (*k, v));
+        s.collect_map(existing.chain(added))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::load_str;
+    use std::path::Path;
+
+    #[test]
+    fn peek_reads_model_and_stream_and_rejects_bad_bodies() {
+        let p = peek(br#"{"messages":[{"role":"user","content":"x"}],"model":"gpt-4","stream":true,"stream_options":{"include_usage":true}}"#).unwrap();
+        assert_eq!(p.model.as_deref(), Some("gpt-4"));
+        assert!(p.stream && p.include_usage);
+        assert_eq!(peek(b"{}").unwrap().model, None);
+        assert!(peek(b"[\"gpt-4\"]").is_err());
+        assert!(peek(b"{\"model\": 5}").is_err());
+        assert!(peek(b"not json").is_err());
+        let huge = format!("{{\"model\":\"{}\"}}", "m".repeat(MAX_MODEL_LEN + 1));
+        assert!(peek(huge.as_bytes()).is_err());
+    }
+
+    fn client(extra: &str) -> ClientConfig {
+        let yaml = format!(
+            "openai_clients:\n  - name: a\n    base_url: http://h\n    api_key: k\n    model_match: {{ type: exact, value: [m] }}\n{extra}"
+        );
+        load_str(&yaml, Path::new("t.yaml"), &|_| None).unwrap().config.clients.remove(0)
+    }
+
+    #[test]
+    fn untouched_bodies_are_the_callers_bytes() {
+        let raw = Bytes::from_static(b"{ \"model\" : \"m\",  \"messages\": [] }");
+        let body = RequestBody::new(raw.clone());
+        let out = upstream_body(&body, &client(""), EndpointKind::Chat, &Changes { model: None, include_usage: false });
+        assert_eq!(out, raw);
+    }
+
+    #[test]
+    fn client_fields_never_override_the_callers() {
+        let c = client("    stop: [\"END\"]\n    max_tokens: 100\n    extra_body: { top_k: 5, temperature: 1 }\n");
+        let body = RequestBody::new(Bytes::from_static(br#"{"model":"m","temperature":0.2,"max_completion_tokens":9}"#));
+        let out = upstream_body(&body, &c, EndpointKind::Chat, &Changes { model: Some("up"), include_usage: true });
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["model"], "up");
+        assert_eq!(v["temperature"], 0.2);
+        assert_eq!(v["top_k"], 5);
+        assert_eq!(v["stop"], serde_json::json!(["END"]));
+        assert!(v.get("max_tokens").is_none());
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        // Field order is kept: model stays first.
+        assert!(String::from_utf8_lossy(&out).starts_with("{\"model\""));
+    }
+
+    #[test]
+    fn stop_and_max_tokens_only_apply_to_text_generation() {
+        let c = client("    stop: [\"END\"]\n    max_tokens: 100\n");
+        let raw = Bytes::from_static(br#"{"model":"m","input":"x"}"#);
+        let out = upstream_body(&RequestBody::new(raw.clone()), &c, EndpointKind::Other, &Changes { model: None, include_usage: false });
+        assert_eq!(out, raw);
+    }
+}

@@ -1,0 +1,14 @@
+//! Which upstream serves a model: the immutable routing table, the candidate
+//! order, key selection and key health.
+//!
+//! Knows no HTTP and parses no YAML: built from a validated `Config`, asked
+//! by the proxy for a plan, told by the proxy how each attempt went.
+
+pub mod key_health;
+pub mod matcher;
+pub mod selector;
+pub mod table;
+
+pub use key_health::KeyHealth;
+pub use selector::Candidates;
+pub use table::{ClientRoute, KeyPick, KeyRoute, RoutingTable};

@@ -1,0 +1,303 @@
+//! `RoutingTable`: the immutable value built from a valid config and swapped
+//! whole on reload. A request loads it once and keeps it for its life.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use http::HeaderValue;
+
+use super::key_health::KeyHealth;
+use super::matcher;
+use super::selector::Candidates;
+use crate::config::{ClientConfig, Config, KeyStrategy};
+use crate::secret::{KeyId, Secret};
+
+/// Model names resolved on demand and remembered; past this many, further
+/// names are resolved per request but not stored, so callers inventing
+/// model names cannot grow memory without bound.
+const ROUTE_CACHE_LIMIT: usize = 10_000;
+
+#[derive(Debug)]
+pub struct RoutingTable {
+    /// 1 for the first table, +1 per applied reload.
+    pub generation: u64,
+    pub config: Arc<Config>,
+    pub clients: Vec<ClientRoute>,
+    by_name: HashMap<String, usize>,
+    /// Routes for every exact model name and fallback target, built up front.
+    known: HashMap<String, Arc<Candidates>>,
+    cache: RwLock<HashMap<Box<str>, Arc<Candidates>>>,
+}
+
+#[derive(Debug)]
+pub struct ClientRoute {
+    pub cfg: ClientConfig,
+    pub keys: Vec<KeyRoute>,
+    cursor: AtomicUsize,
+}
+
+impl AsRef<ClientConfig> for ClientRoute {
+    fn as_ref(&self) -> &ClientConfig {
+        &self.cfg
+    }
+}
+
+#[derive(Debug)]
+pub struct KeyRoute {
+    pub id: KeyId,
+    pub secret: Secret,
+    pub health: Arc<KeyHealth>,
+    /// `Bearer <key>`, marked sensitive so hyper never logs it.
+    pub authorization: HeaderValue,
+}
+
+/// The outcome of asking a client for a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyPick {
+    Key(usize),
+    /// Every key not yet tried is cooling down; the soonest is free after this.
+    Cooling(Duration),
+    /// Every key was tried in this request.
+    Exhausted,
+}
+
+impl RoutingTable {
+    /// Builds the table; key health carries over from `previous` for every
+    /// (client name, key) pair that still exists.
+    pub fn build(config: Config, previous: Option<&RoutingTable>) -> RoutingTable {
+        let clients: Vec<ClientRoute> = config
+            .clients
+            .iter()
+            .map(|cfg| {
+                let old = previous.and_then(|p| p.client(&cfg.name));
+                let keys = cfg
+                    .keys
+                    .iter()
+                    .map(|secret| {
+                        let health = old
+                            .and_then(|o| o.keys.iter().find(|k| &k.secret == secret))
+                            .map(|k| k.health.clone())
+                            .unwrap_or_default();
+                        let mut authorization = HeaderValue::from_str(&format!("Bearer {}", secret.expose()))
+                            .expect("keys are checked for header-safe characters by validation");
+                        authorization.set_sensitive(true);
+                        KeyRoute {
+                            id: secret.key_id(),
+                            secret: secret.clone(),
+                            health,
+                            authorization,
+                        }
+                    })
+                    .collect();
+                ClientRoute {
+                    cfg: cfg.clone(),
+                    keys,
+                    cursor: AtomicUsize::new(fastrand::usize(..cfg.keys.len().max(1))),
+                }
+            })
+            .collect();
+        let by_name = clients
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.cfg.name.clone(), i))
+            .collect();
+        let mut table = RoutingTable {
+            generation: previous.map_or(1, |p| p.generation + 1),
+            config: Arc::new(config),
+            clients,
+            by_name,
+            known: HashMap::new(),
+            cache: RwLock::new(HashMap::new()),
+        };
+        let names: Vec<String> = table
+            .clients
+            .iter()
+            .flat_map(|c| {
+                let exact = (c.cfg.model_match.kind == crate::config::MatchKind::Exact)
+                    .then(|| c.cfg.model_match.values.clone())
+                    .unwrap_or_default();
+                exact.into_iter().chain(c.cfg.fallback.iter().cloned())
+            })
+            .collect();
+        for name in names {
+            let route = table.resolve(&name);
+            table.known.insert(name, route);
+        }
+        table
+    }
+
+    fn resolve(&self, model: &str) -> Arc<Candidates> {
+        let sorted = matcher::candidates(&self.clients, model);
+        Arc::new(Candidates::new(
+            &sorted,
+            |i| self.clients[i].cfg.priority,
+            |i| self.clients[i].cfg.weight,
+        ))
+    }
+
+    /// The candidates for `model`; empty when no client matches it.
+    /// Regexes run once per distinct name, not per request.
+    pub fn candidates(&self, model: &str) -> Arc<Candidates> {
+        if let Some(c) = self.known.get(model) {
+            return c.clone();
+        }
+        if let Some(c) = self.cache.read().unwrap_or_else(|e| e.into_inner()).get(model) {
+            return c.clone();
+        }
+        let route = self.resolve(model);
+        let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+        if cache.len() < ROUTE_CACHE_LIMIT {
+            cache.insert(model.into(), route.clone());
+        }
+        route
+    }
+
+    pub fn client_index(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
+    }
+
+    pub fn client(&self, name: &str) -> Option<&ClientRoute> {
+        self.client_index(name).map(|i| &self.clients[i])
+    }
+
+    /// The `fallback` of the first candidate (in priority order) that has one.
+    pub fn fallback_of(&self, candidates: &Candidates) -> &[String] {
+        candidates
+            .in_priority_order()
+            .map(|i| &self.clients[i].cfg.fallback)
+            .find(|f| !f.is_empty())
+            .map_or(&[], |f| f.as_slice())
+    }
+
+    /// Every exact model name, once, with the client that serves it first.
+    pub fn models(&self) -> Vec<(&str, &str)> {
+        let mut seen = std::collections::HashSet::new();
+        let mut order: Vec<&ClientRoute> = self.clients.iter().collect();
+        order.sort_by_key(|c| c.cfg.priority);
+        let mut out = Vec::new();
+        for c in order {
+            if c.cfg.model_match.kind != crate::config::MatchKind::Exact {
+                continue;
+            }
+            for m in &c.cfg.model_match.values {
+                if seen.insert(m.as_str()) {
+                    out.push((m.as_str(), c.cfg.name.as_str()));
+                }
+            }
+        }
+        out
+    }
+
+    /// True when some key of some client is not cooling down.
+    pub fn any_key_available(&self) -> bool {
+        self.clients
+            .iter()
+            .flat_map(|c| &c.keys)
+            .any(|k| k.health.is_available())
+    }
+}
+
+impl ClientRoute {
+    /// The next key to try by the client's strategy, skipping keys already
+    /// tried in this request and keys in cooldown.
+    pub fn pick_key(&self, tried: &[usize]) -> KeyPick {
+        let n = self.keys.len();
+        let untried = |i: &usize| !tried.contains(i);
+        let mut soonest: Option<Duration> = None;
+        let mut available = |i: usize| match self.keys[i].health.cooling_for() {
+            None => true,
+            Some(left) => {
+                soonest = Some(soonest.map_or(left, |s| s.min(left)));
+                false
+            }
+        };
+        let pick = match self.cfg.policy.key_strategy {
+            KeyStrategy::RoundRobin | KeyStrategy::Random => {
+                let start = match self.cfg.policy.key_strategy {
+                    KeyStrategy::Random => fastrand::usize(..n),
+                    _ => self.cursor.fetch_add(1, Ordering::Relaxed) % n,
+                };
+                (0..n).map(|o| (start + o) % n).filter(untried).find(|&i| available(i))
+            }
+            KeyStrategy::LeastUsed => (0..n)
+                .filter(untried)
+                .filter(|&i| available(i))
+                .min_by_key(|&i| {
+                    let h = &self.keys[i].health;
+                    (h.in_flight(), h.requests())
+                }),
+        };
+        match (pick, soonest) {
+            (Some(i), _) => KeyPick::Key(i),
+            (None, Some(left)) => KeyPick::Cooling(left),
+            (None, None) => KeyPick::Exhausted,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::load_str;
+    use std::path::Path;
+
+    fn table(yaml: &str) -> RoutingTable {
+        let cfg = load_str(yaml, Path::new("t.yaml"), &|_| None).unwrap().config;
+        RoutingTable::build(cfg, None)
+    }
+
+    const TWO_KEYS: &str = r#"
+openai_clients:
+  - name: a
+    base_url: "http://127.0.0.1:1"
+    api_keys: [k1, k2, k1]
+    model_match: { type: exact, value: [m] }
+"#;
+
+    #[test]
+    fn round_robin_rotates_and_skips_tried_and_cooling_keys() {
+        let t = table(TWO_KEYS);
+        let c = &t.clients[0];
+        assert_eq!(c.keys.len(), 2, "duplicate keys are removed");
+        let KeyPick::Key(first) = c.pick_key(&[]) else { panic!() };
+        let KeyPick::Key(second) = c.pick_key(&[]) else { panic!() };
+        assert_ne!(first, second);
+        assert_eq!(c.pick_key(&[0, 1]), KeyPick::Exhausted);
+        c.keys[0].health.cool_down(Duration::from_secs(30));
+        assert_eq!(c.pick_key(&[]), KeyPick::Key(1));
+        assert!(matches!(c.pick_key(&[1]), KeyPick::Cooling(d) if d <= Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn key_health_survives_a_rebuild_for_pairs_that_remain() {
+        let t1 = table(TWO_KEYS);
+        t1.clients[0].keys[0].health.cool_down(Duration::from_secs(30));
+        let cfg = load_str(&TWO_KEYS.replace("k2", "k3"), Path::new("t.yaml"), &|_| None)
+            .unwrap()
+            .config;
+        let t2 = RoutingTable::build(cfg, Some(&t1));
+        assert_eq!(t2.generation, 2);
+        assert!(!t2.clients[0].keys[0].health.is_available(), "k1 keeps its cooldown");
+        assert!(t2.clients[0].keys[1].health.is_available(), "k3 starts fresh");
+    }
+
+    #[test]
+    fn unknown_models_are_cached_and_fallback_comes_from_first_candidate() {
+        let t = table(
+            r#"
+openai_clients:
+  - { name: a, base_url: "http://h", api_key: k, priority: 2, fallback: [x], model_match: { type: keyword, value: [gpt] } }
+  - { name: b, base_url: "http://h", api_key: k, priority: 1, model_match: { type: regex, value: ["gpt-.*"] } }
+  - { name: c, base_url: "http://h", api_key: k, model_match: { type: exact, value: [x] } }
+"#,
+        );
+        let c = t.candidates("gpt-9");
+        assert_eq!(c.order(), vec![1, 0]);
+        assert!(Arc::ptr_eq(&c, &t.candidates("gpt-9")));
+        assert_eq!(t.fallback_of(&c), ["x".to_string()]);
+        assert!(t.candidates("nothing").is_empty());
+        assert_eq!(t.models(), vec![("x", "c")]);
+    }
+}

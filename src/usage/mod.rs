@@ -1,0 +1,36 @@
+//! Usage of every proxied request: the record, the background writer, the
+//! monthly SQLite files and the reports read from them.
+//!
+//! No request waits on SQLite: the proxy hands a [`UsageRecord`] to
+//! [`UsageSink::send`], a non-blocking channel send.
+
+pub mod report;
+pub mod store;
+pub mod writer;
+
+use std::time::SystemTime;
+
+pub use writer::{UsageSink, UsageWriter};
+
+/// One row of the `requests` table.
+#[derive(Debug, Clone, Default)]
+pub struct UsageRecord {
+    /// Start of the request; picks the month file.
+    pub ts: Option<SystemTime>,
+    pub request_id: String,
+    pub caller: Option<String>,
+    pub endpoint: String,
+    pub model: Option<String>,
+    pub routed_model: Option<String>,
+    pub client: Option<String>,
+    pub key_id: Option<String>,
+    pub status: u16,
+    pub stream: bool,
+    pub attempts: u32,
+    pub latency_ms: u64,
+    pub ttft_ms: Option<u64>,
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+    pub total_tokens: Option<u64>,
+    pub error: Option<String>,
+}

@@ -1,0 +1,1 @@
+//! Totals read from usage files, for `gptbalance usage`.

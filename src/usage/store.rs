@@ -1,0 +1,219 @@
+//! The monthly SQLite files: naming, schema, migrations, inserts.
+//!
+//! A file that is not a gptbalance usage database is never modified: it is
+//! recognised by SQLite's header and the `application_id` set at creation.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use rusqlite::{params, Connection, OpenFlags};
+
+use super::UsageRecord;
+
+/// `PRAGMA application_id` of every usage file ("gptb").
+pub const APPLICATION_ID: i32 = 0x6770_7462;
+/// `PRAGMA user_version` written by this build; older files are migrated.
+pub const SCHEMA_VERSION: i32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path} is not a gptbalance usage database; it was left untouched")]
+    Foreign { path: PathBuf },
+    #[error("{path} has usage schema version {found}, newer than this build's {SCHEMA_VERSION}")]
+    TooNew { path: PathBuf, found: i32 },
+    #[error("{path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `YYYY-MM` of `t` in UTC.
+pub fn month_of(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()[..7].to_owned()
+}
+
+pub fn file_name(month: &str) -> String {
+    format!("usage-{month}.sqlite")
+}
+
+pub fn path_for(dir: &Path, month: &str) -> PathBuf {
+    dir.join(file_name(month))
+}
+
+const SCHEMA_V1: &str = "
+CREATE TABLE IF NOT EXISTS requests (
+    id                INTEGER PRIMARY KEY,
+    ts                TEXT    NOT NULL,
+    request_id        TEXT    NOT NULL,
+    caller            TEXT,
+    endpoint          TEXT    NOT NULL,
+    model             TEXT,
+    routed_model      TEXT,
+    client            TEXT,
+    key_id            TEXT,
+    status            INTEGER NOT NULL,
+    stream            INTEGER NOT NULL,
+    attempts          INTEGER NOT NULL,
+    latency_ms        INTEGER NOT NULL,
+    ttft_ms           INTEGER,
+    prompt_tokens     INTEGER,
+    completion_tokens INTEGER,
+    total_tokens      INTEGER,
+    error             TEXT
+);
+CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
+CREATE INDEX IF NOT EXISTS requests_client ON requests (client, ts);
+CREATE INDEX IF NOT EXISTS requests_model ON requests (model, ts);
+CREATE INDEX IF NOT EXISTS requests_caller ON requests (caller, ts);
+";
+
+/// True when the file at `path` may be opened for writing: absent, empty,
+/// or a SQLite file carrying our application id.
+fn check_ours(path: &Path) -> Result<(), StoreError> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(StoreError::Io { path: path.to_owned(), source }),
+    };
+    if !meta.is_file() {
+        return Err(StoreError::Foreign { path: path.to_owned() });
+    }
+    if meta.len() == 0 {
+        return Ok(());
+    }
+    let mut header = [0u8; 100];
+    let n = {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).map_err(|source| StoreError::Io { path: path.to_owned(), source })?;
+        f.read(&mut header).map_err(|source| StoreError::Io { path: path.to_owned(), source })?
+    };
+    // SQLite header: magic at 0, application_id big-endian at offset 68.
+    let app_id = i32::from_be_bytes([header[68], header[69], header[70], header[71]]);
+    if n < 100 || &header[..16] != b"SQLite format 3\0" || app_id != APPLICATION_ID {
+        return Err(StoreError::Foreign { path: path.to_owned() });
+    }
+    Ok(())
+}
+
+/// Opens (creating or migrating) the usage file at `path` for writing.
+pub fn open_for_write(path: &Path) -> Result<Connection, StoreError> {
+    check_ours(path)?;
+    let sql = |source| StoreError::Sqlite { path: path.to_owned(), source };
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(sql)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(sql)?;
+    let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql)?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::TooNew { path: path.to_owned(), found: version });
+    }
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
+    conn.pragma_update(None, "synchronous", "NORMAL").map_err(sql)?;
+    if version < SCHEMA_VERSION {
+        migrate(&conn, version).map_err(sql)?;
+    }
+    Ok(conn)
+}
+
+/// Brings a file from `from` to [`SCHEMA_VERSION`] in one transaction.
+/// Each future version adds one arm here.
+fn migrate(conn: &Connection, from: i32) -> rusqlite::Result<()> {
+    let tx = conn.unchecked_transaction()?;
+    if from < 1 {
+        tx.execute_batch(SCHEMA_V1)?;
+    }
+    tx.pragma_update(None, "application_id", APPLICATION_ID)?;
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()
+}
+
+/// Opens an existing usage file read-only, for reports.
+pub fn open_for_read(path: &Path) -> Result<Connection, StoreError> {
+    check_ours(path)?;
+    Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(|source| StoreError::Sqlite { path: path.to_owned(), source })
+}
+
+fn rfc3339_millis(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Inserts the rows in one transaction.
+pub fn insert_batch(conn: &mut Connection, rows: &[&UsageRecord]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut stmt = tx.prepare_cached(
+            "INSERT INTO requests (ts, request_id, caller, endpoint, model, routed_model, client, key_id,
+                status, stream, attempts, latency_ms, ttft_ms, prompt_tokens, completion_tokens, total_tokens, error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+        )?;
+        for r in rows {
+            stmt.execute(params![
+                rfc3339_millis(r.ts.unwrap_or_else(SystemTime::now)),
+                r.request_id,
+                r.caller,
+                r.endpoint,
+                r.model,
+                r.routed_model,
+                r.client,
+                r.key_id,
+                r.status,
+                r.stream,
+                r.attempts,
+                r.latency_ms as i64,
+                r.ttft_ms.map(|v| v as i64),
+                r.prompt_tokens.map(|v| v as i64),
+                r.completion_tokens.map(|v| v as i64),
+                r.total_tokens.map(|v| v as i64),
+                r.error,
+            ])?;
+        }
+    }
+    tx.commit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn months_are_utc() {
+        let t = humantime::parse_rfc3339("2026-01-31T23:59:59.999Z").unwrap();
+        assert_eq!(month_of(t), "2026-01");
+        assert_eq!(file_name("2026-02"), "usage-2026-02.sqlite");
+    }
+
+    #[test]
+    fn creates_reopens_and_refuses_foreign_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("usage-2026-01.sqlite");
+        let mut c = open_for_write(&p).unwrap();
+        let r = UsageRecord { request_id: "r1".into(), endpoint: "chat/completions".into(), status: 200, ..Default::default() };
+        insert_batch(&mut c, &[&r]).unwrap();
+        drop(c);
+        let c = open_for_write(&p).unwrap();
+        let n: i64 = c.query_row("SELECT count(*) FROM requests", [], |r| r.get(0)).unwrap();
+        assert_eq!(n, 1);
+
+        let foreign = dir.path().join("usage-2026-02.sqlite");
+        std::fs::write(&foreign, b"not a database").unwrap();
+        assert!(matches!(open_for_write(&foreign), Err(StoreError::Foreign { .. })));
+        assert_eq!(std::fs::read(&foreign).unwrap(), b"not a database");
+
+        let other_db = dir.path().join("usage-2026-03.sqlite");
+        Connection::open(&other_db).unwrap().execute_batch("CREATE TABLE t (x)").unwrap();
+        let before = std::fs::read(&other_db).unwrap();
+        assert!(matches!(open_for_write(&other_db), Err(StoreError::Foreign { .. })));
+        assert_eq!(std::fs::read(&other_db).unwrap(), before);
+    }
+}

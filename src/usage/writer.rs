@@ -1,0 +1,197 @@
+//! The background writer: a bounded channel, batches, one transaction per
+//! batch and month file, a final flush on shutdown.
+//!
+//! Runs on its own OS thread because SQLite blocks. When it falls behind
+//! (channel full) or the disk refuses a batch, rows are counted as dropped
+//! and serving goes on; the next batch tries again.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rusqlite::Connection;
+
+use super::store;
+use super::UsageRecord;
+use crate::ops::metrics::Metrics;
+
+/// Rows waiting for the writer before new ones are dropped.
+const CHANNEL_CAPACITY: usize = 65_536;
+/// Most rows in one transaction.
+const MAX_BATCH: usize = 4096;
+
+enum Msg {
+    Row(Box<UsageRecord>),
+    Close,
+}
+
+/// The request side: a non-blocking send, cloned into every handler.
+#[derive(Clone)]
+pub struct UsageSink {
+    tx: Option<SyncSender<Msg>>,
+    metrics: Arc<Metrics>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl UsageSink {
+    /// A sink that records nothing (`usage.enabled: false`).
+    pub fn disabled(metrics: Arc<Metrics>) -> UsageSink {
+        UsageSink {
+            tx: None,
+            metrics,
+            dropped: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    pub fn send(&self, record: UsageRecord) {
+        let Some(tx) = &self.tx else { return };
+        match tx.try_send(Msg::Row(Box::new(record))) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.metrics.usage_rows("dropped", 1);
+                let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(dropped_total = n, "usage writer is behind or stopped; usage rows dropped");
+                }
+            }
+        }
+    }
+}
+
+/// The writer thread; [`UsageWriter::shutdown`] flushes every pending row.
+pub struct UsageWriter {
+    tx: SyncSender<Msg>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UsageWriter {
+    /// Creates `dir` if needed, checks it is writable, and starts the writer.
+    pub fn start(dir: &Path, metrics: Arc<Metrics>) -> std::io::Result<(UsageWriter, UsageSink)> {
+        check_writable(dir)?;
+        let (tx, rx) = mpsc::sync_channel(CHANNEL_CAPACITY);
+        let dir = dir.to_owned();
+        let m = metrics.clone();
+        let thread = std::thread::Builder::new()
+            .name("usage-writer".into())
+            .spawn(move || write_loop(rx, dir, m))?;
+        let sink = UsageSink {
+            tx: Some(tx.clone()),
+            metrics,
+            dropped: Arc::new(AtomicU64::new(0)),
+        };
+        Ok((UsageWriter { tx, thread: Some(thread) }, sink))
+    }
+
+    /// Writes every row sent so far, then stops the thread.
+    pub fn shutdown(mut self) {
+        let _ = self.tx.send(Msg::Close);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Creates the directory and proves a file can be written in it.
+pub fn check_writable(dir: &Path) -> std::io::Result<()> {
+    let wrap = |e: std::io::Error| std::io::Error::new(e.kind(), format!("usage.dir {}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(wrap)?;
+    let probe = dir.join(format!(".gptbalance-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(wrap)?;
+    std::fs::remove_file(&probe).map_err(wrap)
+}
+
+fn write_loop(rx: Receiver<Msg>, dir: PathBuf, metrics: Arc<Metrics>) {
+    let mut files = MonthFiles {
+        dir,
+        open: HashMap::new(),
+        last_error_log: HashMap::new(),
+        metrics,
+    };
+    let mut batch: Vec<Box<UsageRecord>> = Vec::new();
+    loop {
+        let mut closing = false;
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(Msg::Row(r)) => batch.push(r),
+            Ok(Msg::Close) | Err(RecvTimeoutError::Disconnected) => closing = true,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        while !closing && batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(Msg::Row(r)) => batch.push(r),
+                Ok(Msg::Close) => closing = true,
+                Err(_) => break,
+            }
+        }
+        if closing {
+            // Rows sent before Close are all in the channel ahead of it.
+            while let Ok(Msg::Row(r)) = rx.try_recv() {
+                batch.push(r);
+            }
+        }
+        if !batch.is_empty() {
+            files.write(&batch);
+            batch.clear();
+        }
+        if closing {
+            return;
+        }
+    }
+}
+
+struct MonthFiles {
+    dir: PathBuf,
+    open: HashMap<String, Connection>,
+    last_error_log: HashMap<String, Instant>,
+    metrics: Arc<Metrics>,
+}
+
+impl MonthFiles {
+    fn write(&mut self, batch: &[Box<UsageRecord>]) {
+        let mut by_month: HashMap<String, Vec<&UsageRecord>> = HashMap::new();
+        for r in batch {
+            let month = store::month_of(r.ts.unwrap_or_else(std::time::SystemTime::now));
+            by_month.entry(month).or_default().push(r);
+        }
+        for (month, rows) in by_month {
+            match self.write_month(&month, &rows) {
+                Ok(()) => self.metrics.usage_rows("written", rows.len() as u64),
+                Err(e) => {
+                    self.metrics.usage_rows("dropped", rows.len() as u64);
+                    self.open.remove(&month);
+                    let now = Instant::now();
+                    let recent = self
+                        .last_error_log
+                        .get(&month)
+                        .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(10));
+                    if !recent {
+                        self.last_error_log.insert(month.clone(), now);
+                        tracing::error!(error = %e, rows = rows.len(), "usage rows dropped");
+                    }
+                }
+            }
+        }
+        // Keep only the newest two months open.
+        if self.open.len() > 2 {
+            let mut months: Vec<String> = self.open.keys().cloned().collect();
+            months.sort();
+            for m in &months[..months.len() - 2] {
+                self.open.remove(m);
+            }
+        }
+    }
+
+    fn write_month(&mut self, month: &str, rows: &[&UsageRecord]) -> Result<(), store::StoreError> {
+        let path = store::path_for(&self.dir, month);
+        if !self.open.contains_key(month) {
+            let conn = store::open_for_write(&path)?;
+            tracing::info!(path = %path.display(), "usage file opened");
+            self.open.insert(month.to_owned(), conn);
+        }
+        let conn = self.open.get_mut(month).expect("inserted above");
+        store::insert_batch(conn, rows).map_err(|source| store::StoreError::Sqlite { path, source })
+    }
+}
