@@ -50,7 +50,10 @@ impl hyper::body::Body for ChannelBody {
 }
 
 fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
 }
 
 #[tokio::main]
@@ -62,15 +65,31 @@ async fn main() {
         .expect("--listen takes an address such as 127.0.0.1:9001");
     let opts = Opts {
         name: arg(&args, "--name").unwrap_or_else(|| "mock".into()),
-        chunks: arg(&args, "--chunks").and_then(|v| v.parse().ok()).unwrap_or(5),
-        delay: Duration::from_millis(arg(&args, "--chunk-delay-ms").and_then(|v| v.parse().ok()).unwrap_or(20)),
-        fail_every: arg(&args, "--fail-every").and_then(|v| v.parse().ok()).unwrap_or(0),
+        chunks: arg(&args, "--chunks")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5),
+        delay: Duration::from_millis(
+            arg(&args, "--chunk-delay-ms")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(20),
+        ),
+        fail_every: arg(&args, "--fail-every")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
         seen: Arc::new(AtomicU64::new(0)),
     };
-    let listener = TcpListener::bind(listen).await.expect("cannot bind --listen");
-    eprintln!("mock upstream `{}` on http://{}", opts.name, listener.local_addr().unwrap());
+    let listener = TcpListener::bind(listen)
+        .await
+        .expect("cannot bind --listen");
+    eprintln!(
+        "mock upstream `{}` on http://{}",
+        opts.name,
+        listener.local_addr().unwrap()
+    );
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let opts = opts.clone();
         tokio::spawn(async move {
@@ -83,30 +102,55 @@ async fn main() {
 }
 
 fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
-    let mut r = Response::new(http_body_util::Either::Left(Full::new(Bytes::from(v.to_string()))));
+    let mut r = Response::new(http_body_util::Either::Left(Full::new(Bytes::from(
+        v.to_string(),
+    ))));
     *r.status_mut() = status;
-    r.headers_mut().insert("content-type", "application/json".parse().unwrap());
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
     r
 }
 
 async fn answer(o: Opts, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
     if req.method() == http::Method::GET && path.ends_with("/models") {
-        return Ok(json(StatusCode::OK, serde_json::json!({"object": "list", "data": [{"id": "mock-model", "object": "model", "created": 0, "owned_by": o.name}]})));
+        return Ok(json(
+            StatusCode::OK,
+            serde_json::json!({"object": "list", "data": [{"id": "mock-model", "object": "model", "created": 0, "owned_by": o.name}]}),
+        ));
     }
     let n = o.seen.fetch_add(1, Ordering::Relaxed) + 1;
     if o.fail_every > 0 && n % o.fail_every == 0 {
-        return Ok(json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"error": {"message": "mock overloaded", "type": "server_error"}})));
+        return Ok(json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"error": {"message": "mock overloaded", "type": "server_error"}}),
+        ));
     }
-    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let model = v["model"].as_str().unwrap_or("unknown").to_owned();
     let usage = serde_json::json!({"prompt_tokens": 9, "completion_tokens": o.chunks, "total_tokens": 9 + o.chunks});
     if path.ends_with("/embeddings") {
-        return Ok(json(StatusCode::OK, serde_json::json!({"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}], "model": model, "usage": {"prompt_tokens": 9, "total_tokens": 9}})));
+        return Ok(json(
+            StatusCode::OK,
+            serde_json::json!({"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}], "model": model, "usage": {"prompt_tokens": 9, "total_tokens": 9}}),
+        ));
     }
     let chat = path.ends_with("/chat/completions");
-    let words: Vec<String> = (0..o.chunks).map(|i| if i == 0 { format!("Hello from {}", o.name) } else { format!(" #{i}") }).collect();
+    let words: Vec<String> = (0..o.chunks)
+        .map(|i| {
+            if i == 0 {
+                format!("Hello from {}", o.name)
+            } else {
+                format!(" #{i}")
+            }
+        })
+        .collect();
     if v["stream"].as_bool() != Some(true) {
         let text = words.concat();
         let choice = if chat {
@@ -114,13 +158,24 @@ async fn answer(o: Opts, req: Request<Incoming>) -> Result<Response<Body>, Infal
         } else {
             serde_json::json!({"index": 0, "text": text, "finish_reason": "stop"})
         };
-        let object = if chat { "chat.completion" } else { "text_completion" };
-        return Ok(json(StatusCode::OK, serde_json::json!({"id": "mock-1", "object": object, "created": 0, "model": model, "choices": [choice], "usage": usage})));
+        let object = if chat {
+            "chat.completion"
+        } else {
+            "text_completion"
+        };
+        return Ok(json(
+            StatusCode::OK,
+            serde_json::json!({"id": "mock-1", "object": object, "created": 0, "model": model, "choices": [choice], "usage": usage}),
+        ));
     }
     let include_usage = v["stream_options"]["include_usage"].as_bool() == Some(true);
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
     tokio::spawn(async move {
-        let object = if chat { "chat.completion.chunk" } else { "text_completion" };
+        let object = if chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
         for w in words {
             let choice = if chat {
                 serde_json::json!({"index": 0, "delta": {"content": w}, "finish_reason": null})
@@ -128,7 +183,11 @@ async fn answer(o: Opts, req: Request<Incoming>) -> Result<Response<Body>, Infal
                 serde_json::json!({"index": 0, "text": w, "finish_reason": null})
             };
             let ev = serde_json::json!({"id": "mock-1", "object": object, "created": 0, "model": model, "choices": [choice]});
-            if tx.send(Bytes::from(format!("data: {ev}\n\n"))).await.is_err() {
+            if tx
+                .send(Bytes::from(format!("data: {ev}\n\n")))
+                .await
+                .is_err()
+            {
                 return;
             }
             tokio::time::sleep(o.delay).await;
@@ -140,6 +199,7 @@ async fn answer(o: Opts, req: Request<Incoming>) -> Result<Response<Body>, Infal
         let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
     });
     let mut r = Response::new(http_body_util::Either::Right(ChannelBody(rx)));
-    r.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
+    r.headers_mut()
+        .insert("content-type", "text/event-stream".parse().unwrap());
     Ok(r)
 }

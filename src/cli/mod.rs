@@ -46,7 +46,14 @@ pub enum Command {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConfigArg {
     /// Config file [default: $GPTBALANCE_CONFIG, then config/config.yaml]
-    #[arg(long, short = 'c', env = "GPTBALANCE_CONFIG", default_value = "config/config.yaml", hide_env = true, hide_default_value = true)]
+    #[arg(
+        long,
+        short = 'c',
+        env = "GPTBALANCE_CONFIG",
+        default_value = "config/config.yaml",
+        hide_env = true,
+        hide_default_value = true
+    )]
     pub config: PathBuf,
 }
 
@@ -71,7 +78,10 @@ pub fn load_or_exit(path: &std::path::Path) -> Result<crate::config::Loaded, Exi
             Ok(loaded)
         }
         Err(crate::config::LoadError::Io { path, source }) => {
-            eprintln!("error: cannot read config file {}: {source}", path.display());
+            eprintln!(
+                "error: cannot read config file {}: {source}",
+                path.display()
+            );
             Err(ExitCode::from(2))
         }
         Err(crate::config::LoadError::Invalid(diags)) => {

@@ -42,7 +42,10 @@ pub fn run(args: Args) -> ExitCode {
         }
     };
     raise_open_files_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -55,7 +58,11 @@ pub fn run(args: Args) -> ExitCode {
     code
 }
 
-async fn serve(cfg: crate::config::Config, path: std::path::PathBuf, listen: Option<SocketAddr>) -> ExitCode {
+async fn serve(
+    cfg: crate::config::Config,
+    path: std::path::PathBuf,
+    listen: Option<SocketAddr>,
+) -> ExitCode {
     let metrics = Arc::new(Metrics::new());
     let (writer, sink) = if cfg.usage.enabled {
         match UsageWriter::start(&cfg.usage.dir, metrics.clone()) {
@@ -123,9 +130,15 @@ async fn shutdown_signal() {
 fn raise_open_files_limit() {
     // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
     unsafe {
-        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            let wanted = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            let wanted = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
                 tracing::debug!("could not raise the open-files limit");
             }

@@ -29,7 +29,10 @@ pub fn run(args: Args) -> ExitCode {
     let diags = match config::load(path) {
         Ok(loaded) => loaded.warnings,
         Err(LoadError::Io { path, source }) => {
-            eprintln!("error: cannot read config file {}: {source}", path.display());
+            eprintln!(
+                "error: cannot read config file {}: {source}",
+                path.display()
+            );
             return ExitCode::from(2);
         }
         Err(LoadError::Invalid(diags)) => diags,
@@ -72,13 +75,20 @@ pub fn run(args: Args) -> ExitCode {
         }
         Format::Github => {
             for d in &diags {
-                let level = if d.severity == Severity::Error { "error" } else { "warning" };
+                let level = if d.severity == Severity::Error {
+                    "error"
+                } else {
+                    "warning"
+                };
                 println!(
                     "::{level} file={},line={},col={}::{}",
                     d.file,
                     d.line,
                     d.col,
-                    d.message.replace('%', "%25").replace('\r', "%0D").replace('\n', "%0A")
+                    d.message
+                        .replace('%', "%25")
+                        .replace('\r', "%0D")
+                        .replace('\n', "%0A")
                 );
             }
         }

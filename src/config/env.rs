@@ -38,18 +38,16 @@ pub fn expand(input: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<St
             out.push_str("${");
             rest = tail;
         } else if let Some(tail) = after.strip_prefix("${") {
-            let end = tail.find('}').ok_or_else(|| {
-                EnvError::Malformed(format!("unterminated `${{` in `{input}`"))
-            })?;
+            let end = tail
+                .find('}')
+                .ok_or_else(|| EnvError::Malformed(format!("unterminated `${{` in `{input}`")))?;
             let inner = &tail[..end];
             let (name, default) = match inner.split_once(":-") {
                 Some((name, default)) => (name, Some(default)),
                 None => (inner, None),
             };
             if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
                 || name.starts_with(|c: char| c.is_ascii_digit())
             {
                 return Err(EnvError::Malformed(format!(
@@ -95,7 +93,10 @@ mod tests {
         assert_eq!(expand("$${KEY} $5", &env).unwrap(), "${KEY} $5");
         assert_eq!(expand("${NOPE}", &env), Err(EnvError::Unset("NOPE".into())));
         assert!(matches!(expand("${KEY", &env), Err(EnvError::Malformed(_))));
-        assert!(matches!(expand("${A B}", &env), Err(EnvError::Malformed(_))));
+        assert!(matches!(
+            expand("${A B}", &env),
+            Err(EnvError::Malformed(_))
+        ));
     }
 
     #[test]

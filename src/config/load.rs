@@ -68,9 +68,15 @@ pub fn load_str(
         Err(e) => {
             let pos = e
                 .location()
-                .map(|l| Pos { line: l.line(), col: l.column() })
+                .map(|l| Pos {
+                    line: l.line(),
+                    col: l.column(),
+                })
                 .unwrap_or(Pos { line: 1, col: 1 });
-            diags.error_at(pos, format!("invalid YAML: {}", strip_location(&e.to_string())));
+            diags.error_at(
+                pos,
+                format!("invalid YAML: {}", strip_location(&e.to_string())),
+            );
             return Err(diags.list);
         }
     };
@@ -82,6 +88,7 @@ pub fn load_str(
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
     let config = sections.and_then(|s| validate::validate(s, &base_dir, &map, &mut diags));
+    diags.list.sort_by_key(|d| (d.line, d.col));
     match config {
         Some(config) if !diags.has_errors() => Ok(Loaded {
             config,
@@ -145,7 +152,11 @@ fn expand_env(
         Value::Mapping(entries) => {
             for (key, value) in entries.iter_mut() {
                 let key = key_text(key);
-                let child = if path.is_empty() { key } else { format!("{path}.{key}") };
+                let child = if path.is_empty() {
+                    key
+                } else {
+                    format!("{path}.{key}")
+                };
                 expand_env(value, child, lookup, map, diags);
             }
         }
@@ -169,11 +180,17 @@ fn read_sections(doc: Value, map: &SourceMap, diags: &mut Diags) -> Option<Secti
     let entries = match doc {
         Value::Mapping(entries) => entries,
         Value::Null => {
-            diags.error_at(Pos { line: 1, col: 1 }, "the config is empty: `openai_clients` is required");
+            diags.error_at(
+                Pos { line: 1, col: 1 },
+                "the config is empty: `openai_clients` is required",
+            );
             return None;
         }
         _ => {
-            diags.error_at(Pos { line: 1, col: 1 }, "the config must be a mapping of sections");
+            diags.error_at(
+                Pos { line: 1, col: 1 },
+                "the config must be a mapping of sections",
+            );
             return None;
         }
     };
@@ -227,23 +244,31 @@ fn optional_section<T: DeserializeOwned + Default>(
 }
 
 /// Deserializes one section, reporting its first problem at its position.
-fn section<T: DeserializeOwned>(value: Value, path: &str, map: &SourceMap, diags: &mut Diags) -> Option<T> {
+fn section<T: DeserializeOwned>(
+    value: Value,
+    path: &str,
+    map: &SourceMap,
+    diags: &mut Diags,
+) -> Option<T> {
     match serde_path_to_error::deserialize::<_, T>(value) {
         Ok(v) => Some(v),
         Err(e) => {
             let inner = e.path().to_string();
-            let mut at = if inner == "." { path.to_owned() } else { format!("{path}.{inner}") };
+            let mut at = if inner == "." {
+                path.to_owned()
+            } else {
+                format!("{path}.{inner}")
+            };
             let raw = e.into_inner().to_string();
-            let message = match parse_unknown_field(&raw) {
+            match parse_unknown_field(&raw) {
                 Some((field, expected)) => {
                     if !at.ends_with(&field) {
                         at = format!("{at}.{field}");
                     }
-                    unknown_key_message(&field, &expected)
+                    diags.error_at(map.key(&at), unknown_key_message(&field, &expected));
                 }
-                None => format!("{}: {}", at, strip_location(&raw)),
-            };
-            diags.error_at(map.key(&at), message);
+                None => diags.error_at(map.value(&at), format!("{}: {}", at, strip_location(&raw))),
+            }
             None
         }
     }
@@ -273,7 +298,10 @@ pub fn unknown_key_message<S: AsRef<str>>(key: &str, expected: &[S]) -> String {
 }
 
 /// The candidate closest to `word` by edit distance, if close enough to be a typo.
-pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     candidates
         .into_iter()
         .map(|c| (edit_distance(word, c), c))
@@ -303,7 +331,10 @@ mod tests {
 
     #[test]
     fn suggests_close_keys_only() {
-        assert_eq!(did_you_mean("prioirty", ["priority", "weight"]), Some("priority"));
+        assert_eq!(
+            did_you_mean("prioirty", ["priority", "weight"]),
+            Some("priority")
+        );
         assert_eq!(did_you_mean("zzzz", ["priority", "weight"]), None);
         assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
@@ -311,7 +342,8 @@ mod tests {
     #[test]
     fn reads_serde_unknown_field_messages() {
         let (f, exp) =
-            parse_unknown_field("unknown field `prioirty`, expected one of `name`, `priority`").unwrap();
+            parse_unknown_field("unknown field `prioirty`, expected one of `name`, `priority`")
+                .unwrap();
         assert_eq!(f, "prioirty");
         assert_eq!(exp, vec!["name", "priority"]);
     }

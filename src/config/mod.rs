@@ -175,6 +175,10 @@ impl fmt::Display for Diagnostic {
             Severity::Warning => "warning: ",
             Severity::Error => "",
         };
-        write!(f, "{}:{}:{}: {}{}", self.file, self.line, self.col, level, self.message)
+        write!(
+            f,
+            "{}:{}:{}: {}{}",
+            self.file, self.line, self.col, level, self.message
+        )
     }
 }

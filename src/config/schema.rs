@@ -254,11 +254,9 @@ mod lenient {
         match Option::<NumOrStr<T>>::deserialize(d) {
             Ok(None) => Ok(None),
             Ok(Some(NumOrStr::Num(n))) => Ok(Some(n)),
-            Ok(Some(NumOrStr::Str(s))) => s
-                .trim()
-                .parse()
-                .map(Some)
-                .map_err(|_| de::Error::custom(format!("expected a whole number in range, got `{s}`"))),
+            Ok(Some(NumOrStr::Str(s))) => s.trim().parse().map(Some).map_err(|_| {
+                de::Error::custom(format!("expected a whole number in range, got `{s}`"))
+            }),
             Err(_) => Err(de::Error::custom("expected a whole number in range")),
         }
     }

@@ -181,10 +181,19 @@ openai_clients:
         assert_eq!(map.key("server.listen"), Pos { line: 2, col: 3 });
         assert_eq!(map.value("server.listen"), Pos { line: 2, col: 11 });
         assert_eq!(map.key("openai_clients[0].name"), Pos { line: 4, col: 5 });
-        assert_eq!(map.value("openai_clients[0].model_match.value[1]"), Pos { line: 5, col: 44 });
-        assert_eq!(map.value("openai_clients[1].api_keys[1]"), Pos { line: 9, col: 9 });
+        assert_eq!(
+            map.value("openai_clients[0].model_match.value[1]"),
+            Pos { line: 5, col: 44 }
+        );
+        assert_eq!(
+            map.value("openai_clients[1].api_keys[1]"),
+            Pos { line: 9, col: 9 }
+        );
         // Unknown paths fall back to the nearest ancestor.
-        assert_eq!(map.key("openai_clients[1].nope"), map.value("openai_clients[1]"));
+        assert_eq!(
+            map.key("openai_clients[1].nope"),
+            map.value("openai_clients[1]")
+        );
     }
 
     #[test]

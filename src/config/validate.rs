@@ -64,11 +64,22 @@ pub fn validate(
     diags: &mut Diags,
 ) -> Option<Config> {
     let s = sections;
-    let any_missing = s.server.is_none() || s.routing.is_none() || s.usage.is_none() || s.logging.is_none();
+    let any_missing =
+        s.server.is_none() || s.routing.is_none() || s.usage.is_none() || s.logging.is_none();
     let server = server(s.server.as_ref().unwrap_or(&Default::default()), map, diags);
-    let routing = routing(s.routing.as_ref().unwrap_or(&Default::default()), "routing", map, diags);
+    let routing = routing(
+        s.routing.as_ref().unwrap_or(&Default::default()),
+        "routing",
+        map,
+        diags,
+    );
     let usage = usage(s.usage.as_ref().unwrap_or(&Default::default()), base_dir);
-    let logging = logging(s.logging.as_ref().unwrap_or(&Default::default()), base_dir, map, diags);
+    let logging = logging(
+        s.logging.as_ref().unwrap_or(&Default::default()),
+        base_dir,
+        map,
+        diags,
+    );
 
     if s.clients.is_empty() && !diags.has_errors() {
         diags.error_at(
@@ -78,10 +89,10 @@ pub fn validate(
     }
     let mut clients = Vec::new();
     let mut seen_names: HashMap<String, String> = HashMap::new();
-    let mut all_read = true;
+    let mut all_valid = true;
     for (path, section) in &s.clients {
         let Some(section) = section else {
-            all_read = false;
+            all_valid = false;
             continue;
         };
         if let Some(first) = seen_names.insert(section.name.clone(), path.clone()) {
@@ -97,11 +108,13 @@ pub fn validate(
         if let Some(client) = client(section, path, &routing, map, diags) {
             clients.push((path.clone(), client));
         } else {
-            all_read = false;
+            all_valid = false;
         }
     }
-    if all_read {
-        check_fallbacks(&clients, map, diags);
+    // With a client missing, a target might have been matched by it: only
+    // cycles among the valid clients are reported then.
+    check_fallbacks(&clients, all_valid, map, diags);
+    if all_valid {
         warn_unreachable_clients(&clients, map, diags);
     }
     if !server.auth_tokens.is_empty() || server.listen.ip().is_loopback() {
@@ -155,7 +168,10 @@ fn server(s: &schema::ServerSection, map: &SourceMap, diags: &mut Diags) -> Serv
     }
     let admin_token = match s.admin_token.as_deref() {
         Some("") => {
-            diags.error_at(map.value("server.admin_token"), "server.admin_token is empty; remove it to disable /admin/*");
+            diags.error_at(
+                map.value("server.admin_token"),
+                "server.admin_token is empty; remove it to disable /admin/*",
+            );
             None
         }
         Some(t) => Some(Secret::new(t)),
@@ -163,15 +179,24 @@ fn server(s: &schema::ServerSection, map: &SourceMap, diags: &mut Diags) -> Serv
     };
     let max_body_bytes = s.max_body_bytes.unwrap_or(32 * 1024 * 1024);
     if max_body_bytes == 0 {
-        diags.error_at(map.value("server.max_body_bytes"), "server.max_body_bytes must be at least 1");
+        diags.error_at(
+            map.value("server.max_body_bytes"),
+            "server.max_body_bytes must be at least 1",
+        );
     }
     let max_connections = s.max_connections.unwrap_or(10_000);
     if max_connections == 0 {
-        diags.error_at(map.value("server.max_connections"), "server.max_connections must be at least 1");
+        diags.error_at(
+            map.value("server.max_connections"),
+            "server.max_connections must be at least 1",
+        );
     }
     let header_read_timeout = s.header_read_timeout.unwrap_or(Duration::from_secs(30));
     if header_read_timeout.is_zero() {
-        diags.error_at(map.value("server.header_read_timeout"), "server.header_read_timeout must be more than 0");
+        diags.error_at(
+            map.value("server.header_read_timeout"),
+            "server.header_read_timeout must be more than 0",
+        );
     }
     ServerConfig {
         listen,
@@ -212,10 +237,16 @@ fn check_policy(
     diags: &mut Diags,
 ) {
     if set.max_attempts.is_some() && policy.max_attempts == 0 {
-        diags.error_at(map.value(&format!("{path}.max_attempts")), "max_attempts must be at least 1");
+        diags.error_at(
+            map.value(&format!("{path}.max_attempts")),
+            "max_attempts must be at least 1",
+        );
     }
     if set.max_failures.is_some() && policy.max_failures == 0 {
-        diags.error_at(map.value(&format!("{path}.max_failures")), "max_failures must be at least 1");
+        diags.error_at(
+            map.value(&format!("{path}.max_failures")),
+            "max_failures must be at least 1",
+        );
     }
     for (key, d) in [
         ("connect_timeout", set.connect_timeout),
@@ -223,7 +254,10 @@ fn check_policy(
         ("idle_timeout", set.idle_timeout),
     ] {
         if d.is_some_and(|d| d.is_zero()) {
-            diags.error_at(map.value(&format!("{path}.{key}")), format!("{key} must be more than 0"));
+            diags.error_at(
+                map.value(&format!("{path}.{key}")),
+                format!("{key} must be more than 0"),
+            );
         }
     }
     if set.retry_on.is_some() {
@@ -245,7 +279,12 @@ fn usage(u: &schema::UsageSection, base_dir: &Path) -> UsageConfig {
     }
 }
 
-fn logging(l: &schema::LoggingSection, base_dir: &Path, map: &SourceMap, diags: &mut Diags) -> LoggingConfig {
+fn logging(
+    l: &schema::LoggingSection,
+    base_dir: &Path,
+    map: &SourceMap,
+    diags: &mut Diags,
+) -> LoggingConfig {
     let level = l.level.clone().unwrap_or_else(|| "info".to_owned());
     if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
         diags.error_at(
@@ -255,7 +294,11 @@ fn logging(l: &schema::LoggingSection, base_dir: &Path, map: &SourceMap, diags: 
     }
     LoggingConfig {
         level,
-        dir: l.dir.as_deref().filter(|d| !d.is_empty()).map(|d| resolve(base_dir, d)),
+        dir: l
+            .dir
+            .as_deref()
+            .filter(|d| !d.is_empty())
+            .map(|d| resolve(base_dir, d)),
         format: l.format.unwrap_or_default(),
     }
 }
@@ -288,7 +331,6 @@ fn client(
     diags: &mut Diags,
 ) -> Option<ClientConfig> {
     let at = |key: &str| format!("{path}.{key}");
-    let errors_before = diags.list.len();
     if c.name.is_empty()
         || !c
             .name
@@ -297,24 +339,23 @@ fn client(
     {
         diags.error_at(
             map.value(&at("name")),
-            format!("client name `{}` may use only letters, digits, `_`, `.` and `-`", c.name),
+            format!(
+                "client name `{}` may use only letters, digits, `_`, `.` and `-`",
+                c.name
+            ),
         );
     }
     let base_url = c.base_url.trim_end_matches('/').to_owned();
     check_base_url(&base_url, &at("base_url"), map, diags);
 
     let mut keys: Vec<Secret> = Vec::new();
-    let key_paths = c
-        .api_key
-        .iter()
-        .map(|k| (at("api_key"), k))
-        .chain(
-            c.api_keys
-                .iter()
-                .flatten()
-                .enumerate()
-                .map(|(i, k)| (format!("{path}.api_keys[{i}]"), k)),
-        );
+    let key_paths = c.api_key.iter().map(|k| (at("api_key"), k)).chain(
+        c.api_keys
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, k)| (format!("{path}.api_keys[{i}]"), k)),
+    );
     for (kpath, key) in key_paths {
         if key.is_empty() {
             diags.warn_at(map.value(&kpath), format!("{kpath}: empty key ignored"));
@@ -337,12 +378,18 @@ fn client(
 
     let weight = c.weight.unwrap_or(1);
     if weight == 0 {
-        diags.error_at(map.value(&at("weight")), "weight must be at least 1 (use priority to keep a client in reserve)");
+        diags.error_at(
+            map.value(&at("weight")),
+            "weight must be at least 1 (use priority to keep a client in reserve)",
+        );
     }
 
     let mm = &c.model_match;
     if mm.value.is_empty() {
-        diags.error_at(map.value(&at("model_match.value")), "model_match.value is empty: the client would match no model");
+        diags.error_at(
+            map.value(&at("model_match.value")),
+            "model_match.value is empty: the client would match no model",
+        );
     }
     let mut regexes = Vec::new();
     for (i, v) in mm.value.iter().enumerate() {
@@ -387,10 +434,9 @@ fn client(
     let policy = global.merged(&overrides);
     check_policy(&policy, &overrides, path, map, diags);
 
-    if diags.list[errors_before..]
-        .iter()
-        .any(|d| d.severity == super::Severity::Error)
-    {
+    // Other problems are reported but still leave a client whose matching
+    // can be checked (fallback targets, cycles); the config is rejected anyway.
+    if regexes.len() != mm.value.len() && mm.kind == MatchKind::Regex {
         return None;
     }
     Some(ClientConfig {
@@ -447,31 +493,44 @@ fn check_base_url(url: &str, path: &str, map: &SourceMap, diags: &mut Diags) {
 }
 
 /// Fallback targets must route somewhere, and fallback chains must not loop.
-fn check_fallbacks(clients: &[(String, ClientConfig)], map: &SourceMap, diags: &mut Diags) {
+fn check_fallbacks(
+    clients: &[(String, ClientConfig)],
+    complete: bool,
+    map: &SourceMap,
+    diags: &mut Diags,
+) {
     let configs: Vec<&ClientConfig> = clients.iter().map(|(_, c)| c).collect();
     let mut missing = HashSet::new();
     for (path, c) in clients {
         for (i, target) in c.fallback.iter().enumerate() {
             if matcher::candidates(&configs, target).is_empty() {
-                let fpath = if c.fallback.len() == 1 && map.value(&format!("{path}.fallback[0]")) == map.value(path) {
+                missing.insert(target.clone());
+                if !complete {
+                    continue;
+                }
+                let fpath = if c.fallback.len() == 1
+                    && map.value(&format!("{path}.fallback[0]")) == map.value(path)
+                {
                     format!("{path}.fallback")
                 } else {
                     format!("{path}.fallback[{i}]")
                 };
                 diags.error_at(
                     map.value(&fpath),
-                    format!("fallback target `{target}` of client `{}` is matched by no client", c.name),
+                    format!(
+                        "fallback target `{target}` of client `{}` is matched by no client",
+                        c.name
+                    ),
                 );
-                missing.insert(target.clone());
             }
         }
     }
     // Edges between fallback targets: a cycle must run through them only.
-    let next = |model: &str| -> Option<(usize, &Vec<String>)> {
+    let next = |model: &str| -> Option<&Vec<String>> {
         matcher::candidates(&configs, model)
             .into_iter()
             .find(|&i| !configs[i].fallback.is_empty())
-            .map(|i| (i, &configs[i].fallback))
+            .map(|i| &configs[i].fallback)
     };
     let mut reported = HashSet::new();
     for (path, c) in clients {
@@ -483,6 +542,7 @@ fn check_fallbacks(clients: &[(String, ClientConfig)], map: &SourceMap, diags: &
             if let Some(cycle) = find_cycle(&next, &mut chain) {
                 let mut key: Vec<String> = cycle.clone();
                 key.sort();
+                key.dedup();
                 if reported.insert(key) {
                     diags.error_at(
                         map.value(&format!("{path}.fallback")),
@@ -496,11 +556,11 @@ fn check_fallbacks(clients: &[(String, ClientConfig)], map: &SourceMap, diags: &
 
 /// Depth-first walk of fallback edges from the end of `chain`.
 fn find_cycle<'a>(
-    next: &dyn Fn(&str) -> Option<(usize, &'a Vec<String>)>,
+    next: &dyn Fn(&str) -> Option<&'a Vec<String>>,
     chain: &mut Vec<String>,
 ) -> Option<Vec<String>> {
     let last = chain.last()?.clone();
-    let (_, targets) = next(&last)?;
+    let targets = next(&last)?;
     for t in targets {
         if let Some(pos) = chain.iter().position(|m| m == t) {
             let mut cycle = chain[pos..].to_vec();
@@ -519,7 +579,11 @@ fn find_cycle<'a>(
 /// Warns about clients no model name can reach: a regex or keyword client
 /// whose every value is a plain name that some exact client owns (exact
 /// matches shadow the others).
-fn warn_unreachable_clients(clients: &[(String, ClientConfig)], map: &SourceMap, diags: &mut Diags) {
+fn warn_unreachable_clients(
+    clients: &[(String, ClientConfig)],
+    map: &SourceMap,
+    diags: &mut Diags,
+) {
     let exact: HashSet<&str> = clients
         .iter()
         .filter(|(_, c)| c.model_match.kind == MatchKind::Exact)
@@ -529,7 +593,10 @@ fn warn_unreachable_clients(clients: &[(String, ClientConfig)], map: &SourceMap,
         if c.model_match.kind != MatchKind::Regex {
             continue;
         }
-        let literal = |v: &str| v.chars().all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '-' | ':' | '/'));
+        let literal = |v: &str| {
+            v.chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '-' | ':' | '/'))
+        };
         if c.model_match
             .values
             .iter()

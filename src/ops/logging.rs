@@ -27,12 +27,25 @@ pub fn init(cfg: &LoggingConfig) -> std::io::Result<Option<WorkerGuard>> {
         None => (None, None),
     };
     let json = cfg.format == LogFormat::Json;
-    let stderr_text = (!json).then(|| fmt::layer().with_writer(std::io::stderr).with_filter(filter()));
-    let stderr_json = json.then(|| fmt::layer().json().with_writer(std::io::stderr).with_filter(filter()));
-    let file_text = file_writer
-        .clone()
-        .filter(|_| !json)
-        .map(|w| fmt::layer().with_ansi(false).with_writer(w).with_filter(filter()));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let stderr_text = (!json).then(|| {
+        fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(std::io::stderr)
+            .with_filter(filter())
+    });
+    let stderr_json = json.then(|| {
+        fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_filter(filter())
+    });
+    let file_text = file_writer.clone().filter(|_| !json).map(|w| {
+        fmt::layer()
+            .with_ansi(false)
+            .with_writer(w)
+            .with_filter(filter())
+    });
     let file_json = file_writer
         .filter(|_| json)
         .map(|w| fmt::layer().json().with_writer(w).with_filter(filter()));

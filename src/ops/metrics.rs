@@ -110,22 +110,62 @@ impl Metrics {
             scrape: Mutex::new(()),
             registry: Registry::default(),
         };
-        registry.register("requests", "Requests answered, by client, model and status", m.requests.clone());
+        registry.register(
+            "requests",
+            "Requests answered, by client, model and status",
+            m.requests.clone(),
+        );
         registry.register(
             "upstream_attempts",
             "Upstream attempts by client and result (ok, or why it failed over)",
             m.attempts.clone(),
         );
-        registry.register("request_duration_seconds", "Time until the last response byte, by client", m.latency.clone());
-        registry.register("ttft_seconds", "Time until the first response body byte, by client", m.ttft.clone());
-        registry.register("tokens", "Tokens reported by upstreams, by client, model and kind", m.tokens.clone());
-        registry.register("key_healthy", "1 when the key is not cooling down", m.key_healthy.clone());
-        registry.register("key_cooldown_seconds", "Seconds left in the key's cooldown", m.key_cooldown.clone());
-        registry.register("key_requests", "Attempts made with the key since start", m.key_requests.clone());
+        registry.register(
+            "request_duration_seconds",
+            "Time until the last response byte, by client",
+            m.latency.clone(),
+        );
+        registry.register(
+            "ttft_seconds",
+            "Time until the first response body byte, by client",
+            m.ttft.clone(),
+        );
+        registry.register(
+            "tokens",
+            "Tokens reported by upstreams, by client, model and kind",
+            m.tokens.clone(),
+        );
+        registry.register(
+            "key_healthy",
+            "1 when the key is not cooling down",
+            m.key_healthy.clone(),
+        );
+        registry.register(
+            "key_cooldown_seconds",
+            "Seconds left in the key's cooldown",
+            m.key_cooldown.clone(),
+        );
+        registry.register(
+            "key_requests",
+            "Attempts made with the key since start",
+            m.key_requests.clone(),
+        );
         registry.register("reloads", "Config reloads by result", m.reloads.clone());
-        registry.register("config_generation", "Generation of the routing table in use", m.generation.clone());
-        registry.register("usage_rows", "Usage rows by result (written, dropped)", m.usage_rows.clone());
-        registry.register("requests_in_flight", "Requests being served now", m.in_flight.clone());
+        registry.register(
+            "config_generation",
+            "Generation of the routing table in use",
+            m.generation.clone(),
+        );
+        registry.register(
+            "usage_rows",
+            "Usage rows by result (written, dropped)",
+            m.usage_rows.clone(),
+        );
+        registry.register(
+            "requests_in_flight",
+            "Requests being served now",
+            m.in_flight.clone(),
+        );
         registry.register(
             "build",
             "Build information",
@@ -162,13 +202,20 @@ impl Metrics {
             })
             .inc();
         if r.client.is_some() {
-            let labels = ClientLabels { client: client.clone() };
-            self.latency.get_or_create(&labels).observe(r.latency_ms as f64 / 1000.0);
+            let labels = ClientLabels {
+                client: client.clone(),
+            };
+            self.latency
+                .get_or_create(&labels)
+                .observe(r.latency_ms as f64 / 1000.0);
             if let Some(t) = r.ttft_ms {
                 self.ttft.get_or_create(&labels).observe(t as f64 / 1000.0);
             }
         }
-        for (kind, n) in [("prompt", r.prompt_tokens), ("completion", r.completion_tokens)] {
+        for (kind, n) in [
+            ("prompt", r.prompt_tokens),
+            ("completion", r.completion_tokens),
+        ] {
             if let Some(n) = n {
                 self.tokens
                     .get_or_create(&TokenLabels {
@@ -192,12 +239,20 @@ impl Metrics {
 
     pub fn reload(&self, ok: bool, generation: u64) {
         let result = if ok { "ok" } else { "failed" };
-        self.reloads.get_or_create(&ResultLabels { result: result.to_owned() }).inc();
+        self.reloads
+            .get_or_create(&ResultLabels {
+                result: result.to_owned(),
+            })
+            .inc();
         self.generation.set(generation as i64);
     }
 
     pub fn usage_rows(&self, result: &str, n: u64) {
-        self.usage_rows.get_or_create(&ResultLabels { result: result.to_owned() }).inc_by(n);
+        self.usage_rows
+            .get_or_create(&ResultLabels {
+                result: result.to_owned(),
+            })
+            .inc_by(n);
     }
 
     pub fn in_flight(&self) -> &Gauge {
@@ -218,11 +273,15 @@ impl Metrics {
                     key: k.id.to_string(),
                 };
                 let left = k.health.cooling_for();
-                self.key_healthy.get_or_create(&labels).set(i64::from(left.is_none()));
+                self.key_healthy
+                    .get_or_create(&labels)
+                    .set(i64::from(left.is_none()));
                 self.key_cooldown
                     .get_or_create(&labels)
                     .set(left.map_or(0.0, |d| d.as_secs_f64()));
-                self.key_requests.get_or_create(&labels).set(k.health.requests() as i64);
+                self.key_requests
+                    .get_or_create(&labels)
+                    .set(k.health.requests() as i64);
             }
         }
         let mut out = String::new();

@@ -24,7 +24,11 @@ const DEBOUNCE: Duration = Duration::from_millis(250);
 pub async fn reload_now(state: &Arc<AppState>, trigger: &str) -> ReloadStatus {
     let _one_at_a_time = state.reload_lock.lock().await;
     let Some(path) = state.config_path.clone() else {
-        return state.last_reload.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        return state
+            .last_reload
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
     };
     systemd::reloading();
     let loaded = {
@@ -48,7 +52,11 @@ pub async fn reload_now(state: &Arc<AppState>, trigger: &str) -> ReloadStatus {
             state.table.store(Arc::new(table));
             state.metrics.reload(true, generation);
             tracing::info!(trigger, generation, "config reloaded");
-            ReloadStatus { ok: true, at: SystemTime::now(), errors: Vec::new() }
+            ReloadStatus {
+                ok: true,
+                at: SystemTime::now(),
+                errors: Vec::new(),
+            }
         }
         Ok(Err(e)) => {
             let errors = match e {
@@ -57,17 +65,31 @@ pub async fn reload_now(state: &Arc<AppState>, trigger: &str) -> ReloadStatus {
                     .filter(|d| d.severity == config::Severity::Error)
                     .map(|d| d.to_string())
                     .collect(),
-                LoadError::Io { path, source } => vec![format!("{}:1:1: cannot read the config file: {source}", path.display())],
+                LoadError::Io { path, source } => vec![format!(
+                    "{}:1:1: cannot read the config file: {source}",
+                    path.display()
+                )],
             };
             for e in &errors {
-                tracing::error!(trigger, "config reload rejected, keeping the running config: {e}");
+                tracing::error!(
+                    trigger,
+                    "config reload rejected, keeping the running config: {e}"
+                );
             }
             state.metrics.reload(false, current.generation);
-            ReloadStatus { ok: false, at: SystemTime::now(), errors }
+            ReloadStatus {
+                ok: false,
+                at: SystemTime::now(),
+                errors,
+            }
         }
         Err(join) => {
             state.metrics.reload(false, current.generation);
-            ReloadStatus { ok: false, at: SystemTime::now(), errors: vec![format!("{}:1:1: reload failed: {join}", path.display())] }
+            ReloadStatus {
+                ok: false,
+                at: SystemTime::now(),
+                errors: vec![format!("{}:1:1: reload failed: {join}", path.display())],
+            }
         }
     };
     *state.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = status.clone();
@@ -79,7 +101,11 @@ pub async fn reload_now(state: &Arc<AppState>, trigger: &str) -> ReloadStatus {
 /// are seen) and reloads after each burst of changes. The returned watcher
 /// must be kept alive.
 pub fn watch(state: Arc<AppState>, path: &Path) -> notify::Result<notify::RecommendedWatcher> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
     let name = path.file_name().map(|n| n.to_owned()).unwrap_or_default();
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -88,7 +114,8 @@ pub fn watch(state: Arc<AppState>, path: &Path) -> notify::Result<notify::Recomm
             return;
         }
         let relevant = event.paths.iter().any(|p| {
-            p.file_name().is_some_and(|n| n == name || n.to_string_lossy().starts_with(".."))
+            p.file_name()
+                .is_some_and(|n| n == name || n.to_string_lossy().starts_with(".."))
         });
         if relevant {
             let _ = tx.send(());

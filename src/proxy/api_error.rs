@@ -30,7 +30,10 @@ pub enum ApiError {
     #[error("{0}")]
     Upstream(String),
     #[error("{message}")]
-    NoHealthyUpstream { message: String, retry_after: Duration },
+    NoHealthyUpstream {
+        message: String,
+        retry_after: Duration,
+    },
     #[error("{0}")]
     UpstreamTimeout(String),
     #[error("{0}")]
@@ -47,7 +50,9 @@ impl ApiError {
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
-            ApiError::NoHealthyUpstream { .. } | ApiError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NoHealthyUpstream { .. } | ApiError::Overloaded(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -93,7 +98,10 @@ impl ApiError {
         let mut resp = Response::new(ResponseBody::full(self.body()));
         *resp.status_mut() = self.status();
         let headers = resp.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if let Some(id) = request_id {
             headers.insert("x-request-id", id.clone());
         }

@@ -49,10 +49,17 @@ pub enum Outcome {
     FailOver(UpstreamError),
 }
 
-pub async fn run(http: &HttpClient, req: Request<Full<Bytes>>, policy: &RoutingPolicy, key: &KeyRoute, started: std::time::Instant) -> Outcome {
+pub async fn run(
+    http: &HttpClient,
+    req: Request<Full<Bytes>>,
+    policy: &RoutingPolicy,
+    key: &KeyRoute,
+    started: std::time::Instant,
+) -> Outcome {
     let deadline = Instant::now() + policy.request_timeout;
     let failed = |e: UpstreamError| {
-        key.health.record_failure(policy.max_failures, policy.cooldown);
+        key.health
+            .record_failure(policy.max_failures, policy.cooldown);
         Outcome::FailOver(e)
     };
     let resp = match tokio::time::timeout_at(deadline, http.request(req)).await {
@@ -106,7 +113,8 @@ pub async fn run(http: &HttpClient, req: Request<Full<Bytes>>, policy: &RoutingP
             Outcome::FailOver(UpstreamError::Status(status))
         }
         429 => {
-            let wait = retry_after(resp.headers()).map_or(policy.cooldown, |d| d.min(MAX_RETRY_AFTER));
+            let wait =
+                retry_after(resp.headers()).map_or(policy.cooldown, |d| d.min(MAX_RETRY_AFTER));
             key.health.record_rejection(wait);
             if policy.retries(429) {
                 Outcome::FailOver(UpstreamError::Status(429))
@@ -135,7 +143,11 @@ fn respond(resp: http::Response<Incoming>) -> Outcome {
 
 /// `Retry-After` as seconds or an HTTP date.
 pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
-    let v = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let v = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
     if let Ok(secs) = v.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
@@ -143,7 +155,10 @@ pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
         return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(1e9)));
     }
     let at = httpdate::parse_http_date(v).ok()?;
-    Some(at.duration_since(std::time::SystemTime::now()).unwrap_or_default())
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
 }
 
 /// The error and its causes on one line; hyper's errors carry no URL or header.
@@ -171,9 +186,15 @@ mod tests {
         h.insert("retry-after", "7".parse().unwrap());
         assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
         let later = std::time::SystemTime::now() + Duration::from_secs(120);
-        h.insert("retry-after", httpdate::fmt_http_date(later).parse().unwrap());
+        h.insert(
+            "retry-after",
+            httpdate::fmt_http_date(later).parse().unwrap(),
+        );
         let d = retry_after(&h).unwrap();
-        assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120), "{d:?}");
+        assert!(
+            d > Duration::from_secs(100) && d <= Duration::from_secs(120),
+            "{d:?}"
+        );
         h.insert("retry-after", "soon".parse().unwrap());
         assert_eq!(retry_after(&h), None);
     }

@@ -14,16 +14,20 @@ use crate::secret::constant_time_eq;
 pub fn text(status: StatusCode, body: &'static str) -> Response<ResponseBody> {
     let mut resp = Response::new(ResponseBody::full(body));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     resp
 }
 
 fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<ResponseBody> {
     let mut resp = Response::new(ResponseBody::full(value.to_string()));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     resp
 }
 
@@ -32,7 +36,10 @@ pub fn readyz(table: &RoutingTable) -> Response<ResponseBody> {
     if table.any_key_available() {
         text(StatusCode::OK, "ready\n")
     } else {
-        text(StatusCode::SERVICE_UNAVAILABLE, "every key is cooling down\n")
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "every key is cooling down\n",
+        )
     }
 }
 
@@ -51,7 +58,11 @@ fn model_json(id: &str, owner: &str) -> serde_json::Value {
 
 /// Every exact model name, in OpenAI's list format.
 pub fn models(table: &RoutingTable) -> Response<ResponseBody> {
-    let data: Vec<_> = table.models().into_iter().map(|(id, owner)| model_json(id, owner)).collect();
+    let data: Vec<_> = table
+        .models()
+        .into_iter()
+        .map(|(id, owner)| model_json(id, owner))
+        .collect();
     json_response(StatusCode::OK, &json!({ "object": "list", "data": data }))
 }
 
@@ -74,7 +85,9 @@ pub async fn admin(
     headers: &HeaderMap,
 ) -> Result<Response<ResponseBody>, ApiError> {
     let Some(admin) = &table.config.server.admin_token else {
-        return Err(ApiError::NotFound("/admin is disabled: set server.admin_token".to_owned()));
+        return Err(ApiError::NotFound(
+            "/admin is disabled: set server.admin_token".to_owned(),
+        ));
     };
     let presented = headers
         .get(header::AUTHORIZATION)
@@ -82,7 +95,9 @@ pub async fn admin(
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     if !constant_time_eq(presented.as_bytes(), admin.expose().as_bytes()) {
-        return Err(ApiError::Unauthorized("a valid admin token is required".to_owned()));
+        return Err(ApiError::Unauthorized(
+            "a valid admin token is required".to_owned(),
+        ));
     }
     match (method, what) {
         (&Method::GET, "status") => Ok(json_response(StatusCode::OK, &status_json(state))),
@@ -90,8 +105,12 @@ pub async fn admin(
             crate::ops::reload::reload_now(state, "admin").await;
             Ok(json_response(StatusCode::OK, &status_json(state)))
         }
-        (_, "status" | "reload") => Err(ApiError::MethodNotAllowed(format!("{method} is not allowed on /admin/{what}"))),
-        _ => Err(ApiError::NotFound(format!("no admin endpoint /admin/{what}"))),
+        (_, "status" | "reload") => Err(ApiError::MethodNotAllowed(format!(
+            "{method} is not allowed on /admin/{what}"
+        ))),
+        _ => Err(ApiError::NotFound(format!(
+            "no admin endpoint /admin/{what}"
+        ))),
     }
 }
 
@@ -102,7 +121,11 @@ fn rfc3339(t: std::time::SystemTime) -> String {
 /// The status document: generation, last reload, key health per client.
 pub fn status_json(state: &AppState) -> serde_json::Value {
     let table = state.table.load();
-    let last: ReloadStatus = state.last_reload.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let last: ReloadStatus = state
+        .last_reload
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     let clients: Vec<_> = table
         .clients
         .iter()

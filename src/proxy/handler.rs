@@ -37,7 +37,10 @@ pub enum Route<'a> {
     Models,
     Model(String),
     /// `/v1/{endpoint}` or `/{client}/v1/{endpoint}`.
-    Proxy { client: Option<&'a str>, endpoint: &'a str },
+    Proxy {
+        client: Option<&'a str>,
+        endpoint: &'a str,
+    },
     NotFound,
 }
 
@@ -70,7 +73,11 @@ pub fn route(path: &str) -> Route<'_> {
             let Some((client, endpoint)) = rest.split_once("/v1/") else {
                 return Route::NotFound;
             };
-            if client.is_empty() || !client.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) {
+            if client.is_empty()
+                || !client
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+            {
                 return Route::NotFound;
             }
             (Some(client), endpoint)
@@ -84,7 +91,9 @@ pub fn route(path: &str) -> Route<'_> {
 
 fn safe_endpoint(endpoint: &str) -> bool {
     !endpoint.is_empty()
-        && endpoint.split('/').all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+        && endpoint
+            .split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
         && !endpoint.contains('\\')
         && !endpoint.to_ascii_lowercase().contains("%2f")
         && !endpoint.to_ascii_lowercase().contains("%2e")
@@ -113,7 +122,10 @@ fn new_request_id() -> String {
 }
 
 /// The service function given to hyper for every request.
-pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
+pub async fn handle(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
     let request_id = new_request_id();
     let rid_header = HeaderValue::from_str(&request_id).expect("request ids are ASCII hex");
     let mut resp = match dispatch(&state, req, &request_id).await {
@@ -124,7 +136,11 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
     Ok(resp)
 }
 
-async fn dispatch(state: &Arc<AppState>, req: Request<Incoming>, request_id: &str) -> Result<Response<ResponseBody>, ApiError> {
+async fn dispatch(
+    state: &Arc<AppState>,
+    req: Request<Incoming>,
+    request_id: &str,
+) -> Result<Response<ResponseBody>, ApiError> {
     let table = state.table.load_full();
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
@@ -141,20 +157,31 @@ async fn dispatch(state: &Arc<AppState>, req: Request<Incoming>, request_id: &st
                 Route::Model(id) if method == Method::GET => endpoints::model(&table, &id),
                 Route::Proxy { client, endpoint } => {
                     if client.is_none() && method != Method::POST {
-                        return Err(ApiError::MethodNotAllowed(format!("{method} is not allowed on /v1/{endpoint}; use POST")));
+                        return Err(ApiError::MethodNotAllowed(format!(
+                            "{method} is not allowed on /v1/{endpoint}; use POST"
+                        )));
                     }
                     let pinned = match client {
-                        Some(name) => Some(
-                            table
-                                .client_index(name)
-                                .ok_or_else(|| ApiError::NotFound(format!("no client named `{name}`")))?,
-                        ),
+                        Some(name) => Some(table.client_index(name).ok_or_else(|| {
+                            ApiError::NotFound(format!("no client named `{name}`"))
+                        })?),
                         None => None,
                     };
                     let endpoint = endpoint.to_owned();
-                    Ok(proxy(state.clone(), table, req, request_id, caller, pinned, endpoint).await)
+                    Ok(proxy(
+                        state.clone(),
+                        table,
+                        req,
+                        request_id,
+                        caller,
+                        pinned,
+                        endpoint,
+                    )
+                    .await)
                 }
-                _ => Err(ApiError::MethodNotAllowed(format!("{method} is not allowed on {path}"))),
+                _ => Err(ApiError::MethodNotAllowed(format!(
+                    "{method} is not allowed on {path}"
+                ))),
             }
         }
     }
@@ -170,9 +197,16 @@ fn authenticate(table: &RoutingTable, headers: &HeaderMap) -> Result<Option<Stri
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim)
-        .ok_or_else(|| ApiError::Unauthorized("missing bearer token: send `Authorization: Bearer <token>`".to_owned()))?;
+        .ok_or_else(|| {
+            ApiError::Unauthorized(
+                "missing bearer token: send `Authorization: Bearer <token>`".to_owned(),
+            )
+        })?;
     let mut found = None;
     for t in tokens {
         if constant_time_eq(presented.as_bytes(), t.token.expose().as_bytes()) && found.is_none() {
@@ -184,7 +218,12 @@ fn authenticate(table: &RoutingTable, headers: &HeaderMap) -> Result<Option<Stri
 
 /// Reads the whole request body, within `max_body_bytes`; each chunk must
 /// arrive within `header_read_timeout` of the one before.
-async fn read_body(body: Incoming, headers: &HeaderMap, limit: u64, gap: Duration) -> Result<Bytes, ApiError> {
+async fn read_body(
+    body: Incoming,
+    headers: &HeaderMap,
+    limit: u64,
+    gap: Duration,
+) -> Result<Bytes, ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -196,9 +235,17 @@ async fn read_body(body: Incoming, headers: &HeaderMap, limit: u64, gap: Duratio
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(limit) as usize);
     loop {
         match tokio::time::timeout(gap, body.frame()).await {
-            Err(_) => return Err(ApiError::RequestTimeout(format!("the request body stalled for {gap:?}"))),
+            Err(_) => {
+                return Err(ApiError::RequestTimeout(format!(
+                    "the request body stalled for {gap:?}"
+                )))
+            }
             Ok(None) => return Ok(buf.freeze()),
-            Ok(Some(Err(e))) => return Err(ApiError::InvalidRequest(format!("could not read the request body: {e}"))),
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::InvalidRequest(format!(
+                    "could not read the request body: {e}"
+                )))
+            }
             Ok(Some(Ok(frame))) => {
                 if let Ok(data) = frame.into_data() {
                     if buf.len() as u64 + data.len() as u64 > limit {
@@ -240,7 +287,14 @@ async fn proxy(
     let mut done = Completion::start(state.clone(), record, started);
     let (parts, body) = req.into_parts();
     let server = &table.config.server;
-    let bytes = match read_body(body, &parts.headers, server.max_body_bytes, server.header_read_timeout).await {
+    let bytes = match read_body(
+        body,
+        &parts.headers,
+        server.max_body_bytes,
+        server.header_read_timeout,
+    )
+    .await
+    {
         Ok(b) => b,
         Err(e) => return fail(done, e, request_id),
     };
@@ -259,7 +313,11 @@ async fn proxy(
         (Some(m), _) => Some(m.clone()),
         (None, Some(_)) => None,
         (None, None) => {
-            return fail(done, ApiError::InvalidRequest("the request body has no `model`".to_owned()), request_id)
+            return fail(
+                done,
+                ApiError::InvalidRequest("the request body has no `model`".to_owned()),
+                request_id,
+            )
         }
     };
     if pinned.is_none() {
@@ -283,7 +341,17 @@ async fn proxy(
     };
     let mut run = Run::default();
     match pinned {
-        Some(ci) => match try_client(&state, &table, &request, ci, model.as_deref(), &mut run, request_id).await {
+        Some(ci) => match try_client(
+            &state,
+            &table,
+            &request,
+            ci,
+            model.as_deref(),
+            &mut run,
+            request_id,
+        )
+        .await
+        {
             Ok(Some(answer)) => return respond(done, answer, &table, &request, &run),
             Ok(None) => {}
             Err(e) => return fail(done, e, request_id),
@@ -298,7 +366,9 @@ async fn proxy(
                 run.models_tried.push(m.clone());
                 let candidates = table.candidates(&m);
                 for ci in candidates.order() {
-                    match try_client(&state, &table, &request, ci, Some(&m), &mut run, request_id).await {
+                    match try_client(&state, &table, &request, ci, Some(&m), &mut run, request_id)
+                        .await
+                    {
                         Ok(Some(answer)) => return respond(done, answer, &table, &request, &run),
                         Ok(None) => {}
                         Err(e) => return fail(done, e, request_id),
@@ -308,7 +378,13 @@ async fn proxy(
                 let limit = candidates
                     .in_priority_order()
                     .find(|&i| !table.clients[i].cfg.fallback.is_empty())
-                    .map_or(max_depth, |i| table.clients[i].cfg.policy.max_fallback_depth.min(max_depth));
+                    .map_or(max_depth, |i| {
+                        table.clients[i]
+                            .cfg
+                            .policy
+                            .max_fallback_depth
+                            .min(max_depth)
+                    });
                 if depth < limit {
                     for f in fallback.iter().rev() {
                         if !run.models_tried.contains(f) {
@@ -351,7 +427,9 @@ impl Run {
         if self.attempts == 0 {
             if let Some(wait) = self.soonest_free {
                 return ApiError::NoHealthyUpstream {
-                    message: format!("every key of every client for model `{model}` is cooling down"),
+                    message: format!(
+                        "every key of every client for model `{model}` is cooling down"
+                    ),
                     retry_after: wait,
                 };
             }
@@ -363,9 +441,17 @@ impl Run {
             .unwrap_or_default();
         let message = format!(
             "no upstream could serve model `{model}`; clients tried: {}{last}",
-            if self.clients_tried.is_empty() { "none".to_owned() } else { self.clients_tried.join(", ") }
+            if self.clients_tried.is_empty() {
+                "none".to_owned()
+            } else {
+                self.clients_tried.join(", ")
+            }
         );
-        if self.last_error.as_ref().is_some_and(UpstreamError::is_timeout) {
+        if self
+            .last_error
+            .as_ref()
+            .is_some_and(UpstreamError::is_timeout)
+        {
             ApiError::UpstreamTimeout(message)
         } else {
             ApiError::Upstream(message)
@@ -444,7 +530,12 @@ async fn try_client(
                 );
                 run.last_error = Some(e);
             }
-            Outcome::Respond { parts, body, first, ttft } => {
+            Outcome::Respond {
+                parts,
+                body,
+                first,
+                ttft,
+            } => {
                 state.metrics.attempt(&client.cfg.name, "ok");
                 return Ok(Some(Answer {
                     parts,
@@ -474,7 +565,13 @@ fn failover_label(e: &UpstreamError) -> &'static str {
 }
 
 /// Starts relaying `answer` to the caller; the row is written when it ends.
-fn respond(mut done: Completion, answer: Answer, table: &RoutingTable, request: &Prepared<'_>, run: &Run) -> Response<ResponseBody> {
+fn respond(
+    mut done: Completion,
+    answer: Answer,
+    table: &RoutingTable,
+    request: &Prepared<'_>,
+    run: &Run,
+) -> Response<ResponseBody> {
     let client = &table.clients[answer.client];
     let status = answer.parts.status;
     let r = &mut done.record;
@@ -504,7 +601,11 @@ fn respond(mut done: Completion, answer: Answer, table: &RoutingTable, request: 
 
 /// How the response body is relayed: SSE event by event, JSON with usage
 /// read on the side, held whole for a prefix, or untouched.
-fn response_filter(parts: &http::response::Parts, request: &Prepared<'_>, prefix: Option<&str>) -> Filter {
+fn response_filter(
+    parts: &http::response::Parts,
+    request: &Prepared<'_>,
+    prefix: Option<&str>,
+) -> Filter {
     let content_type = parts
         .headers
         .get(header::CONTENT_TYPE)

@@ -52,7 +52,12 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(table: RoutingTable, usage: UsageSink, metrics: Arc<Metrics>, config_path: Option<PathBuf>) -> AppState {
+    pub fn new(
+        table: RoutingTable,
+        usage: UsageSink,
+        metrics: Arc<Metrics>,
+        config_path: Option<PathBuf>,
+    ) -> AppState {
         metrics.reload(true, table.generation);
         AppState {
             table: ArcSwap::from_pointee(table),

@@ -45,7 +45,13 @@ pub struct Relay {
 
 impl Relay {
     /// `first` is the chunk already read while the response headers were held.
-    pub fn new(upstream: Incoming, first: Option<Bytes>, filter: Filter, idle_timeout: Duration, completion: Completion) -> Relay {
+    pub fn new(
+        upstream: Incoming,
+        first: Option<Bytes>,
+        filter: Filter,
+        idle_timeout: Duration,
+        completion: Completion,
+    ) -> Relay {
         let mut relay = Relay {
             upstream,
             queued: VecDeque::new(),
@@ -114,7 +120,10 @@ impl Body for Relay {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         loop {
             if let Some(chunk) = this.queued.pop_front() {
@@ -155,7 +164,10 @@ impl Body for Relay {
                 }
                 Poll::Pending => {
                     if this.idle.as_mut().poll(cx).is_ready() {
-                        let msg = format!("upstream sent nothing for {:?} (idle_timeout)", this.idle_timeout);
+                        let msg = format!(
+                            "upstream sent nothing for {:?} (idle_timeout)",
+                            this.idle_timeout
+                        );
                         this.complete(Some(msg.clone()));
                         return Poll::Ready(Some(Err(msg.into())));
                     }

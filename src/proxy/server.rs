@@ -27,7 +27,10 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
         .timer(TokioTimer::new())
         .header_read_timeout(server_cfg.header_read_timeout)
         .max_buf_size(64 * 1024);
-    builder.http2().timer(TokioTimer::new()).max_header_list_size(64 * 1024);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(64 * 1024);
     let graceful = GracefulShutdown::new();
     // Beyond max_connections, new connections wait in the listen backlog.
     let slots = Arc::new(Semaphore::new(server_cfg.max_connections));
@@ -67,7 +70,10 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
     drop(listener);
     let grace = state.table.load().config.server.shutdown_grace;
     tracing::info!(open_connections = graceful.count(), ?grace, "draining");
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("shutdown_grace elapsed; cutting the remaining connections");
     }
 }

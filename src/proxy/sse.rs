@@ -30,11 +30,16 @@ impl Usage {
             completion_tokens: get("completion_tokens", "output_tokens"),
             total_tokens: obj.get("total_tokens").and_then(Value::as_u64),
         };
-        let total = u.total_tokens.or(match (u.prompt_tokens, u.completion_tokens) {
-            (Some(p), Some(c)) => Some(p + c),
-            _ => None,
-        });
-        Some(Usage { total_tokens: total, ..u })
+        let total = u
+            .total_tokens
+            .or(match (u.prompt_tokens, u.completion_tokens) {
+                (Some(p), Some(c)) => Some(p + c),
+                _ => None,
+            });
+        Some(Usage {
+            total_tokens: total,
+            ..u
+        })
     }
 }
 
@@ -246,7 +251,9 @@ mod tests {
             filter.push(Bytes::from(c.to_string()), &mut out);
         }
         filter.finish(&mut out);
-        out.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect()
+        out.iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect()
     }
 
     const STREAM: &[&str] = &[
@@ -274,7 +281,10 @@ mod tests {
     #[test]
     fn events_split_across_chunks_are_reassembled() {
         let whole = STREAM.concat();
-        let pieces: Vec<&str> = (0..whole.len()).step_by(7).map(|i| &whole[i..(i + 7).min(whole.len())]).collect();
+        let pieces: Vec<&str> = (0..whole.len())
+            .step_by(7)
+            .map(|i| &whole[i..(i + 7).min(whole.len())])
+            .collect();
         let mut f = SseFilter::new(true, Some(("<think>".into(), PrefixSlot::Chat)));
         let out = run(&mut f, &pieces);
         assert!(out.contains("\"content\":\"<think>\""), "{out}");
@@ -287,9 +297,15 @@ mod tests {
     fn usage_is_found_in_whole_and_truncated_bodies() {
         let body = br#"{"id":"x","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}"#;
         assert_eq!(usage_in_json(body, true).unwrap().total_tokens, Some(12));
-        assert_eq!(usage_in_json(&body[20..], false).unwrap().completion_tokens, Some(7));
+        assert_eq!(
+            usage_in_json(&body[20..], false).unwrap().completion_tokens,
+            Some(7)
+        );
         let responses = br#"{"usage":{"input_tokens":2,"output_tokens":3}}"#;
-        assert_eq!(usage_in_json(responses, true).unwrap().total_tokens, Some(5));
+        assert_eq!(
+            usage_in_json(responses, true).unwrap().total_tokens,
+            Some(5)
+        );
         assert_eq!(usage_in_json(b"not json", true), None);
     }
 }

@@ -69,7 +69,8 @@ pub fn peek(body: &[u8]) -> Result<Peek, String> {
     if first != Some(&b'{') {
         return Err("the request body must be a JSON object".to_owned());
     }
-    let doc: PeekDoc = serde_json::from_slice(body).map_err(|e| format!("the request body is not valid JSON: {e}"))?;
+    let doc: PeekDoc = serde_json::from_slice(body)
+        .map_err(|e| format!("the request body is not valid JSON: {e}"))?;
     let model = match doc.model {
         None | Some(Value::Null) => None,
         Some(Value::String(m)) if m.is_empty() => return Err("`model` is empty".to_owned()),
@@ -81,7 +82,11 @@ pub fn peek(body: &[u8]) -> Result<Peek, String> {
     };
     Ok(Peek {
         model,
-        stream: doc.stream.as_ref().and_then(Value::as_bool).unwrap_or(false),
+        stream: doc
+            .stream
+            .as_ref()
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
         include_usage: doc
             .stream_options
             .and_then(|o| o.include_usage)
@@ -120,7 +125,12 @@ pub struct Changes<'a> {
 }
 
 /// The body to send to `client`: the caller's bytes when nothing changes.
-pub fn upstream_body(body: &RequestBody, client: &ClientConfig, kind: EndpointKind, changes: &Changes) -> Bytes {
+pub fn upstream_body(
+    body: &RequestBody,
+    client: &ClientConfig,
+    kind: EndpointKind,
+    changes: &Changes,
+) -> Bytes {
     let text = kind.is_text_generation();
     let client_fields = !client.extra_body.is_empty()
         || (text && (client.stop.is_some() || client.max_tokens.is_some()));
@@ -163,7 +173,10 @@ pub fn upstream_body(body: &RequestBody, client: &ClientConfig, kind: EndpointKi
     if set.is_empty() {
         return body.bytes.clone();
     }
-    match serde_json::to_vec(&Merged { base: map, set: &set }) {
+    match serde_json::to_vec(&Merged {
+        base: map,
+        set: &set,
+    }) {
         Ok(v) => Bytes::from(v),
         Err(_) => body.bytes.clone(),
     }
@@ -215,22 +228,44 @@ mod tests {
         let yaml = format!(
             "openai_clients:\n  - name: a\n    base_url: http://h\n    api_key: k\n    model_match: {{ type: exact, value: [m] }}\n{extra}"
         );
-        load_str(&yaml, Path::new("t.yaml"), &|_| None).unwrap().config.clients.remove(0)
+        load_str(&yaml, Path::new("t.yaml"), &|_| None)
+            .unwrap()
+            .config
+            .clients
+            .remove(0)
     }
 
     #[test]
     fn untouched_bodies_are_the_callers_bytes() {
         let raw = Bytes::from_static(b"{ \"model\" : \"m\",  \"messages\": [] }");
         let body = RequestBody::new(raw.clone());
-        let out = upstream_body(&body, &client(""), EndpointKind::Chat, &Changes { model: None, include_usage: false });
+        let out = upstream_body(
+            &body,
+            &client(""),
+            EndpointKind::Chat,
+            &Changes {
+                model: None,
+                include_usage: false,
+            },
+        );
         assert_eq!(out, raw);
     }
 
     #[test]
     fn client_fields_never_override_the_callers() {
         let c = client("    stop: [\"END\"]\n    max_tokens: 100\n    extra_body: { top_k: 5, temperature: 1 }\n");
-        let body = RequestBody::new(Bytes::from_static(br#"{"model":"m","temperature":0.2,"max_completion_tokens":9}"#));
-        let out = upstream_body(&body, &c, EndpointKind::Chat, &Changes { model: Some("up"), include_usage: true });
+        let body = RequestBody::new(Bytes::from_static(
+            br#"{"model":"m","temperature":0.2,"max_completion_tokens":9}"#,
+        ));
+        let out = upstream_body(
+            &body,
+            &c,
+            EndpointKind::Chat,
+            &Changes {
+                model: Some("up"),
+                include_usage: true,
+            },
+        );
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["model"], "up");
         assert_eq!(v["temperature"], 0.2);
@@ -246,7 +281,15 @@ mod tests {
     fn stop_and_max_tokens_only_apply_to_text_generation() {
         let c = client("    stop: [\"END\"]\n    max_tokens: 100\n");
         let raw = Bytes::from_static(br#"{"model":"m","input":"x"}"#);
-        let out = upstream_body(&RequestBody::new(raw.clone()), &c, EndpointKind::Other, &Changes { model: None, include_usage: false });
+        let out = upstream_body(
+            &RequestBody::new(raw.clone()),
+            &c,
+            EndpointKind::Other,
+            &Changes {
+                model: None,
+                include_usage: false,
+            },
+        );
         assert_eq!(out, raw);
     }
 }

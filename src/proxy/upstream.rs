@@ -29,7 +29,10 @@ pub struct UpstreamClients {
 impl UpstreamClients {
     /// The pooled client for this connect timeout (a cheap handle clone).
     pub fn get(&self, connect_timeout: Duration) -> HttpClient {
-        let mut clients = self.by_connect_timeout.lock().unwrap_or_else(|e| e.into_inner());
+        let mut clients = self
+            .by_connect_timeout
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         clients
             .entry(connect_timeout)
             .or_insert_with(|| build_client(connect_timeout))
@@ -108,7 +111,8 @@ pub fn relayable_response_headers(upstream: &HeaderMap, keep_length: bool) -> He
     let mut out = HeaderMap::with_capacity(upstream.len() + 1);
     for (name, value) in upstream {
         match name.as_str() {
-            "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "te" | "trailer" | "upgrade" => {}
+            "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "te"
+            | "trailer" | "upgrade" => {}
             "content-length" if !keep_length => {}
             _ => {
                 out.append(name.clone(), value.clone());
@@ -137,13 +141,22 @@ pub fn build_request(
         url.push_str(q);
     }
     let uri: Uri = url.parse()?;
-    let mut req = Request::builder().method(method.clone()).uri(uri).body(Full::new(body))?;
+    let mut req = Request::builder()
+        .method(method.clone())
+        .uri(uri)
+        .body(Full::new(body))?;
     let h = req.headers_mut();
     *h = headers.clone();
     h.insert(header::AUTHORIZATION, key.authorization.clone());
-    h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    h.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
     if !h.contains_key(header::CONTENT_TYPE) && method == Method::POST {
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
     }
     for (name, value) in &client.cfg.headers {
         h.insert::<HeaderName>(name.clone(), value.clone());

@@ -38,7 +38,10 @@ mod tests {
     use std::path::Path;
 
     fn clients(yaml: &str) -> Vec<ClientConfig> {
-        load_str(yaml, Path::new("t.yaml"), &|_| None).unwrap().config.clients
+        load_str(yaml, Path::new("t.yaml"), &|_| None)
+            .unwrap()
+            .config
+            .clients
     }
 
     #[test]

@@ -22,7 +22,11 @@ pub struct Tier {
 
 impl Candidates {
     /// Groups client indexes (already sorted by priority) into tiers.
-    pub fn new(sorted: &[usize], priority: impl Fn(usize) -> i64, weight: impl Fn(usize) -> u32) -> Self {
+    pub fn new(
+        sorted: &[usize],
+        priority: impl Fn(usize) -> i64,
+        weight: impl Fn(usize) -> u32,
+    ) -> Self {
         let mut tiers: Vec<Tier> = Vec::new();
         for &i in sorted {
             let p = priority(i);

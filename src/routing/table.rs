@@ -80,8 +80,10 @@ impl RoutingTable {
                             .and_then(|o| o.keys.iter().find(|k| &k.secret == secret))
                             .map(|k| k.health.clone())
                             .unwrap_or_default();
-                        let mut authorization = HeaderValue::from_str(&format!("Bearer {}", secret.expose()))
-                            .expect("keys are checked for header-safe characters by validation");
+                        let mut authorization =
+                            HeaderValue::from_str(&format!("Bearer {}", secret.expose())).expect(
+                                "keys are checked for header-safe characters by validation",
+                            );
                         authorization.set_sensitive(true);
                         KeyRoute {
                             id: secret.key_id(),
@@ -115,9 +117,11 @@ impl RoutingTable {
             .clients
             .iter()
             .flat_map(|c| {
-                let exact = (c.cfg.model_match.kind == crate::config::MatchKind::Exact)
-                    .then(|| c.cfg.model_match.values.clone())
-                    .unwrap_or_default();
+                let exact = if c.cfg.model_match.kind == crate::config::MatchKind::Exact {
+                    c.cfg.model_match.values.clone()
+                } else {
+                    Vec::new()
+                };
                 exact.into_iter().chain(c.cfg.fallback.iter().cloned())
             })
             .collect();
@@ -143,7 +147,12 @@ impl RoutingTable {
         if let Some(c) = self.known.get(model) {
             return c.clone();
         }
-        if let Some(c) = self.cache.read().unwrap_or_else(|e| e.into_inner()).get(model) {
+        if let Some(c) = self
+            .cache
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(model)
+        {
             return c.clone();
         }
         let route = self.resolve(model);
@@ -213,22 +222,26 @@ impl ClientRoute {
                 false
             }
         };
-        let pick = match self.cfg.policy.key_strategy {
-            KeyStrategy::RoundRobin | KeyStrategy::Random => {
-                let start = match self.cfg.policy.key_strategy {
-                    KeyStrategy::Random => fastrand::usize(..n),
-                    _ => self.cursor.fetch_add(1, Ordering::Relaxed) % n,
-                };
-                (0..n).map(|o| (start + o) % n).filter(untried).find(|&i| available(i))
-            }
-            KeyStrategy::LeastUsed => (0..n)
-                .filter(untried)
-                .filter(|&i| available(i))
-                .min_by_key(|&i| {
-                    let h = &self.keys[i].health;
-                    (h.in_flight(), h.requests())
-                }),
-        };
+        let pick =
+            match self.cfg.policy.key_strategy {
+                KeyStrategy::RoundRobin | KeyStrategy::Random => {
+                    let start = match self.cfg.policy.key_strategy {
+                        KeyStrategy::Random => fastrand::usize(..n),
+                        _ => self.cursor.fetch_add(1, Ordering::Relaxed) % n,
+                    };
+                    (0..n)
+                        .map(|o| (start + o) % n)
+                        .filter(untried)
+                        .find(|&i| available(i))
+                }
+                KeyStrategy::LeastUsed => (0..n)
+                    .filter(untried)
+                    .filter(|&i| available(i))
+                    .min_by_key(|&i| {
+                        let h = &self.keys[i].health;
+                        (h.in_flight(), h.requests())
+                    }),
+            };
         match (pick, soonest) {
             (Some(i), _) => KeyPick::Key(i),
             (None, Some(left)) => KeyPick::Cooling(left),
@@ -244,7 +257,9 @@ mod tests {
     use std::path::Path;
 
     fn table(yaml: &str) -> RoutingTable {
-        let cfg = load_str(yaml, Path::new("t.yaml"), &|_| None).unwrap().config;
+        let cfg = load_str(yaml, Path::new("t.yaml"), &|_| None)
+            .unwrap()
+            .config;
         RoutingTable::build(cfg, None)
     }
 
@@ -261,8 +276,12 @@ openai_clients:
         let t = table(TWO_KEYS);
         let c = &t.clients[0];
         assert_eq!(c.keys.len(), 2, "duplicate keys are removed");
-        let KeyPick::Key(first) = c.pick_key(&[]) else { panic!() };
-        let KeyPick::Key(second) = c.pick_key(&[]) else { panic!() };
+        let KeyPick::Key(first) = c.pick_key(&[]) else {
+            panic!()
+        };
+        let KeyPick::Key(second) = c.pick_key(&[]) else {
+            panic!()
+        };
         assert_ne!(first, second);
         assert_eq!(c.pick_key(&[0, 1]), KeyPick::Exhausted);
         c.keys[0].health.cool_down(Duration::from_secs(30));
@@ -273,14 +292,24 @@ openai_clients:
     #[test]
     fn key_health_survives_a_rebuild_for_pairs_that_remain() {
         let t1 = table(TWO_KEYS);
-        t1.clients[0].keys[0].health.cool_down(Duration::from_secs(30));
-        let cfg = load_str(&TWO_KEYS.replace("k2", "k3"), Path::new("t.yaml"), &|_| None)
-            .unwrap()
-            .config;
+        t1.clients[0].keys[0]
+            .health
+            .cool_down(Duration::from_secs(30));
+        let cfg = load_str(&TWO_KEYS.replace("k2", "k3"), Path::new("t.yaml"), &|_| {
+            None
+        })
+        .unwrap()
+        .config;
         let t2 = RoutingTable::build(cfg, Some(&t1));
         assert_eq!(t2.generation, 2);
-        assert!(!t2.clients[0].keys[0].health.is_available(), "k1 keeps its cooldown");
-        assert!(t2.clients[0].keys[1].health.is_available(), "k3 starts fresh");
+        assert!(
+            !t2.clients[0].keys[0].health.is_available(),
+            "k1 keeps its cooldown"
+        );
+        assert!(
+            t2.clients[0].keys[1].health.is_available(),
+            "k3 starts fresh"
+        );
     }
 
     #[test]

@@ -81,10 +81,17 @@ fn check_ours(path: &Path) -> Result<(), StoreError> {
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => return Err(StoreError::Io { path: path.to_owned(), source }),
+        Err(source) => {
+            return Err(StoreError::Io {
+                path: path.to_owned(),
+                source,
+            })
+        }
     };
     if !meta.is_file() {
-        return Err(StoreError::Foreign { path: path.to_owned() });
+        return Err(StoreError::Foreign {
+            path: path.to_owned(),
+        });
     }
     if meta.len() == 0 {
         return Ok(());
@@ -92,13 +99,21 @@ fn check_ours(path: &Path) -> Result<(), StoreError> {
     let mut header = [0u8; 100];
     let n = {
         use std::io::Read;
-        let mut f = std::fs::File::open(path).map_err(|source| StoreError::Io { path: path.to_owned(), source })?;
-        f.read(&mut header).map_err(|source| StoreError::Io { path: path.to_owned(), source })?
+        let mut f = std::fs::File::open(path).map_err(|source| StoreError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        f.read(&mut header).map_err(|source| StoreError::Io {
+            path: path.to_owned(),
+            source,
+        })?
     };
     // SQLite header: magic at 0, application_id big-endian at offset 68.
     let app_id = i32::from_be_bytes([header[68], header[69], header[70], header[71]]);
     if n < 100 || &header[..16] != b"SQLite format 3\0" || app_id != APPLICATION_ID {
-        return Err(StoreError::Foreign { path: path.to_owned() });
+        return Err(StoreError::Foreign {
+            path: path.to_owned(),
+        });
     }
     Ok(())
 }
@@ -106,19 +121,32 @@ fn check_ours(path: &Path) -> Result<(), StoreError> {
 /// Opens (creating or migrating) the usage file at `path` for writing.
 pub fn open_for_write(path: &Path) -> Result<Connection, StoreError> {
     check_ours(path)?;
-    let sql = |source| StoreError::Sqlite { path: path.to_owned(), source };
+    let sql = |source| StoreError::Sqlite {
+        path: path.to_owned(),
+        source,
+    };
     let conn = Connection::open_with_flags(
         path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(sql)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(sql)?;
-    let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(sql)?;
+    let version: i32 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(sql)?;
     if version > SCHEMA_VERSION {
-        return Err(StoreError::TooNew { path: path.to_owned(), found: version });
+        return Err(StoreError::TooNew {
+            path: path.to_owned(),
+            found: version,
+        });
     }
-    conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
-    conn.pragma_update(None, "synchronous", "NORMAL").map_err(sql)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(sql)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(sql)?;
     if version < SCHEMA_VERSION {
         migrate(&conn, version).map_err(sql)?;
     }
@@ -140,8 +168,14 @@ fn migrate(conn: &Connection, from: i32) -> rusqlite::Result<()> {
 /// Opens an existing usage file read-only, for reports.
 pub fn open_for_read(path: &Path) -> Result<Connection, StoreError> {
     check_ours(path)?;
-    Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .map_err(|source| StoreError::Sqlite { path: path.to_owned(), source })
+    Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|source| StoreError::Sqlite {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn rfc3339_millis(t: SystemTime) -> String {
@@ -198,22 +232,38 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("usage-2026-01.sqlite");
         let mut c = open_for_write(&p).unwrap();
-        let r = UsageRecord { request_id: "r1".into(), endpoint: "chat/completions".into(), status: 200, ..Default::default() };
+        let r = UsageRecord {
+            request_id: "r1".into(),
+            endpoint: "chat/completions".into(),
+            status: 200,
+            ..Default::default()
+        };
         insert_batch(&mut c, &[&r]).unwrap();
         drop(c);
         let c = open_for_write(&p).unwrap();
-        let n: i64 = c.query_row("SELECT count(*) FROM requests", [], |r| r.get(0)).unwrap();
+        let n: i64 = c
+            .query_row("SELECT count(*) FROM requests", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(n, 1);
 
         let foreign = dir.path().join("usage-2026-02.sqlite");
         std::fs::write(&foreign, b"not a database").unwrap();
-        assert!(matches!(open_for_write(&foreign), Err(StoreError::Foreign { .. })));
+        assert!(matches!(
+            open_for_write(&foreign),
+            Err(StoreError::Foreign { .. })
+        ));
         assert_eq!(std::fs::read(&foreign).unwrap(), b"not a database");
 
         let other_db = dir.path().join("usage-2026-03.sqlite");
-        Connection::open(&other_db).unwrap().execute_batch("CREATE TABLE t (x)").unwrap();
+        Connection::open(&other_db)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x)")
+            .unwrap();
         let before = std::fs::read(&other_db).unwrap();
-        assert!(matches!(open_for_write(&other_db), Err(StoreError::Foreign { .. })));
+        assert!(matches!(
+            open_for_write(&other_db),
+            Err(StoreError::Foreign { .. })
+        ));
         assert_eq!(std::fs::read(&other_db).unwrap(), before);
     }
 }

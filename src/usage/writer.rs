@@ -55,7 +55,10 @@ impl UsageSink {
                 self.metrics.usage_rows("dropped", 1);
                 let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                 if n.is_power_of_two() {
-                    tracing::warn!(dropped_total = n, "usage writer is behind or stopped; usage rows dropped");
+                    tracing::warn!(
+                        dropped_total = n,
+                        "usage writer is behind or stopped; usage rows dropped"
+                    );
                 }
             }
         }
@@ -83,7 +86,13 @@ impl UsageWriter {
             metrics,
             dropped: Arc::new(AtomicU64::new(0)),
         };
-        Ok((UsageWriter { tx, thread: Some(thread) }, sink))
+        Ok((
+            UsageWriter {
+                tx,
+                thread: Some(thread),
+            },
+            sink,
+        ))
     }
 
     /// Writes every row sent so far, then stops the thread.
@@ -97,7 +106,9 @@ impl UsageWriter {
 
 /// Creates the directory and proves a file can be written in it.
 pub fn check_writable(dir: &Path) -> std::io::Result<()> {
-    let wrap = |e: std::io::Error| std::io::Error::new(e.kind(), format!("usage.dir {}: {e}", dir.display()));
+    let wrap = |e: std::io::Error| {
+        std::io::Error::new(e.kind(), format!("usage.dir {}: {e}", dir.display()))
+    };
     std::fs::create_dir_all(dir).map_err(wrap)?;
     let probe = dir.join(format!(".gptbalance-write-test-{}", std::process::id()));
     std::fs::write(&probe, b"").map_err(wrap)?;

@@ -1,0 +1,425 @@
+//! The real binary: config diagnostics, exit codes, and `serve` from start
+//! to SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_gptbalance");
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn run(args: &[&str], env: &[(&str, &str)], dir: &Path) -> Out {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .current_dir(dir)
+        .env_remove("GPTBALANCE_CONFIG")
+        .env_remove("RUST_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+const BROKEN: &str = r#"server:
+  listen: "127.0.0.1:8000"
+  max_body_byte: 5
+openai_clients:
+  - name: a
+    base_url: "http://127.0.0.1:9/v1"
+    api_key: "${MISSING_KEY}"
+    prioirty: 1
+    model_match: { type: exact, value: [m] }
+  - name: b
+    base_url: "http://127.0.0.1:9/v1"
+    api_key: "k"
+    model_match: { type: regex, value: ["gpt-(4"] }
+"#;
+
+#[test]
+fn validate_config_reports_every_error_with_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "config.yaml", BROKEN);
+    let out = run(&["validate-config", "--config", &path], &[], dir.path());
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert!(
+        lines.contains(
+            &format!("{path}:3:3: unknown key `max_body_byte` (did you mean `max_body_bytes`?)")
+                .as_str()
+        ),
+        "{lines:#?}"
+    );
+    assert!(
+        lines.contains(
+            &format!("{path}:8:5: unknown key `prioirty` (did you mean `priority`?)").as_str()
+        ),
+        "{lines:#?}"
+    );
+    assert!(
+        lines.contains(&format!("{path}:13:41: invalid regex `gpt-(4`: unclosed group").as_str()),
+        "{lines:#?}"
+    );
+
+    // The unset variable is named with its line once the other errors are fixed.
+    let fixed = BROKEN
+        .replace("  max_body_byte: 5\n", "")
+        .replace("    prioirty: 1\n", "")
+        .replace("gpt-(4", "gpt-4");
+    let path = write(dir.path(), "config.yaml", &fixed);
+    let out = run(&["validate-config", "--config", &path], &[], dir.path());
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stdout.contains(&format!(
+            "{path}:6:14: environment variable `MISSING_KEY` is not set"
+        )),
+        "{}",
+        out.stdout
+    );
+    let out = run(
+        &["validate-config", "--config", &path],
+        &[("MISSING_KEY", "sk-x")],
+        dir.path(),
+    );
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+}
+
+#[test]
+fn validate_config_formats_and_strict_warnings() {
+    let dir = tempfile::tempdir().unwrap();
+    let public = "server:\n  listen: \"0.0.0.0:8000\"\nopenai_clients:\n  - { name: a, base_url: \"http://h/v1\", api_key: k, model_match: { type: exact, value: [m] } }\n";
+    let path = write(dir.path(), "c.yaml", public);
+    let out = run(&["validate-config", "--config", &path], &[], dir.path());
+    assert_eq!(out.code, 0);
+    assert!(
+        out.stderr.contains("warning: auth is disabled"),
+        "{}",
+        out.stderr
+    );
+    let out = run(
+        &["validate-config", "--config", &path, "--strict"],
+        &[],
+        dir.path(),
+    );
+    assert_eq!(out.code, 1);
+    let out = run(
+        &["validate-config", "--config", &path, "--format", "json"],
+        &[],
+        dir.path(),
+    );
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v[0]["severity"], "warning");
+    assert_eq!(v[0]["line"], 2);
+    assert_eq!(v[0]["path"], path.as_str());
+
+    let path = write(dir.path(), "bad.yaml", BROKEN);
+    let out = run(
+        &["validate-config", "--config", &path, "--format", "github"],
+        &[],
+        dir.path(),
+    );
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stdout
+            .contains(&format!("::error file={path},line=3,col=3::unknown key")),
+        "{}",
+        out.stdout
+    );
+
+    let out = run(
+        &["validate-config", "--config", "does-not-exist.yaml"],
+        &[],
+        dir.path(),
+    );
+    assert_eq!(out.code, 2);
+    let out = run(&["validate-config", "--bogus-flag"], &[], dir.path());
+    assert_eq!(out.code, 2);
+}
+
+#[test]
+fn yaml_syntax_errors_and_duplicates_and_cycles_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "c.yaml",
+        "openai_clients:\n  - name: a\n   bad: [\n",
+    );
+    let out = run(&["validate-config", "--config", &path], &[], dir.path());
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stdout.starts_with(&format!("{path}:3:")),
+        "{}",
+        out.stdout
+    );
+
+    let text = r#"openai_clients:
+  - { name: a, base_url: "http://h/v1", api_key: k, model_match: { type: exact, value: [m1] }, fallback: m2 }
+  - { name: a, base_url: "http://h/v1", api_key: k, model_match: { type: exact, value: [m2] }, fallback: [m1] }
+  - { name: c, base_url: "http://h/v1", api_keys: [], model_match: { type: exact, value: [m3] }, fallback: nowhere }
+"#;
+    let path = write(dir.path(), "c.yaml", text);
+    let out = run(&["validate-config", "--config", &path], &[], dir.path());
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stdout.contains("duplicate client name `a`"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("fallback cycle: m2 -> m1 -> m2")
+            || out.stdout.contains("fallback cycle: m1 -> m2 -> m1"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("client `c` has no keys"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("fallback target `nowhere` of client `c` is matched by no client"),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn every_shipped_config_validates() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let env = [
+        ("OPENAI_API_KEY", "sk-test"),
+        ("DEEPSEEK_API_KEY", "sk-test"),
+        ("AZURE_OPENAI_KEY", "az"),
+        ("OPENAI_KEY_1", "1"),
+        ("OPENAI_KEY_2", "2"),
+        ("OPENAI_KEY_3", "3"),
+        ("RESELLER_KEY", "r"),
+        ("BACKUP_KEY", "b"),
+    ];
+    let mut files = vec![
+        root.join("config/config.yaml"),
+        root.join("examples/demo/config.yaml"),
+    ];
+    for e in std::fs::read_dir(root.join("examples")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "yaml") {
+            files.push(p);
+        }
+    }
+    assert!(files.len() >= 6);
+    for f in files {
+        let out = run(
+            &["validate-config", "--config", f.to_str().unwrap()],
+            &env,
+            root,
+        );
+        assert_eq!(out.code, 0, "{}: {}{}", f.display(), out.stdout, out.stderr);
+    }
+}
+
+#[test]
+fn gpt_api_config_loads_unchanged() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("examples/gpt_api-migration.yaml")).unwrap();
+    let env = |name: &str| match name {
+        "OPENAI_API_KEY" => Some("sk-o".to_owned()),
+        "DEEPSEEK_API_KEY" => Some("sk-d".to_owned()),
+        _ => None,
+    };
+    let cfg = gptbalance::config::load_str(&text, Path::new("config.yaml"), &env)
+        .unwrap()
+        .config;
+    let names: Vec<&str> = cfg.clients.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["official_openai", "deepseek", "local_llm"]);
+    assert_eq!(cfg.clients[0].fallback, ["deepseek-chat"]);
+    assert!(
+        cfg.clients[1].fallback.is_empty(),
+        "`fallback: False` means none"
+    );
+    assert_eq!(cfg.clients[1].special_prefix.as_deref(), Some("<think>\n"));
+    assert_eq!(
+        cfg.clients[1].stop.as_deref(),
+        Some(&["<|endoftext|>".to_owned()][..])
+    );
+    assert_eq!(cfg.clients[2].keys[0].expose(), "not-needed");
+    assert_eq!(cfg.clients[0].priority, 1);
+}
+
+#[test]
+fn numbers_and_durations_come_from_env_and_relative_paths_from_the_file() {
+    let text = "routing:\n  max_attempts: ${ATTEMPTS}\n  cooldown: ${COOL:-90}\nusage:\n  dir: data/usage\nopenai_clients:\n  - { name: a, base_url: \"http://h/v1\", api_key: k, priority: \"${PRIO:-7}\", model_match: { type: exact, value: [m] } }\n";
+    let env = |n: &str| (n == "ATTEMPTS").then(|| "4".to_owned());
+    let cfg = gptbalance::config::load_str(text, Path::new("/etc/gptbalance/config.yaml"), &env)
+        .unwrap()
+        .config;
+    assert_eq!(cfg.routing.max_attempts, 4);
+    assert_eq!(cfg.routing.cooldown, Duration::from_secs(90));
+    assert_eq!(cfg.clients[0].priority, 7);
+    assert_eq!(cfg.usage.dir, Path::new("/etc/gptbalance/data/usage"));
+    // Expansion never adds structure.
+    let env = |n: &str| (n == "X").then(|| "a\nb: c".to_owned());
+    let text = "openai_clients:\n  - { name: a, base_url: \"http://h/v1\", api_key: \"${X}\", model_match: { type: exact, value: [m] } }\n";
+    let r = gptbalance::config::load_str(text, Path::new("c.yaml"), &env);
+    let diags = r.unwrap_err();
+    assert!(
+        diags
+            .iter()
+            .any(|d| d.message.contains("control character")),
+        "{diags:?}"
+    );
+}
+
+/// Starts `serve` and returns the child and the address it listens on.
+fn spawn_serve(config: &str, dir: &Path) -> (Child, String, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", config, "--listen", "127.0.0.1:0"])
+        .current_dir(dir)
+        .env("RUST_LOG", "info")
+        .env_remove("NOTIFY_SOCKET")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+            if let Some(rest) = line.split("listen=").nth(1) {
+                let addr = rest.split_whitespace().next().unwrap().to_owned();
+                return (child, addr, rx);
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("serve did not report its address");
+}
+
+fn sigterm(child: &Child) {
+    unsafe {
+        libc_kill(child.id() as i32, 15);
+    }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+#[tokio::test]
+async fn serve_routes_then_drains_on_sigterm_and_exits_0() {
+    let up = common::MockUpstream::start("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "usage:\n  dir: ./usage\nopenai_clients:\n{}",
+        common::client_yaml(
+            "c",
+            &up.url(),
+            &["sk-serve-secret"],
+            "model_match: { type: exact, value: [m] }"
+        )
+    );
+    let path = write(dir.path(), "config.yaml", &cfg);
+    let (mut child, addr, _logs) = spawn_serve(&path, dir.path());
+    let r = common::post(
+        &format!("http://{addr}/v1/chat/completions"),
+        common::chat("m"),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.json()["choices"][0]["message"]["content"],
+        "hello from up"
+    );
+    sigterm(&child);
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let files: Vec<_> = std::fs::read_dir(dir.path().join("usage"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        files
+            .iter()
+            .any(|f| f.to_string_lossy().starts_with("usage-")),
+        "{files:?}"
+    );
+}
+
+#[test]
+fn serve_exit_codes_for_bad_configs_and_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "config.yaml", BROKEN);
+    let out = run(&["serve", "--config", &path], &[], dir.path());
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains(&format!("{path}:3:3: unknown key")),
+        "{}",
+        out.stderr
+    );
+
+    let out = run(&["serve", "--config", "missing.yaml"], &[], dir.path());
+    assert_eq!(out.code, 2);
+    assert!(out.stderr.contains("missing.yaml"), "{}", out.stderr);
+
+    // $GPTBALANCE_CONFIG is the default --config.
+    let out = run(&["serve"], &[("GPTBALANCE_CONFIG", &path)], dir.path());
+    assert_eq!(out.code, 1);
+
+    // A usage dir that cannot be created stops serve (exit 2, naming it).
+    let blocker = write(dir.path(), "blocker", "a file, not a directory");
+    let cfg = format!(
+        "usage:\n  dir: {blocker}/usage\nopenai_clients:\n  - {{ name: a, base_url: \"http://127.0.0.1:9/v1\", api_key: k, model_match: {{ type: exact, value: [m] }} }}\n"
+    );
+    let path = write(dir.path(), "c2.yaml", &cfg);
+    let out = run(
+        &["serve", "--config", &path, "--listen", "127.0.0.1:0"],
+        &[],
+        dir.path(),
+    );
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!("{blocker}/usage")),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn help_and_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(&["--version"], &[], dir.path());
+    assert_eq!(out.code, 0);
+    assert!(out.stdout.starts_with("gptbalance "));
+    let out = run(&["--help"], &[], dir.path());
+    for cmd in ["serve", "validate-config", "check-keys", "route", "usage"] {
+        assert!(out.stdout.contains(cmd), "{}", out.stdout);
+    }
+}

@@ -1,0 +1,513 @@
+//! Shared test harness: a scripted mock upstream and the real gateway, both
+//! in-process on 127.0.0.1 port 0, plus a small HTTP client.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use gptbalance::ops::metrics::Metrics;
+use gptbalance::proxy::{server, AppState};
+use gptbalance::routing::RoutingTable;
+use gptbalance::usage::{UsageSink, UsageWriter};
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+/// One request as the mock upstream received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    /// Path and query.
+    pub uri: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Recorded {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+
+    pub fn auth(&self) -> String {
+        self.headers
+            .get("authorization")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// What the mock does with one request.
+#[derive(Clone)]
+pub enum Reply {
+    /// A chat completion echoing the model, with usage.
+    Ok,
+    Json(u16, Value),
+    /// Status, extra headers, body.
+    Raw(u16, Vec<(String, String)>, String),
+    /// SSE events (already framed), each sent after waiting for a permit of
+    /// the gate when one is given (the first is sent at once).
+    Sse {
+        events: Vec<String>,
+        gate: Option<Arc<Semaphore>>,
+        abort_at_end: bool,
+    },
+    /// 200 with SSE headers, then the connection dies before any body byte.
+    DieBeforeBody,
+    /// Never answers.
+    Hang,
+    /// Waits, then answers Ok.
+    Delay(Duration),
+    /// Closes the connection without answering.
+    Reset,
+}
+
+#[derive(Default)]
+pub struct MockState {
+    script: Mutex<VecDeque<Reply>>,
+    default: Mutex<Option<Reply>>,
+    log: Mutex<Vec<Recorded>>,
+    /// Streams whose reader went away before the mock finished sending.
+    pub cancelled_streams: AtomicUsize,
+    /// Requests whose response future was dropped before answering.
+    pub dropped_requests: AtomicUsize,
+}
+
+pub struct MockUpstream {
+    pub addr: SocketAddr,
+    pub state: Arc<MockState>,
+    pub name: String,
+}
+
+struct DropFlag(Arc<MockState>, bool);
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.dropped_requests.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+struct ChannelBody(mpsc::Receiver<Result<Bytes, std::io::Error>>);
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data)))
+    }
+}
+
+type MockBody = http_body_util::Either<Full<Bytes>, ChannelBody>;
+
+pub fn sse(data: &Value) -> String {
+    format!("data: {data}\n\n")
+}
+
+pub fn chat_chunk(content: &str) -> String {
+    sse(
+        &json!({"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": null}]}),
+    )
+}
+
+pub fn usage_chunk(p: u64, c: u64) -> String {
+    sse(
+        &json!({"id": "c1", "object": "chat.completion.chunk", "choices": [], "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}}),
+    )
+}
+
+pub const DONE: &str = "data: [DONE]\n\n";
+
+impl MockUpstream {
+    pub async fn start(name: &str) -> MockUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(MockState::default());
+        let st = state.clone();
+        let mock_name = name.to_owned();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let st = st.clone();
+                let name = mock_name.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| answer(st.clone(), name.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        MockUpstream {
+            addr,
+            state,
+            name: name.to_owned(),
+        }
+    }
+
+    /// `http://127.0.0.1:PORT/v1`
+    pub fn url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// The next request gets this reply (in order); afterwards the default.
+    pub fn push(&self, reply: Reply) {
+        self.state.script.lock().unwrap().push_back(reply);
+    }
+
+    pub fn set_default(&self, reply: Reply) {
+        *self.state.default.lock().unwrap() = Some(reply);
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.log.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.state.log.lock().unwrap().len()
+    }
+}
+
+async fn answer(
+    st: Arc<MockState>,
+    name: String,
+    req: Request<Incoming>,
+) -> Result<Response<MockBody>, std::io::Error> {
+    let mut flag = DropFlag(st.clone(), false);
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let rec = Recorded {
+        method: parts.method.to_string(),
+        uri: parts.uri.to_string(),
+        headers: parts.headers.clone(),
+        body,
+    };
+    st.log.lock().unwrap().push(rec.clone());
+    let reply = st
+        .script
+        .lock()
+        .unwrap()
+        .pop_front()
+        .or_else(|| st.default.lock().unwrap().clone())
+        .unwrap_or(Reply::Ok);
+    let full = |status: u16, headers: Vec<(String, String)>, body: String| {
+        let mut r = Response::new(http_body_util::Either::Left(Full::new(Bytes::from(body))));
+        *r.status_mut() = StatusCode::from_u16(status).unwrap();
+        r.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        for (k, v) in headers {
+            r.headers_mut().insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        r
+    };
+    let ok = |rec: &Recorded| {
+        let model = rec.json()["model"].as_str().unwrap_or("").to_owned();
+        json!({
+            "id": "cmpl-1", "object": "chat.completion", "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("hello from {name}")}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+        })
+    };
+    let resp = match reply {
+        Reply::Ok => full(200, vec![], ok(&rec).to_string()),
+        Reply::Delay(d) => {
+            tokio::time::sleep(d).await;
+            full(200, vec![], ok(&rec).to_string())
+        }
+        Reply::Json(status, v) => full(status, vec![], v.to_string()),
+        Reply::Raw(status, headers, body) => full(status, headers, body),
+        Reply::Hang => {
+            std::future::pending::<()>().await;
+            unreachable!()
+        }
+        Reply::Reset => {
+            flag.1 = true;
+            return Err(std::io::Error::other("mock resets the connection"));
+        }
+        Reply::DieBeforeBody => {
+            let (tx, rx) = mpsc::channel(1);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let _ = tx.send(Err(std::io::Error::other("mock dies"))).await;
+            });
+            let mut r = Response::new(http_body_util::Either::Right(ChannelBody(rx)));
+            r.headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            r
+        }
+        Reply::Sse {
+            events,
+            gate,
+            abort_at_end,
+        } => {
+            let (tx, rx) = mpsc::channel(1);
+            let st2 = st.clone();
+            tokio::spawn(async move {
+                for (i, ev) in events.into_iter().enumerate() {
+                    if i > 0 {
+                        if let Some(g) = &gate {
+                            g.acquire().await.unwrap().forget();
+                        }
+                    }
+                    if tx.send(Ok(Bytes::from(ev))).await.is_err() {
+                        st2.cancelled_streams.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                }
+                if abort_at_end {
+                    let _ = tx
+                        .send(Err(std::io::Error::other("mock aborts mid-stream")))
+                        .await;
+                }
+            });
+            let mut r = Response::new(http_body_util::Either::Right(ChannelBody(rx)));
+            r.headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            r
+        }
+    };
+    flag.1 = true;
+    Ok(resp)
+}
+
+/// The real gateway, served in-process from a config file in a temp dir.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    pub dir: tempfile::TempDir,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    writer: Option<UsageWriter>,
+}
+
+impl Gateway {
+    pub async fn start(yaml: &str) -> Gateway {
+        Self::start_with(yaml, None).await
+    }
+
+    pub async fn start_with(yaml: &str, clock: Option<gptbalance::proxy::Clock>) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let loaded = gptbalance::config::load(&path).unwrap_or_else(|e| match e {
+            gptbalance::config::LoadError::Invalid(d) => panic!("invalid test config: {d:#?}"),
+            e => panic!("{e}"),
+        });
+        let metrics = Arc::new(Metrics::new());
+        let (writer, sink) = if loaded.config.usage.enabled {
+            let (w, s) = UsageWriter::start(&loaded.config.usage.dir, metrics.clone()).unwrap();
+            (Some(w), s)
+        } else {
+            (None, UsageSink::disabled(metrics.clone()))
+        };
+        let table = RoutingTable::build(loaded.config, None);
+        let mut state = AppState::new(table, sink, metrics, Some(path));
+        if let Some(c) = clock {
+            state = state.with_clock(c);
+        }
+        let state = Arc::new(state);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            server::run(listener, st, async {
+                let _ = rx.await;
+            })
+            .await;
+        });
+        Gateway {
+            addr,
+            state,
+            dir,
+            shutdown: Some(tx),
+            task: Some(task),
+            writer,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("config.yaml")
+    }
+
+    /// Stops serving and flushes the usage writer.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+        if let Some(w) = self.writer.take() {
+            tokio::task::spawn_blocking(move || w.shutdown())
+                .await
+                .unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self.dir, dir)
+    }
+}
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub struct Reply2 {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply2 {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {:?}", self.body))
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+pub async fn send(req: Request<Full<Bytes>>) -> Reply2 {
+    let resp = tokio::time::timeout(Duration::from_secs(20), client().request(req))
+        .await
+        .expect("gateway answered within 20s")
+        .expect("request failed");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    Reply2 {
+        status,
+        headers,
+        body,
+    }
+}
+
+pub fn post_req(
+    url: &str,
+    body: impl Into<Bytes>,
+    headers: &[(&str, &str)],
+) -> Request<Full<Bytes>> {
+    let mut b = Request::post(url).header("content-type", "application/json");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(Full::new(body.into())).unwrap()
+}
+
+pub async fn post(url: &str, body: Value) -> Reply2 {
+    send(post_req(url, body.to_string(), &[])).await
+}
+
+pub async fn post_with(url: &str, body: Value, headers: &[(&str, &str)]) -> Reply2 {
+    send(post_req(url, body.to_string(), headers)).await
+}
+
+pub async fn get(url: &str, headers: &[(&str, &str)]) -> Reply2 {
+    let mut b = Request::get(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    send(b.body(Full::new(Bytes::new())).unwrap()).await
+}
+
+/// Starts a streaming request and returns the live response.
+pub async fn open_stream(url: &str, body: Value) -> Response<Incoming> {
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        client().request(post_req(url, body.to_string(), &[])),
+    )
+    .await
+    .expect("headers within 20s")
+    .expect("request failed")
+}
+
+/// The next data frame of a response, within 5 s; `None` at the end.
+pub async fn next_chunk(body: &mut Incoming) -> Option<Result<Bytes, String>> {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("a chunk within 5s")?;
+        match frame {
+            Err(e) => return Some(Err(e.to_string())),
+            Ok(f) => {
+                if let Ok(d) = f.into_data() {
+                    if !d.is_empty() {
+                        return Some(Ok(d));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reads a whole body; `Err` carries what arrived before the error.
+pub async fn read_all(body: &mut Incoming) -> Result<String, String> {
+    let mut out = String::new();
+    while let Some(chunk) = next_chunk(body).await {
+        match chunk {
+            Ok(b) => out.push_str(&String::from_utf8_lossy(&b)),
+            Err(_) => return Err(out),
+        }
+    }
+    Ok(out)
+}
+
+/// Polls `check` until it is true or `within` passes.
+pub async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    check()
+}
+
+pub fn chat(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+/// A client entry for test configs.
+pub fn client_yaml(name: &str, url: &str, keys: &[&str], extra: &str) -> String {
+    let keys = keys
+        .iter()
+        .map(|k| format!("\"{k}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut s = format!("  - name: {name}\n    base_url: \"{url}\"\n    api_keys: [{keys}]\n");
+    for line in extra.lines().filter(|l| !l.trim().is_empty()) {
+        s.push_str("    ");
+        s.push_str(line.trim_start());
+        s.push('\n');
+    }
+    s
+}

@@ -1,0 +1,1078 @@
+//! The routing rules of the spec (§2) and the HTTP surface (§3), against the
+//! real server on loopback and real HTTP mock upstreams.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use tokio::sync::Semaphore;
+
+fn config(clients: &[String], extra_top: &str) -> String {
+    format!(
+        "usage:\n  enabled: false\n{extra_top}openai_clients:\n{}",
+        clients.concat()
+    )
+}
+
+#[tokio::test]
+async fn weights_share_traffic_inside_a_priority_tier() {
+    let a = MockUpstream::start("a").await;
+    let b = MockUpstream::start("b").await;
+    let reserve = MockUpstream::start("reserve").await;
+    let gw = Gateway::start(&config(
+        &[
+            client_yaml(
+                "a",
+                &a.url(),
+                &["ka"],
+                "weight: 3\nmodel_match: { type: exact, value: [m] }",
+            ),
+            client_yaml(
+                "b",
+                &b.url(),
+                &["kb"],
+                "weight: 1\nmodel_match: { type: exact, value: [m] }",
+            ),
+            client_yaml(
+                "reserve",
+                &reserve.url(),
+                &["kr"],
+                "priority: 500\nmodel_match: { type: exact, value: [m] }",
+            ),
+        ],
+        "",
+    ))
+    .await;
+    for _ in 0..200 {
+        let r = post(&gw.url("/v1/chat/completions"), chat("m")).await;
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!((a.count(), b.count(), reserve.count()), (150, 50, 0));
+}
+
+#[tokio::test]
+async fn keys_rotate_and_the_callers_authorization_never_reaches_upstream() {
+    let up = MockUpstream::start("up").await;
+    let gw = Gateway::start(&config(
+        &[client_yaml(
+            "c",
+            &up.url(),
+            &["k1", "k2", "k3"],
+            "model_match: { type: keyword, value: [gpt] }",
+        )],
+        "",
+    ))
+    .await;
+    for _ in 0..9 {
+        let r = post_with(
+            &gw.url("/v1/chat/completions?trace=1"),
+            chat("gpt-4o"),
+            &[
+                ("authorization", "Bearer caller-secret"),
+                ("x-custom", "kept"),
+            ],
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        assert!(r.headers.contains_key("x-request-id"));
+    }
+    let reqs = up.requests();
+    for k in ["k1", "k2", "k3"] {
+        let n = reqs
+            .iter()
+            .filter(|r| r.auth() == format!("Bearer {k}"))
+            .count();
+        assert_eq!(n, 3, "key {k} used 3 times of 9");
+    }
+    assert!(reqs.iter().all(|r| r.uri == "/v1/chat/completions?trace=1"));
+    assert!(reqs.iter().all(|r| r.headers["x-custom"] == "kept"));
+    assert!(reqs.iter().all(|r| !r.auth().contains("caller-secret")));
+}
+
+#[tokio::test]
+async fn rate_limited_key_cools_down_for_its_retry_after_and_503_says_when() {
+    let up = MockUpstream::start("up").await;
+    let gw = Gateway::start(&config(
+        &[client_yaml(
+            "c",
+            &up.url(),
+            &["k1", "k2"],
+            "key_strategy: round_robin\nmodel_match: { type: exact, value: [m] }",
+        )],
+        "server:\n  admin_token: adm\n",
+    ))
+    .await;
+    up.push(Reply::Raw(
+        429,
+        vec![("retry-after".into(), "30".into())],
+        "{}".into(),
+    ));
+    let r = post(&gw.url("/v1/chat/completions"), chat("m")).await;
+    assert_eq!(r.status, 200, "the second key answers");
+    let first_key = up.requests()[0].auth();
+    // The limited key is skipped while it cools down.
+    for _ in 0..4 {
+        post(&gw.url("/v1/chat/completions"), chat("m")).await;
+    }
+    let reqs = up.requests();
+    assert!(
+        reqs[2..].iter().all(|r| r.auth() != first_key),
+        "cooling key not used"
+    );
+
+    let status = get(&gw.url("/admin/status"), &[("authorization", "Bearer adm")])
+        .await
+        .json();
+    let keys = status["clients"][0]["keys"].as_array().unwrap().clone();
+    let cooling: Vec<_> = keys.iter().filter(|k| k["healthy"] == false).collect();
+    assert_eq!(cooling.len(), 1);
+    assert!(cooling[0]["cooldown_until"].is_string());
+    assert!(!status.to_string().contains("k1") && !status.to_string().contains("\"k2\""));
+
+    // Now the other key is limited too: every key cools, so 503 with Retry-After.
+    up.push(Reply::Raw(
+        429,
+        vec![("retry-after".into(), "20".into())],
+        "{}".into(),
+    ));
+    let r = post(&gw.url("/v1/chat/completions"), chat("m")).await;
+    assert_eq!(r.status, 502, "the last key was tried and failed");
+    let r = post(&gw.url("/v1/chat/completions"), chat("m")).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["error"]["code"], "no_healthy_upstream");
+    let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(
+        (18..=20).contains(&retry),
+        "earliest cooldown ends in ~20s, got {retry}"
+    );
+}
+
+#[tokio::test]
+async fn unauthorized_key_is_cooled_at_once_and_consecutive_failures_cool_a_key() {
+    let up = MockUpstream::start("up").await;
+    let gw = Gateway::start(&config(
+        &[client_yaml(
+            "c",
+            &up.url(),
+            &["good", "bad"],
+            "max_failures: 2\ncooldown: 60s\nkey_strategy: least_used\nmodel_match: { type: exact, value: [m] }",
+        )],
+        "",
+    ))
+    .await;
+    // 401 on whichever key goes first: it cools at once, the other serves.
+    up.push(Reply::Json(401, json!({"error": {"message": "bad key"}})));
+    let r = post(&gw.url("/v1/chat/completions"), chat("m")).await;
+    assert_eq!(r.status, 200);
+    let reqs = up.requests();
+    let (rejected, good) = (reqs[0].auth(), reqs[1].auth());
+    assert_ne!(rejected, good);
+    for _ in 0..3 {
+        post(&gw.url("/v1/chat/completions"), chat("m")).await;
+    }
+    assert!(up.requests()[2..].iter().all(|r| r.auth() == good));
+
+    // Two 500s in a row (max_failures: 2) cool the remaining key: 503 after.
+    up.push(Reply::Json(500, json!({})));
+    up.push(Reply::Json(500, json!({})));
+    assert_eq!(
+        post(&gw.url("/v1/chat/completions"), chat("m"))
+            .await
+            .status,
+        502
+    );
+    assert_eq!(
+        post(&gw.url("/v1/chat/completions"), chat("m"))
+            .await
+            .status,
+        502
+    );
+    assert_eq!(
+        post(&gw.url("/v1/chat/completions"), chat("m"))
+            .await
+            .status,
+        503
+    );
+}
+
+#[tokio::test]
+async fn a_success_resets_the_failure_count() {
+    let up = MockUpstream::start("up").await;
+    let gw = Gateway::start(&config(
+        &[client_yaml(
+            "c",
+            &up.url(),
+            &["k"],
+            "max_failures: 2\nmodel_match: { type: exact, value: [m] }",
+        )],
+        "",
+    ))
+    .await;
+    for _ in 0..3 {
+        up.push(Reply::Json(500, json!({})));
+        assert_eq!(
+            post(&gw.url("/v1/chat/completions"), chat("m"))
+                .await
+                .status,
+            502
+        );
+        assert_eq!(
+            post(&gw.url("/v1/chat/completions"), chat("m"))
+                .await
+                .status,
+            200
+        );
+    }
+}
+
+#[tokio::test]
+async fn failover_goes_to_the_next_key_then_the_next_client_and_502_names_them() {
+    let a = MockUpstream::start("a").await;
+    let b = MockUpstream::start("b").await;
+    a.set_default(Reply::Json(503, json!({"error": "busy"})));
+    let gw = Gateway::start(&config(
+        &[
+            client_yaml(
+                "first",
+                &a.url(),
+                &["a1", "a2"],
+                "priority: 1\nmodel_match: { type: keyword, value: [gpt] }",
+            ),
+            client_yaml(
+                "second",
+                &b.url(),
+                &["b1"],
+                "priority: 2\nmodel_match: { type: keyword, value: [gpt] }",
+            ),
+        ],
+        "",
+    ))
+    .await;
+    let r = post(&gw.url("/v1/chat/completions"), chat("gpt-x")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "hello from b");
+    assert_eq!(a.count(), 2, "both keys of the first client were tried");
+
+    b.set_default(Reply::Json(500, json!({})));
+    let r = post(&gw.url("/v1/chat/completions"), chat("gpt-x")).await;
+    assert_eq!(r.status, 502);
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert_eq!(r.json()["error"]["code"], "upstream_error");
+    assert!(msg.contains("first") && msg.contains("second"), "{msg}");
+    assert!(
+        !msg.contains(&a.addr.to_string()) && !msg.contains("a1"),
+        "names only: {msg}"
+    );
+}
+
+#[tokio::test]
+async fn statuses_not_retried_pass_through_unchanged() {
+    let a = MockUpstream::start("a").await;
+    let b = MockUpstream::start("b").await;
+    let gw = Gateway::start(&config(
+        &[
+            client_yaml(
+                "a",
+                &a.url(),
+                &["k"],
+                "priority: 1\nmodel_match: { type: exact, value: [m] }",
+            ),
+            client_yaml(
+                "b",
+                &b.url(),
+                &["k"],
+                "priority: 2\nmodel_match: { type: exact, value: [m] }",
+            ),
+        ],
+        "",
+    ))
+    .await;
+    for status in [400u16, 404, 413, 422] {
+        a.push(Reply::Raw(
+            status,
+            vec![("x-upstream".into(), "yes".into())],
+            format!("{{\"error\":{{\"message\":\"upstream says {status}\"}}}}"),
+        ));
+        let r = post(&gw.url("/v1/chat/completions"), chat("m")).await;
+        assert_eq!(r.status, status);
+        assert_eq!(r.headers["x-upstream"], "yes");
+        assert_eq!(
+            r.text(),
+            format!("{{\"error\":{{\"message\":\"upstream says {status}\"}}}}")
+        );
+    }
+    assert_eq!(b.count(), 0);
+}
+
+#[tokio::test]
+async fn retry_on_decides_whether_429_moves_on() {
+    let a = MockUpstream::start("a").await;
+    let b = MockUpstream::start("b").await;
+    let gw = Gateway::start(&config(
+        &[
+            client_yaml(
+                "a",
+                &a.url(),
+                &["k"],
+                "priority: 1\nretry_on: [500]\nmodel_match: { type: exact, value: [m] }",
+            ),
+            client_yaml(
+                "b",
+                &b.url(),
+                &["k"],
+                "priority: 2\nmodel_match: { type: exact, value: [m] }",
+            ),
+        ],
+        "",
+    ))
+    .await;
+    a.push(Reply::Raw(
+        429,
+        vec![("retry-after".into(), "5".into())],
+        "{\"error\":\"slow down\"}".into(),
+    ));
+    let r = post(&gw.url("/v1/chat/completions"), chat("m")).await;
+    assert_eq!(
+        r.status, 429,
+        "429 is not in this client's retry_on: the caller gets it"
+    );
+    // ...but the key cooled down all the same, so the next request skips it.
+    let r = post(&gw.url("/v1/chat/completions"), chat("m")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(b.count(), 1);
+}
+
+#[tokio::test]
+async fn fallback_chain_is_followed_in_order_and_stops_at_max_depth() {
+    let bad = MockUpstream::start("bad").await;
+    bad.set_default(Reply::Json(500, json!({})));
+    let good = MockUpstream::start("good").await;
+    let clients = |depth: u32| {
+        config(
+            &[
+                client_yaml(
+                    "m1",
+                    &bad.url(),
+                    &["k"],
+                    "fallback: [m2]\nmodel_match: { type: exact, value: [m1] }",
+                ),
+                client_yaml(
+                    "m2",
+                    &bad.url(),
+                    &["k"],
+                    "fallback: [m3, m4]\nmodel_match: { type: exact, value: [m2] }",
+                ),
+                client_yaml(
+                    "m3",
+                    &bad.url(),
+                    &["k"],
+                    "model_match: { type: exact, value: [m3] }",
+                ),
+                client_yaml(
+                    "m4",
+                    &good.url(),
+                    &["k"],
+                    "upstream_model: real-m4\nmodel_match: { type: exact, value: [m4] }",
+                ),
+            ],
+            &format!("routing:\n  max_fallback_depth: {depth}\n  max_failures: 100\n"),
+        )
+    };
+    let gw = Gateway::start(&clients(3)).await;
+    let r = post(&gw.url("/v1/chat/completions"), chat("m1")).await;
+    assert_eq!(r.status, 200);
+    let models: Vec<String> = bad
+        .requests()
+        .iter()
+        .map(|r| r.json()["model"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(models, vec!["m1", "m2", "m3"]);
+    assert_eq!(good.requests()[0].json()["model"], "real-m4");
+
+    let gw1 = Gateway::start(&clients(1)).await;
+    let r = post(&gw1.url("/v1/chat/completions"), chat("m1")).await;
+    assert_eq!(r.status, 502, "depth 1 reaches m2 only");
+    assert_eq!(good.count(), 1);
+}
+
+#[tokio::test]
+async fn max_attempts_bounds_the_whole_request() {
+    let bad = MockUpstream::start("bad").await;
+    bad.set_default(Reply::Json(502, json!({})));
+    let gw = Gateway::start(&config(
+        &[
+            client_yaml(
+                "a",
+                &bad.url(),
+                &["1", "2", "3"],
+                "priority: 1\nmodel_match: { type: exact, value: [m] }",
+            ),
+            client_yaml(
+                "b",
+                &bad.url(),
+                &["4", "5", "6"],
+                "priority: 2\nmodel_match: { type: exact, value: [m] }",
+            ),
+        ],
+        "routing:\n  max_attempts: 4\n  max_failures: 100\n",
+    ))
+    .await;
+    assert_eq!(
+        post(&gw.url("/v1/chat/completions"), chat("m"))
+            .await
+            .status,
+        502
+    );
+    assert_eq!(bad.count(), 4);
+}
+
+#[tokio::test]
+async fn pinned_requests_go_to_the_named_client_without_fallback() {
+    let a = MockUpstream::start("a").await;
+    let b = MockUpstream::start("b").await;
+    let gw = Gateway::start(&config(
+        &[
+            client_yaml(
+                "alpha",
+                &a.url(),
+                &["k"],
+                "priority: 1\nmodel_match: { type: exact, value: [m] }",
+            ),
+            client_yaml(
+                "beta",
+                &b.url(),
+                &["k"],
+                "priority: 2\nfallback: m\nmodel_match: { type: exact, value: [other] }",
+            ),
+        ],
+        "",
+    ))
+    .await;
+    let r = post(&gw.url("/beta/v1/chat/completions"), chat("m")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!((a.count(), b.count()), (0, 1));
+    assert_eq!(
+        b.requests()[0].json()["model"],
+        "m",
+        "no model matching on a pinned request"
+    );
+    b.set_default(Reply::Json(500, json!({})));
+    assert_eq!(
+        post(&gw.url("/beta/v1/chat/completions"), chat("other"))
+            .await
+            .status,
+        502
+    );
+    assert_eq!(a.count(), 0, "pinned requests never fall back");
+    let r = post(&gw.url("/nobody/v1/chat/completions"), chat("m")).await;
+    assert_eq!(r.status, 404);
+    // Pinned GETs are proxied too.
+    let r = get(&gw.url("/alpha/v1/models"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(a.requests().last().unwrap().uri, "/v1/models");
+}
+
+#[tokio::test]
+async fn inbound_auth_tokens_and_caller_names() {
+    let up = MockUpstream::start("up").await;
+    let gw = Gateway::start(&format!(
+        "server:\n  auth_tokens:\n    - \"bare-token\"\n    - {{ name: batch, token: \"named-token\" }}\nusage:\n  enabled: false\nopenai_clients:\n{}",
+        client_yaml("c", &up.url(), &["k"], "model_match: { type: exact, value: [m] }")
+    ))
+    .await;
+    let url = gw.url("/v1/chat/completions");
+    let r = post(&url, chat("m")).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"]["code"], "invalid_api_key");
+    assert_eq!(
+        post_with(&url, chat("m"), &[("authorization", "Bearer wrong")])
+            .await
+            .status,
+        401
+    );
+    assert_eq!(
+        post_with(&url, chat("m"), &[("authorization", "Bearer bare-token")])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        post_with(&url, chat("m"), &[("authorization", "Bearer named-token")])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(get(&gw.url("/v1/models"), &[]).await.status, 401);
+    assert_eq!(get(&gw.url("/metrics"), &[]).await.status, 401);
+    assert_eq!(get(&gw.url("/healthz"), &[]).await.status, 200);
+    assert_eq!(get(&gw.url("/readyz"), &[]).await.status, 200);
+    assert_eq!(up.count(), 2);
+}
+
+#[tokio::test]
+async fn request_errors_have_openais_shape_and_status() {
+    let up = MockUpstream::start("up").await;
+    let gw = Gateway::start(&format!(
+        "server:\n  max_body_bytes: 1000\nusage:\n  enabled: false\nopenai_clients:\n{}",
+        client_yaml(
+            "c",
+            &up.url(),
+            &["k"],
+            "model_match: { type: exact, value: [m] }"
+        )
+    ))
+    .await;
+    let url = gw.url("/v1/chat/completions");
+    let cases: Vec<(Reply2, u16, &str)> = vec![
+        (
+            send(post_req(&url, "not json", &[])).await,
+            400,
+            "invalid_request_error",
+        ),
+        (
+            post(&url, json!({"messages": []})).await,
+            400,
+            "invalid_request_error",
+        ),
+        (
+            post(&url, json!({"model": 42})).await,
+            400,
+            "invalid_request_error",
+        ),
+        (
+            post(&url, chat("unknown-model")).await,
+            404,
+            "model_not_found",
+        ),
+        (
+            post(&url, json!({"model": "m", "pad": "x".repeat(2000)})).await,
+            413,
+            "request_too_large",
+        ),
+        (get(&url, &[]).await, 405, "method_not_allowed"),
+        (
+            get(&gw.url("/v1/../admin/status"), &[]).await,
+            404,
+            "not_found",
+        ),
+        (
+            post(&gw.url("/v1/a/%2e%2e/b"), chat("m")).await,
+            404,
+            "not_found",
+        ),
+    ];
+    for (r, status, code) in cases {
+        assert_eq!(r.status, status, "{}", r.text());
+        let e = &r.json()["error"];
+        assert_eq!(e["code"], code);
+        assert!(e["message"].is_string() && e.get("type").is_some() && e.get("param").is_some());
+        assert!(r.headers.contains_key("x-request-id"));
+    }
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test]
+async fn models_lists_every_exact_name() {
+    let up = MockUpstream::start("up").await;
+    let gw = Gateway::start(&config(
+        &[
+            client_yaml(
+                "a",
+                &up.url(),
+                &["k"],
+                "model_match: { type: exact, value: [gpt-4o, \"org/model-1\"] }",
+            ),
+            client_yaml(
+                "b",
+                &up.url(),
+                &["k"],
+                "model_match: { type: keyword, value: [claude] }",
+            ),
+        ],
+        "",
+    ))
+    .await;
+    let list = get(&gw.url("/v1/models"), &[]).await.json();
+    assert_eq!(list["object"], "list");
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec!["gpt-4o", "org/model-1"]);
+    assert_eq!(list["data"][0]["owned_by"], "a");
+    let one = get(&gw.url("/v1/models/org/model-1"), &[]).await;
+    assert_eq!(one.status, 200);
+    assert_eq!(one.json()["id"], "org/model-1");
+    assert_eq!(get(&gw.url("/v1/models/nope"), &[]).await.status, 404);
+}
+
+#[tokio::test]
+async fn transforms_apply_per_client_and_never_override_the_caller() {
+    let up = MockUpstream::start("up").await;
+    let gw = Gateway::start(&config(
+        &[client_yaml(
+            "c",
+            &up.url(),
+            &["k"],
+            "upstream_model: vendor/model-x\nstop: [\"<|end|>\"]\nmax_tokens: 256\nextra_body: { top_k: 40, temperature: 1.5 }\nheaders: { api-version: \"2024-06-01\" }\nspecial_prefix: \"<think>\"\nmodel_match: { type: exact, value: [alias] }",
+        )],
+        "",
+    ))
+    .await;
+    let r = post(
+        &gw.url("/v1/chat/completions"),
+        json!({"model": "alias", "temperature": 0.1, "messages": []}),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.json()["choices"][0]["message"]["content"],
+        "<think>hello from up"
+    );
+    let sent = up.requests()[0].json();
+    assert_eq!(sent["model"], "vendor/model-x");
+    assert_eq!(sent["stop"], json!(["<|end|>"]));
+    assert_eq!(sent["max_tokens"], 256);
+    assert_eq!(sent["top_k"], 40);
+    assert_eq!(sent["temperature"], 0.1, "the caller's value wins");
+    assert_eq!(up.requests()[0].headers["api-version"], "2024-06-01");
+
+    // The caller's own stop and max_completion_tokens are kept.
+    post(
+        &gw.url("/v1/chat/completions"),
+        json!({"model": "alias", "stop": "X", "max_completion_tokens": 5, "messages": []}),
+    )
+    .await;
+    let sent = up.requests()[1].json();
+    assert_eq!(sent["stop"], "X");
+    assert!(sent.get("max_tokens").is_none());
+    assert_eq!(sent["max_completion_tokens"], 5);
+}
+
+#[tokio::test]
+async fn untouched_bodies_go_upstream_byte_for_byte() {
+    let up = MockUpstream::start("up").await;
+    let gw = Gateway::start(&config(
+        &[client_yaml(
+            "c",
+            &up.url(),
+            &["k"],
+            "model_match: { type: exact, value: [m] }",
+        )],
+        "",
+    ))
+    .await;
+    let raw = "{ \"model\":\"m\",   \"messages\":[{\"role\":\"user\",\"content\":\"h\\u00e9\"}], \"z\": 1.50 }";
+    let r = send(post_req(&gw.url("/v1/chat/completions"), raw, &[])).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(up.requests()[0].body, raw.as_bytes());
+}
+
+#[tokio::test]
+async fn stream_chunks_arrive_before_the_upstream_sends_the_next() {
+    let up = MockUpstream::start("up").await;
+    let gate = Arc::new(Semaphore::new(0));
+    up.push(Reply::Sse {
+        events: vec![
+            chat_chunk("one"),
+            chat_chunk("two"),
+            chat_chunk("three"),
+            usage_chunk(3, 3),
+            DONE.to_owned(),
+        ],
+        gate: Some(gate.clone()),
+        abort_at_end: false,
+    });
+    let gw = Gateway::start(&config(
+        &[client_yaml(
+            "c",
+            &up.url(),
+            &["k"],
+            "model_match: { type: exact, value: [m] }",
+        )],
+        "",
+    ))
+    .await;
+    let resp = open_stream(
+        &gw.url("/v1/chat/completions"),
+        json!({"model": "m", "stream": true, "messages": []}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    // The mock sends each next event only after the gateway delivered the previous one.
+    for word in ["one", "two", "three"] {
+        let chunk = next_chunk(&mut body).await.unwrap().unwrap();
+        assert!(String::from_utf8_lossy(&chunk).contains(word), "{chunk:?}");
+        gate.add_permits(1);
+    }
+    gate.add_permits(1);
+    let rest = read_all(&mut body).await.unwrap();
+    // gptbalance asked for usage itself, so the usage chunk is removed.
+    assert_eq!(rest, DONE);
+    assert_eq!(
+        up.requests()[0].json()["stream_options"]["include_usage"],
+        true
+    );
+}
+
+#[tokio::test]
+async fn a_caller_that_asked_for_usage_gets_the_usage_chunk() {
+    let up = MockUpstream::start("up").await;
+    up.push(Reply::Sse {
+        events: vec![chat_chunk("hi"), usage_chunk(2, 1), DONE.to_owned()],
+        gate: None,
+        abort_at_end: false,
+    });
+    let gw = Gateway::start(&config(
+        &[client_yaml(
+            "c",
+            &up.url(),
+            &["k"],
+            "model_match: { type: exact, value: [m] }",
+        )],
+        "",
+    ))
+    .await;
+    let body = json!({"model": "m", "stream": true, "stream_options": {"include_usage": true}, "messages": []});
+    let mut resp = open_stream(&gw.url("/v1/chat/completions"), body).await;
+    let all = read_all(resp.body_mut()).await.unwrap();
+    assert_eq!(
+        all,
+        format!("{}{}{}", chat_chunk("hi"), usage_chunk(2, 1), DONE),
+        "passed through byte for byte"
+    );
+}
+
+#[tokio::test]
+async fn stream_special_prefix_goes_on_the_first_content_delta() {
+    let up = MockUpstream::start("up").await;
+    up.push(Reply::Sse {
+        events: vec![chat_chunk("a"), chat_chunk("b"), DONE.to_owned()],
+        gate: None,
+        abort_at_end: false,
+    });
+    let gw = Gateway::start(&config(
+        &[client_yaml(
+            "c",
+            &up.url(),
+            &["k"],
+            "special_prefix: \"<think>\\n\"\nmodel_match: { type: exact, value: [m] }",
+        )],
+        "",
+    ))
+    .await;
+    let mut resp = open_stream(
+        &gw.url("/v1/chat/completions"),
+        json!({"model": "m", "stream": true, "messages": []}),
+    )
+    .await;
+    let all = read_all(resp.body_mut()).await.unwrap();
+    assert!(all.contains("\"content\":\"<think>\\na\""), "{all}");
+    assert_eq!(all.matches("<think>").count(), 1);
+    assert!(all.ends_with(DONE));
+}
+
+#[tokio::test]
+async fn a_stream_that_dies_before_its_first_byte_fails_over() {
+    let a = MockUpstream::start("a").await;
+    let b = MockUpstream::start("b").await;
+    a.push(Reply::DieBeforeBody);
+    b.push(Reply::Sse {
+        events: vec![chat_chunk("from b"), DONE.to_owned()],
+        gate: None,
+        abort_at_end: false,
+    });
+    let gw = Gateway::start(&config(
+        &[
+            client_yaml(
+                "a",
+                &a.url(),
+                &["k"],
+                "priority: 1\nmodel_match: { type: exact, value: [m] }",
+            ),
+            client_yaml(
+                "b",
+                &b.url(),
+                &["k"],
+                "priority: 2\nmodel_match: { type: exact, value: [m] }",
+            ),
+        ],
+        "",
+    ))
+    .await;
+    let mut resp = open_stream(
+        &gw.url("/v1/chat/completions"),
+        json!({"model": "m", "stream": true, "messages": []}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let all = read_all(resp.body_mut()).await.unwrap();
+    assert!(all.contains("from b"));
+}
+
+#[tokio::test]
+async fn timeouts_before_headers_fail_over_and_end_in_504() {
+    let slow = MockUpstream::start("slow").await;
+    slow.set_default(Reply::Hang);
+    let fast = MockUpstream::start("fast").await;
+    let gw = Gateway::start(&config(
+        &[
+            client_yaml(
+                "slow",
+                &slow.url(),
+                &["k"],
+                "priority: 1\nrequest_timeout: 300ms\nmodel_match: { type: keyword, value: [m] }",
+            ),
+            client_yaml(
+                "fast",
+                &fast.url(),
+                &["k"],
+                "priority: 2\nmodel_match: { type: exact, value: [m] }",
+            ),
+        ],
+        "",
+    ))
+    .await;
+    // "m" matches `fast` exactly, so only `fast` is a candidate.
+    assert_eq!(
+        post(&gw.url("/v1/chat/completions"), chat("m"))
+            .await
+            .status,
+        200
+    );
+    let r = post(&gw.url("/v1/chat/completions"), chat("mx")).await;
+    assert_eq!(r.status, 504);
+    assert_eq!(r.json()["error"]["code"], "upstream_timeout");
+}
+
+#[tokio::test]
+async fn connection_refused_and_resets_fail_over() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let reset = MockUpstream::start("reset").await;
+    reset.set_default(Reply::Reset);
+    let ok = MockUpstream::start("ok").await;
+    let gw = Gateway::start(&config(
+        &[
+            client_yaml(
+                "closed",
+                &format!("http://{closed}/v1"),
+                &["k"],
+                "priority: 1\nmodel_match: { type: exact, value: [m] }",
+            ),
+            client_yaml(
+                "reset",
+                &reset.url(),
+                &["k"],
+                "priority: 2\nmodel_match: { type: exact, value: [m] }",
+            ),
+            client_yaml(
+                "ok",
+                &ok.url(),
+                &["k"],
+                "priority: 3\nmodel_match: { type: exact, value: [m] }",
+            ),
+        ],
+        "",
+    ))
+    .await;
+    let r = post(&gw.url("/v1/chat/completions"), chat("m")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(reset.count(), 1);
+}
+
+#[tokio::test]
+async fn an_upstream_that_dies_mid_stream_aborts_the_callers_response() {
+    let up = MockUpstream::start("up").await;
+    up.push(Reply::Sse {
+        events: vec![chat_chunk("partial")],
+        gate: None,
+        abort_at_end: true,
+    });
+    let gw = Gateway::start(&config(
+        &[client_yaml(
+            "c",
+            &up.url(),
+            &["k"],
+            "model_match: { type: exact, value: [m] }",
+        )],
+        "",
+    ))
+    .await;
+    let mut resp = open_stream(
+        &gw.url("/v1/chat/completions"),
+        json!({"model": "m", "stream": true, "messages": []}),
+    )
+    .await;
+    let got = read_all(resp.body_mut()).await;
+    let partial = got.expect_err("the response must not end cleanly");
+    assert!(partial.contains("partial"));
+    assert!(!partial.contains("[DONE]"), "no invented [DONE]");
+}
+
+#[tokio::test]
+async fn an_idle_stream_is_aborted_after_idle_timeout() {
+    let up = MockUpstream::start("up").await;
+    let gate = Arc::new(Semaphore::new(0));
+    up.push(Reply::Sse {
+        events: vec![chat_chunk("first"), chat_chunk("never")],
+        gate: Some(gate),
+        abort_at_end: false,
+    });
+    let gw = Gateway::start(&config(
+        &[client_yaml(
+            "c",
+            &up.url(),
+            &["k"],
+            "idle_timeout: 300ms\nmodel_match: { type: exact, value: [m] }",
+        )],
+        "",
+    ))
+    .await;
+    let mut resp = open_stream(
+        &gw.url("/v1/chat/completions"),
+        json!({"model": "m", "stream": true, "messages": []}),
+    )
+    .await;
+    let got = read_all(resp.body_mut()).await;
+    assert!(got.expect_err("aborted").contains("first"));
+}
+
+#[tokio::test]
+async fn a_caller_that_goes_away_cancels_the_upstream_request() {
+    let up = MockUpstream::start("up").await;
+    let gate = Arc::new(Semaphore::new(0));
+    // Many events: the mock notices the closed connection on a later send.
+    let events = (0..200)
+        .map(|i| chat_chunk(&format!("part {i} {}", "x".repeat(1000))))
+        .collect();
+    up.push(Reply::Sse {
+        events,
+        gate: Some(gate.clone()),
+        abort_at_end: false,
+    });
+    up.push(Reply::Hang);
+    let gw = Gateway::start(&config(
+        &[client_yaml(
+            "c",
+            &up.url(),
+            &["k"],
+            "model_match: { type: exact, value: [m] }",
+        )],
+        "",
+    ))
+    .await;
+    // Mid-stream: read one chunk, then leave.
+    let mut resp = open_stream(
+        &gw.url("/v1/chat/completions"),
+        json!({"model": "m", "stream": true, "messages": []}),
+    )
+    .await;
+    next_chunk(resp.body_mut()).await.unwrap().unwrap();
+    drop(resp);
+    gate.add_permits(200);
+    let st = up.state.clone();
+    assert!(
+        eventually(Duration::from_secs(5), || st
+            .cancelled_streams
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 1)
+        .await,
+        "the upstream stream was cancelled"
+    );
+    // Before headers: the upstream has not answered yet when the caller leaves.
+    let url = gw.url("/v1/chat/completions");
+    let pending = tokio::spawn(async move { post(&url, chat("m")).await });
+    assert!(eventually(Duration::from_secs(5), || up.count() == 2).await);
+    pending.abort();
+    let st = up.state.clone();
+    assert!(
+        eventually(Duration::from_secs(5), || st
+            .dropped_requests
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 1)
+        .await,
+        "the pending upstream request was dropped"
+    );
+}
+
+/// The request shapes the official OpenAI SDKs send.
+#[tokio::test]
+async fn openai_sdk_request_shapes() {
+    let up = MockUpstream::start("up").await;
+    let gw = Gateway::start(&config(
+        &[client_yaml(
+            "c",
+            &up.url(),
+            &["k"],
+            "model_match: { type: keyword, value: [gpt, text-embedding, davinci] }",
+        )],
+        "",
+    ))
+    .await;
+    let sdk_headers = [
+        ("authorization", "Bearer sk-anything"),
+        ("user-agent", "OpenAI/Python 1.54.0"),
+        ("x-stainless-lang", "python"),
+        ("x-stainless-retry-count", "0"),
+        ("accept", "application/json"),
+    ];
+    let r = post_with(
+        &gw.url("/v1/chat/completions"),
+        json!({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}], "model": "gpt-4o-mini", "temperature": 0.2, "n": 1}),
+        &sdk_headers,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["object"], "chat.completion");
+
+    up.push(Reply::Json(200, json!({"id": "c", "object": "text_completion", "choices": [{"text": "x", "index": 0}], "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})));
+    let r = post_with(
+        &gw.url("/v1/completions"),
+        json!({"model": "davinci-002", "prompt": "Say hi", "max_tokens": 5}),
+        &sdk_headers,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(up.requests()[1].uri, "/v1/completions");
+
+    up.push(Reply::Json(200, json!({"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.1]}], "model": "text-embedding-3-small", "usage": {"prompt_tokens": 2, "total_tokens": 2}})));
+    let r = post_with(
+        &gw.url("/v1/embeddings"),
+        json!({"input": ["hello"], "model": "text-embedding-3-small", "encoding_format": "base64"}),
+        &sdk_headers,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(up.requests()[2].uri, "/v1/embeddings");
+    assert_eq!(up.requests()[2].json()["encoding_format"], "base64");
+
+    up.push(Reply::Sse {
+        events: vec![chat_chunk("x"), usage_chunk(1, 1), DONE.to_owned()],
+        gate: None,
+        abort_at_end: false,
+    });
+    let mut resp = open_stream(
+        &gw.url("/v1/chat/completions"),
+        json!({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o", "stream": true, "stream_options": {"include_usage": true}}),
+    )
+    .await;
+    let all = read_all(resp.body_mut()).await.unwrap();
+    assert!(all.contains("\"usage\"") && all.ends_with(DONE));
+    for r in &up.requests()[..3] {
+        assert_eq!(
+            r.headers["user-agent"], "OpenAI/Python 1.54.0",
+            "SDK headers pass through"
+        );
+        assert_eq!(r.auth(), "Bearer k");
+    }
+}
