@@ -1076,3 +1076,87 @@ async fn openai_sdk_request_shapes() {
         assert_eq!(r.auth(), "Bearer k");
     }
 }
+
+/// Sends raw bytes and returns everything the gateway answers until it closes.
+async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("the gateway closes the connection")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn conflicting_request_framing_gets_400_and_a_closed_connection() {
+    let up = MockUpstream::start("up").await;
+    let gw = Gateway::start(&config(
+        &[client_yaml(
+            "c",
+            &up.url(),
+            &["k"],
+            "model_match: { type: exact, value: [m] }",
+        )],
+        "",
+    ))
+    .await;
+    let body = r#"{"model":"m","messages":[]}"#;
+    let chunked = format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len());
+    let both = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n{chunked}",
+        chunked.len()
+    );
+    let answer = raw_exchange(gw.addr, both.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("connection: close"));
+
+    let two_lengths = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nContent-Length: 3\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = raw_exchange(gw.addr, two_lengths.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+
+    // A good request pipelined before the bad one is served normally.
+    let good = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = raw_exchange(gw.addr, format!("{good}{both}").as_bytes()).await;
+    let statuses: Vec<&str> = answer
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &answer[i..i + 12])
+        .collect();
+    assert_eq!(statuses, vec!["HTTP/1.1 200", "HTTP/1.1 400"], "{answer}");
+    assert_eq!(
+        up.count(),
+        1,
+        "the conflicting request never reached an upstream"
+    );
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_is_served() {
+    let up = MockUpstream::start("up").await;
+    let gw = Gateway::start(&config(
+        &[client_yaml(
+            "c",
+            &up.url(),
+            &["k"],
+            "model_match: { type: exact, value: [m] }",
+        )],
+        "",
+    ))
+    .await;
+    let h2: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let req = post_req(&gw.url("/v1/chat/completions"), chat("m").to_string(), &[]);
+    let resp = h2.request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+}

@@ -121,13 +121,22 @@ fn new_request_id() -> String {
     format!("req_{:032x}", fastrand::u128(..))
 }
 
-/// The service function given to hyper for every request.
+/// The service function given to hyper for every request. `conflicting_framing`:
+/// the request had both `Content-Length` and `Transfer-Encoding` on the wire.
 pub async fn handle(
     state: Arc<AppState>,
     req: Request<Incoming>,
+    conflicting_framing: bool,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let request_id = new_request_id();
     let rid_header = HeaderValue::from_str(&request_id).expect("request ids are ASCII hex");
+    if conflicting_framing {
+        let msg = "the request has both Content-Length and Transfer-Encoding".to_owned();
+        let mut resp = ApiError::InvalidRequest(msg).into_response(Some(&rid_header));
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Ok(resp);
+    }
     let mut resp = match dispatch(&state, req, &request_id).await {
         Ok(resp) => resp,
         Err(e) => e.into_response(None),

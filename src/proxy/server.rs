@@ -14,6 +14,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use super::framing::Watched;
 use super::handler;
 use super::AppState;
 
@@ -57,8 +58,12 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
-        let service = service_fn(move |req| handler::handle(state.clone(), req));
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let (io, framing) = Watched::new(TokioIo::new(stream));
+        let service = service_fn(move |req| {
+            let conflicting = framing.next_request_conflicts();
+            handler::handle(state.clone(), req, conflicting)
+        });
+        let conn = builder.serve_connection(io, service);
         let conn = graceful.watch(conn.into_owned());
         tokio::spawn(async move {
             if let Err(e) = conn.await {

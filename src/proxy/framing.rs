@@ -1,0 +1,312 @@
+//! Watches HTTP/1 request framing on the wire, to refuse a request that has
+//! both `Content-Length` and `Transfer-Encoding`.
+//!
+//! hyper accepts such a request (chunked wins, the connection closes after
+//! it) and removes `Content-Length` before the handler sees it, so the
+//! conflict can only be seen here, in the bytes read from the socket. The
+//! watcher follows each request's body framing to find the next head, and
+//! records the number of the first conflicting head; the connection's
+//! service answers that request with 400 and closes. It never changes a byte.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use hyper::rt::{Read, ReadBufCursor, Write};
+
+/// Longest request head followed; hyper rejects longer ones itself.
+const MAX_HEAD: usize = 64 * 1024;
+
+/// Shared between the watcher and the connection's service.
+#[derive(Debug, Default)]
+pub struct Verdict {
+    /// Number (1-based) of the first request head with conflicting framing; 0 for none.
+    conflicting_head: AtomicU64,
+    /// Requests handed to the service so far.
+    served: AtomicU64,
+}
+
+impl Verdict {
+    /// Called once per request, in order: true when this request is the
+    /// one with conflicting framing.
+    pub fn next_request_conflicts(&self) -> bool {
+        let n = self.served.fetch_add(1, Ordering::Relaxed) + 1;
+        self.conflicting_head.load(Ordering::Relaxed) == n
+    }
+}
+
+#[derive(Debug)]
+enum State {
+    Head,
+    Fixed(u64),
+    ChunkSize,
+    ChunkData(u64),
+    ChunkEnd(u8),
+    Trailers,
+    /// Stopped following: HTTP/2, an upgrade, an unparsable head, or a conflict seen.
+    Off,
+}
+
+pub struct Watched<IO> {
+    io: IO,
+    state: State,
+    buf: Vec<u8>,
+    heads: u64,
+    verdict: Arc<Verdict>,
+}
+
+impl<IO> Watched<IO> {
+    pub fn new(io: IO) -> (Self, Arc<Verdict>) {
+        let verdict = Arc::new(Verdict::default());
+        let w = Watched {
+            io,
+            state: State::Head,
+            buf: Vec::new(),
+            heads: 0,
+            verdict: verdict.clone(),
+        };
+        (w, verdict)
+    }
+
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            match self.state {
+                State::Off => return,
+                State::Head => {
+                    let start = self.buf.len().saturating_sub(3);
+                    self.buf.extend_from_slice(bytes);
+                    let Some(end) = memchr::memmem::find(&self.buf[start..], b"\r\n\r\n") else {
+                        if self.buf.len() > MAX_HEAD {
+                            self.state = State::Off;
+                        }
+                        return;
+                    };
+                    let head_len = start + end + 4;
+                    let rest_from = bytes.len() - (self.buf.len() - head_len);
+                    self.buf.truncate(head_len);
+                    self.state = self.read_head();
+                    self.buf.clear();
+                    bytes = &bytes[rest_from..];
+                }
+                State::Fixed(n) => {
+                    let take = n.min(bytes.len() as u64);
+                    bytes = &bytes[take as usize..];
+                    self.state = if take == n {
+                        State::Head
+                    } else {
+                        State::Fixed(n - take)
+                    };
+                }
+                State::ChunkSize | State::Trailers => {
+                    let Some(nl) = memchr::memchr(b'\n', bytes) else {
+                        self.buf.extend_from_slice(bytes);
+                        if self.buf.len() > MAX_HEAD {
+                            self.state = State::Off;
+                        }
+                        return;
+                    };
+                    self.buf.extend_from_slice(&bytes[..=nl]);
+                    bytes = &bytes[nl + 1..];
+                    let line = std::mem::take(&mut self.buf);
+                    self.state = match self.state {
+                        State::ChunkSize => match httparse::parse_chunk_size(&line) {
+                            Ok(httparse::Status::Complete((_, 0))) => State::Trailers,
+                            Ok(httparse::Status::Complete((_, size))) => State::ChunkData(size),
+                            _ => State::Off,
+                        },
+                        _ if line == b"\r\n" || line == b"\n" => State::Head,
+                        _ => State::Trailers,
+                    };
+                }
+                State::ChunkData(n) => {
+                    let take = n.min(bytes.len() as u64);
+                    bytes = &bytes[take as usize..];
+                    self.state = if take == n {
+                        State::ChunkEnd(2)
+                    } else {
+                        State::ChunkData(n - take)
+                    };
+                }
+                State::ChunkEnd(left) => {
+                    let take = (left as usize).min(bytes.len());
+                    bytes = &bytes[take..];
+                    self.state = if take == left as usize {
+                        State::ChunkSize
+                    } else {
+                        State::ChunkEnd(left - take as u8)
+                    };
+                }
+            }
+        }
+    }
+
+    /// Reads the head in `buf` and returns how its body is framed.
+    fn read_head(&mut self) -> State {
+        let head = self.buf.trim_ascii_start();
+        if head.starts_with(b"PRI * HTTP/2.0") {
+            return State::Off;
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 128];
+        let mut req = httparse::Request::new(&mut headers);
+        if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
+            return State::Off;
+        }
+        self.heads += 1;
+        let mut lengths = req
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("content-length"));
+        let te: Vec<&[u8]> = req
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
+            .map(|h| h.value)
+            .collect();
+        let first_length = lengths.next();
+        if !te.is_empty() && first_length.is_some() {
+            let _ = self.verdict.conflicting_head.compare_exchange(
+                0,
+                self.heads,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            return State::Off;
+        }
+        let upgrade = req
+            .headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("upgrade"));
+        if upgrade || req.method == Some("CONNECT") {
+            return State::Off;
+        }
+        if let Some(last) = te.last() {
+            let chunked = last
+                .rsplit(|b| *b == b',')
+                .next()
+                .is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            return if chunked {
+                State::ChunkSize
+            } else {
+                State::Off
+            };
+        }
+        match first_length.map(|h| {
+            std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        }) {
+            None => State::Head,
+            Some(Some(0)) => State::Head,
+            Some(Some(n)) => State::Fixed(n),
+            // hyper answers an invalid length with 400 itself.
+            Some(None) => State::Off,
+        }
+    }
+}
+
+impl<IO: Read + Unpin> Read for Watched<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        mut buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        if matches!(self.state, State::Off) {
+            return Pin::new(&mut self.io).poll_read(cx, buf);
+        }
+        // Read straight into the caller's buffer, look at what arrived, then
+        // advance the cursor over it: no copy.
+        let n = {
+            // SAFETY: the slice is only written by the inner read; only the
+            // part it reports filled is read back.
+            let spare = unsafe { buf.as_mut() };
+            let mut inner = hyper::rt::ReadBuf::uninit(spare);
+            match Pin::new(&mut self.io).poll_read(cx, inner.unfilled()) {
+                Poll::Ready(Ok(())) => {}
+                other => return other,
+            }
+            let filled = inner.filled();
+            self.feed(filled);
+            filled.len()
+        };
+        // SAFETY: the inner read initialized these `n` bytes.
+        unsafe { buf.advance(n) };
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<IO: Write + Unpin> Write for Watched<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn heads(chunks: &[&[u8]]) -> (u64, u64) {
+        let (mut w, v) = Watched::new(());
+        for c in chunks {
+            w.feed(c);
+        }
+        (w.heads, v.conflicting_head.load(Ordering::Relaxed))
+    }
+
+    #[test]
+    fn follows_bodies_to_find_each_head() {
+        let a: &[u8] = b"POST /v1/x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello";
+        let b: &[u8] =
+            b"POST /v1/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhe\r\n\r\n0\r\n\r\n";
+        let c: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+        let all = [a, b, c].concat();
+        assert_eq!(heads(&[&all]), (3, 0));
+        // Byte by byte gives the same answer.
+        let bytes: Vec<&[u8]> = all.chunks(1).collect();
+        assert_eq!(heads(&bytes), (3, 0));
+    }
+
+    #[test]
+    fn a_body_that_looks_like_a_head_is_not_one() {
+        let body = b"x\r\nTransfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\n";
+        let req = [
+            format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes(),
+            body,
+        ]
+        .concat();
+        assert_eq!(heads(&[&req]), (1, 0));
+    }
+
+    #[test]
+    fn marks_the_head_with_both_lengths() {
+        let ok: &[u8] = b"GET / HTTP/1.1\r\n\r\n";
+        let bad: &[u8] =
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert_eq!(heads(&[ok, bad]), (2, 2));
+    }
+}
