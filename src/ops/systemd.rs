@@ -29,12 +29,21 @@ pub fn stopping() {
     send(&[NotifyState::Stopping]);
 }
 
+/// The watchdog interval systemd asks for: `WATCHDOG_USEC`, for this
+/// process when `WATCHDOG_PID` is set (as libsystemd's sd_watchdog_enabled).
+fn watchdog_usec() -> Option<u64> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    match std::env::var("WATCHDOG_PID") {
+        Ok(pid) if pid.parse::<u32>().ok() != Some(std::process::id()) => None,
+        _ => (usec > 0).then_some(usec),
+    }
+}
+
 /// Pings the watchdog at half its interval, when `WATCHDOG_USEC` asks for it.
 pub fn spawn_watchdog() {
-    let mut usec = 0;
-    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+    let Some(usec) = watchdog_usec() else {
         return;
-    }
+    };
     let every = Duration::from_micros(usec / 2);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);

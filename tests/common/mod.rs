@@ -300,6 +300,7 @@ pub struct Gateway {
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     writer: Option<UsageWriter>,
+    _watcher: notify::RecommendedWatcher,
 }
 
 impl Gateway {
@@ -328,6 +329,9 @@ impl Gateway {
             state = state.with_clock(c);
         }
         let state = Arc::new(state);
+        let watcher =
+            gptbalance::ops::reload::watch(state.clone(), &state.config_path.clone().unwrap())
+                .unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
@@ -345,6 +349,7 @@ impl Gateway {
             shutdown: Some(tx),
             task: Some(task),
             writer,
+            _watcher: watcher,
         }
     }
 
@@ -354,6 +359,15 @@ impl Gateway {
 
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("config.yaml")
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.state.table.load().generation
+    }
+
+    /// Waits until the routing table reaches `generation` (2 s at most).
+    pub async fn wait_generation(&self, generation: u64) -> bool {
+        eventually(Duration::from_secs(2), || self.generation() >= generation).await
     }
 
     /// Stops serving and flushes the usage writer.

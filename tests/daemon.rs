@@ -1,0 +1,342 @@
+//! The real binary as a daemon: signals, graceful drain, systemd notify,
+//! log output, and no secret in any output.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_gptbalance");
+
+struct Daemon {
+    child: Child,
+    addr: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    fn start(config: &Path, env: &[(&str, &str)]) -> Daemon {
+        let mut cmd = Command::new(BIN);
+        cmd.args([
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .current_dir(config.parent().unwrap())
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let l2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listen=").nth(1) {
+                    let _ = tx.send(
+                        rest.trim_matches('"')
+                            .split(['"', ' '])
+                            .next()
+                            .unwrap()
+                            .to_owned(),
+                    );
+                } else if let Some(rest) = line.split("\"listen\":\"").nth(1) {
+                    let _ = tx.send(rest.split('"').next().unwrap().to_owned());
+                }
+                l2.lock().unwrap().push(line);
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("no listen address; log: {:?}", log.lock().unwrap());
+            }
+        };
+        Daemon { child, addr, log }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn signal(&self, sig: i32) {
+        unsafe { kill(self.child.id() as i32, sig) };
+    }
+
+    async fn wait(mut self) -> (i32, String) {
+        let code =
+            tokio::task::spawn_blocking(move || self.child.wait().unwrap().code().unwrap_or(-1))
+                .await
+                .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        (code, self.log.lock().unwrap().join("\n"))
+    }
+}
+
+extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
+const SIGHUP: i32 = 1;
+const SIGTERM: i32 = 15;
+
+fn write_config(dir: &Path, text: &str) -> std::path::PathBuf {
+    let p = dir.join("config.yaml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn rows(db: &Path) -> i64 {
+    rusqlite::Connection::open(db)
+        .unwrap()
+        .query_row("SELECT count(*) FROM requests", [], |r| r.get(0))
+        .unwrap()
+}
+
+fn month_file(dir: &Path) -> std::path::PathBuf {
+    let month = humantime::format_rfc3339(std::time::SystemTime::now()).to_string()[..7].to_owned();
+    dir.join(format!("usage-{month}.sqlite"))
+}
+
+#[tokio::test]
+async fn sigterm_under_load_drains_every_request_and_loses_no_usage_row() {
+    let up = MockUpstream::start("up").await;
+    up.set_default(Reply::Delay(Duration::from_millis(300)));
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "server:\n  shutdown_grace: 10s\nusage:\n  dir: ./usage\nopenai_clients:\n{}",
+            client_yaml(
+                "c",
+                &up.url(),
+                &["k"],
+                "model_match: { type: exact, value: [m] }"
+            )
+        ),
+    );
+    let d = Daemon::start(&config, &[]);
+    // A stream that is still running when SIGTERM arrives finishes too.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    up.push(Reply::Sse {
+        events: vec![chat_chunk("before"), chat_chunk("after"), DONE.to_owned()],
+        gate: Some(gate.clone()),
+        abort_at_end: false,
+    });
+    let mut stream = open_stream(
+        &d.url("/v1/chat/completions"),
+        json!({"model": "m", "stream": true, "messages": []}),
+    )
+    .await;
+    next_chunk(stream.body_mut()).await.unwrap().unwrap();
+
+    let mut tasks = Vec::new();
+    for _ in 0..60 {
+        let url = d.url("/v1/chat/completions");
+        tasks.push(tokio::spawn(
+            async move { post(&url, chat("m")).await.status },
+        ));
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || up.count() >= 61).await,
+        "all requests reached the upstream"
+    );
+    d.signal(SIGTERM);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gate.add_permits(5);
+    let rest = read_all(stream.body_mut())
+        .await
+        .expect("the stream finishes cleanly");
+    assert!(rest.contains("after") && rest.ends_with(DONE));
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    let (code, log) = d.wait().await;
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(
+        rows(&month_file(&dir.path().join("usage"))),
+        61,
+        "every request has its row"
+    );
+}
+
+#[tokio::test]
+async fn sighup_reloads_and_systemd_hears_ready_reloading_stopping_and_watchdog() {
+    let up = MockUpstream::start("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "server:\n  admin_token: adm\nusage:\n  enabled: false\nopenai_clients:\n{}",
+            client_yaml(
+                "c",
+                &up.url(),
+                &["k"],
+                "model_match: { type: exact, value: [m] }"
+            )
+        ),
+    );
+    let d = Daemon::start(
+        &config,
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "200000"),
+        ],
+    );
+    let mut seen = Vec::new();
+    let recv = |want: &str, seen: &mut Vec<String>| {
+        let mut buf = [0u8; 512];
+        while !seen.iter().any(|m| m.contains(want)) {
+            let n = sock.recv(&mut buf).expect("a notify message");
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    };
+    recv("READY=1", &mut seen);
+    recv("WATCHDOG=1", &mut seen);
+
+    d.signal(SIGHUP);
+    recv("RELOADING=1", &mut seen);
+    let status = get(&d.url("/admin/status"), &[("authorization", "Bearer adm")])
+        .await
+        .json();
+    let mut generation = status["generation"].as_u64().unwrap();
+    for _ in 0..50 {
+        if generation >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        generation = get(&d.url("/admin/status"), &[("authorization", "Bearer adm")])
+            .await
+            .json()["generation"]
+            .as_u64()
+            .unwrap();
+    }
+    assert_eq!(generation, 2, "SIGHUP reloaded");
+    let reloading = seen.iter().position(|m| m.contains("RELOADING=1")).unwrap();
+    seen.drain(..=reloading);
+    recv("READY=1", &mut seen);
+
+    d.signal(SIGTERM);
+    recv("STOPPING=1", &mut seen);
+    let (code, _) = d.wait().await;
+    assert_eq!(code, 0);
+}
+
+#[tokio::test]
+async fn no_secret_reaches_logs_metrics_status_errors_or_usage_files() {
+    let up = MockUpstream::start("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = [
+        "sk-SECRET-upstream-key-1",
+        "sk-SECRET-upstream-key-2",
+        "tok-SECRET-caller",
+        "adm-SECRET-admin",
+    ];
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "server:\n  auth_tokens:\n    - {{ name: app, token: \"${{CALLER_TOKEN}}\" }}\n  admin_token: \"${{ADMIN_TOKEN}}\"\nusage:\n  dir: ./usage\nlogging:\n  dir: ./logs\n  format: json\n  level: debug\nopenai_clients:\n{}",
+            client_yaml("c", &up.url(), &["${KEY_1}", "${KEY_2}"], "headers: { x-extra-auth: \"${KEY_1}\" }\nmodel_match: { type: exact, value: [m] }")
+        ),
+    );
+    let d = Daemon::start(
+        &config,
+        &[
+            ("KEY_1", secrets[0]),
+            ("KEY_2", secrets[1]),
+            ("CALLER_TOKEN", secrets[2]),
+            ("ADMIN_TOKEN", secrets[3]),
+        ],
+    );
+    let caller = [("authorization", "Bearer tok-SECRET-caller")];
+    let mut outputs = Vec::new();
+    up.push(Reply::Json(
+        401,
+        json!({"error": {"message": "Incorrect API key"}}),
+    ));
+    up.push(Reply::Json(500, json!({})));
+    for body in [
+        chat("m"),
+        chat("m"),
+        chat("nope"),
+        json!({"model": "m", "stream": true, "messages": []}),
+    ] {
+        let r = post_with(&d.url("/v1/chat/completions"), body, &caller).await;
+        outputs.push(r.text());
+    }
+    outputs.push(
+        post_with(
+            &d.url("/v1/chat/completions"),
+            chat("m"),
+            &[("authorization", "Bearer wrong")],
+        )
+        .await
+        .text(),
+    );
+    outputs.push(get(&d.url("/metrics"), &caller).await.text());
+    outputs.push(
+        get(
+            &d.url("/admin/status"),
+            &[("authorization", "Bearer adm-SECRET-admin")],
+        )
+        .await
+        .text(),
+    );
+    // The upstream did get the keys: the test would notice if they were missing.
+    assert!(up
+        .requests()
+        .iter()
+        .any(|r| r.auth() == format!("Bearer {}", secrets[0])));
+    d.signal(SIGTERM);
+    let (code, stderr) = d.wait().await;
+    assert_eq!(code, 0);
+    outputs.push(stderr);
+    for dir in ["logs", "usage"] {
+        for e in std::fs::read_dir(dir_path(dir, &config)).unwrap() {
+            let bytes = std::fs::read(e.unwrap().path()).unwrap();
+            outputs.push(String::from_utf8_lossy(&bytes).into_owned());
+        }
+    }
+    let everything = outputs.join("\n");
+    assert!(
+        everything.contains("\"request_id\""),
+        "JSON log lines were collected"
+    );
+    for s in secrets {
+        assert!(!everything.contains(s), "secret {s} leaked");
+        assert!(!everything.contains(&s[3..]), "part of secret {s} leaked");
+    }
+    // Every log line on stderr and in files is JSON.
+    let log_file = std::fs::read_dir(dir_path("logs", &config))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    for line in std::fs::read_to_string(log_file).unwrap().lines() {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|_| panic!("not JSON: {line}"));
+    }
+}
+
+fn dir_path(name: &str, config: &Path) -> std::path::PathBuf {
+    config.parent().unwrap().join(name)
+}
