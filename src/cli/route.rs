@@ -1,16 +1,195 @@
-//! `gptbalance route`.
+//! `gptbalance route MODEL`: how a request for MODEL would be routed.
 
 use std::process::ExitCode;
 
 use super::ConfigArg;
+use crate::config::load::did_you_mean;
+use crate::config::MatchKind;
+use crate::routing::RoutingTable;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
     pub config: ConfigArg,
+    /// The model name a caller would send
+    pub model: String,
 }
 
-pub fn run(_args: Args) -> ExitCode {
-    eprintln!("gptbalance route: not yet");
-    ExitCode::from(2)
+pub fn run(args: Args) -> ExitCode {
+    let loaded = match super::load_or_exit(&args.config.config) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let table = RoutingTable::build(loaded.config, None);
+    match explain(&table, &args.model) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(text) => {
+            print!("{text}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The explanation; `Err` when no client serves `model`.
+pub fn explain(table: &RoutingTable, model: &str) -> Result<String, String> {
+    let candidates = table.candidates(model);
+    if candidates.is_empty() {
+        let mut out = format!(
+            "no client serves model `{model}`: a request for it gets 404 model_not_found\n"
+        );
+        let names = known_names(table);
+        let mut near: Vec<(usize, &str)> = names
+            .iter()
+            .map(|n| (crate::config::load::edit_distance(model, n), n.as_str()))
+            .collect();
+        near.sort();
+        let close: Vec<&str> = near
+            .iter()
+            .take(3)
+            .filter(|(d, _)| *d <= model.len().max(3))
+            .map(|(_, n)| *n)
+            .collect();
+        if let Some(best) = did_you_mean(model, names.iter().map(String::as_str)) {
+            out.push_str(&format!("did you mean `{best}`?\n"));
+        } else if !close.is_empty() {
+            out.push_str(&format!("nearest model names: {}\n", close.join(", ")));
+        }
+        return Err(out);
+    }
+    let mut out = format!("model `{model}`\n");
+    let exact = candidates
+        .in_priority_order()
+        .any(|i| table.clients[i].cfg.model_match.kind == MatchKind::Exact);
+    out.push_str(if exact {
+        "  matched exactly (keyword and regex clients are not candidates)\n"
+    } else {
+        "  matched by keyword/regex\n"
+    });
+    out.push_str("candidates, in order:\n");
+    for tier in &candidates.tiers {
+        let total: u32 = tier.weights.iter().sum();
+        out.push_str(&format!("  priority {}:\n", tier.priority));
+        for (i, &ci) in tier.members.iter().enumerate() {
+            let c = &table.clients[ci];
+            let w = tier.weights[i];
+            let keys: Vec<&str> = c.keys.iter().map(|k| k.id.as_str()).collect();
+            out.push_str(&format!(
+                "    {} — weight {w} ({:.0}% of this tier), {} key(s): {} [{}], {}\n",
+                c.cfg.name,
+                f64::from(w) * 100.0 / f64::from(total.max(1)),
+                keys.len(),
+                keys.join(", "),
+                format!("{:?}", c.cfg.policy.key_strategy).to_lowercase(),
+                c.cfg.base_url,
+            ));
+            for t in transforms(&c.cfg) {
+                out.push_str(&format!("        {t}\n"));
+            }
+        }
+    }
+    out.push_str(&fallback_chain(table, model));
+    Ok(out)
+}
+
+fn transforms(c: &crate::config::ClientConfig) -> Vec<String> {
+    let mut t = Vec::new();
+    if let Some(m) = &c.upstream_model {
+        t.push(format!("sends model `{m}` upstream"));
+    }
+    if let Some(p) = &c.special_prefix {
+        t.push(format!("special_prefix {p:?}"));
+    }
+    if let Some(s) = &c.stop {
+        t.push(format!("stop {s:?} when the request has none"));
+    }
+    if let Some(m) = c.max_tokens {
+        t.push(format!("max_tokens {m} when the request has none"));
+    }
+    if !c.extra_body.is_empty() {
+        let keys: Vec<&str> = c.extra_body.keys().map(String::as_str).collect();
+        t.push(format!("extra_body: {}", keys.join(", ")));
+    }
+    if !c.headers.is_empty() {
+        let names: Vec<&str> = c.headers.iter().map(|(n, _)| n.as_str()).collect();
+        t.push(format!("extra headers: {}", names.join(", ")));
+    }
+    t
+}
+
+/// The fallback walk the proxy would make, depth first, with skips marked.
+fn fallback_chain(table: &RoutingTable, model: &str) -> String {
+    let max_depth = table.config.routing.max_fallback_depth;
+    let mut out = String::from("fallback chain when every candidate fails:\n");
+    let mut tried = vec![model.to_owned()];
+    let mut lines = Vec::new();
+    walk(table, model, 0, max_depth, &mut tried, &mut lines);
+    if lines.is_empty() {
+        out.push_str("  none: the request ends with 502 (or 503 when every key is cooling down)\n");
+    }
+    for l in lines {
+        out.push_str(&l);
+    }
+    out
+}
+
+fn walk(
+    table: &RoutingTable,
+    model: &str,
+    depth: u32,
+    max_depth: u32,
+    tried: &mut Vec<String>,
+    lines: &mut Vec<String>,
+) {
+    let candidates = table.candidates(model);
+    let fallback = table.fallback_of(&candidates);
+    let indent = "  ".repeat(depth as usize + 1);
+    for f in fallback {
+        if depth + 1 > max_depth {
+            lines.push(format!(
+                "{indent}-> {f}: not tried, max_fallback_depth {max_depth} reached\n"
+            ));
+            continue;
+        }
+        if tried.contains(f) {
+            lines.push(format!(
+                "{indent}-> {f}: skipped, already tried in this request (cycle)\n"
+            ));
+            continue;
+        }
+        tried.push(f.clone());
+        let names: Vec<&str> = table
+            .candidates(f)
+            .order()
+            .into_iter()
+            .map(|i| table.clients[i].cfg.name.as_str())
+            .collect();
+        let served = if names.is_empty() {
+            "no client matches it".to_owned()
+        } else {
+            names.join(", ")
+        };
+        lines.push(format!("{indent}-> {f} (depth {}): {served}\n", depth + 1));
+        walk(table, f, depth + 1, max_depth, tried, lines);
+    }
+}
+
+/// Every model name the config mentions: exact and keyword values, fallbacks.
+fn known_names(table: &RoutingTable) -> Vec<String> {
+    let mut names: Vec<String> = table
+        .clients
+        .iter()
+        .flat_map(|c| {
+            let values = match c.cfg.model_match.kind {
+                MatchKind::Regex => Vec::new(),
+                _ => c.cfg.model_match.values.clone(),
+            };
+            values.into_iter().chain(c.cfg.fallback.iter().cloned())
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }

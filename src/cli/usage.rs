@@ -1,16 +1,142 @@
-//! `gptbalance usage`.
+//! `gptbalance usage`: totals of requests, errors, tokens and latency.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use super::ConfigArg;
+use crate::usage::report::{self, GroupBy, Totals};
+use crate::usage::store;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+    Csv,
+}
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
     pub config: ConfigArg,
+    /// Usage directory to read (repeat for several instances); default: usage.dir of the config
+    #[arg(long = "dir")]
+    pub dirs: Vec<PathBuf>,
+    /// Month to report, YYYY-MM (UTC); default: this month
+    #[arg(long, value_parser = parse_month)]
+    pub month: Option<String>,
+    /// Group totals by
+    #[arg(long, value_enum, default_value_t = GroupBy::Client)]
+    pub by: GroupBy,
+    /// Output format
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
 }
 
-pub fn run(_args: Args) -> ExitCode {
-    eprintln!("gptbalance usage: not yet");
-    ExitCode::from(2)
+fn parse_month(s: &str) -> Result<String, String> {
+    let ok = s.len() == 7
+        && s.as_bytes()[4] == b'-'
+        && s[..4].chars().all(|c| c.is_ascii_digit())
+        && s[5..].parse::<u8>().is_ok_and(|m| (1..=12).contains(&m));
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("`{s}` is not a month such as 2026-01"))
+    }
+}
+
+pub fn run(args: Args) -> ExitCode {
+    let dirs = if args.dirs.is_empty() {
+        match super::load_or_exit(&args.config.config) {
+            Ok(l) => vec![l.config.usage.dir],
+            Err(code) => return code,
+        }
+    } else {
+        args.dirs.clone()
+    };
+    let month = args
+        .month
+        .clone()
+        .unwrap_or_else(|| store::month_of(std::time::SystemTime::now()));
+    let mut files = Vec::new();
+    for dir in &dirs {
+        if !dir.is_dir() {
+            eprintln!("error: usage directory {} does not exist", dir.display());
+            return ExitCode::from(2);
+        }
+        let f = store::path_for(dir, &month);
+        if f.exists() {
+            files.push(f);
+        } else {
+            eprintln!("note: no usage file for {month} in {}", dir.display());
+        }
+    }
+    let paths: Vec<&std::path::Path> = files.iter().map(PathBuf::as_path).collect();
+    let report = match report::build(&paths, &month, args.by) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match args.format {
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        ),
+        Format::Csv => {
+            println!("{},requests,errors,prompt_tokens,completion_tokens,total_tokens,latency_p50_ms,latency_p95_ms,latency_p99_ms", report.by);
+            for t in report.groups.iter().chain(std::iter::once(&report.total)) {
+                let c = cells(t);
+                println!(
+                    "{}",
+                    c.iter().map(|v| csv_field(v)).collect::<Vec<_>>().join(",")
+                );
+            }
+        }
+        Format::Table => {
+            println!(
+                "usage for {month}, by {}, from {} file(s)",
+                report.by,
+                report.files.len()
+            );
+            let mut rows: Vec<Vec<String>> = report.groups.iter().map(cells).collect();
+            rows.push(cells(&report.total));
+            let head = [
+                report.by.to_uppercase(),
+                "REQUESTS".into(),
+                "ERRORS".into(),
+                "PROMPT".into(),
+                "COMPLETION".into(),
+                "TOTAL_TOKENS".into(),
+                "P50_MS".into(),
+                "P95_MS".into(),
+                "P99_MS".into(),
+            ];
+            let head: Vec<&str> = head.iter().map(String::as_str).collect();
+            print!("{}", super::table(&head, &rows));
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn cells(t: &Totals) -> Vec<String> {
+    vec![
+        t.group.clone(),
+        t.requests.to_string(),
+        t.errors.to_string(),
+        t.prompt_tokens.to_string(),
+        t.completion_tokens.to_string(),
+        t.total_tokens.to_string(),
+        t.latency_p50_ms.to_string(),
+        t.latency_p95_ms.to_string(),
+        t.latency_p99_ms.to_string(),
+    ]
+}
+
+fn csv_field(v: &str) -> String {
+    if v.contains([',', '"', '\n']) {
+        format!("\"{}\"", v.replace('"', "\"\""))
+    } else {
+        v.to_owned()
+    }
 }

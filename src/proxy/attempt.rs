@@ -162,7 +162,7 @@ pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
 }
 
 /// The error and its causes on one line; hyper's errors carry no URL or header.
-fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -75,9 +75,14 @@ CREATE INDEX IF NOT EXISTS requests_model ON requests (model, ts);
 CREATE INDEX IF NOT EXISTS requests_caller ON requests (caller, ts);
 ";
 
-/// True when the file at `path` may be opened for writing: absent, empty,
-/// or a SQLite file carrying our application id.
+/// Ok when the file at `path` may be opened for writing: absent, empty, or
+/// a SQLite database carrying our application id. Never writes: the id is
+/// read through a read-only connection, because in WAL mode it may still
+/// live in the `-wal` file rather than in the main file's header.
 fn check_ours(path: &Path) -> Result<(), StoreError> {
+    let foreign = || StoreError::Foreign {
+        path: path.to_owned(),
+    };
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -89,31 +94,36 @@ fn check_ours(path: &Path) -> Result<(), StoreError> {
         }
     };
     if !meta.is_file() {
-        return Err(StoreError::Foreign {
-            path: path.to_owned(),
-        });
+        return Err(foreign());
     }
     if meta.len() == 0 {
         return Ok(());
     }
-    let mut header = [0u8; 100];
-    let n = {
+    let mut magic = [0u8; 16];
+    {
         use std::io::Read;
-        let mut f = std::fs::File::open(path).map_err(|source| StoreError::Io {
+        let io = |source| StoreError::Io {
             path: path.to_owned(),
             source,
-        })?;
-        f.read(&mut header).map_err(|source| StoreError::Io {
-            path: path.to_owned(),
-            source,
-        })?
-    };
-    // SQLite header: magic at 0, application_id big-endian at offset 68.
-    let app_id = i32::from_be_bytes([header[68], header[69], header[70], header[71]]);
-    if n < 100 || &header[..16] != b"SQLite format 3\0" || app_id != APPLICATION_ID {
-        return Err(StoreError::Foreign {
-            path: path.to_owned(),
-        });
+        };
+        let mut f = std::fs::File::open(path).map_err(io)?;
+        if f.read_exact(&mut magic).is_err() {
+            return Err(foreign());
+        }
+    }
+    if &magic != b"SQLite format 3\0" {
+        return Err(foreign());
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|_| foreign())?;
+    let app_id: i32 = conn
+        .query_row("PRAGMA application_id", [], |r| r.get(0))
+        .map_err(|_| foreign())?;
+    if app_id != APPLICATION_ID {
+        return Err(foreign());
     }
     Ok(())
 }
