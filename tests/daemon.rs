@@ -22,7 +22,30 @@ struct Daemon {
 
 impl Daemon {
     fn start(config: &Path, env: &[(&str, &str)]) -> Daemon {
+        Self::start_limited(config, env, None)
+    }
+
+    /// Starts the daemon; with `max_file_bytes`, every file it writes is
+    /// limited to that size (RLIMIT_FSIZE), as on a full disk.
+    fn start_limited(config: &Path, env: &[(&str, &str)], max_file_bytes: Option<u64>) -> Daemon {
         let mut cmd = Command::new(BIN);
+        if let Some(limit) = max_file_bytes {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only async-signal-safe calls between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                    let lim = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: libc::RLIM_INFINITY,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd.args([
             "serve",
             "--config",
@@ -75,7 +98,24 @@ impl Daemon {
     }
 
     fn signal(&self, sig: i32) {
-        unsafe { kill(self.child.id() as i32, sig) };
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Sets the running daemon's file-size limit (the disk "frees up").
+    fn set_max_file_bytes(&self, limit: u64) {
+        let lim = libc::rlimit {
+            rlim_cur: limit,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        let rc = unsafe {
+            libc::prlimit(
+                self.child.id() as i32,
+                libc::RLIMIT_FSIZE,
+                &lim,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
     }
 
     async fn wait(mut self) -> (i32, String) {
@@ -88,11 +128,8 @@ impl Daemon {
     }
 }
 
-extern "C" {
-    fn kill(pid: i32, sig: i32) -> i32;
-}
-const SIGHUP: i32 = 1;
-const SIGTERM: i32 = 15;
+const SIGHUP: i32 = libc::SIGHUP;
+const SIGTERM: i32 = libc::SIGTERM;
 
 fn write_config(dir: &Path, text: &str) -> std::path::PathBuf {
     let p = dir.join("config.yaml");
@@ -339,4 +376,146 @@ async fn no_secret_reaches_logs_metrics_status_errors_or_usage_files() {
 
 fn dir_path(name: &str, config: &Path) -> std::path::PathBuf {
     config.parent().unwrap().join(name)
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+#[tokio::test]
+async fn a_full_disk_drops_rows_but_not_requests_and_writing_resumes() {
+    let up = MockUpstream::start("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "usage:\n  dir: ./usage\nopenai_clients:\n{}",
+            client_yaml(
+                "c",
+                &up.url(),
+                &["k"],
+                "model_match: { type: exact, value: [m] }"
+            )
+        ),
+    );
+    let d = Daemon::start_limited(&config, &[], Some(96 * 1024));
+    let dropped = "gptbalance_usage_rows_total{result=\"dropped\"}";
+    let written = "gptbalance_usage_rows_total{result=\"written\"}";
+    let pad = "p".repeat(3000);
+    let mut full = false;
+    for _ in 0..400 {
+        let r = post(
+            &d.url("/v1/chat/completions"),
+            json!({"model": "m", "messages": [], "user": pad}),
+        )
+        .await;
+        assert_eq!(r.status, 200, "serving goes on");
+        // A long model name makes rows big, so the limit is reached soon.
+        let r = post(
+            &d.url("/v1/chat/completions"),
+            json!({"model": "x".repeat(250), "messages": []}),
+        )
+        .await;
+        assert_eq!(r.status, 404);
+        if metric(&get(&d.url("/metrics"), &[]).await.text(), dropped) > 0 {
+            full = true;
+            break;
+        }
+    }
+    assert!(full, "rows were dropped once the file could not grow");
+    d.set_max_file_bytes(libc::RLIM_INFINITY);
+    let before = metric(&get(&d.url("/metrics"), &[]).await.text(), written);
+    for _ in 0..5 {
+        assert_eq!(
+            post(&d.url("/v1/chat/completions"), chat("m")).await.status,
+            200
+        );
+    }
+    let mut after = before;
+    for _ in 0..100 {
+        after = metric(&get(&d.url("/metrics"), &[]).await.text(), written);
+        if after >= before + 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert!(after >= before + 5, "writing resumed: {before} -> {after}");
+    d.signal(SIGTERM);
+    let (code, log) = d.wait().await;
+    assert_eq!(code, 0);
+    assert!(log.contains("usage rows dropped"), "the drop is logged");
+    let db = rusqlite::Connection::open(month_file(&dir.path().join("usage"))).unwrap();
+    let check: String = db
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+}
+
+#[tokio::test]
+async fn kill_9_loses_at_most_the_last_second_and_the_next_start_appends() {
+    let up = MockUpstream::start("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "usage:\n  dir: ./usage\nopenai_clients:\n{}",
+            client_yaml(
+                "c",
+                &up.url(),
+                &["k"],
+                "model_match: { type: exact, value: [m] }"
+            )
+        ),
+    );
+    let d = Daemon::start(&config, &[]);
+    let mut finished = Vec::new();
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(2) {
+        let mut batch = Vec::new();
+        for _ in 0..8 {
+            let url = d.url("/v1/chat/completions");
+            batch.push(tokio::spawn(
+                async move { post(&url, chat("m")).await.status },
+            ));
+        }
+        for t in batch {
+            assert_eq!(t.await.unwrap(), 200);
+            finished.push(std::time::Instant::now());
+        }
+    }
+    d.signal(libc::SIGKILL);
+    let killed_at = std::time::Instant::now();
+    let (code, _) = d.wait().await;
+    assert_eq!(code, -1, "killed by a signal");
+    let db_path = month_file(&dir.path().join("usage"));
+    let kept = rows(&db_path) as usize;
+    let last_second = finished
+        .iter()
+        .filter(|t| killed_at.duration_since(**t) < Duration::from_secs(1))
+        .count();
+    assert!(
+        kept + last_second >= finished.len(),
+        "kept {kept} of {} ({last_second} in the last second)",
+        finished.len()
+    );
+    assert!(kept <= finished.len());
+
+    let d = Daemon::start(&config, &[]);
+    for _ in 0..10 {
+        assert_eq!(
+            post(&d.url("/v1/chat/completions"), chat("m")).await.status,
+            200
+        );
+    }
+    d.signal(SIGTERM);
+    assert_eq!(d.wait().await.0, 0);
+    assert_eq!(
+        rows(&db_path) as usize,
+        kept + 10,
+        "the same month file, appended to"
+    );
 }

@@ -590,8 +590,23 @@ fn respond(
     r.routed_model = answer.routed_model;
     r.status = status.as_u16();
     r.ttft_ms = answer.ttft.map(|d| d.as_millis() as u64);
+    let content_type = answer
+        .parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     if !status.is_success() {
         r.error = Some(format!("upstream answered {}", status.as_u16()));
+    } else if request.kind.is_text_generation()
+        && !content_type.contains("json")
+        && !content_type.contains("event-stream")
+    {
+        // Passed on as sent (a 2xx is never retried), but noted.
+        r.error = Some(format!(
+            "upstream answered {} with content-type `{content_type}`",
+            status.as_u16()
+        ));
     }
     done.in_flight = Some(answer.in_flight);
     let filter = response_filter(&answer.parts, request, client.cfg.special_prefix.as_deref());

@@ -99,17 +99,20 @@ impl Relay {
         }
     }
 
-    fn usage(&self) -> Option<Usage> {
+    /// Tokens the body reported, and what was wrong with it, if anything.
+    fn outcome(&self) -> (Option<Usage>, Option<String>) {
         match &self.filter {
-            Filter::Sse(f) => f.usage,
-            Filter::Json(s) => s.usage(),
-            Filter::Prefix(p) => p.usage,
-            Filter::Raw => None,
+            Filter::Sse(f) => (f.usage, None),
+            Filter::Json(s) if self.upstream_done => s.outcome(),
+            Filter::Json(_) => (None, None),
+            Filter::Prefix(p) => (p.usage, None),
+            Filter::Raw => (None, None),
         }
     }
 
     fn complete(&mut self, error: Option<String>) {
-        let usage = self.usage();
+        let (usage, problem) = self.outcome();
+        let error = error.or(problem);
         if let Some(c) = self.completion.take() {
             c.finish(usage, error);
         }
@@ -223,8 +226,19 @@ impl JsonSniffer {
         self.kept.extend_from_slice(&chunk[from..]);
     }
 
-    fn usage(&self) -> Option<Usage> {
-        sse::usage_in_json(&self.kept, self.whole)
+    /// Tokens from `usage`, and a note when a whole body is not JSON.
+    fn outcome(&self) -> (Option<Usage>, Option<String>) {
+        if !self.whole {
+            return (sse::usage_in_json_tail(&self.kept), None);
+        }
+        match sse::usage_in_whole_json(&self.kept) {
+            Ok(usage) => (usage, None),
+            Err(_) if self.kept.is_empty() => (None, None),
+            Err(_) => (
+                None,
+                Some("upstream sent a body that is not valid JSON".to_owned()),
+            ),
+        }
     }
 }
 
@@ -268,7 +282,7 @@ impl PrefixBuffer {
     }
 
     fn finish(&mut self) -> Vec<Bytes> {
-        self.usage = self.sniffer.usage();
+        self.usage = self.sniffer.outcome().0;
         if self.overflowed {
             return Vec::new();
         }

@@ -221,18 +221,33 @@ pub fn prepend(json: &mut Value, prefix: &str, slot: PrefixSlot, stream: bool) -
     }
 }
 
-/// Finds `usage` in a whole JSON body, or in the tail of one too large to keep.
-pub fn usage_in_json(body: &[u8], whole: bool) -> Option<Usage> {
-    if whole {
-        if let Ok(v) = serde_json::from_slice::<Value>(body) {
-            return v
-                .get("usage")
-                .and_then(Usage::from_json)
-                .or_else(|| v.pointer("/response/usage").and_then(Usage::from_json));
-        }
-    }
-    let at = memmem::rfind(body, b"\"usage\"")?;
-    let rest = &body[at + 7..];
+#[derive(serde::Deserialize)]
+struct WithUsage {
+    #[serde(default)]
+    usage: Option<Value>,
+    #[serde(default)]
+    response: Option<ResponseWithUsage>,
+}
+
+#[derive(serde::Deserialize)]
+struct ResponseWithUsage {
+    #[serde(default)]
+    usage: Option<Value>,
+}
+
+/// Reads `usage` (or the responses API's `response.usage`) from a whole JSON
+/// body, skipping everything else without building it; Err when the body
+/// is not JSON.
+pub fn usage_in_whole_json(body: &[u8]) -> Result<Option<Usage>, serde_json::Error> {
+    let doc: WithUsage = serde_json::from_slice(body)?;
+    let usage = doc.usage.or_else(|| doc.response.and_then(|r| r.usage));
+    Ok(usage.as_ref().and_then(Usage::from_json))
+}
+
+/// Finds the last `"usage": {...}` in the tail of a body too large to keep.
+pub fn usage_in_json_tail(tail: &[u8]) -> Option<Usage> {
+    let at = memmem::rfind(tail, b"\"usage\"")?;
+    let rest = &tail[at + 7..];
     let rest = rest.trim_ascii_start().strip_prefix(b":")?;
     let v = serde_json::Deserializer::from_slice(rest)
         .into_iter::<Value>()
@@ -296,16 +311,23 @@ mod tests {
     #[test]
     fn usage_is_found_in_whole_and_truncated_bodies() {
         let body = br#"{"id":"x","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}"#;
-        assert_eq!(usage_in_json(body, true).unwrap().total_tokens, Some(12));
         assert_eq!(
-            usage_in_json(&body[20..], false).unwrap().completion_tokens,
+            usage_in_whole_json(body).unwrap().unwrap().total_tokens,
+            Some(12)
+        );
+        assert_eq!(
+            usage_in_json_tail(&body[20..]).unwrap().completion_tokens,
             Some(7)
         );
-        let responses = br#"{"usage":{"input_tokens":2,"output_tokens":3}}"#;
+        let responses = br#"{"response":{"usage":{"input_tokens":2,"output_tokens":3}}}"#;
         assert_eq!(
-            usage_in_json(responses, true).unwrap().total_tokens,
+            usage_in_whole_json(responses)
+                .unwrap()
+                .unwrap()
+                .total_tokens,
             Some(5)
         );
-        assert_eq!(usage_in_json(b"not json", true), None);
+        assert!(usage_in_whole_json(b"not json").is_err());
+        assert_eq!(usage_in_whole_json(b"{\"id\":1}").unwrap(), None);
     }
 }
