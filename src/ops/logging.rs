@@ -1,7 +1,8 @@
 //! tracing setup: text or JSON on stderr, optional daily files.
 //!
-//! `RUST_LOG`, when set, overrides `logging.level`. The file writer is
-//! non-blocking; keep the returned guard alive to flush it on exit.
+//! `RUST_LOG`, when set, overrides `logging.level`. Both writers are
+//! non-blocking (a request never waits on a log write); keep the returned
+//! guards alive to flush them on exit.
 
 use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::fmt;
@@ -10,34 +11,38 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LoggingConfig};
 
-pub fn init(cfg: &LoggingConfig) -> std::io::Result<Option<WorkerGuard>> {
+pub fn init(cfg: &LoggingConfig) -> std::io::Result<Vec<WorkerGuard>> {
     let filter = || {
         std::env::var("RUST_LOG")
             .ok()
             .and_then(|v| EnvFilter::try_new(v).ok())
             .unwrap_or_else(|| EnvFilter::new(&cfg.level))
     };
-    let (file_writer, guard) = match &cfg.dir {
+    let mut guards = Vec::new();
+    let file_writer = match &cfg.dir {
         Some(dir) => {
             std::fs::create_dir_all(dir)?;
             let appender = tracing_appender::rolling::daily(dir, "gptbalance.log");
             let (w, g) = tracing_appender::non_blocking(appender);
-            (Some(w), Some(g))
+            guards.push(g);
+            Some(w)
         }
-        None => (None, None),
+        None => None,
     };
+    let (stderr, g) = tracing_appender::non_blocking(std::io::stderr());
+    guards.push(g);
     let json = cfg.format == LogFormat::Json;
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let stderr_text = (!json).then(|| {
         fmt::layer()
             .with_ansi(ansi)
-            .with_writer(std::io::stderr)
+            .with_writer(stderr.clone())
             .with_filter(filter())
     });
     let stderr_json = json.then(|| {
         fmt::layer()
             .json()
-            .with_writer(std::io::stderr)
+            .with_writer(stderr.clone())
             .with_filter(filter())
     });
     let file_text = file_writer.clone().filter(|_| !json).map(|w| {
@@ -55,5 +60,5 @@ pub fn init(cfg: &LoggingConfig) -> std::io::Result<Option<WorkerGuard>> {
         .with(file_text)
         .with(file_json)
         .try_init();
-    Ok(guard)
+    Ok(guards)
 }

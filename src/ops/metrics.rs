@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::AtomicU64;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -80,7 +80,7 @@ pub struct Metrics {
     generation: Gauge,
     usage_rows: Family<ResultLabels, Counter>,
     in_flight: Gauge,
-    models_seen: Mutex<HashSet<String>>,
+    models_seen: RwLock<HashSet<String>>,
     scrape: Mutex<()>,
 }
 
@@ -106,7 +106,7 @@ impl Metrics {
             generation: Gauge::default(),
             usage_rows: Family::default(),
             in_flight: Gauge::default(),
-            models_seen: Mutex::new(HashSet::new()),
+            models_seen: RwLock::new(HashSet::new()),
             scrape: Mutex::new(()),
             registry: Registry::default(),
         };
@@ -180,10 +180,15 @@ impl Metrics {
         let Some(model) = model else {
             return String::new();
         };
-        let mut seen = self.models_seen.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.contains(model) {
+        if self
+            .models_seen
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(model)
+        {
             return model.to_owned();
         }
+        let mut seen = self.models_seen.write().unwrap_or_else(|e| e.into_inner());
         if seen.len() < MAX_MODEL_LABELS {
             seen.insert(model.to_owned());
             return model.to_owned();

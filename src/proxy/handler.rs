@@ -241,7 +241,9 @@ async fn read_body(
         return Err(ApiError::TooLarge { limit });
     }
     let mut body = body;
-    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(limit) as usize);
+    // Chunks are kept as they came (no copy) and joined only if there are several.
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut len: u64 = 0;
     loop {
         match tokio::time::timeout(gap, body.frame()).await {
             Err(_) => {
@@ -249,7 +251,7 @@ async fn read_body(
                     "the request body stalled for {gap:?}"
                 )))
             }
-            Ok(None) => return Ok(buf.freeze()),
+            Ok(None) => break,
             Ok(Some(Err(e))) => {
                 return Err(ApiError::InvalidRequest(format!(
                     "could not read the request body: {e}"
@@ -257,14 +259,26 @@ async fn read_body(
             }
             Ok(Some(Ok(frame))) => {
                 if let Ok(data) = frame.into_data() {
-                    if buf.len() as u64 + data.len() as u64 > limit {
+                    len += data.len() as u64;
+                    if len > limit {
                         return Err(ApiError::TooLarge { limit });
                     }
-                    buf.extend_from_slice(&data);
+                    chunks.push(data);
                 }
             }
         }
     }
+    Ok(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.swap_remove(0),
+        _ => {
+            let mut buf = BytesMut::with_capacity(len as usize);
+            for c in chunks {
+                buf.extend_from_slice(&c);
+            }
+            buf.freeze()
+        }
+    })
 }
 
 /// Fails a request that had started: the row and log say why.

@@ -199,41 +199,62 @@ impl Drop for Relay {
 const WHOLE_JSON_LIMIT: usize = 256 * 1024;
 const JSON_TAIL: usize = 16 * 1024;
 
+/// Keeps what is needed to read `usage` from a JSON body: the chunks
+/// themselves (reference-counted, not copied) while the body is small, then
+/// only a tail.
 #[derive(Default)]
 pub struct JsonSniffer {
-    kept: BytesMut,
+    chunks: Vec<Bytes>,
+    len: usize,
+    tail: BytesMut,
     whole: bool,
 }
 
 impl JsonSniffer {
     pub fn new() -> Self {
         JsonSniffer {
-            kept: BytesMut::new(),
             whole: true,
+            ..JsonSniffer::default()
         }
     }
 
-    fn observe(&mut self, chunk: &[u8]) {
-        if self.whole && self.kept.len() + chunk.len() <= WHOLE_JSON_LIMIT {
-            self.kept.extend_from_slice(chunk);
+    fn observe(&mut self, chunk: &Bytes) {
+        if self.whole && self.len + chunk.len() <= WHOLE_JSON_LIMIT {
+            self.len += chunk.len();
+            self.chunks.push(chunk.clone());
             return;
         }
-        self.whole = false;
-        let keep_old = JSON_TAIL.saturating_sub(chunk.len()).min(self.kept.len());
-        let old = self.kept.split_off(self.kept.len() - keep_old);
-        self.kept = old;
+        if self.whole {
+            self.whole = false;
+            for c in std::mem::take(&mut self.chunks) {
+                self.keep_tail(&c);
+            }
+        }
+        self.keep_tail(chunk);
+    }
+
+    fn keep_tail(&mut self, chunk: &[u8]) {
+        let keep_old = JSON_TAIL.saturating_sub(chunk.len()).min(self.tail.len());
+        self.tail = self.tail.split_off(self.tail.len() - keep_old);
         let from = chunk.len().saturating_sub(JSON_TAIL);
-        self.kept.extend_from_slice(&chunk[from..]);
+        self.tail.extend_from_slice(&chunk[from..]);
+    }
+
+    fn whole_body(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self.chunks.as_slice() {
+            [one] => std::borrow::Cow::Borrowed(one),
+            many => std::borrow::Cow::Owned(many.concat()),
+        }
     }
 
     /// Tokens from `usage`, and a note when a whole body is not JSON.
     fn outcome(&self) -> (Option<Usage>, Option<String>) {
         if !self.whole {
-            return (sse::usage_in_json_tail(&self.kept), None);
+            return (sse::usage_in_json_tail(&self.tail), None);
         }
-        match sse::usage_in_whole_json(&self.kept) {
+        match sse::usage_in_whole_json(&self.whole_body()) {
             Ok(usage) => (usage, None),
-            Err(_) if self.kept.is_empty() => (None, None),
+            Err(_) if self.len == 0 => (None, None),
             Err(_) => (
                 None,
                 Some("upstream sent a body that is not valid JSON".to_owned()),
