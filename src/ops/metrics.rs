@@ -249,6 +249,10 @@ impl Metrics {
                 result: result.to_owned(),
             })
             .inc();
+        self.set_generation(generation);
+    }
+
+    pub fn set_generation(&self, generation: u64) {
         self.generation.set(generation as i64);
     }
 

@@ -59,7 +59,7 @@ impl AppState {
         metrics: Arc<Metrics>,
         config_path: Option<PathBuf>,
     ) -> AppState {
-        metrics.reload(true, table.generation);
+        metrics.set_generation(table.generation);
         AppState {
             table: ArcSwap::from_pointee(table),
             upstream: upstream::UpstreamClients::default(),
