@@ -161,8 +161,14 @@ async fn an_invalid_file_keeps_the_running_table_and_shows_its_errors() {
         "still serving the old table"
     );
     let metrics = get(&gw.url("/metrics"), &[]).await.text();
-    assert!(metrics.contains("gptbalance_reloads_total{result=\"failed\"} 1"), "{metrics}");
-    assert!(!metrics.contains("gptbalance_reloads_total{result=\"ok\"}"), "the first load is not a reload");
+    assert!(
+        metrics.contains("gptbalance_reloads_total{result=\"failed\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("gptbalance_reloads_total{result=\"ok\"}"),
+        "the first load is not a reload"
+    );
 
     // A half-written file, then the file deleted: the table stays.
     std::fs::write(gw.config_path(), &good[..good.len() / 2]).unwrap();

@@ -1160,3 +1160,80 @@ async fn h2c_prior_knowledge_is_served() {
     assert_eq!(resp.version(), http::Version::HTTP_2);
     assert_eq!(resp.status(), 200);
 }
+
+/// The official OpenAI Python SDK against the gateway, when it is installed
+/// (`.ci/run` installs it and sets GPTBALANCE_REQUIRE_SDK=1).
+#[tokio::test]
+async fn the_official_openai_python_sdk_works_end_to_end() {
+    let has_sdk = std::process::Command::new("python3")
+        .args(["-c", "import openai"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_sdk {
+        assert!(
+            std::env::var_os("GPTBALANCE_REQUIRE_SDK").is_none(),
+            "the openai package is required"
+        );
+        eprintln!("skipped: python3 has no `openai` package (pip install openai)");
+        return;
+    }
+    let up = MockUpstream::start("sdk").await;
+    let stream = |usage: bool| Reply::Sse {
+        events: [
+            vec![chat_chunk("Hello"), chat_chunk(" there")],
+            if usage {
+                vec![usage_chunk(2, 3)]
+            } else {
+                vec![]
+            },
+            vec![DONE.to_owned()],
+        ]
+        .concat(),
+        gate: None,
+        abort_at_end: false,
+    };
+    up.push(Reply::Ok);
+    up.push(Reply::Json(200, json!({"id": "c", "object": "text_completion", "created": 0, "model": "m", "choices": [{"text": "hi", "index": 0, "finish_reason": "stop", "logprobs": null}]})));
+    up.push(Reply::Json(200, json!({"object": "list", "model": "e", "data": [{"object": "embedding", "index": 0, "embedding": [0.1]}, {"object": "embedding", "index": 1, "embedding": [0.2]}], "usage": {"prompt_tokens": 2, "total_tokens": 2}})));
+    up.push(stream(true));
+    up.push(stream(true));
+    let gw = Gateway::start(&format!(
+        "server:\n  auth_tokens: [\"sdk-token\"]\nusage:\n  enabled: false\nopenai_clients:\n{}{}",
+        client_yaml(
+            "sdk",
+            &up.url(),
+            &["k"],
+            "model_match: { type: exact, value: [gpt-4o] }"
+        ),
+        client_yaml(
+            "pool",
+            &up.url(),
+            &["k"],
+            "model_match: { type: keyword, value: [gpt, text-embedding] }"
+        ),
+    ))
+    .await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/openai_sdk_check.py");
+    let base = gw.url("/v1");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .args([script, &base, "sdk-token"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reqs = up.requests();
+    assert_eq!(reqs.len(), 5);
+    assert!(reqs.iter().all(|r| r.auth() == "Bearer k"));
+    assert!(reqs[0].headers["user-agent"]
+        .to_str()
+        .unwrap()
+        .starts_with("OpenAI/Python"));
+}
