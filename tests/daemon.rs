@@ -97,6 +97,18 @@ impl Daemon {
         format!("http://{}{path}", self.addr)
     }
 
+    async fn stream(&self, model: &str) -> http::Response<hyper::body::Incoming> {
+        open_stream(
+            &self.url("/v1/chat/completions"),
+            json!({"model": model, "stream": true, "messages": []}),
+        )
+        .await
+    }
+
+    async fn chat(&self, model: &str) -> Reply2 {
+        post(&self.url("/v1/chat/completions"), chat(model)).await
+    }
+
     fn signal(&self, sig: i32) {
         unsafe { libc::kill(self.child.id() as i32, sig) };
     }
@@ -158,12 +170,7 @@ async fn sigterm_under_load_drains_every_request_and_loses_no_usage_row() {
         dir.path(),
         &format!(
             "server:\n  shutdown_grace: 10s\nusage:\n  dir: ./usage\nopenai_clients:\n{}",
-            client_yaml(
-                "c",
-                &up.url(),
-                &["k"],
-                "model_match: { type: exact, value: [m] }"
-            )
+            one_client(&up, "")
         ),
     );
     let d = Daemon::start(&config, &[]);
@@ -174,11 +181,7 @@ async fn sigterm_under_load_drains_every_request_and_loses_no_usage_row() {
         gate: Some(gate.clone()),
         abort_at_end: false,
     });
-    let mut stream = open_stream(
-        &d.url("/v1/chat/completions"),
-        json!({"model": "m", "stream": true, "messages": []}),
-    )
-    .await;
+    let mut stream = d.stream("m").await;
     next_chunk(stream.body_mut()).await.unwrap().unwrap();
 
     let mut tasks = Vec::new();
@@ -223,12 +226,7 @@ async fn sighup_reloads_and_systemd_hears_ready_reloading_stopping_and_watchdog(
         dir.path(),
         &format!(
             "server:\n  admin_token: adm\nusage:\n  enabled: false\nopenai_clients:\n{}",
-            client_yaml(
-                "c",
-                &up.url(),
-                &["k"],
-                "model_match: { type: exact, value: [m] }"
-            )
+            one_client(&up, "")
         ),
     );
     let d = Daemon::start(
@@ -394,12 +392,7 @@ async fn a_full_disk_drops_rows_but_not_requests_and_writing_resumes() {
         dir.path(),
         &format!(
             "usage:\n  dir: ./usage\nopenai_clients:\n{}",
-            client_yaml(
-                "c",
-                &up.url(),
-                &["k"],
-                "model_match: { type: exact, value: [m] }"
-            )
+            one_client(&up, "")
         ),
     );
     let d = Daemon::start_limited(&config, &[], Some(96 * 1024));
@@ -430,10 +423,7 @@ async fn a_full_disk_drops_rows_but_not_requests_and_writing_resumes() {
     d.set_max_file_bytes(libc::RLIM_INFINITY);
     let before = metric(&get(&d.url("/metrics"), &[]).await.text(), written);
     for _ in 0..5 {
-        assert_eq!(
-            post(&d.url("/v1/chat/completions"), chat("m")).await.status,
-            200
-        );
+        assert_eq!(d.chat("m").await.status, 200);
     }
     let mut after = before;
     for _ in 0..100 {
@@ -463,12 +453,7 @@ async fn kill_9_loses_at_most_the_last_second_and_the_next_start_appends() {
         dir.path(),
         &format!(
             "usage:\n  dir: ./usage\nopenai_clients:\n{}",
-            client_yaml(
-                "c",
-                &up.url(),
-                &["k"],
-                "model_match: { type: exact, value: [m] }"
-            )
+            one_client(&up, "")
         ),
     );
     let d = Daemon::start(&config, &[]);
@@ -506,10 +491,7 @@ async fn kill_9_loses_at_most_the_last_second_and_the_next_start_appends() {
 
     let d = Daemon::start(&config, &[]);
     for _ in 0..10 {
-        assert_eq!(
-            post(&d.url("/v1/chat/completions"), chat("m")).await.status,
-            200
-        );
+        assert_eq!(d.chat("m").await.status, 200);
     }
     d.signal(SIGTERM);
     assert_eq!(d.wait().await.0, 0);

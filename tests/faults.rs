@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -76,7 +75,7 @@ async fn non_http_replies_fail_over_and_a_lone_one_is_a_502_with_its_row() {
     ))
     .await;
     // "m" matches `ok` exactly; "m2" only the garbage client.
-    let r = post(&gw.url("/v1/chat/completions"), chat("m2")).await;
+    let r = gw.chat("m2").await;
     assert_eq!(r.status, 502);
     assert!(r.json()["error"]["message"]
         .as_str()
@@ -104,22 +103,13 @@ async fn html_and_invalid_json_with_200_pass_through_and_are_noted() {
         "<html>maintenance</html>".into(),
     ));
     up.push(Reply::Raw(200, vec![], "{\"choices\": [trunc".into()));
-    let gw = Gateway::start(&cfg(
-        &[client_yaml(
-            "c",
-            &up.url(),
-            &["k"],
-            "model_match: { type: exact, value: [m] }",
-        )],
-        "usage:\n  dir: ./usage\n",
-    ))
-    .await;
-    let r = post(&gw.url("/v1/chat/completions"), chat("m")).await;
+    let gw = Gateway::start(&cfg(&[one_client(&up, "")], "usage:\n  dir: ./usage\n")).await;
+    let r = gw.chat("m").await;
     assert_eq!(
         (r.status, r.text().as_str()),
         (200, "<html>maintenance</html>")
     );
-    let r = post(&gw.url("/v1/chat/completions"), chat("m")).await;
+    let r = gw.chat("m").await;
     assert_eq!((r.status, r.text().as_str()), (200, "{\"choices\": [trunc"));
     let dir = gw.stop().await;
     let rows = row_errors(dir.path());
@@ -145,23 +135,14 @@ async fn huge_responses_and_slow_drips_are_relayed_whole() {
         abort_at_end: false,
     });
     let gw = Gateway::start(&cfg(
-        &[client_yaml(
-            "c",
-            &up.url(),
-            &["k"],
-            "idle_timeout: 2s\nmodel_match: { type: exact, value: [m] }",
-        )],
+        &[one_client(&up, "idle_timeout: 2s\n")],
         "usage:\n  dir: ./usage\n",
     ))
     .await;
-    let r = post(&gw.url("/v1/chat/completions"), chat("m")).await;
+    let r = gw.chat("m").await;
     assert_eq!(r.status, 200);
     assert_eq!(r.body.len(), big.len());
-    let mut resp = open_stream(
-        &gw.url("/v1/chat/completions"),
-        json!({"model": "m", "stream": true, "messages": []}),
-    )
-    .await;
+    let mut resp = gw.stream("m").await;
     assert_eq!(read_all(resp.body_mut()).await.unwrap(), drip.concat());
     let dir = gw.stop().await;
     let db = rusqlite::Connection::open(dir.path().join(format!("usage/usage-{}.sqlite", month())))
@@ -198,7 +179,7 @@ async fn redirects_are_not_followed_with_a_key() {
         "usage:\n  enabled: false\n",
     ))
     .await;
-    let r = post(&gw.url("/v1/chat/completions"), chat("m")).await;
+    let r = gw.chat("m").await;
     assert_eq!(r.status, 307);
     assert_eq!(
         target.count(),
@@ -294,12 +275,7 @@ async fn a_tls_failure_fails_over_and_names_the_certificate_problem() {
         "usage:\n  dir: ./usage\n",
     ))
     .await;
-    assert_eq!(
-        post(&gw.url("/v1/chat/completions"), chat("m"))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(gw.chat("m").await.status, 200);
     let only_tls = Gateway::start(&cfg(
         &[client_yaml(
             "selfsigned",
@@ -310,7 +286,7 @@ async fn a_tls_failure_fails_over_and_names_the_certificate_problem() {
         "usage:\n  dir: ./usage\n",
     ))
     .await;
-    let r = post(&only_tls.url("/v1/chat/completions"), chat("m")).await;
+    let r = only_tls.chat("m").await;
     assert_eq!(r.status, 502);
     let msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
     assert!(msg.to_lowercase().contains("certificate"), "{msg}");
@@ -320,12 +296,7 @@ async fn a_tls_failure_fails_over_and_names_the_certificate_problem() {
 async fn slow_callers_are_cut_off() {
     let up = MockUpstream::start("up").await;
     let gw = Gateway::start(&cfg(
-        &[client_yaml(
-            "c",
-            &up.url(),
-            &["k"],
-            "model_match: { type: exact, value: [m] }",
-        )],
+        &[one_client(&up, "")],
         "server:\n  header_read_timeout: 300ms\nusage:\n  enabled: false\n",
     ))
     .await;
@@ -382,21 +353,8 @@ async fn a_caller_that_leaves_mid_stream_gets_a_row_saying_so() {
         gate: Some(gate.clone()),
         abort_at_end: false,
     });
-    let gw = Gateway::start(&cfg(
-        &[client_yaml(
-            "c",
-            &up.url(),
-            &["k"],
-            "model_match: { type: exact, value: [m] }",
-        )],
-        "usage:\n  dir: ./usage\n",
-    ))
-    .await;
-    let mut resp = open_stream(
-        &gw.url("/v1/chat/completions"),
-        json!({"model": "m", "stream": true, "messages": []}),
-    )
-    .await;
+    let gw = Gateway::start(&cfg(&[one_client(&up, "")], "usage:\n  dir: ./usage\n")).await;
+    let mut resp = gw.stream("m").await;
     next_chunk(resp.body_mut()).await.unwrap().unwrap();
     drop(resp);
     gate.add_permits(100);
@@ -420,16 +378,7 @@ async fn a_caller_that_leaves_mid_stream_gets_a_row_saying_so() {
 async fn the_caller_cannot_choose_the_upstream_host() {
     let up = MockUpstream::start("up").await;
     let elsewhere = MockUpstream::start("elsewhere").await;
-    let gw = Gateway::start(&cfg(
-        &[client_yaml(
-            "c",
-            &up.url(),
-            &["k"],
-            "model_match: { type: exact, value: [m] }",
-        )],
-        "usage:\n  enabled: false\n",
-    ))
-    .await;
+    let gw = Gateway::start(&cfg(&[one_client(&up, "")], "usage:\n  enabled: false\n")).await;
     let body = r#"{"model":"m"}"#;
     // An absolute URL in the request line names another host: ignored.
     let req = format!(
@@ -470,12 +419,7 @@ async fn the_caller_cannot_choose_the_upstream_host() {
 async fn connections_beyond_max_connections_wait_instead_of_growing_memory() {
     let up = MockUpstream::start("up").await;
     let gw = Gateway::start(&cfg(
-        &[client_yaml(
-            "c",
-            &up.url(),
-            &["k"],
-            "model_match: { type: exact, value: [m] }",
-        )],
+        &[one_client(&up, "")],
         "server:\n  max_connections: 2\nusage:\n  enabled: false\n",
     ))
     .await;
@@ -502,17 +446,8 @@ async fn connections_beyond_max_connections_wait_instead_of_growing_memory() {
 #[tokio::test]
 async fn a_reader_holding_the_usage_file_does_not_stop_the_writer() {
     let up = MockUpstream::start("up").await;
-    let gw = Gateway::start(&cfg(
-        &[client_yaml(
-            "c",
-            &up.url(),
-            &["k"],
-            "model_match: { type: exact, value: [m] }",
-        )],
-        "usage:\n  dir: ./usage\n",
-    ))
-    .await;
-    post(&gw.url("/v1/chat/completions"), chat("m")).await;
+    let gw = Gateway::start(&cfg(&[one_client(&up, "")], "usage:\n  dir: ./usage\n")).await;
+    gw.chat("m").await;
     let path = gw
         .dir
         .path()
@@ -533,7 +468,7 @@ async fn a_reader_holding_the_usage_file_does_not_stop_the_writer() {
         .query_row("SELECT count(*) FROM requests", [], |r| r.get(0))
         .unwrap();
     for _ in 0..20 {
-        post(&gw.url("/v1/chat/completions"), chat("m")).await;
+        gw.chat("m").await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let metrics = gw.state.metrics.render(&gw.state.table.load());
@@ -549,12 +484,7 @@ async fn a_reader_holding_the_usage_file_does_not_stop_the_writer() {
 async fn a_directory_or_unreadable_path_in_place_of_the_config_keeps_the_table() {
     let up = MockUpstream::start("up").await;
     let good = cfg(
-        &[client_yaml(
-            "c",
-            &up.url(),
-            &["k"],
-            "model_match: { type: exact, value: [m] }",
-        )],
+        &[one_client(&up, "")],
         "usage:\n  enabled: false\nserver:\n  admin_token: a\n",
     );
     let gw = Gateway::start(&good).await;
@@ -568,10 +498,5 @@ async fn a_directory_or_unreadable_path_in_place_of_the_config_keeps_the_table()
         status.errors
     );
     assert_eq!(gw.generation(), 1);
-    assert_eq!(
-        post(&gw.url("/v1/chat/completions"), chat("m"))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(gw.chat("m").await.status, 200);
 }

@@ -46,27 +46,21 @@ async fn edits_in_place_and_rename_saves_are_applied_within_two_seconds() {
     let gw = Gateway::start(&to(&a.url())).await;
     assert_eq!(gw.generation(), 1);
     assert_eq!(
-        post(&gw.url("/v1/chat/completions"), chat("m"))
-            .await
-            .json()["choices"][0]["message"]["content"],
+        gw.chat("m").await.json()["choices"][0]["message"]["content"],
         "hello from a"
     );
 
     std::fs::write(gw.config_path(), to(&b.url())).unwrap();
     assert!(gw.wait_generation(2).await, "in-place edit applied");
     assert_eq!(
-        post(&gw.url("/v1/chat/completions"), chat("m"))
-            .await
-            .json()["choices"][0]["message"]["content"],
+        gw.chat("m").await.json()["choices"][0]["message"]["content"],
         "hello from b"
     );
 
     rename_save(&gw.config_path(), &to(&a.url()));
     assert!(gw.wait_generation(3).await, "rename-save applied");
     assert_eq!(
-        post(&gw.url("/v1/chat/completions"), chat("m"))
-            .await
-            .json()["choices"][0]["message"]["content"],
+        gw.chat("m").await.json()["choices"][0]["message"]["content"],
         "hello from a"
     );
 
@@ -107,9 +101,7 @@ async fn a_symlink_flip_like_a_kubernetes_configmap_is_applied() {
     std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
     assert!(gw.wait_generation(g + 1).await, "symlink flip applied");
     assert_eq!(
-        post(&gw.url("/v1/chat/completions"), chat("m"))
-            .await
-            .json()["choices"][0]["message"]["content"],
+        gw.chat("m").await.json()["choices"][0]["message"]["content"],
         "hello from b"
     );
 }
@@ -117,15 +109,7 @@ async fn a_symlink_flip_like_a_kubernetes_configmap_is_applied() {
 #[tokio::test]
 async fn an_invalid_file_keeps_the_running_table_and_shows_its_errors() {
     let up = MockUpstream::start("up").await;
-    let good = cfg(
-        &[client_yaml(
-            "c",
-            &up.url(),
-            &["k"],
-            "model_match: { type: exact, value: [m] }",
-        )],
-        NO_USAGE,
-    );
+    let good = cfg(&[one_client(&up, "")], NO_USAGE);
     let gw = Gateway::start(&good).await;
     std::fs::write(
         gw.config_path(),
@@ -154,9 +138,7 @@ async fn an_invalid_file_keeps_the_running_table_and_shows_its_errors() {
         "{err}"
     );
     assert_eq!(
-        post(&gw.url("/v1/chat/completions"), chat("m"))
-            .await
-            .status,
+        gw.chat("m").await.status,
         200,
         "still serving the old table"
     );
@@ -176,12 +158,7 @@ async fn an_invalid_file_keeps_the_running_table_and_shows_its_errors() {
     std::fs::remove_file(gw.config_path()).unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(gw.generation(), 1);
-    assert_eq!(
-        post(&gw.url("/v1/chat/completions"), chat("m"))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(gw.chat("m").await.status, 200);
 
     // Writing it back applies it.
     std::fs::write(gw.config_path(), &good).unwrap();
@@ -208,12 +185,7 @@ async fn admin_reload_and_key_health_carry_over() {
         vec![("retry-after".into(), "600".into())],
         "{}".into(),
     ));
-    assert_eq!(
-        post(&gw.url("/v1/chat/completions"), chat("m"))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(gw.chat("m").await.status, 200);
     let limited = up.requests()[0].auth();
 
     // The file changes (weight) but both keys remain: the cooldown survives.
@@ -238,7 +210,7 @@ async fn admin_reload_and_key_health_carry_over() {
         "{keys}"
     );
     for _ in 0..4 {
-        post(&gw.url("/v1/chat/completions"), chat("m")).await;
+        gw.chat("m").await;
     }
     assert!(up.requests()[2..].iter().all(|r| r.auth() != limited));
 
@@ -252,16 +224,7 @@ async fn admin_reload_and_key_health_carry_over() {
         .status,
         401
     );
-    let no_admin = Gateway::start(&cfg(
-        &[client_yaml(
-            "c",
-            &up.url(),
-            &["k"],
-            "model_match: { type: exact, value: [m] }",
-        )],
-        "usage:\n  enabled: false\n",
-    ))
-    .await;
+    let no_admin = Gateway::start(&cfg(&[one_client(&up, "")], "usage:\n  enabled: false\n")).await;
     assert_eq!(
         get(&no_admin.url("/admin/status"), &admin()).await.status,
         404
@@ -290,7 +253,7 @@ async fn requests_in_flight_finish_on_the_table_they_started_with() {
     assert!(eventually(Duration::from_secs(2), || a.count() == 1).await);
     std::fs::write(gw.config_path(), to(&b.url())).unwrap();
     assert!(gw.wait_generation(2).await);
-    let r = post(&gw.url("/v1/chat/completions"), chat("m")).await;
+    let r = gw.chat("m").await;
     assert_eq!(r.json()["choices"][0]["message"]["content"], "hello from b");
     let r = slow.await.unwrap();
     assert_eq!(r.status, 200);
@@ -514,22 +477,14 @@ async fn a_new_month_gets_a_new_file_without_a_restart() {
     let n2 = now.clone();
     let clock: gptbalance::proxy::Clock = Arc::new(move || *n2.lock().unwrap());
     let gw = Gateway::start_with(
-        &cfg(
-            &[client_yaml(
-                "c",
-                &up.url(),
-                &["k"],
-                "model_match: { type: exact, value: [m] }",
-            )],
-            "usage:\n  dir: ./u\n",
-        ),
+        &cfg(&[one_client(&up, "")], "usage:\n  dir: ./u\n"),
         Some(clock),
     )
     .await;
-    post(&gw.url("/v1/chat/completions"), chat("m")).await;
+    gw.chat("m").await;
     *now.lock().unwrap() = humantime::parse_rfc3339("2026-02-01T00:00:00.100Z").unwrap();
-    post(&gw.url("/v1/chat/completions"), chat("m")).await;
-    post(&gw.url("/v1/chat/completions"), chat("m")).await;
+    gw.chat("m").await;
+    gw.chat("m").await;
     let dir = gw.stop().await;
     let count = |m: &str| -> i64 {
         open_db(&dir.path().join(format!("u/usage-{m}.sqlite")))
@@ -547,26 +502,11 @@ async fn a_new_month_gets_a_new_file_without_a_restart() {
 #[tokio::test]
 async fn a_foreign_file_is_never_touched_and_its_rows_count_as_dropped() {
     let up = MockUpstream::start("up").await;
-    let gw = Gateway::start(&cfg(
-        &[client_yaml(
-            "c",
-            &up.url(),
-            &["k"],
-            "model_match: { type: exact, value: [m] }",
-        )],
-        "usage:\n  dir: ./u\n",
-    ))
-    .await;
+    let gw = Gateway::start(&cfg(&[one_client(&up, "")], "usage:\n  dir: ./u\n")).await;
     let month = humantime::format_rfc3339(SystemTime::now()).to_string()[..7].to_owned();
     let foreign = gw.dir.path().join(format!("u/usage-{month}.sqlite"));
     std::fs::write(&foreign, b"important notes, not a database").unwrap();
-    assert_eq!(
-        post(&gw.url("/v1/chat/completions"), chat("m"))
-            .await
-            .status,
-        200,
-        "serving goes on"
-    );
+    assert_eq!(gw.chat("m").await.status, 200, "serving goes on");
     let metrics = gw.state.metrics.clone();
     let table = gw.state.table.load_full();
     assert!(
@@ -582,12 +522,7 @@ async fn a_foreign_file_is_never_touched_and_its_rows_count_as_dropped() {
 
     // Once the file is moved away, writing resumes by itself.
     std::fs::rename(&foreign, foreign.with_extension("notes")).unwrap();
-    assert_eq!(
-        post(&gw.url("/v1/chat/completions"), chat("m"))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(gw.chat("m").await.status, 200);
     let written = "gptbalance_usage_rows_total{result=\"written\"} 1";
     assert!(
         eventually(Duration::from_secs(3), || metrics
@@ -617,12 +552,7 @@ async fn metrics_count_requests_attempts_tokens_and_key_health() {
     ))
     .await;
     up.push(Reply::Json(500, json!({})));
-    assert_eq!(
-        post(&gw.url("/v1/chat/completions"), chat("m"))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(gw.chat("m").await.status, 200);
     let text = get(&gw.url("/metrics"), &[]).await.text();
     for needle in [
         "gptbalance_requests_total{client=\"c\",model=\"m\",status=\"200\"} 1",

@@ -47,7 +47,7 @@ async fn weights_share_traffic_inside_a_priority_tier() {
     ))
     .await;
     for _ in 0..200 {
-        let r = post(&gw.url("/v1/chat/completions"), chat("m")).await;
+        let r = gw.chat("m").await;
         assert_eq!(r.status, 200);
     }
     assert_eq!((a.count(), b.count(), reserve.count()), (150, 50, 0));
@@ -110,12 +110,12 @@ async fn rate_limited_key_cools_down_for_its_retry_after_and_503_says_when() {
         vec![("retry-after".into(), "30".into())],
         "{}".into(),
     ));
-    let r = post(&gw.url("/v1/chat/completions"), chat("m")).await;
+    let r = gw.chat("m").await;
     assert_eq!(r.status, 200, "the second key answers");
     let first_key = up.requests()[0].auth();
     // The limited key is skipped while it cools down.
     for _ in 0..4 {
-        post(&gw.url("/v1/chat/completions"), chat("m")).await;
+        gw.chat("m").await;
     }
     let reqs = up.requests();
     assert!(
@@ -138,9 +138,9 @@ async fn rate_limited_key_cools_down_for_its_retry_after_and_503_says_when() {
         vec![("retry-after".into(), "20".into())],
         "{}".into(),
     ));
-    let r = post(&gw.url("/v1/chat/completions"), chat("m")).await;
+    let r = gw.chat("m").await;
     assert_eq!(r.status, 502, "the last key was tried and failed");
-    let r = post(&gw.url("/v1/chat/completions"), chat("m")).await;
+    let r = gw.chat("m").await;
     assert_eq!(r.status, 503);
     assert_eq!(r.json()["error"]["code"], "no_healthy_upstream");
     let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
@@ -165,66 +165,32 @@ async fn unauthorized_key_is_cooled_at_once_and_consecutive_failures_cool_a_key(
     .await;
     // 401 on whichever key goes first: it cools at once, the other serves.
     up.push(Reply::Json(401, json!({"error": {"message": "bad key"}})));
-    let r = post(&gw.url("/v1/chat/completions"), chat("m")).await;
+    let r = gw.chat("m").await;
     assert_eq!(r.status, 200);
     let reqs = up.requests();
     let (rejected, good) = (reqs[0].auth(), reqs[1].auth());
     assert_ne!(rejected, good);
     for _ in 0..3 {
-        post(&gw.url("/v1/chat/completions"), chat("m")).await;
+        gw.chat("m").await;
     }
     assert!(up.requests()[2..].iter().all(|r| r.auth() == good));
 
     // Two 500s in a row (max_failures: 2) cool the remaining key: 503 after.
     up.push(Reply::Json(500, json!({})));
     up.push(Reply::Json(500, json!({})));
-    assert_eq!(
-        post(&gw.url("/v1/chat/completions"), chat("m"))
-            .await
-            .status,
-        502
-    );
-    assert_eq!(
-        post(&gw.url("/v1/chat/completions"), chat("m"))
-            .await
-            .status,
-        502
-    );
-    assert_eq!(
-        post(&gw.url("/v1/chat/completions"), chat("m"))
-            .await
-            .status,
-        503
-    );
+    assert_eq!(gw.chat("m").await.status, 502);
+    assert_eq!(gw.chat("m").await.status, 502);
+    assert_eq!(gw.chat("m").await.status, 503);
 }
 
 #[tokio::test]
 async fn a_success_resets_the_failure_count() {
     let up = MockUpstream::start("up").await;
-    let gw = Gateway::start(&config(
-        &[client_yaml(
-            "c",
-            &up.url(),
-            &["k"],
-            "max_failures: 2\nmodel_match: { type: exact, value: [m] }",
-        )],
-        "",
-    ))
-    .await;
+    let gw = Gateway::start(&config(&[one_client(&up, "max_failures: 2\n")], "")).await;
     for _ in 0..3 {
         up.push(Reply::Json(500, json!({})));
-        assert_eq!(
-            post(&gw.url("/v1/chat/completions"), chat("m"))
-                .await
-                .status,
-            502
-        );
-        assert_eq!(
-            post(&gw.url("/v1/chat/completions"), chat("m"))
-                .await
-                .status,
-            200
-        );
+        assert_eq!(gw.chat("m").await.status, 502);
+        assert_eq!(gw.chat("m").await.status, 200);
     }
 }
 
@@ -251,13 +217,13 @@ async fn failover_goes_to_the_next_key_then_the_next_client_and_502_names_them()
         "",
     ))
     .await;
-    let r = post(&gw.url("/v1/chat/completions"), chat("gpt-x")).await;
+    let r = gw.chat("gpt-x").await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["choices"][0]["message"]["content"], "hello from b");
     assert_eq!(a.count(), 2, "both keys of the first client were tried");
 
     b.set_default(Reply::Json(500, json!({})));
-    let r = post(&gw.url("/v1/chat/completions"), chat("gpt-x")).await;
+    let r = gw.chat("gpt-x").await;
     assert_eq!(r.status, 502);
     let msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
     assert_eq!(r.json()["error"]["code"], "upstream_error");
@@ -272,31 +238,14 @@ async fn failover_goes_to_the_next_key_then_the_next_client_and_502_names_them()
 async fn statuses_not_retried_pass_through_unchanged() {
     let a = MockUpstream::start("a").await;
     let b = MockUpstream::start("b").await;
-    let gw = Gateway::start(&config(
-        &[
-            client_yaml(
-                "a",
-                &a.url(),
-                &["k"],
-                "priority: 1\nmodel_match: { type: exact, value: [m] }",
-            ),
-            client_yaml(
-                "b",
-                &b.url(),
-                &["k"],
-                "priority: 2\nmodel_match: { type: exact, value: [m] }",
-            ),
-        ],
-        "",
-    ))
-    .await;
+    let gw = Gateway::start(&config(&primary_and_backup(&a, &b), "")).await;
     for status in [400u16, 404, 413, 422] {
         a.push(Reply::Raw(
             status,
             vec![("x-upstream".into(), "yes".into())],
             format!("{{\"error\":{{\"message\":\"upstream says {status}\"}}}}"),
         ));
-        let r = post(&gw.url("/v1/chat/completions"), chat("m")).await;
+        let r = gw.chat("m").await;
         assert_eq!(r.status, status);
         assert_eq!(r.headers["x-upstream"], "yes");
         assert_eq!(
@@ -334,13 +283,13 @@ async fn retry_on_decides_whether_429_moves_on() {
         vec![("retry-after".into(), "5".into())],
         "{\"error\":\"slow down\"}".into(),
     ));
-    let r = post(&gw.url("/v1/chat/completions"), chat("m")).await;
+    let r = gw.chat("m").await;
     assert_eq!(
         r.status, 429,
         "429 is not in this client's retry_on: the caller gets it"
     );
     // ...but the key cooled down all the same, so the next request skips it.
-    let r = post(&gw.url("/v1/chat/completions"), chat("m")).await;
+    let r = gw.chat("m").await;
     assert_eq!(r.status, 200);
     assert_eq!(b.count(), 1);
 }
@@ -382,7 +331,7 @@ async fn fallback_chain_is_followed_in_order_and_stops_at_max_depth() {
         )
     };
     let gw = Gateway::start(&clients(3)).await;
-    let r = post(&gw.url("/v1/chat/completions"), chat("m1")).await;
+    let r = gw.chat("m1").await;
     assert_eq!(r.status, 200);
     let models: Vec<String> = bad
         .requests()
@@ -393,7 +342,7 @@ async fn fallback_chain_is_followed_in_order_and_stops_at_max_depth() {
     assert_eq!(good.requests()[0].json()["model"], "real-m4");
 
     let gw1 = Gateway::start(&clients(1)).await;
-    let r = post(&gw1.url("/v1/chat/completions"), chat("m1")).await;
+    let r = gw1.chat("m1").await;
     assert_eq!(r.status, 502, "depth 1 reaches m2 only");
     assert_eq!(good.count(), 1);
 }
@@ -420,12 +369,7 @@ async fn max_attempts_bounds_the_whole_request() {
         "routing:\n  max_attempts: 4\n  max_failures: 100\n",
     ))
     .await;
-    assert_eq!(
-        post(&gw.url("/v1/chat/completions"), chat("m"))
-            .await
-            .status,
-        502
-    );
+    assert_eq!(gw.chat("m").await.status, 502);
     assert_eq!(bad.count(), 4);
 }
 
@@ -480,7 +424,7 @@ async fn inbound_auth_tokens_and_caller_names() {
     let up = MockUpstream::start("up").await;
     let gw = Gateway::start(&format!(
         "server:\n  auth_tokens:\n    - \"bare-token\"\n    - {{ name: batch, token: \"named-token\" }}\nusage:\n  enabled: false\nopenai_clients:\n{}",
-        client_yaml("c", &up.url(), &["k"], "model_match: { type: exact, value: [m] }")
+        one_client(&up, "")
     ))
     .await;
     let url = gw.url("/v1/chat/completions");
@@ -517,12 +461,7 @@ async fn request_errors_have_openais_shape_and_status() {
     let up = MockUpstream::start("up").await;
     let gw = Gateway::start(&format!(
         "server:\n  max_body_bytes: 1000\nusage:\n  enabled: false\nopenai_clients:\n{}",
-        client_yaml(
-            "c",
-            &up.url(),
-            &["k"],
-            "model_match: { type: exact, value: [m] }"
-        )
+        one_client(&up, "")
     ))
     .await;
     let url = gw.url("/v1/chat/completions");
@@ -657,16 +596,7 @@ async fn transforms_apply_per_client_and_never_override_the_caller() {
 #[tokio::test]
 async fn untouched_bodies_go_upstream_byte_for_byte() {
     let up = MockUpstream::start("up").await;
-    let gw = Gateway::start(&config(
-        &[client_yaml(
-            "c",
-            &up.url(),
-            &["k"],
-            "model_match: { type: exact, value: [m] }",
-        )],
-        "",
-    ))
-    .await;
+    let gw = Gateway::start(&config(&[one_client(&up, "")], "")).await;
     let raw = "{ \"model\":\"m\",   \"messages\":[{\"role\":\"user\",\"content\":\"h\\u00e9\"}], \"z\": 1.50 }";
     let r = send(post_req(&gw.url("/v1/chat/completions"), raw, &[])).await;
     assert_eq!(r.status, 200);
@@ -688,21 +618,8 @@ async fn stream_chunks_arrive_before_the_upstream_sends_the_next() {
         gate: Some(gate.clone()),
         abort_at_end: false,
     });
-    let gw = Gateway::start(&config(
-        &[client_yaml(
-            "c",
-            &up.url(),
-            &["k"],
-            "model_match: { type: exact, value: [m] }",
-        )],
-        "",
-    ))
-    .await;
-    let resp = open_stream(
-        &gw.url("/v1/chat/completions"),
-        json!({"model": "m", "stream": true, "messages": []}),
-    )
-    .await;
+    let gw = Gateway::start(&config(&[one_client(&up, "")], "")).await;
+    let resp = gw.stream("m").await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let mut body = resp.into_body();
@@ -730,16 +647,7 @@ async fn a_caller_that_asked_for_usage_gets_the_usage_chunk() {
         gate: None,
         abort_at_end: false,
     });
-    let gw = Gateway::start(&config(
-        &[client_yaml(
-            "c",
-            &up.url(),
-            &["k"],
-            "model_match: { type: exact, value: [m] }",
-        )],
-        "",
-    ))
-    .await;
+    let gw = Gateway::start(&config(&[one_client(&up, "")], "")).await;
     let body = json!({"model": "m", "stream": true, "stream_options": {"include_usage": true}, "messages": []});
     let mut resp = open_stream(&gw.url("/v1/chat/completions"), body).await;
     let all = read_all(resp.body_mut()).await.unwrap();
@@ -759,20 +667,11 @@ async fn stream_special_prefix_goes_on_the_first_content_delta() {
         abort_at_end: false,
     });
     let gw = Gateway::start(&config(
-        &[client_yaml(
-            "c",
-            &up.url(),
-            &["k"],
-            "special_prefix: \"<think>\\n\"\nmodel_match: { type: exact, value: [m] }",
-        )],
+        &[one_client(&up, "special_prefix: \"<think>\\n\"\n")],
         "",
     ))
     .await;
-    let mut resp = open_stream(
-        &gw.url("/v1/chat/completions"),
-        json!({"model": "m", "stream": true, "messages": []}),
-    )
-    .await;
+    let mut resp = gw.stream("m").await;
     let all = read_all(resp.body_mut()).await.unwrap();
     assert!(all.contains("\"content\":\"<think>\\na\""), "{all}");
     assert_eq!(all.matches("<think>").count(), 1);
@@ -789,29 +688,8 @@ async fn a_stream_that_dies_before_its_first_byte_fails_over() {
         gate: None,
         abort_at_end: false,
     });
-    let gw = Gateway::start(&config(
-        &[
-            client_yaml(
-                "a",
-                &a.url(),
-                &["k"],
-                "priority: 1\nmodel_match: { type: exact, value: [m] }",
-            ),
-            client_yaml(
-                "b",
-                &b.url(),
-                &["k"],
-                "priority: 2\nmodel_match: { type: exact, value: [m] }",
-            ),
-        ],
-        "",
-    ))
-    .await;
-    let mut resp = open_stream(
-        &gw.url("/v1/chat/completions"),
-        json!({"model": "m", "stream": true, "messages": []}),
-    )
-    .await;
+    let gw = Gateway::start(&config(&primary_and_backup(&a, &b), "")).await;
+    let mut resp = gw.stream("m").await;
     assert_eq!(resp.status(), 200);
     let all = read_all(resp.body_mut()).await.unwrap();
     assert!(all.contains("from b"));
@@ -841,13 +719,8 @@ async fn timeouts_before_headers_fail_over_and_end_in_504() {
     ))
     .await;
     // "m" matches `fast` exactly, so only `fast` is a candidate.
-    assert_eq!(
-        post(&gw.url("/v1/chat/completions"), chat("m"))
-            .await
-            .status,
-        200
-    );
-    let r = post(&gw.url("/v1/chat/completions"), chat("mx")).await;
+    assert_eq!(gw.chat("m").await.status, 200);
+    let r = gw.chat("mx").await;
     assert_eq!(r.status, 504);
     assert_eq!(r.json()["error"]["code"], "upstream_timeout");
 }
@@ -885,7 +758,7 @@ async fn connection_refused_and_resets_fail_over() {
         "",
     ))
     .await;
-    let r = post(&gw.url("/v1/chat/completions"), chat("m")).await;
+    let r = gw.chat("m").await;
     assert_eq!(r.status, 200);
     assert_eq!(reset.count(), 1);
 }
@@ -898,21 +771,8 @@ async fn an_upstream_that_dies_mid_stream_aborts_the_callers_response() {
         gate: None,
         abort_at_end: true,
     });
-    let gw = Gateway::start(&config(
-        &[client_yaml(
-            "c",
-            &up.url(),
-            &["k"],
-            "model_match: { type: exact, value: [m] }",
-        )],
-        "",
-    ))
-    .await;
-    let mut resp = open_stream(
-        &gw.url("/v1/chat/completions"),
-        json!({"model": "m", "stream": true, "messages": []}),
-    )
-    .await;
+    let gw = Gateway::start(&config(&[one_client(&up, "")], "")).await;
+    let mut resp = gw.stream("m").await;
     let got = read_all(resp.body_mut()).await;
     let partial = got.expect_err("the response must not end cleanly");
     assert!(partial.contains("partial"));
@@ -928,21 +788,8 @@ async fn an_idle_stream_is_aborted_after_idle_timeout() {
         gate: Some(gate),
         abort_at_end: false,
     });
-    let gw = Gateway::start(&config(
-        &[client_yaml(
-            "c",
-            &up.url(),
-            &["k"],
-            "idle_timeout: 300ms\nmodel_match: { type: exact, value: [m] }",
-        )],
-        "",
-    ))
-    .await;
-    let mut resp = open_stream(
-        &gw.url("/v1/chat/completions"),
-        json!({"model": "m", "stream": true, "messages": []}),
-    )
-    .await;
+    let gw = Gateway::start(&config(&[one_client(&up, "idle_timeout: 300ms\n")], "")).await;
+    let mut resp = gw.stream("m").await;
     let got = read_all(resp.body_mut()).await;
     assert!(got.expect_err("aborted").contains("first"));
 }
@@ -961,22 +808,9 @@ async fn a_caller_that_goes_away_cancels_the_upstream_request() {
         abort_at_end: false,
     });
     up.push(Reply::Hang);
-    let gw = Gateway::start(&config(
-        &[client_yaml(
-            "c",
-            &up.url(),
-            &["k"],
-            "model_match: { type: exact, value: [m] }",
-        )],
-        "",
-    ))
-    .await;
+    let gw = Gateway::start(&config(&[one_client(&up, "")], "")).await;
     // Mid-stream: read one chunk, then leave.
-    let mut resp = open_stream(
-        &gw.url("/v1/chat/completions"),
-        json!({"model": "m", "stream": true, "messages": []}),
-    )
-    .await;
+    let mut resp = gw.stream("m").await;
     next_chunk(resp.body_mut()).await.unwrap().unwrap();
     drop(resp);
     gate.add_permits(200);
@@ -1093,16 +927,7 @@ async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
 #[tokio::test]
 async fn conflicting_request_framing_gets_400_and_a_closed_connection() {
     let up = MockUpstream::start("up").await;
-    let gw = Gateway::start(&config(
-        &[client_yaml(
-            "c",
-            &up.url(),
-            &["k"],
-            "model_match: { type: exact, value: [m] }",
-        )],
-        "",
-    ))
-    .await;
+    let gw = Gateway::start(&config(&[one_client(&up, "")], "")).await;
     let body = r#"{"model":"m","messages":[]}"#;
     let chunked = format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len());
     let both = format!(
@@ -1141,16 +966,7 @@ async fn conflicting_request_framing_gets_400_and_a_closed_connection() {
 #[tokio::test]
 async fn h2c_prior_knowledge_is_served() {
     let up = MockUpstream::start("up").await;
-    let gw = Gateway::start(&config(
-        &[client_yaml(
-            "c",
-            &up.url(),
-            &["k"],
-            "model_match: { type: exact, value: [m] }",
-        )],
-        "",
-    ))
-    .await;
+    let gw = Gateway::start(&config(&[one_client(&up, "")], "")).await;
     let h2: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .http2_only(true)

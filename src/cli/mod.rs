@@ -93,6 +93,17 @@ pub fn load_or_exit(path: &std::path::Path) -> Result<crate::config::Loaded, Exi
     }
 }
 
+/// The multi-threaded runtime a subcommand runs on; `Err` is exit code 2.
+pub fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("error: cannot start the runtime: {e}");
+            ExitCode::from(2)
+        })
+}
+
 /// Aligned columns, two spaces apart, for terminal output.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();

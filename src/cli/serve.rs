@@ -42,15 +42,9 @@ pub fn run(args: Args) -> ExitCode {
         }
     };
     raise_open_files_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match super::runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let code = runtime.block_on(serve(cfg, path, args.listen));
     // Connections still open past shutdown_grace are cut here.

@@ -361,6 +361,20 @@ impl Gateway {
         self.dir.path().join("config.yaml")
     }
 
+    /// A streaming chat request for `model`, returned once its headers arrive.
+    pub async fn stream(&self, model: &str) -> Response<Incoming> {
+        open_stream(
+            &self.url("/v1/chat/completions"),
+            json!({"model": model, "stream": true, "messages": []}),
+        )
+        .await
+    }
+
+    /// `POST /v1/chat/completions` for `model`, with a one-line message.
+    pub async fn chat(&self, model: &str) -> Reply2 {
+        post(&self.url("/v1/chat/completions"), chat(model)).await
+    }
+
     pub fn generation(&self) -> u64 {
         self.state.table.load().generation
     }
@@ -508,6 +522,35 @@ pub async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bo
 
 pub fn chat(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+/// The usual single test client: `c`, key `k`, serving exactly model `m`;
+/// `extra` holds more client keys, one per line.
+pub fn one_client(up: &MockUpstream, extra: &str) -> String {
+    client_yaml(
+        "c",
+        &up.url(),
+        &["k"],
+        &format!("{extra}model_match: {{ type: exact, value: [m] }}"),
+    )
+}
+
+/// Client `a` (priority 1) and its backup `b` (priority 2), both serving `m`.
+pub fn primary_and_backup(a: &MockUpstream, b: &MockUpstream) -> [String; 2] {
+    [
+        client_yaml(
+            "a",
+            &a.url(),
+            &["k"],
+            "priority: 1\nmodel_match: { type: exact, value: [m] }",
+        ),
+        client_yaml(
+            "b",
+            &b.url(),
+            &["k"],
+            "priority: 2\nmodel_match: { type: exact, value: [m] }",
+        ),
+    ]
 }
 
 /// A client entry for test configs.
