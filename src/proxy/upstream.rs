@@ -5,7 +5,7 @@
 //! Redirects are never followed: a key is sent only to its `base_url`.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,16 +23,21 @@ pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 #[derive(Default)]
 pub struct UpstreamClients {
-    by_connect_timeout: Mutex<HashMap<Duration, HttpClient>>,
+    by_connect_timeout: RwLock<HashMap<Duration, HttpClient>>,
 }
 
 impl UpstreamClients {
     /// The pooled client for this connect timeout (a cheap handle clone).
     pub fn get(&self, connect_timeout: Duration) -> HttpClient {
-        let mut clients = self
+        if let Some(c) = self
             .by_connect_timeout
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&connect_timeout)
+        {
+            return c.clone();
+        }
+        let mut clients = self.by_connect_timeout.write().unwrap_or_else(|e| e.into_inner());
         clients
             .entry(connect_timeout)
             .or_insert_with(|| build_client(connect_timeout))
