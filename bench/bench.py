@@ -224,9 +224,15 @@ def main():
         nginx = procs.start(["nginx", "-c", nginx_conf, "-p", tmp])
         wait_port(nginx_port)
 
+        starts = [0]
+
         def start_gateway(usage_on=True, extra=0, upstream=mock_port):
+            # A fresh usage dir each time: a file grown by earlier runs would
+            # make later inserts dearer and skew the comparisons.
+            starts[0] += 1
+            usage_dir = os.path.join(tmp, f"usage-{starts[0]}")
             conf = os.path.join(tmp, "gw.yaml")
-            gateway_config(conf, upstream, gw_port, os.path.join(tmp, "usage"), usage_on, extra)
+            gateway_config(conf, upstream, gw_port, usage_dir, usage_on, extra)
             p = procs.start([gw_bin, "serve", "--config", conf])
             wait_port(gw_port)
             time.sleep(0.3)

@@ -500,3 +500,54 @@ async fn a_directory_or_unreadable_path_in_place_of_the_config_keeps_the_table()
     assert_eq!(gw.generation(), 1);
     assert_eq!(gw.chat("m").await.status, 200);
 }
+
+#[tokio::test]
+async fn a_thousand_connections_through_max_connections_100_are_all_served() {
+    // The test process needs more than the default 1024 descriptors.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max.min(8192);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+    let up = MockUpstream::start("up").await;
+    let gw = Gateway::start(&cfg(
+        &[one_client(&up, "")],
+        "server:\n  max_connections: 100\nusage:\n  enabled: false\n",
+    ))
+    .await;
+    let body = r#"{"model":"m"}"#;
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..1000 {
+        let (addr, request) = (gw.addr, request.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+            s.write_all(request.as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
+            Ok::<bool, String>(buf.starts_with(b"HTTP/1.1 200"))
+        }));
+    }
+    let mut served = 0;
+    for t in tasks {
+        if tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .unwrap()
+            .unwrap()
+            == Ok(true)
+        {
+            served += 1;
+        }
+    }
+    assert_eq!(served, 1000);
+    assert_eq!(up.count(), 1000);
+}

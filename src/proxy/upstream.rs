@@ -37,7 +37,10 @@ impl UpstreamClients {
         {
             return c.clone();
         }
-        let mut clients = self.by_connect_timeout.write().unwrap_or_else(|e| e.into_inner());
+        let mut clients = self
+            .by_connect_timeout
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         clients
             .entry(connect_timeout)
             .or_insert_with(|| build_client(connect_timeout))

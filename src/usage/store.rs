@@ -48,6 +48,8 @@ pub fn path_for(dir: &Path, month: &str) -> PathBuf {
     dir.join(file_name(month))
 }
 
+/// One file holds one month, and reports add up a whole month, so the only
+/// index is on `ts` (time-range queries); more would only slow the inserts.
 const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS requests (
     id                INTEGER PRIMARY KEY,
@@ -70,9 +72,6 @@ CREATE TABLE IF NOT EXISTS requests (
     error             TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
-CREATE INDEX IF NOT EXISTS requests_client ON requests (client, ts);
-CREATE INDEX IF NOT EXISTS requests_model ON requests (model, ts);
-CREATE INDEX IF NOT EXISTS requests_caller ON requests (caller, ts);
 ";
 
 /// Ok when the file at `path` may be opened for writing: absent, empty, or

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -22,7 +22,12 @@ use crate::ops::metrics::Metrics;
 /// Rows waiting for the writer before new ones are dropped.
 const CHANNEL_CAPACITY: usize = 65_536;
 /// Most rows in one transaction.
-const MAX_BATCH: usize = 4096;
+const MAX_BATCH: usize = 8192;
+/// After the first row of a batch arrives, the writer waits this long for
+/// more. While it waits it is not blocked on the channel, so request tasks
+/// sending rows never have to wake a thread: one wake-up per batch, not per
+/// row. Well inside the promise of a commit at least once a second.
+const BATCH_WINDOW: Duration = Duration::from_millis(100);
 
 enum Msg {
     Row(Box<UsageRecord>),
@@ -125,22 +130,25 @@ fn write_loop(rx: Receiver<Msg>, dir: PathBuf, metrics: Arc<Metrics>) {
     let mut batch: Vec<Box<UsageRecord>> = Vec::new();
     loop {
         let mut closing = false;
-        match rx.recv_timeout(Duration::from_secs(1)) {
+        match rx.recv() {
             Ok(Msg::Row(r)) => batch.push(r),
-            Ok(Msg::Close) | Err(RecvTimeoutError::Disconnected) => closing = true,
-            Err(RecvTimeoutError::Timeout) => {}
+            Ok(Msg::Close) | Err(_) => closing = true,
         }
-        while !closing && batch.len() < MAX_BATCH {
+        if !closing {
+            std::thread::sleep(BATCH_WINDOW);
+        }
+        // Rows sent before Close are all in the channel ahead of it.
+        loop {
             match rx.try_recv() {
-                Ok(Msg::Row(r)) => batch.push(r),
+                Ok(Msg::Row(r)) => {
+                    batch.push(r);
+                    if batch.len() >= MAX_BATCH {
+                        files.write(&batch);
+                        batch.clear();
+                    }
+                }
                 Ok(Msg::Close) => closing = true,
                 Err(_) => break,
-            }
-        }
-        if closing {
-            // Rows sent before Close are all in the channel ahead of it.
-            while let Ok(Msg::Row(r)) = rx.try_recv() {
-                batch.push(r);
             }
         }
         if !batch.is_empty() {
