@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 
 use super::ConfigArg;
 use crate::config::validate::parse_listen;
@@ -70,14 +70,15 @@ async fn serve(
         (None, UsageSink::disabled(metrics.clone()))
     };
     let addr = listen.unwrap_or(cfg.server.listen);
-    let listener = match TcpListener::bind(addr).await {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let listeners = match bind_listeners(addr, workers) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("error: cannot listen on {addr}: {e}");
             return ExitCode::from(2);
         }
     };
-    let bound = listener.local_addr().unwrap_or(addr);
+    let bound = listeners[0].local_addr().unwrap_or(addr);
     if cfg.server.auth_tokens.is_empty() && !bound.ip().is_loopback() {
         tracing::warn!(%bound, "auth is disabled and the listen address is not loopback");
     }
@@ -97,12 +98,79 @@ async fn serve(
     tracing::info!(listen = %bound, clients, config = %path.display(), version = env!("CARGO_PKG_VERSION"), "gptbalance listening");
     systemd::ready();
     systemd::spawn_watchdog();
-    server::run(listener, state.clone(), shutdown_signal()).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let mut listeners = listeners.into_iter();
+    let own = listeners
+        .next()
+        .expect("bind_listeners returns at least one");
+    let mut threads = Vec::new();
+    for (i, l) in listeners.enumerate() {
+        let (state, rx) = (state.clone(), stop_rx.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("worker-{}", i + 1))
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(async move {
+                        match TcpListener::from_std(l) {
+                            Ok(l) => server::run(l, state, stopped(rx)).await,
+                            Err(e) => tracing::error!(error = %e, "worker cannot use its listener"),
+                        }
+                    }),
+                    Err(e) => tracing::error!(error = %e, "cannot start a worker runtime"),
+                }
+            });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => tracing::error!(error = %e, "cannot start a worker thread"),
+        }
+    }
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    match TcpListener::from_std(own) {
+        Ok(l) => server::run(l, state.clone(), stopped(stop_rx)).await,
+        Err(e) => tracing::error!(error = %e, "cannot use the listener"),
+    }
+    let _ = tokio::task::spawn_blocking(move || {
+        for t in threads {
+            let _ = t.join();
+        }
+    })
+    .await;
     if let Some(w) = writer {
         let _ = tokio::task::spawn_blocking(move || w.shutdown()).await;
     }
     tracing::info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// `count` listeners on one address with SO_REUSEPORT, so the kernel
+/// spreads new connections across the worker threads. Port 0 is resolved
+/// by the first bind and reused by the others.
+fn bind_listeners(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut out: Vec<std::net::TcpListener> = Vec::with_capacity(count);
+    let mut at = addr;
+    for _ in 0..count.max(1) {
+        let socket = if at.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(at)?;
+        let std_listener = socket.listen(4096)?.into_std()?;
+        at = std_listener.local_addr()?;
+        out.push(std_listener);
+    }
+    Ok(out)
 }
 
 /// Resolves on SIGTERM or SIGINT.

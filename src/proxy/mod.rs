@@ -50,6 +50,8 @@ pub struct AppState {
     pub last_reload: Mutex<ReloadStatus>,
     /// Serializes reloads from the watcher, SIGHUP and `/admin/reload`.
     pub reload_lock: tokio::sync::Mutex<()>,
+    /// `server.max_connections`, shared by every worker's accept loop.
+    pub connection_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -60,9 +62,12 @@ impl AppState {
         config_path: Option<PathBuf>,
     ) -> AppState {
         metrics.set_generation(table.generation);
+        let slots = Arc::new(tokio::sync::Semaphore::new(
+            table.config.server.max_connections,
+        ));
         AppState {
             table: ArcSwap::from_pointee(table),
-            upstream: upstream::UpstreamClients::default(),
+            upstream: upstream::UpstreamClients,
             usage,
             metrics,
             clock: Arc::new(SystemTime::now),
@@ -73,6 +78,7 @@ impl AppState {
                 errors: Vec::new(),
             }),
             reload_lock: tokio::sync::Mutex::new(()),
+            connection_slots: slots,
         }
     }
 

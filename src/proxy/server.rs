@@ -12,7 +12,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use super::framing::Watched;
 use super::handler;
@@ -33,8 +32,9 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
         .timer(TokioTimer::new())
         .max_header_list_size(64 * 1024);
     let graceful = GracefulShutdown::new();
-    // Beyond max_connections, new connections wait in the listen backlog.
-    let slots = Arc::new(Semaphore::new(server_cfg.max_connections));
+    // Beyond max_connections (across every worker), new connections wait
+    // in the listen backlog.
+    let slots = state.connection_slots.clone();
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {

@@ -1,11 +1,13 @@
 //! The pooled upstream client and the upstream request builder.
 //!
 //! One hyper-util client (HTTP/1.1 and HTTP/2 over rustls) per distinct
-//! `connect_timeout`, kept across reloads so pooled connections survive them.
+//! `connect_timeout` and worker thread, kept across reloads so pooled
+//! connections survive them.
 //! Redirects are never followed: a key is sent only to its `base_url`.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,30 +23,27 @@ use crate::routing::{ClientRoute, KeyRoute};
 
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
+/// Pooled upstream clients, one per distinct `connect_timeout` and per
+/// thread: with a runtime per core, each worker drives its own upstream
+/// connections, so a request never hops threads. Kept across reloads, so
+/// pooled connections survive them.
 #[derive(Default)]
-pub struct UpstreamClients {
-    by_connect_timeout: RwLock<HashMap<Duration, HttpClient>>,
+pub struct UpstreamClients;
+
+thread_local! {
+    static POOLS: RefCell<HashMap<Duration, HttpClient>> = RefCell::new(HashMap::new());
 }
 
 impl UpstreamClients {
-    /// The pooled client for this connect timeout (a cheap handle clone).
+    /// This thread's pooled client for this connect timeout (a cheap handle clone).
     pub fn get(&self, connect_timeout: Duration) -> HttpClient {
-        if let Some(c) = self
-            .by_connect_timeout
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&connect_timeout)
-        {
-            return c.clone();
-        }
-        let mut clients = self
-            .by_connect_timeout
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
-        clients
-            .entry(connect_timeout)
-            .or_insert_with(|| build_client(connect_timeout))
-            .clone()
+        POOLS.with(|pools| {
+            pools
+                .borrow_mut()
+                .entry(connect_timeout)
+                .or_insert_with(|| build_client(connect_timeout))
+                .clone()
+        })
     }
 }
 
