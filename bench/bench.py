@@ -270,8 +270,11 @@ def main():
         many = 1000 if not args.smoke else 100
         variants = {"usage_on": dict(), "usage_off": dict(usage_on=False), "many_clients": dict(extra=many)}
         runs = {k: [] for k in variants}
-        for _ in range(1 if args.smoke else 3):
-            for name, kw in variants.items():
+        names = list(variants)
+        for round_no in range(1 if args.smoke else 3):
+            # Rotate the order each round: no variant always runs first.
+            for name in names[round_no % len(names):] + names[:round_no % len(names)]:
+                kw = variants[name]
                 gw = start_gateway(**kw)
                 runs[name].append(wrk(urls["gptbalance"], 64, secs)["rps"])
                 procs.stop(gw)
