@@ -82,7 +82,7 @@ pub fn explain(table: &RoutingTable, model: &str) -> Result<String, String> {
                 f64::from(w) * 100.0 / f64::from(total.max(1)),
                 keys.len(),
                 keys.join(", "),
-                format!("{:?}", c.cfg.policy.key_strategy).to_lowercase(),
+                c.cfg.policy.key_strategy.as_str(),
                 c.cfg.base_url,
             ));
             for t in transforms(&c.cfg) {

@@ -98,6 +98,17 @@ pub enum KeyStrategy {
     LeastUsed,
 }
 
+impl KeyStrategy {
+    /// The name as written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyStrategy::RoundRobin => "round_robin",
+            KeyStrategy::Random => "random",
+            KeyStrategy::LeastUsed => "least_used",
+        }
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UsageSection {
