@@ -5,8 +5,13 @@
 //!
 //!     cargo run --release --example mock_upstream -- --listen 127.0.0.1:9001 --name demo
 //!
-//! `--chunks N` and `--chunk-delay-ms D` shape streams; `--fail-every N`
-//! answers every Nth request with a 503, to watch failover.
+//! `--chunks N` and `--chunk-delay-ms D` shape streams (`D` = 0 sends the
+//! chunks back to back; a large `D`, e.g. 600000, holds streams open and idle
+//! after their first chunk); `--fail-every N` answers every Nth request with a
+//! 503, to watch failover. `--stamp-chunks` adds `"x_sent_us"` (Unix time in
+//! microseconds when the chunk was handed to the connection) to every stream
+//! chunk, so a client on the same machine can tell how long each chunk took
+//! to reach it (`examples/bench_client.rs` uses it).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -29,7 +34,30 @@ struct Opts {
     chunks: usize,
     delay: Duration,
     fail_every: u64,
+    stamp: bool,
     seen: Arc<AtomicU64>,
+    /// The words of every answer (the same for every request), and their
+    /// concatenation as a JSON string for non-streaming answers.
+    words: Arc<[String]>,
+    text_json: Arc<str>,
+}
+
+/// The fields of a request body the mock looks at; parsed without building a
+/// `serde_json::Value`, so the mock stays cheap under benchmark load.
+#[derive(serde::Deserialize, Default)]
+struct Req {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
 }
 
 type Body = http_body_util::Either<Full<Bytes>, ChannelBody>;
@@ -63,11 +91,23 @@ async fn main() {
         .unwrap_or_else(|| "127.0.0.1:9001".into())
         .parse()
         .expect("--listen takes an address such as 127.0.0.1:9001");
+    let name = arg(&args, "--name").unwrap_or_else(|| "mock".into());
+    let chunks: usize = arg(&args, "--chunks")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let words: Vec<String> = (0..chunks)
+        .map(|i| {
+            if i == 0 {
+                format!("Hello from {name}")
+            } else {
+                format!(" #{i}")
+            }
+        })
+        .collect();
+    let text_json = serde_json::to_string(&words.concat()).expect("a string serializes");
     let opts = Opts {
-        name: arg(&args, "--name").unwrap_or_else(|| "mock".into()),
-        chunks: arg(&args, "--chunks")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(5),
+        name,
+        chunks,
         delay: Duration::from_millis(
             arg(&args, "--chunk-delay-ms")
                 .and_then(|v| v.parse().ok())
@@ -76,7 +116,10 @@ async fn main() {
         fail_every: arg(&args, "--fail-every")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0),
+        stamp: args.iter().any(|a| a == "--stamp-chunks"),
         seen: Arc::new(AtomicU64::new(0)),
+        words: words.into(),
+        text_json: text_json.into(),
     };
     let listener = TcpListener::bind(listen)
         .await
@@ -106,8 +149,10 @@ fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
         v.to_string(),
     ))));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert("content-type", "application/json".parse().unwrap());
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -132,9 +177,8 @@ async fn answer(o: Opts, req: Request<Incoming>) -> Result<Response<Body>, Infal
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-    let model = v["model"].as_str().unwrap_or("unknown").to_owned();
-    let usage = serde_json::json!({"prompt_tokens": 9, "completion_tokens": o.chunks, "total_tokens": 9 + o.chunks});
+    let v: Req = serde_json::from_slice(&body).unwrap_or_default();
+    let model = v.model.unwrap_or_else(|| "unknown".into());
     if path.ends_with("/embeddings") {
         return Ok(json(
             StatusCode::OK,
@@ -142,33 +186,38 @@ async fn answer(o: Opts, req: Request<Incoming>) -> Result<Response<Body>, Infal
         ));
     }
     let chat = path.ends_with("/chat/completions");
-    let words: Vec<String> = (0..o.chunks)
-        .map(|i| {
-            if i == 0 {
-                format!("Hello from {}", o.name)
-            } else {
-                format!(" #{i}")
-            }
-        })
-        .collect();
-    if v["stream"].as_bool() != Some(true) {
-        let text = words.concat();
-        let choice = if chat {
-            serde_json::json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"})
+    if v.stream != Some(true) {
+        // Written out by hand rather than through `serde_json::Value`: this
+        // is the benchmark's hot path and the mock should cost little.
+        let text = &o.text_json;
+        let (object, choice) = if chat {
+            (
+                "chat.completion",
+                format!(
+                    r#"{{"index":0,"message":{{"role":"assistant","content":{text}}},"finish_reason":"stop"}}"#
+                ),
+            )
         } else {
-            serde_json::json!({"index": 0, "text": text, "finish_reason": "stop"})
+            (
+                "text_completion",
+                format!(r#"{{"index":0,"text":{text},"finish_reason":"stop"}}"#),
+            )
         };
-        let object = if chat {
-            "chat.completion"
-        } else {
-            "text_completion"
-        };
-        return Ok(json(
-            StatusCode::OK,
-            serde_json::json!({"id": "mock-1", "object": object, "created": 0, "model": model, "choices": [choice], "usage": usage}),
-        ));
+        let model = serde_json::to_string(&model).expect("a string serializes");
+        let (completion, total) = (o.chunks, 9 + o.chunks);
+        let body = format!(
+            r#"{{"id":"mock-1","object":"{object}","created":0,"model":{model},"choices":[{choice}],"usage":{{"prompt_tokens":9,"completion_tokens":{completion},"total_tokens":{total}}}}}"#
+        );
+        let mut r = Response::new(http_body_util::Either::Left(Full::new(Bytes::from(body))));
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        return Ok(r);
     }
-    let include_usage = v["stream_options"]["include_usage"].as_bool() == Some(true);
+    let usage = serde_json::json!({"prompt_tokens": 9, "completion_tokens": o.chunks, "total_tokens": 9 + o.chunks});
+    let words = o.words.clone();
+    let include_usage = v.stream_options.and_then(|o| o.include_usage) == Some(true);
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
     tokio::spawn(async move {
         let object = if chat {
@@ -176,13 +225,16 @@ async fn answer(o: Opts, req: Request<Incoming>) -> Result<Response<Body>, Infal
         } else {
             "text_completion"
         };
-        for w in words {
+        for w in words.iter() {
             let choice = if chat {
                 serde_json::json!({"index": 0, "delta": {"content": w}, "finish_reason": null})
             } else {
                 serde_json::json!({"index": 0, "text": w, "finish_reason": null})
             };
-            let ev = serde_json::json!({"id": "mock-1", "object": object, "created": 0, "model": model, "choices": [choice]});
+            let mut ev = serde_json::json!({"id": "mock-1", "object": object, "created": 0, "model": model, "choices": [choice]});
+            if o.stamp {
+                ev["x_sent_us"] = unix_micros().into();
+            }
             if tx
                 .send(Bytes::from(format!("data: {ev}\n\n")))
                 .await
@@ -190,7 +242,9 @@ async fn answer(o: Opts, req: Request<Incoming>) -> Result<Response<Body>, Infal
             {
                 return;
             }
-            tokio::time::sleep(o.delay).await;
+            if !o.delay.is_zero() {
+                tokio::time::sleep(o.delay).await;
+            }
         }
         if include_usage {
             let ev = serde_json::json!({"id": "mock-1", "object": object, "created": 0, "model": model, "choices": [], "usage": usage});
@@ -199,7 +253,15 @@ async fn answer(o: Opts, req: Request<Incoming>) -> Result<Response<Body>, Infal
         let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
     });
     let mut r = Response::new(http_body_util::Either::Right(ChannelBody(rx)));
-    r.headers_mut()
-        .insert("content-type", "text/event-stream".parse().unwrap());
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/event-stream"),
+    );
     Ok(r)
+}
+
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
