@@ -230,7 +230,7 @@ fn record(
         model: Some(model.into()),
         routed_model: Some(model.into()),
         client: Some(client.into()),
-        key_id: Some(format!("key-{client}")),
+        key_id: Some(format!("key-{client}").into()),
         status,
         attempts: 1,
         latency_ms: latency,

@@ -42,9 +42,18 @@ pub fn run(args: Args) -> ExitCode {
         }
     };
     raise_open_files_limit();
-    let runtime = match super::runtime() {
+    // Every listener runs on a single-threaded runtime of its own (this
+    // thread's and one per extra core): a connection's tasks never hop
+    // threads, and each thread keeps its own upstream pool.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
-        Err(code) => return code,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
     };
     let code = runtime.block_on(serve(cfg, path, args.listen));
     // Connections still open past shutdown_grace are cut here.

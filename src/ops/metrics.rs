@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -23,27 +23,27 @@ const MAX_MODEL_LABELS: usize = 1000;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    client: String,
-    model: String,
-    status: String,
+    client: Arc<str>,
+    model: Arc<str>,
+    status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AttemptLabels {
-    client: String,
-    result: String,
+    client: Arc<str>,
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClientLabels {
-    client: String,
+    client: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TokenLabels {
-    client: String,
-    model: String,
-    kind: String,
+    client: Arc<str>,
+    model: Arc<str>,
+    kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -54,7 +54,7 @@ struct KeyLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
-    result: String,
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -80,7 +80,11 @@ pub struct Metrics {
     generation: Gauge,
     usage_rows: Family<ResultLabels, Counter>,
     in_flight: Gauge,
-    models_seen: RwLock<HashSet<String>>,
+    /// Label values are shared, not copied: the per-request path allocates
+    /// no label strings.
+    models_seen: RwLock<HashSet<Arc<str>>>,
+    empty: Arc<str>,
+    other: Arc<str>,
     scrape: Mutex<()>,
 }
 
@@ -107,6 +111,8 @@ impl Metrics {
             usage_rows: Family::default(),
             in_flight: Gauge::default(),
             models_seen: RwLock::new(HashSet::new()),
+            empty: Arc::from(""),
+            other: Arc::from("other"),
             scrape: Mutex::new(()),
             registry: Registry::default(),
         };
@@ -176,34 +182,38 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    fn model_label(&self, model: Option<&str>) -> String {
+    fn model_label(&self, model: Option<&str>) -> Arc<str> {
         let Some(model) = model else {
-            return String::new();
+            return self.empty.clone();
         };
-        if self
+        if let Some(m) = self
             .models_seen
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .contains(model)
+            .get(model)
         {
-            return model.to_owned();
+            return m.clone();
         }
         let mut seen = self.models_seen.write().unwrap_or_else(|e| e.into_inner());
-        if seen.len() < MAX_MODEL_LABELS {
-            seen.insert(model.to_owned());
-            return model.to_owned();
+        if let Some(m) = seen.get(model) {
+            return m.clone();
         }
-        "other".to_owned()
+        if seen.len() < MAX_MODEL_LABELS {
+            let m: Arc<str> = Arc::from(model);
+            seen.insert(m.clone());
+            return m;
+        }
+        self.other.clone()
     }
 
     pub fn request_finished(&self, r: &UsageRecord) {
-        let client = r.client.clone().unwrap_or_default();
+        let client = r.client.clone().unwrap_or_else(|| self.empty.clone());
         let model = self.model_label(r.model.as_deref());
         self.requests
             .get_or_create(&RequestLabels {
                 client: client.clone(),
                 model: model.clone(),
-                status: r.status.to_string(),
+                status: r.status,
             })
             .inc();
         if r.client.is_some() {
@@ -226,29 +236,25 @@ impl Metrics {
                     .get_or_create(&TokenLabels {
                         client: client.clone(),
                         model: model.clone(),
-                        kind: kind.to_owned(),
+                        kind,
                     })
                     .inc_by(n);
             }
         }
     }
 
-    pub fn attempt(&self, client: &str, result: &str) {
+    pub fn attempt(&self, client: &Arc<str>, result: &'static str) {
         self.attempts
             .get_or_create(&AttemptLabels {
-                client: client.to_owned(),
-                result: result.to_owned(),
+                client: client.clone(),
+                result,
             })
             .inc();
     }
 
     pub fn reload(&self, ok: bool, generation: u64) {
         let result = if ok { "ok" } else { "failed" };
-        self.reloads
-            .get_or_create(&ResultLabels {
-                result: result.to_owned(),
-            })
-            .inc();
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
         self.set_generation(generation);
     }
 
@@ -256,11 +262,9 @@ impl Metrics {
         self.generation.set(generation as i64);
     }
 
-    pub fn usage_rows(&self, result: &str, n: u64) {
+    pub fn usage_rows(&self, result: &'static str, n: u64) {
         self.usage_rows
-            .get_or_create(&ResultLabels {
-                result: result.to_owned(),
-            })
+            .get_or_create(&ResultLabels { result })
             .inc_by(n);
     }
 

@@ -95,9 +95,18 @@ fn safe_endpoint(endpoint: &str) -> bool {
             .split('/')
             .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
         && !endpoint.contains('\\')
-        && !endpoint.to_ascii_lowercase().contains("%2f")
-        && !endpoint.to_ascii_lowercase().contains("%2e")
-        && !endpoint.to_ascii_lowercase().contains("%5c")
+        && !has_encoded_separator(endpoint)
+}
+
+/// `%2f`, `%2e` or `%5c` in any case: an encoded slash, dot or backslash.
+fn has_encoded_separator(s: &str) -> bool {
+    s.as_bytes().windows(3).any(|w| {
+        w[0] == b'%'
+            && matches!(
+                (w[1], w[2].to_ascii_lowercase()),
+                (b'2', b'f' | b'e') | (b'5', b'c')
+            )
+    })
 }
 
 fn percent_decode(s: &str) -> Option<String> {
@@ -117,8 +126,16 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// `req_` and 32 random hex digits.
 fn new_request_id() -> String {
-    format!("req_{:032x}", fastrand::u128(..))
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(36);
+    id.push_str("req_");
+    let n = fastrand::u128(..);
+    for i in (0..32).rev() {
+        id.push(char::from(HEX[((n >> (i * 4)) & 0xf) as usize]));
+    }
+    id
 }
 
 /// The service function given to hyper for every request. `conflicting_framing`:
@@ -343,12 +360,17 @@ async fn proxy(
             )
         }
     };
+    // The requested model's candidates, looked up once: for the 404 here
+    // and for the first round of attempts below.
+    let mut first_candidates = None;
     if pinned.is_none() {
         let m = model.as_deref().unwrap_or_default();
-        if table.candidates(m).is_empty() {
+        let candidates = table.candidates(m);
+        if candidates.is_empty() {
             let e = ApiError::ModelNotFound(format!("no client serves model `{m}`"));
             return fail(done, e, request_id);
         }
+        first_candidates = Some(candidates);
     }
 
     let kind = EndpointKind::of(&endpoint);
@@ -356,7 +378,7 @@ async fn proxy(
         method: parts.method,
         endpoint: &endpoint,
         query: parts.uri.query().map(str::to_owned),
-        headers: upstream::forwardable_headers(&parts.headers),
+        headers: parts.headers,
         body: RequestBody::new(bytes),
         kind,
         requested_model: model.clone(),
@@ -387,7 +409,10 @@ async fn proxy(
                     continue;
                 }
                 run.models_tried.push(m.clone());
-                let candidates = table.candidates(&m);
+                let candidates = match first_candidates.take() {
+                    Some(c) if depth == 0 => c,
+                    _ => table.candidates(&m),
+                };
                 for ci in candidates.order() {
                     match try_client(&state, &table, &request, ci, Some(&m), &mut run, request_id)
                         .await
@@ -428,6 +453,7 @@ struct Prepared<'a> {
     method: Method,
     endpoint: &'a str,
     query: Option<String>,
+    /// The caller's headers as received; filtered per attempt.
     headers: HeaderMap,
     body: RequestBody,
     kind: EndpointKind,
@@ -489,7 +515,7 @@ struct Answer {
     first: Option<Bytes>,
     ttft: Option<Duration>,
     client: usize,
-    key_id: String,
+    key_id: Arc<str>,
     routed_model: Option<String>,
     in_flight: crate::routing::key_health::InFlight,
 }
@@ -546,7 +572,7 @@ async fn try_client(
         let in_flight = key.health.begin();
         match attempt::run(&http, up, policy, key, Instant::now()).await {
             Outcome::FailOver(e) => {
-                state.metrics.attempt(&client.cfg.name, failover_label(&e));
+                state.metrics.attempt(&client.name, failover_label(&e));
                 tracing::warn!(
                     request_id, client = %client.cfg.name, key = %key.id,
                     attempt = run.attempts, error = %e, "attempt failed, failing over"
@@ -559,14 +585,14 @@ async fn try_client(
                 first,
                 ttft,
             } => {
-                state.metrics.attempt(&client.cfg.name, "ok");
+                state.metrics.attempt(&client.name, "ok");
                 return Ok(Some(Answer {
                     parts,
                     body,
                     first,
                     ttft,
                     client: ci,
-                    key_id: key.id.to_string(),
+                    key_id: key.label.clone(),
                     routed_model: routed.map(str::to_owned),
                     in_flight,
                 }));
@@ -599,7 +625,7 @@ fn respond(
     let status = answer.parts.status;
     let r = &mut done.record;
     r.attempts = run.attempts;
-    r.client = Some(client.cfg.name.clone());
+    r.client = Some(client.name.clone());
     r.key_id = Some(answer.key_id);
     r.routed_model = answer.routed_model;
     r.status = status.as_u16();
@@ -668,5 +694,34 @@ fn response_filter(
         }
     } else {
         Filter::Raw
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoded_separators_are_refused_in_any_case() {
+        for bad in ["a%2fb", "a%2Fb", "%2E%2e/x", "x%5C", "x%5cy"] {
+            assert_eq!(route(&format!("/v1/{bad}")), Route::NotFound, "{bad}");
+        }
+        for good in ["chat/completions", "a%20b", "x%2", "files/f%41"] {
+            assert!(
+                matches!(route(&format!("/v1/{good}")), Route::Proxy { .. }),
+                "{good}"
+            );
+        }
+    }
+
+    #[test]
+    fn request_ids_are_req_and_32_hex_digits() {
+        let a = new_request_id();
+        assert_eq!(a.len(), 36);
+        assert!(a.starts_with("req_"));
+        assert!(a[4..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert_ne!(a, new_request_id());
     }
 }

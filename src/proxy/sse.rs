@@ -224,7 +224,7 @@ pub fn prepend(json: &mut Value, prefix: &str, slot: PrefixSlot, stream: bool) -
 #[derive(serde::Deserialize)]
 struct WithUsage {
     #[serde(default)]
-    usage: Option<Value>,
+    usage: Option<UsageSlot>,
     #[serde(default)]
     response: Option<ResponseWithUsage>,
 }
@@ -232,28 +232,214 @@ struct WithUsage {
 #[derive(serde::Deserialize)]
 struct ResponseWithUsage {
     #[serde(default)]
-    usage: Option<Value>,
+    usage: Option<UsageSlot>,
+}
+
+/// The counts of a `usage` object, read without building a JSON tree (no
+/// map, no key strings): the response body of every request passes here.
+#[derive(serde::Deserialize, Default)]
+struct UsageFields {
+    #[serde(default)]
+    prompt_tokens: Count,
+    #[serde(default)]
+    input_tokens: Count,
+    #[serde(default)]
+    completion_tokens: Count,
+    #[serde(default)]
+    output_tokens: Count,
+    #[serde(default)]
+    total_tokens: Count,
+}
+
+impl UsageFields {
+    /// The same reading as [`Usage::from_json`].
+    fn usage(&self) -> Usage {
+        let prompt_tokens = self.prompt_tokens.0.or(self.input_tokens.0);
+        let completion_tokens = self.completion_tokens.0.or(self.output_tokens.0);
+        let total_tokens = self
+            .total_tokens
+            .0
+            .or(match (prompt_tokens, completion_tokens) {
+                (Some(p), Some(c)) => Some(p + c),
+                _ => None,
+            });
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens,
+        }
+    }
+}
+
+/// A token count: a non-negative integer, or nothing for any other JSON
+/// value (as `Value::as_u64` reads it), so an odd field never fails the body.
+#[derive(Default)]
+struct Count(Option<u64>);
+
+impl<'de> serde::Deserialize<'de> for Count {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Count, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Count;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a token count")
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Count, E> {
+                Ok(Count(Some(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Count, E> {
+                Ok(Count(u64::try_from(v).ok()))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+            fn visit_unit<E>(self) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Count, A::Error> {
+                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Count(None))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Count, A::Error> {
+                while a
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Count(None))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
+/// A `usage` value: an object's counts, or nothing for any other value.
+struct UsageSlot(Option<Usage>);
+
+impl<'de> serde::Deserialize<'de> for UsageSlot {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<UsageSlot, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = UsageSlot;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a usage object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, a: A) -> Result<UsageSlot, A::Error> {
+                let fields: UsageFields = serde::Deserialize::deserialize(
+                    serde::de::value::MapAccessDeserializer::new(a),
+                )?;
+                Ok(UsageSlot(Some(fields.usage())))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<UsageSlot, A::Error> {
+                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(UsageSlot(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<UsageSlot, E> {
+                Ok(UsageSlot(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<UsageSlot, E> {
+                Ok(UsageSlot(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<UsageSlot, E> {
+                Ok(UsageSlot(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<UsageSlot, E> {
+                Ok(UsageSlot(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<UsageSlot, E> {
+                Ok(UsageSlot(None))
+            }
+            fn visit_unit<E>(self) -> Result<UsageSlot, E> {
+                Ok(UsageSlot(None))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 /// Reads `usage` (or the responses API's `response.usage`) from a whole JSON
-/// body, skipping everything else without building it; Err when the body
-/// is not JSON.
+/// body; Err when the body is not JSON.
+///
+/// Every non-streaming response passes here, so the common case is read
+/// from the end: an object body, its brackets balanced (not cut short),
+/// whose last `"usage"` key holds an object. Anything else (no usage, an
+/// odd shape, a cut or non-JSON body) gets the full parse, which skips
+/// everything but `usage` without building it.
 pub fn usage_in_whole_json(body: &[u8]) -> Result<Option<Usage>, serde_json::Error> {
+    let t = body.trim_ascii();
+    if t.first() == Some(&b'{') && t.last() == Some(&b'}') && balanced(t) {
+        if let Some(u) = usage_in_json_tail(t) {
+            return Ok(Some(u));
+        }
+    }
     let doc: WithUsage = serde_json::from_slice(body)?;
-    let usage = doc.usage.or_else(|| doc.response.and_then(|r| r.usage));
-    Ok(usage.as_ref().and_then(Usage::from_json))
+    Ok(doc
+        .usage
+        .and_then(|u| u.0)
+        .or_else(|| doc.response.and_then(|r| r.usage).and_then(|u| u.0)))
 }
 
-/// Finds the last `"usage": {...}` in the tail of a body too large to keep.
+/// Whether brackets outside strings balance: a body cut short does not.
+/// String contents are skipped with `memchr`, so this costs little more
+/// than a pass over the structure.
+fn balanced(json: &[u8]) -> bool {
+    let mut depth: usize = 0;
+    let mut i = 0;
+    while i < json.len() {
+        match json[i] {
+            b'"' => loop {
+                match memchr::memchr2(b'"', b'\\', &json[i + 1..]) {
+                    None => return false,
+                    Some(n) if json[i + 1 + n] == b'\\' => i += n + 2,
+                    Some(n) => {
+                        i += n + 1;
+                        break;
+                    }
+                }
+            },
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => match depth.checked_sub(1) {
+                Some(d) => depth = d,
+                None => return false,
+            },
+            _ => {}
+        }
+        i += 1;
+    }
+    depth == 0
+}
+
+/// Finds the last `"usage": {...}` key in `tail` (the end of a body, or a
+/// whole one). A quote preceded by an odd number of backslashes is inside a
+/// string, not a key.
 pub fn usage_in_json_tail(tail: &[u8]) -> Option<Usage> {
-    let at = memmem::rfind(tail, b"\"usage\"")?;
-    let rest = &tail[at + 7..];
-    let rest = rest.trim_ascii_start().strip_prefix(b":")?;
-    let v = serde_json::Deserializer::from_slice(rest)
-        .into_iter::<Value>()
-        .next()?
-        .ok()?;
-    Usage::from_json(&v)
+    let mut end = tail.len();
+    for _ in 0..8 {
+        let at = memmem::rfind(&tail[..end], b"\"usage\"")?;
+        end = at;
+        let backslashes = tail[..at].iter().rev().take_while(|&&b| b == b'\\').count();
+        if backslashes % 2 == 1 {
+            continue;
+        }
+        let Some(rest) = tail[at + 7..].trim_ascii_start().strip_prefix(b":") else {
+            continue;
+        };
+        let slot = serde_json::Deserializer::from_slice(rest)
+            .into_iter::<UsageSlot>()
+            .next();
+        if let Some(Ok(UsageSlot(Some(u)))) = slot {
+            return Some(u);
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -329,5 +515,64 @@ mod tests {
         );
         assert!(usage_in_whole_json(b"not json").is_err());
         assert_eq!(usage_in_whole_json(b"{\"id\":1}").unwrap(), None);
+    }
+
+    /// The typed reader of whole bodies and tails reads what
+    /// `Usage::from_json` reads from the same object, odd values included.
+    #[test]
+    fn typed_usage_reader_agrees_with_the_tree_reader() {
+        let objects = [
+            r#"{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}"#,
+            r#"{"input_tokens":2,"output_tokens":3,"details":[1,{"a":null}]}"#,
+            r#"{"prompt_tokens":"3","completion_tokens":2.0,"total_tokens":-1}"#,
+            r#"{"prompt_tokens":1,"completion_tokens":null,"prompt_tokens_details":{"cached_tokens":1}}"#,
+            r#"{"prompt_tokens":1,"input_tokens":9,"completion_tokens":2}"#,
+            r#"{"total_tokens":true,"prompt_tokens":[1],"completion_tokens":{"n":1}}"#,
+            r#"{}"#,
+            r#""a string""#,
+            r#"[1,2]"#,
+            r#"7"#,
+        ];
+        for obj in objects {
+            let tree: Value = serde_json::from_str(obj).unwrap();
+            let expected = Usage::from_json(&tree);
+            let body = format!(r#"{{"id":"x","choices":[{{"text":"\"usage\""}}],"usage":{obj}}}"#);
+            assert_eq!(
+                usage_in_whole_json(body.as_bytes()).unwrap(),
+                expected,
+                "{obj}"
+            );
+            assert_eq!(usage_in_json_tail(body.as_bytes()), expected, "{obj}");
+        }
+    }
+
+    #[test]
+    fn usage_inside_a_string_is_not_the_usage_key() {
+        // The last `"usage"` is text (its quote is escaped): the real key wins.
+        let body = br#"{"usage":{"prompt_tokens":1,"completion_tokens":2},"choices":[{"text":"say \"usage\":{\"prompt_tokens\":9}"}]}"#;
+        let u = usage_in_whole_json(body).unwrap().unwrap();
+        assert_eq!((u.prompt_tokens, u.total_tokens), (Some(1), Some(3)));
+        // A cut body that still ends in `}` is not taken for a whole one.
+        let cut = br#"{"id":"x","usage":{"prompt_tokens":1,"completion_tokens":2}"#;
+        assert!(usage_in_whole_json(cut).is_err());
+        let open_string = br#"{"id":"x}","usage":{"prompt_tokens":1},"t":"}"#;
+        assert!(usage_in_whole_json(open_string).is_err());
+        let escaped_end = br#"{"t":"a\\","usage":{"prompt_tokens":4}}"#;
+        assert_eq!(
+            usage_in_whole_json(escaped_end)
+                .unwrap()
+                .unwrap()
+                .prompt_tokens,
+            Some(4)
+        );
+    }
+
+    #[test]
+    fn balance_is_read_outside_strings() {
+        assert!(balanced(br#"{"a":[1,{"b":"}]"}],"c":"\"{"}"#));
+        assert!(!balanced(br#"{"a":[1,{"b":2}]"#));
+        assert!(!balanced(br#"{"a":"x}"#));
+        assert!(!balanced(br#"{"a":"x\"}"#));
+        assert!(!balanced(b"}{"));
     }
 }

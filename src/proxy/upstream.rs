@@ -92,8 +92,8 @@ const NOT_FORWARDED: &[&str] = &[
 ];
 
 /// The caller's headers minus those never forwarded (and any the caller's
-/// `Connection` header names).
-pub fn forwardable_headers(caller: &HeaderMap) -> HeaderMap {
+/// `Connection` header names), with room for `extra` more.
+fn forwardable_headers(caller: &HeaderMap, extra: usize) -> HeaderMap {
     let named_by_connection: Vec<String> = caller
         .get_all(header::CONNECTION)
         .iter()
@@ -101,7 +101,7 @@ pub fn forwardable_headers(caller: &HeaderMap) -> HeaderMap {
         .flat_map(|v| v.split(','))
         .map(|t| t.trim().to_ascii_lowercase())
         .collect();
-    let mut out = HeaderMap::with_capacity(caller.len());
+    let mut out = HeaderMap::with_capacity(caller.len() + extra);
     for (name, value) in caller {
         let n = name.as_str();
         if NOT_FORWARDED.contains(&n) || named_by_connection.iter().any(|c| c == n) {
@@ -129,14 +129,15 @@ pub fn relayable_response_headers(upstream: &HeaderMap, keep_length: bool) -> He
     out
 }
 
-/// Builds one attempt's request to `client` with `key`.
+/// Builds one attempt's request to `client` with `key`; `caller_headers`
+/// are filtered as they are copied (one header map per attempt).
 pub fn build_request(
     client: &ClientRoute,
     key: &KeyRoute,
     method: &Method,
     endpoint: &str,
     query: Option<&str>,
-    headers: &HeaderMap,
+    caller_headers: &HeaderMap,
     body: Bytes,
 ) -> Result<Request<Full<Bytes>>, http::Error> {
     let mut url = String::with_capacity(client.cfg.base_url.len() + endpoint.len() + 2);
@@ -153,7 +154,7 @@ pub fn build_request(
         .uri(uri)
         .body(Full::new(body))?;
     let h = req.headers_mut();
-    *h = headers.clone();
+    *h = forwardable_headers(caller_headers, 3 + client.cfg.headers.len());
     h.insert(header::AUTHORIZATION, key.authorization.clone());
     h.insert(
         header::ACCEPT_ENCODING,

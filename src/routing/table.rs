@@ -34,6 +34,8 @@ pub struct RoutingTable {
 #[derive(Debug)]
 pub struct ClientRoute {
     pub cfg: ClientConfig,
+    /// `cfg.name`, shared by the usage rows and metric labels of every request.
+    pub name: Arc<str>,
     pub keys: Vec<KeyRoute>,
     cursor: AtomicUsize,
 }
@@ -47,6 +49,8 @@ impl AsRef<ClientConfig> for ClientRoute {
 #[derive(Debug)]
 pub struct KeyRoute {
     pub id: KeyId,
+    /// `id` as text, shared by usage rows and logs.
+    pub label: Arc<str>,
     pub secret: Secret,
     pub health: Arc<KeyHealth>,
     /// `Bearer <key>`, marked sensitive so hyper never logs it.
@@ -87,6 +91,7 @@ impl RoutingTable {
                         authorization.set_sensitive(true);
                         KeyRoute {
                             id: secret.key_id(),
+                            label: Arc::from(secret.key_id().to_string()),
                             secret: secret.clone(),
                             health,
                             authorization,
@@ -95,6 +100,7 @@ impl RoutingTable {
                     .collect();
                 ClientRoute {
                     cfg: cfg.clone(),
+                    name: Arc::from(cfg.name.as_str()),
                     keys,
                     cursor: AtomicUsize::new(fastrand::usize(..cfg.keys.len().max(1))),
                 }

@@ -8,6 +8,7 @@ pub mod report;
 pub mod store;
 pub mod writer;
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 pub use writer::{UsageSink, UsageWriter};
@@ -22,8 +23,9 @@ pub struct UsageRecord {
     pub endpoint: String,
     pub model: Option<String>,
     pub routed_model: Option<String>,
-    pub client: Option<String>,
-    pub key_id: Option<String>,
+    /// Shared with the routing table: no copy per request.
+    pub client: Option<Arc<str>>,
+    pub key_id: Option<Arc<str>>,
     pub status: u16,
     pub stream: bool,
     pub attempts: u32,
