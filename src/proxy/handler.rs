@@ -258,8 +258,10 @@ async fn read_body(
         return Err(ApiError::TooLarge { limit });
     }
     let mut body = body;
-    // Chunks are kept as they came (no copy) and joined only if there are several.
-    let mut chunks: Vec<Bytes> = Vec::new();
+    // Chunks are kept as they came (no copy) and joined only if there are
+    // several; the usual one-chunk body allocates nothing here.
+    let mut first: Option<Bytes> = None;
+    let mut more: Vec<Bytes> = Vec::new();
     let mut len: u64 = 0;
     loop {
         match tokio::time::timeout(gap, body.frame()).await {
@@ -280,17 +282,22 @@ async fn read_body(
                     if len > limit {
                         return Err(ApiError::TooLarge { limit });
                     }
-                    chunks.push(data);
+                    if first.is_none() {
+                        first = Some(data);
+                    } else {
+                        more.push(data);
+                    }
                 }
             }
         }
     }
-    Ok(match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.swap_remove(0),
-        _ => {
+    Ok(match (first, more.is_empty()) {
+        (None, _) => Bytes::new(),
+        (Some(one), true) => one,
+        (Some(one), false) => {
             let mut buf = BytesMut::with_capacity(len as usize);
-            for c in chunks {
+            buf.extend_from_slice(&one);
+            for c in more {
                 buf.extend_from_slice(&c);
             }
             buf.freeze()

@@ -38,7 +38,11 @@ pub struct Relay {
     queued: VecDeque<Bytes>,
     filter: Filter,
     idle_timeout: Duration,
-    idle: Pin<Box<Sleep>>,
+    /// When the upstream last sent data (or the relay began).
+    last_data: Instant,
+    /// Armed only once the upstream makes the caller wait: a body that is
+    /// complete at once (most non-streaming answers) never touches a timer.
+    idle: Option<Pin<Box<Sleep>>>,
     upstream_done: bool,
     completion: Option<Completion>,
 }
@@ -57,7 +61,8 @@ impl Relay {
             queued: VecDeque::new(),
             filter,
             idle_timeout,
-            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            last_data: Instant::now(),
+            idle: None,
             upstream_done: false,
             completion: Some(completion),
         };
@@ -146,8 +151,10 @@ impl Body for Relay {
             match Pin::new(&mut this.upstream).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
-                        let deadline = Instant::now() + this.idle_timeout;
-                        this.idle.as_mut().reset(deadline);
+                        this.last_data = Instant::now();
+                        if let Some(idle) = &mut this.idle {
+                            idle.as_mut().reset(this.last_data + this.idle_timeout);
+                        }
                         if !data.is_empty() {
                             this.take_chunk(data);
                         }
@@ -166,7 +173,11 @@ impl Body for Relay {
                     this.end_of_upstream();
                 }
                 Poll::Pending => {
-                    if this.idle.as_mut().poll(cx).is_ready() {
+                    let deadline = this.last_data + this.idle_timeout;
+                    let idle = this
+                        .idle
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                    if idle.as_mut().poll(cx).is_ready() {
                         let msg = format!(
                             "upstream sent nothing for {:?} (idle_timeout)",
                             this.idle_timeout
