@@ -170,10 +170,29 @@ struct MonthFiles {
 
 impl MonthFiles {
     fn write(&mut self, batch: &[Box<UsageRecord>]) {
-        let mut by_month: HashMap<String, Vec<&UsageRecord>> = HashMap::new();
+        // Rows of one batch almost always share a month (and a day): the
+        // month's name is worked out again only when the UTC day changes.
+        let mut by_month: Vec<(String, Vec<&UsageRecord>)> = Vec::new();
+        let mut last_day = None;
+        let mut at = 0;
         for r in batch {
-            let month = store::month_of(r.ts.unwrap_or_else(std::time::SystemTime::now));
-            by_month.entry(month).or_default().push(r);
+            let ts = r.ts.unwrap_or_else(std::time::SystemTime::now);
+            let day = ts
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs() / 86_400);
+            if day.is_none() || day != last_day || by_month.is_empty() {
+                let month = store::month_of(ts);
+                at = match by_month.iter().position(|(m, _)| *m == month) {
+                    Some(i) => i,
+                    None => {
+                        by_month.push((month, Vec::with_capacity(batch.len())));
+                        by_month.len() - 1
+                    }
+                };
+                last_day = day;
+            }
+            by_month[at].1.push(r);
         }
         for (month, rows) in by_month {
             match self.write_month(&month, &rows) {
@@ -212,5 +231,54 @@ impl MonthFiles {
         }
         let conn = self.open.get_mut(month).expect("inserted above");
         store::insert_batch(conn, rows).map_err(|source| store::StoreError::Sqlite { path, source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(ts: &str, id: &str) -> Box<UsageRecord> {
+        Box::new(UsageRecord {
+            ts: Some(humantime::parse_rfc3339(ts).unwrap()),
+            request_id: id.to_owned(),
+            endpoint: "chat/completions".to_owned(),
+            status: 200,
+            ..UsageRecord::default()
+        })
+    }
+
+    fn ids(path: &Path) -> Vec<String> {
+        let conn = Connection::open(path).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT request_id FROM requests ORDER BY id")
+            .unwrap();
+        let rows = stmt.query_map([], |r| r.get(0)).unwrap();
+        rows.map(Result::unwrap).collect()
+    }
+
+    /// One batch whose rows cross a month boundary, on the same day number
+    /// and back again, lands each row in its own month's file, in order.
+    #[test]
+    fn one_batch_across_months_splits_by_month() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut files = MonthFiles {
+            dir: dir.path().to_owned(),
+            open: HashMap::new(),
+            last_error_log: HashMap::new(),
+            metrics: Arc::new(Metrics::new()),
+        };
+        files.write(&[
+            row("2026-01-31T23:59:59.000Z", "a"),
+            row("2026-01-31T23:59:59.500Z", "b"),
+            row("2026-02-01T00:00:00.000Z", "c"),
+            row("2026-01-31T12:00:00.000Z", "d"),
+            row("2026-02-28T10:00:00.000Z", "e"),
+            row("2026-03-01T00:00:00.001Z", "f"),
+        ]);
+        let path = |m: &str| store::path_for(dir.path(), m);
+        assert_eq!(ids(&path("2026-01")), ["a", "b", "d"]);
+        assert_eq!(ids(&path("2026-02")), ["c", "e"]);
+        assert_eq!(ids(&path("2026-03")), ["f"]);
     }
 }
