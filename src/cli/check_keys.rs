@@ -188,7 +188,7 @@ async fn probe(
 ) -> Probe {
     let client = &table.clients[ci];
     let key = &client.keys[ki];
-    let http = clients.get(client.cfg.policy.connect_timeout.min(timeout));
+    let connect_timeout = client.cfg.policy.connect_timeout.min(timeout);
     let started = Instant::now();
     let mut probe = Probe {
         client: client.cfg.name.clone(),
@@ -214,11 +214,11 @@ async fn probe(
         }
     };
     let result = tokio::time::timeout(timeout, async {
-        let resp = http.request(req).await?;
+        let resp = clients.send(connect_timeout, req).await?;
         let status = resp.status().as_u16();
         // Read the body so the latency covers the whole answer.
         let _ = resp.into_body().collect().await;
-        Ok::<u16, hyper_util::client::legacy::Error>(status)
+        Ok::<u16, upstream::SendError>(status)
     })
     .await;
     probe.latency_ms = started.elapsed().as_millis() as u64;

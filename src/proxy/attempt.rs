@@ -10,10 +10,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use super::upstream::HttpClient;
+use super::upstream::{UpstreamBody, UpstreamClients};
 use crate::config::RoutingPolicy;
 use crate::routing::key_health::MAX_RETRY_AFTER;
 use crate::routing::KeyRoute;
@@ -36,12 +35,15 @@ impl UpstreamError {
     }
 }
 
+// Respond is the common case and is moved once or twice per attempt;
+// boxing it would cost an allocation on every request.
+#[allow(clippy::large_enum_variant)]
 pub enum Outcome {
     /// Goes to the caller: a 2xx with its first chunk read, or a status that
     /// is not retried.
     Respond {
         parts: http::response::Parts,
-        body: Incoming,
+        body: UpstreamBody,
         first: Option<Bytes>,
         ttft: Option<Duration>,
     },
@@ -50,7 +52,7 @@ pub enum Outcome {
 }
 
 pub async fn run(
-    http: &HttpClient,
+    upstream: &UpstreamClients,
     req: Request<Full<Bytes>>,
     policy: &RoutingPolicy,
     key: &KeyRoute,
@@ -62,11 +64,12 @@ pub async fn run(
             .record_failure(policy.max_failures, policy.cooldown);
         Outcome::FailOver(e)
     };
-    let resp = match tokio::time::timeout_at(deadline, http.request(req)).await {
-        Err(_) => return failed(UpstreamError::HeadersTimeout(policy.request_timeout)),
-        Ok(Err(e)) => return failed(UpstreamError::Connect(describe(&e))),
-        Ok(Ok(resp)) => resp,
-    };
+    let resp =
+        match tokio::time::timeout_at(deadline, upstream.send(policy.connect_timeout, req)).await {
+            Err(_) => return failed(UpstreamError::HeadersTimeout(policy.request_timeout)),
+            Ok(Err(e)) => return failed(UpstreamError::Connect(describe(&e))),
+            Ok(Ok(resp)) => resp,
+        };
     let status = resp.status().as_u16();
     if resp.status().is_success() {
         let (parts, mut body) = resp.into_parts();
@@ -131,7 +134,7 @@ pub async fn run(
     }
 }
 
-fn respond(resp: http::Response<Incoming>) -> Outcome {
+fn respond(resp: http::Response<UpstreamBody>) -> Outcome {
     let (parts, body) = resp.into_parts();
     Outcome::Respond {
         parts,

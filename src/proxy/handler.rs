@@ -518,7 +518,7 @@ impl Run {
 /// A response from an upstream that goes to the caller.
 struct Answer {
     parts: http::response::Parts,
-    body: Incoming,
+    body: upstream::UpstreamBody,
     first: Option<Bytes>,
     ttft: Option<Duration>,
     client: usize,
@@ -541,7 +541,6 @@ async fn try_client(
     let client = &table.clients[ci];
     let policy = &client.cfg.policy;
     let max_attempts = table.config.routing.max_attempts;
-    let http = state.upstream.get(policy.connect_timeout);
     let routed = client.cfg.upstream_model.as_deref().or(model);
     let changes = Changes {
         model: routed.filter(|r| Some(*r) != request.requested_model.as_deref()),
@@ -577,7 +576,7 @@ async fn try_client(
         )
         .map_err(|e| ApiError::InvalidRequest(format!("cannot build the upstream request: {e}")))?;
         let in_flight = key.health.begin();
-        match attempt::run(&http, up, policy, key, Instant::now()).await {
+        match attempt::run(&state.upstream, up, policy, key, Instant::now()).await {
             Outcome::FailOver(e) => {
                 state.metrics.attempt(&client.name, failover_label(&e));
                 tracing::warn!(

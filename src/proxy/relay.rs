@@ -14,12 +14,12 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame};
-use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use super::body::BoxError;
 use super::report::Completion;
 use super::sse::{self, PrefixSlot, SseFilter, Usage};
+use super::upstream::UpstreamBody;
 
 /// What the relay does to the bytes besides forwarding them.
 pub enum Filter {
@@ -34,7 +34,7 @@ pub enum Filter {
 }
 
 pub struct Relay {
-    upstream: Incoming,
+    upstream: UpstreamBody,
     queued: VecDeque<Bytes>,
     filter: Filter,
     idle_timeout: Duration,
@@ -50,7 +50,7 @@ pub struct Relay {
 impl Relay {
     /// `first` is the chunk already read while the response headers were held.
     pub fn new(
-        upstream: Incoming,
+        upstream: UpstreamBody,
         first: Option<Bytes>,
         filter: Filter,
         idle_timeout: Duration,
