@@ -551,3 +551,93 @@ async fn a_thousand_connections_through_max_connections_100_are_all_served() {
     assert_eq!(served, 1000);
     assert_eq!(up.count(), 1000);
 }
+
+/// Sequential requests share one upstream connection; each carries the
+/// upstream's `Host` and an origin-form request line.
+#[tokio::test]
+async fn upstream_connections_are_reused_with_host_and_origin_form() {
+    let up = MockUpstream::start("up").await;
+    let gw = Gateway::start(&cfg(&[one_client(&up, "")], "usage:\n  enabled: false\n")).await;
+    for _ in 0..20 {
+        assert_eq!(gw.chat("m").await.status, 200);
+    }
+    // A stream read to its end gives its connection back too.
+    up.push(Reply::Sse {
+        events: vec![chat_chunk("hi"), DONE.to_owned()],
+        gate: None,
+        abort_at_end: false,
+    });
+    let mut body = gw.stream("m").await.into_body();
+    assert!(read_all(&mut body).await.unwrap().contains("[DONE]"));
+    assert_eq!(gw.chat("m").await.status, 200);
+    assert_eq!(up.count(), 22);
+    assert_eq!(
+        up.state
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    let r = &up.requests()[0];
+    assert_eq!(r.uri, "/v1/chat/completions");
+    assert_eq!(r.headers["host"], up.addr.to_string().as_str());
+}
+
+/// An upstream that closes idle keep-alive connections after 30 ms: every
+/// later request finds its pooled connection closed and opens a new one,
+/// without an error, a failover or a cooled key.
+#[tokio::test]
+async fn idle_connections_the_upstream_closed_are_replaced_without_failing() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") || !seen.ends_with(b"}") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = r#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}"#;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: keep-alive\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(format!("{head}{body}").as_bytes()).await;
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    let gw = Gateway::start(&cfg(
+        &[client_yaml(
+            "c",
+            &format!("http://{addr}/v1"),
+            &["k"],
+            "max_failures: 1\nmodel_match: { type: exact, value: [m] }",
+        )],
+        "usage:\n  dir: ./usage\n",
+    ))
+    .await;
+    for _ in 0..5 {
+        let r = gw.chat("m").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 5);
+    let dir = gw.stop().await;
+    let rows = row_errors(dir.path());
+    assert_eq!(rows.len(), 5);
+    assert!(
+        rows.iter().all(|(s, e)| *s == 200 && e.is_none()),
+        "{rows:?}"
+    );
+}

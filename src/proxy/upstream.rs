@@ -281,6 +281,13 @@ impl Pool {
     }
 }
 
+/// Makes this thread use `connector` for `connect_timeout` (tests: a
+/// connector that trusts a test certificate).
+#[cfg(test)]
+fn install_connector(connect_timeout: Duration, connector: Connector) {
+    POOL.with(|p| p.borrow_mut().connectors.insert(connect_timeout, connector));
+}
+
 /// This thread's connector for this connect timeout (a cheap handle clone).
 fn connector(connect_timeout: Duration) -> Connector {
     POOL.with(|p| {
@@ -465,4 +472,178 @@ pub fn build_request(
         h.insert::<HeaderName>(name.clone(), value.clone());
     }
     Ok(req)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::net::TcpListener;
+
+    /// A TLS upstream on 127.0.0.1 offering `alpn`, answering every request
+    /// with its HTTP version, path and `Host`; returns its port, the
+    /// certificate and a count of TCP connections accepted.
+    async fn tls_upstream(
+        dir: &std::path::Path,
+        alpn: &[&[u8]],
+    ) -> (u16, CertificateDer<'static>, Arc<AtomicUsize>) {
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let out = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+            .args([
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ])
+            // An end-entity certificate that is its own trust anchor.
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl is needed for this test");
+        assert!(out.status.success());
+        let cert = CertificateDer::from_pem_file(&cert).unwrap();
+        let key = PrivateKeyDer::from_pem_file(&key).unwrap();
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)
+        .unwrap();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        let host = req
+                            .headers()
+                            .get(header::HOST)
+                            .and_then(|h| h.to_str().ok())
+                            .unwrap_or("-")
+                            .to_owned();
+                        let text = format!("{:?} {} {host}", req.version(), req.uri().path());
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
+                            text,
+                        ))))
+                    });
+                    let io = hyper_util::rt::TokioIo::new(tls);
+                    if h2 {
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(io, svc)
+                            .await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, svc)
+                            .await;
+                    }
+                });
+            }
+        });
+        (port, cert, accepted)
+    }
+
+    fn trusting(cert: CertificateDer<'static>) -> Connector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(config)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http)
+    }
+
+    async fn get(port: u16, timeout: Duration) -> String {
+        let req = Request::builder()
+            .uri(format!("https://127.0.0.1:{port}/v1/models"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = UpstreamClients.send(timeout, req).await.unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn tls_upstreams_speak_http2_when_offered_and_reuse_the_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let (port, cert, accepted) = tls_upstream(dir.path(), &[b"h2", b"http/1.1"]).await;
+        let timeout = Duration::from_millis(4321);
+        install_connector(timeout, trusting(cert));
+        for _ in 0..3 {
+            // HTTP/2 carries the authority in the URI, not in `Host`.
+            assert_eq!(get(port, timeout).await, "HTTP/2.0 /v1/models -");
+        }
+        let both = tokio::join!(get(port, timeout), get(port, timeout));
+        assert_eq!(both.0, both.1);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn tls_upstreams_without_http2_get_http1_with_host_and_pooled_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let (port, cert, accepted) = tls_upstream(dir.path(), &[b"http/1.1"]).await;
+        let timeout = Duration::from_millis(4322);
+        install_connector(timeout, trusting(cert));
+        for _ in 0..3 {
+            assert_eq!(
+                get(port, timeout).await,
+                format!("HTTP/1.1 /v1/models 127.0.0.1:{port}")
+            );
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        // Two at once need two HTTP/1.1 connections; both are kept.
+        tokio::join!(get(port, timeout), get(port, timeout));
+        tokio::join!(get(port, timeout), get(port, timeout));
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn host_names_the_port_only_when_not_the_default() {
+        let uri = |s: &str| s.parse::<Uri>().unwrap();
+        assert_eq!(
+            host_header(&uri("https://a.example/v1"), true).unwrap(),
+            "a.example"
+        );
+        assert_eq!(
+            host_header(&uri("https://a.example:443/v1"), true).unwrap(),
+            "a.example"
+        );
+        assert_eq!(
+            host_header(&uri("http://a.example:8443/v1"), false).unwrap(),
+            "a.example:8443"
+        );
+        assert_eq!(
+            host_header(&uri("http://[::1]:80/v1"), false).unwrap(),
+            "[::1]"
+        );
+    }
 }

@@ -82,6 +82,8 @@ pub struct MockState {
     pub cancelled_streams: AtomicUsize,
     /// Requests whose response future was dropped before answering.
     pub dropped_requests: AtomicUsize,
+    /// Connections accepted.
+    pub connections: AtomicUsize,
 }
 
 pub struct MockUpstream {
@@ -143,6 +145,7 @@ impl MockUpstream {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
+                st.connections.fetch_add(1, Ordering::SeqCst);
                 let st = st.clone();
                 let name = mock_name.clone();
                 tokio::spawn(async move {
