@@ -11,6 +11,7 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -72,7 +73,8 @@ impl UpstreamClients {
             authority: uri.authority().cloned().ok_or(SendError::NoHost)?,
         };
         loop {
-            let (sender, reused) = match POOL.with(|p| p.borrow_mut().take(&key)) {
+            let (pooled, host) = POOL.with(|p| p.borrow_mut().take(&key, &uri));
+            let (sender, reused) = match pooled {
                 Some(s) => (s, true),
                 None => (
                     connect(connector(connect_timeout), &uri, &key).await?,
@@ -87,10 +89,8 @@ impl UpstreamClients {
                         }
                         return Err(e.into());
                     }
-                    if !req.headers().contains_key(header::HOST) {
-                        if let Some(host) = host_header(&uri, key.https) {
-                            req.headers_mut().insert(header::HOST, host);
-                        }
+                    if let Some(host) = host {
+                        req.headers_mut().entry(header::HOST).or_insert(host);
                     }
                     origin_form(req.uri_mut());
                     match s.try_send_request(req).await {
@@ -181,6 +181,29 @@ impl Body for UpstreamBody {
     }
 }
 
+/// FNV-1a: the pool is keyed by a scheme and an authority hashed byte by
+/// byte, where SipHash costs more than the rest of a lookup.
+#[derive(Default)]
+struct Fnv(u64);
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for &b in bytes {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct PoolKey {
     https: bool,
@@ -207,9 +230,24 @@ struct Upstream {
     /// Oldest at the front; the newest (warmest) is used first.
     h1: VecDeque<Idle>,
     h2: Option<http2::SendRequest<Full<Bytes>>>,
+    /// The `Host` header for HTTP/1.1 requests, made once.
+    host: Option<HeaderValue>,
 }
 
 impl Upstream {
+    fn take(&mut self, now: Instant) -> Option<Sender> {
+        self.drop_stale(now);
+        if let Some(h2) = &self.h2 {
+            return Some(Sender::H2(h2.clone()));
+        }
+        while let Some(idle) = self.h1.pop_back() {
+            if !idle.sender.is_closed() {
+                return Some(Sender::H1(idle.sender));
+            }
+        }
+        None
+    }
+
     fn drop_stale(&mut self, now: Instant) {
         while self
             .h1
@@ -225,34 +263,32 @@ impl Upstream {
 }
 
 struct Pool {
-    upstreams: HashMap<PoolKey, Upstream>,
+    upstreams: HashMap<PoolKey, Upstream, BuildHasherDefault<Fnv>>,
     connectors: HashMap<Duration, Connector>,
     last_sweep: Instant,
 }
 
 thread_local! {
     static POOL: RefCell<Pool> = RefCell::new(Pool {
-        upstreams: HashMap::new(),
+        upstreams: HashMap::default(),
         connectors: HashMap::new(),
         last_sweep: Instant::now(),
     });
 }
 
 impl Pool {
-    fn take(&mut self, key: &PoolKey) -> Option<Sender> {
+    /// An idle connection to `key`'s upstream, if any, and its `Host`.
+    fn take(&mut self, key: &PoolKey, uri: &Uri) -> (Option<Sender>, Option<HeaderValue>) {
         let now = Instant::now();
         self.sweep(now);
-        let up = self.upstreams.get_mut(key)?;
-        up.drop_stale(now);
-        if let Some(h2) = &up.h2 {
-            return Some(Sender::H2(h2.clone()));
+        let up = match self.upstreams.get_mut(key) {
+            Some(up) => up,
+            None => self.upstreams.entry(key.clone()).or_default(),
+        };
+        if up.host.is_none() {
+            up.host = host_header(uri, key.https);
         }
-        while let Some(idle) = up.h1.pop_back() {
-            if !idle.sender.is_closed() {
-                return Some(Sender::H1(idle.sender));
-            }
-        }
-        None
+        (up.take(now), up.host.clone())
     }
 
     fn put(&mut self, key: PoolKey, sender: http1::SendRequest<Full<Bytes>>) {
