@@ -129,3 +129,65 @@ proptest! {
         }
     }
 }
+
+/// JSON values whose object keys are never `usage` (strings may mention it,
+/// quotes, backslashes and brackets included).
+fn json_value() -> impl Strategy<Value = serde_json::Value> {
+    use serde_json::Value;
+    let text = prop::sample::select(vec![
+        "", "hi", "\"usage\":{\"prompt_tokens\":9}", "}", "]{[", "\\", "\\\"", "a\"b", "usage", "\u{e9}\n\t",
+    ])
+    .prop_map(str::to_owned);
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        text.clone().prop_map(Value::String),
+    ];
+    leaf.prop_recursive(3, 24, 4, move |inner| {
+        let key = prop::sample::select(vec!["id", "choices", "message", "content", "usages", "x"]);
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::vec((key, inner), 0..4).prop_map(|kv| {
+                Value::Object(kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+            }),
+        ]
+    })
+}
+
+proptest! {
+    #![proptest_config(cases())]
+
+    /// The read-from-the-end path of non-streaming bodies agrees with a
+    /// full parse, and a body cut anywhere is never taken for a whole one.
+    #[test]
+    fn usage_of_whole_bodies_matches_a_full_parse_and_cut_bodies_fail(
+        before in prop::collection::vec(("[a-z]{1,6}", json_value()), 0..4),
+        usage in prop::option::of(json_value()),
+        counts in prop::option::of((0u64..1000, 0u64..1000)),
+        after in prop::collection::vec(("[a-z]{1,6}", json_value()), 0..3),
+    ) {
+        use gptbalance::proxy::sse::{usage_in_whole_json, Usage};
+        use serde_json::{json, Map, Value};
+        let mut doc = Map::new();
+        for (k, v) in before {
+            doc.insert(format!("b_{k}"), v);
+        }
+        let usage = match (counts, usage) {
+            (Some((p, c)), _) => Some(json!({"prompt_tokens": p, "completion_tokens": c})),
+            (None, u) => u,
+        };
+        if let Some(u) = &usage {
+            doc.insert("usage".to_owned(), u.clone());
+        }
+        for (k, v) in after {
+            doc.insert(format!("a_{k}"), v);
+        }
+        let body = serde_json::to_vec(&Value::Object(doc)).unwrap();
+        let expected = usage.as_ref().and_then(Usage::from_json);
+        prop_assert_eq!(usage_in_whole_json(&body).unwrap(), expected);
+        for cut in 1..body.len() {
+            prop_assert!(usage_in_whole_json(&body[..cut]).is_err(), "cut at {}", cut);
+        }
+    }
+}

@@ -396,7 +396,10 @@ fn balanced(json: &[u8]) -> bool {
     while i < json.len() {
         match json[i] {
             b'"' => loop {
-                match memchr::memchr2(b'"', b'\\', &json[i + 1..]) {
+                let Some(rest) = json.get(i + 1..) else {
+                    return false;
+                };
+                match quote_or_backslash(rest) {
                     None => return false,
                     Some(n) if json[i + 1 + n] == b'\\' => i += n + 2,
                     Some(n) => {
@@ -415,6 +418,17 @@ fn balanced(json: &[u8]) -> bool {
         i += 1;
     }
     depth == 0
+}
+
+/// The first `"` or `\\` in `s`. Most JSON strings (keys, ids, short
+/// values) end within a few bytes, where a plain loop beats `memchr`'s
+/// setup; long ones (the content) get `memchr`.
+fn quote_or_backslash(s: &[u8]) -> Option<usize> {
+    let head = s.len().min(24);
+    if let Some(n) = s[..head].iter().position(|&b| b == b'"' || b == b'\\') {
+        return Some(n);
+    }
+    memchr::memchr2(b'"', b'\\', &s[head..]).map(|n| n + head)
 }
 
 /// Finds the last `"usage": {...}` key in `tail` (the end of a body, or a
@@ -574,5 +588,13 @@ mod tests {
         assert!(!balanced(br#"{"a":"x}"#));
         assert!(!balanced(br#"{"a":"x\"}"#));
         assert!(!balanced(b"}{"));
+        assert!(!balanced(br#"{"a":"x\"#));
+        let long = format!(
+            r#"{{"a":"{}\"{}","b":[{{}}]}}"#,
+            "x".repeat(100),
+            "y".repeat(40)
+        );
+        assert!(balanced(long.as_bytes()));
+        assert!(!balanced(&long.as_bytes()[..long.len() - 1]));
     }
 }
