@@ -568,4 +568,18 @@ async fn metrics_count_requests_attempts_tokens_and_key_health() {
         assert!(text.contains(needle), "missing {needle} in\n{text}");
     }
     assert!(!text.contains("sk-metric-secret"));
+    // After a reload the client's series go on (handles are per series,
+    // not per routing table).
+    let yaml = std::fs::read_to_string(gw.config_path()).unwrap();
+    std::fs::write(gw.config_path(), format!("# reloaded\n{yaml}")).unwrap();
+    assert!(gw.wait_generation(2).await);
+    assert_eq!(gw.chat("m").await.status, 200);
+    let text = get(&gw.url("/metrics"), &[]).await.text();
+    for needle in [
+        "gptbalance_upstream_attempts_total{client=\"c\",result=\"ok\"} 2",
+        "gptbalance_request_duration_seconds_count{client=\"c\"} 2",
+        "gptbalance_requests_total{client=\"c\",model=\"m\",status=\"200\"} 2",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in\n{text}");
+    }
 }

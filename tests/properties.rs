@@ -135,7 +135,16 @@ proptest! {
 fn json_value() -> impl Strategy<Value = serde_json::Value> {
     use serde_json::Value;
     let text = prop::sample::select(vec![
-        "", "hi", "\"usage\":{\"prompt_tokens\":9}", "}", "]{[", "\\", "\\\"", "a\"b", "usage", "\u{e9}\n\t",
+        "",
+        "hi",
+        "\"usage\":{\"prompt_tokens\":9}",
+        "}",
+        "]{[",
+        "\\",
+        "\\\"",
+        "a\"b",
+        "usage",
+        "\u{e9}\n\t",
     ])
     .prop_map(str::to_owned);
     let leaf = prop_oneof![

@@ -62,6 +62,21 @@ struct BuildLabels {
     version: String,
 }
 
+/// The metrics of one client that do not depend on the request's model or
+/// status: handles into the families, shared with them.
+#[derive(Debug)]
+pub struct ClientMetrics {
+    latency: Histogram,
+    ttft: Histogram,
+    attempts_ok: Counter,
+}
+
+impl ClientMetrics {
+    pub fn attempt_ok(&self) {
+        self.attempts_ok.inc();
+    }
+}
+
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 16))
 }
@@ -206,7 +221,24 @@ impl Metrics {
         self.other.clone()
     }
 
-    pub fn request_finished(&self, r: &UsageRecord) {
+    /// Handles for `client`'s per-client metrics (the same series a lookup
+    /// by name finds, across reloads).
+    pub fn client(&self, client: &Arc<str>) -> ClientMetrics {
+        let labels = ClientLabels {
+            client: client.clone(),
+        };
+        ClientMetrics {
+            latency: self.latency.get_or_create_owned(&labels),
+            ttft: self.ttft.get_or_create_owned(&labels),
+            attempts_ok: self.attempts.get_or_create_owned(&AttemptLabels {
+                client: client.clone(),
+                result: "ok",
+            }),
+        }
+    }
+
+    /// `client`: the answering client's handles, when one answered.
+    pub fn request_finished(&self, r: &UsageRecord, client_metrics: Option<&ClientMetrics>) {
         let client = r.client.clone().unwrap_or_else(|| self.empty.clone());
         let model = self.model_label(r.model.as_deref());
         self.requests
@@ -216,7 +248,12 @@ impl Metrics {
                 status: r.status,
             })
             .inc();
-        if r.client.is_some() {
+        if let Some(cm) = client_metrics {
+            cm.latency.observe(r.latency_ms as f64 / 1000.0);
+            if let Some(t) = r.ttft_ms {
+                cm.ttft.observe(t as f64 / 1000.0);
+            }
+        } else if r.client.is_some() {
             let labels = ClientLabels {
                 client: client.clone(),
             };

@@ -591,7 +591,7 @@ async fn try_client(
                 first,
                 ttft,
             } => {
-                state.metrics.attempt(&client.name, "ok");
+                client.metrics(&state.metrics).attempt_ok();
                 return Ok(Some(Answer {
                     parts,
                     body,
@@ -655,6 +655,7 @@ fn respond(
         ));
     }
     done.in_flight = Some(answer.in_flight);
+    done.answered_by(client);
     let filter = response_filter(&answer.parts, request, client.cfg.special_prefix.as_deref());
     let keep_length = matches!(filter, Filter::Json(_) | Filter::Raw);
     let mut resp = Response::new(ResponseBody::Relay(Box::new(Relay::new(

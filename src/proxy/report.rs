@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use super::sse::Usage;
 use super::AppState;
+use crate::ops::metrics::ClientMetrics;
 use crate::routing::key_health::InFlight;
+use crate::routing::ClientRoute;
 use crate::usage::UsageRecord;
 
 /// Status recorded for a request whose caller left before any response.
@@ -20,6 +22,8 @@ pub struct Completion {
     started: Instant,
     /// Keeps the key's in-flight count up until the response body ends.
     pub in_flight: Option<InFlight>,
+    /// The answering client's metric handles.
+    pub client_metrics: Option<Arc<ClientMetrics>>,
     done: bool,
 }
 
@@ -31,8 +35,14 @@ impl Completion {
             record,
             started,
             in_flight: None,
+            client_metrics: None,
             done: false,
         }
+    }
+
+    /// `client` answers: its metrics are counted when this request ends.
+    pub fn answered_by(&mut self, client: &ClientRoute) {
+        self.client_metrics = Some(client.metrics(&self.state.metrics).clone());
     }
 
     pub fn finish(mut self, usage: Option<Usage>, error: Option<String>) {
@@ -58,7 +68,9 @@ impl Completion {
         let r = std::mem::take(&mut self.record);
         let state = &self.state;
         state.metrics.in_flight().dec();
-        state.metrics.request_finished(&r);
+        state
+            .metrics
+            .request_finished(&r, self.client_metrics.as_deref());
         if r.status >= 500 || r.status == CALLER_CLOSED || (r.error.is_some() && r.status < 400) {
             tracing::warn!(
                 request_id = %r.request_id, caller = r.caller.as_deref(), model = r.model.as_deref(),

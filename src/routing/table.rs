@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -12,6 +12,7 @@ use super::key_health::KeyHealth;
 use super::matcher;
 use super::selector::Candidates;
 use crate::config::{ClientConfig, Config, KeyStrategy};
+use crate::ops::metrics::{ClientMetrics, Metrics};
 use crate::secret::{KeyId, Secret};
 
 /// Model names resolved on demand and remembered; past this many, further
@@ -38,6 +39,15 @@ pub struct ClientRoute {
     pub name: Arc<str>,
     pub keys: Vec<KeyRoute>,
     cursor: AtomicUsize,
+    /// This client's metric handles, looked up once instead of per request.
+    metrics: OnceLock<Arc<ClientMetrics>>,
+}
+
+impl ClientRoute {
+    pub fn metrics(&self, metrics: &Metrics) -> &Arc<ClientMetrics> {
+        self.metrics
+            .get_or_init(|| Arc::new(metrics.client(&self.name)))
+    }
 }
 
 impl AsRef<ClientConfig> for ClientRoute {
@@ -101,6 +111,7 @@ impl RoutingTable {
                 ClientRoute {
                     cfg: cfg.clone(),
                     name: Arc::from(cfg.name.as_str()),
+                    metrics: OnceLock::new(),
                     keys,
                     cursor: AtomicUsize::new(fastrand::usize(..cfg.keys.len().max(1))),
                 }
