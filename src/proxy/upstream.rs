@@ -76,8 +76,11 @@ impl UpstreamClients {
             let (pooled, host) = POOL.with(|p| p.borrow_mut().take(&key, &uri));
             let (sender, reused) = match pooled {
                 Some(s) => (s, true),
+                // Boxed: the handshake futures are large and rarely
+                // needed, and every in-flight request would carry their
+                // size inline.
                 None => (
-                    connect(connector(connect_timeout), &uri, &key).await?,
+                    Box::pin(connect(connector(connect_timeout), &uri, &key)).await?,
                     false,
                 ),
             };
