@@ -21,6 +21,13 @@ use crate::usage::UsageRecord;
 /// Distinct model label values kept; further models are counted as "other".
 const MAX_MODEL_LABELS: usize = 1000;
 
+/// Models per client whose request and token series a client keeps at
+/// hand; requests for further models look their series up in the families.
+const CACHED_MODELS: usize = 32;
+
+/// Statuses per cached model kept at hand, likewise.
+const CACHED_STATUSES: usize = 16;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     client: Arc<str>,
@@ -66,9 +73,22 @@ struct BuildLabels {
 /// status: handles into the families, shared with them.
 #[derive(Debug)]
 pub struct ClientMetrics {
+    client: Arc<str>,
     latency: Histogram,
     ttft: Histogram,
     attempts_ok: Counter,
+    /// Series by the requested model name, found by a short scan instead
+    /// of hashing three label sets per request. Bounded by
+    /// [`CACHED_MODELS`]; the counters are the families' own.
+    models: Mutex<Vec<ModelSeries>>,
+}
+
+#[derive(Debug)]
+struct ModelSeries {
+    model: Box<str>,
+    prompt: Counter,
+    completion: Counter,
+    statuses: Vec<(u16, Counter)>,
 }
 
 impl ClientMetrics {
@@ -228,17 +248,78 @@ impl Metrics {
             client: client.clone(),
         };
         ClientMetrics {
+            client: client.clone(),
             latency: self.latency.get_or_create_owned(&labels),
             ttft: self.ttft.get_or_create_owned(&labels),
             attempts_ok: self.attempts.get_or_create_owned(&AttemptLabels {
                 client: client.clone(),
                 result: "ok",
             }),
+            models: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Counts `r` in the series `cm` keeps for its model and status; false
+    /// when they are not kept (a model or status past the bounds).
+    fn count_cached(&self, cm: &ClientMetrics, model: &str, r: &UsageRecord) -> bool {
+        let mut models = cm.models.lock().unwrap_or_else(|e| e.into_inner());
+        let at = match models.iter().position(|m| &*m.model == model) {
+            Some(at) => at,
+            None if models.len() < CACHED_MODELS => {
+                let label = self.model_label(Some(model));
+                let tokens = |kind| {
+                    self.tokens.get_or_create_owned(&TokenLabels {
+                        client: cm.client.clone(),
+                        model: label.clone(),
+                        kind,
+                    })
+                };
+                models.push(ModelSeries {
+                    model: model.into(),
+                    prompt: tokens("prompt"),
+                    completion: tokens("completion"),
+                    statuses: Vec::new(),
+                });
+                models.len() - 1
+            }
+            None => return false,
+        };
+        let series = &mut models[at];
+        match series.statuses.iter().find(|(s, _)| *s == r.status) {
+            Some((_, c)) => {
+                c.inc();
+            }
+            None if series.statuses.len() < CACHED_STATUSES => {
+                let c = self.requests.get_or_create_owned(&RequestLabels {
+                    client: cm.client.clone(),
+                    model: self.model_label(Some(model)),
+                    status: r.status,
+                });
+                c.inc();
+                series.statuses.push((r.status, c));
+            }
+            None => return false,
+        }
+        if let Some(n) = r.prompt_tokens {
+            series.prompt.inc_by(n);
+        }
+        if let Some(n) = r.completion_tokens {
+            series.completion.inc_by(n);
+        }
+        true
     }
 
     /// `client`: the answering client's handles, when one answered.
     pub fn request_finished(&self, r: &UsageRecord, client_metrics: Option<&ClientMetrics>) {
+        if let (Some(cm), Some(model)) = (client_metrics, r.model.as_deref()) {
+            if self.count_cached(cm, model, r) {
+                cm.latency.observe(r.latency_ms as f64 / 1000.0);
+                if let Some(t) = r.ttft_ms {
+                    cm.ttft.observe(t as f64 / 1000.0);
+                }
+                return;
+            }
+        }
         let client = r.client.clone().unwrap_or_else(|| self.empty.clone());
         let model = self.model_label(r.model.as_deref());
         self.requests
@@ -339,5 +420,49 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exposition(m: &Metrics) -> Vec<String> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &m.registry).unwrap();
+        let mut lines: Vec<String> = out.lines().map(str::to_owned).collect();
+        lines.sort();
+        lines
+    }
+
+    /// The series a client keeps at hand, within and past their bounds,
+    /// count exactly what the lookups by label count.
+    #[test]
+    fn series_kept_by_a_client_count_what_the_families_count() {
+        let client: Arc<str> = Arc::from("c1");
+        let (kept, looked_up) = (Metrics::new(), Metrics::new());
+        let handles = kept.client(&client);
+        let _same_series = looked_up.client(&client);
+        for i in 0..(3 * CACHED_MODELS * (CACHED_STATUSES + 4)) {
+            let r = UsageRecord {
+                client: Some(client.clone()),
+                model: Some(format!("m{}", i % (CACHED_MODELS + 7))),
+                status: 200 + (i % (CACHED_STATUSES + 3)) as u16,
+                latency_ms: i as u64,
+                prompt_tokens: Some(i as u64),
+                completion_tokens: (i % 2 == 0).then_some(1),
+                ..UsageRecord::default()
+            };
+            kept.request_finished(&r, Some(&handles));
+            looked_up.request_finished(&r, None);
+        }
+        let (a, b) = (exposition(&kept), exposition(&looked_up));
+        assert!(a
+            .iter()
+            .any(|l| l.starts_with("gptbalance_requests_total{")));
+        assert!(a.iter().any(|l| l.contains("model=\"m38\"")));
+        let differ: Vec<_> = a.iter().filter(|l| !b.contains(l)).collect();
+        assert!(differ.is_empty(), "{differ:?}");
+        assert_eq!(a.len(), b.len());
     }
 }
