@@ -388,48 +388,53 @@ pub fn usage_in_whole_json(body: &[u8]) -> Result<Option<Usage>, serde_json::Err
 }
 
 /// Whether brackets outside strings balance: a body cut short does not.
-/// String contents are skipped with `memchr`, so this costs little more
-/// than a pass over the structure.
+/// Bytes outside strings are classed by a table; string contents are
+/// skipped with `memchr`.
 fn balanced(json: &[u8]) -> bool {
     let mut depth: usize = 0;
-    let mut i = 0;
-    while i < json.len() {
-        match json[i] {
-            b'"' => loop {
-                let Some(rest) = json.get(i + 1..) else {
+    let mut rest = json;
+    while let Some((&b, tail)) = rest.split_first() {
+        rest = tail;
+        match STRUCTURE[usize::from(b)] {
+            PLAIN => {}
+            QUOTE => loop {
+                let Some(n) = memchr::memchr2(b'"', b'\\', rest) else {
                     return false;
                 };
-                match quote_or_backslash(rest) {
-                    None => return false,
-                    Some(n) if json[i + 1 + n] == b'\\' => i += n + 2,
-                    Some(n) => {
-                        i += n + 1;
-                        break;
-                    }
+                let escape = rest[n] == b'\\';
+                let Some(after) = rest.get(n + 1 + usize::from(escape)..) else {
+                    return false;
+                };
+                rest = after;
+                if !escape {
+                    break;
                 }
             },
-            b'{' | b'[' => depth += 1,
-            b'}' | b']' => match depth.checked_sub(1) {
+            OPEN => depth += 1,
+            _ => match depth.checked_sub(1) {
                 Some(d) => depth = d,
                 None => return false,
             },
-            _ => {}
         }
-        i += 1;
     }
     depth == 0
 }
 
-/// The first `"` or `\\` in `s`. Most JSON strings (keys, ids, short
-/// values) end within a few bytes, where a plain loop beats `memchr`'s
-/// setup; long ones (the content) get `memchr`.
-fn quote_or_backslash(s: &[u8]) -> Option<usize> {
-    let head = s.len().min(24);
-    if let Some(n) = s[..head].iter().position(|&b| b == b'"' || b == b'\\') {
-        return Some(n);
-    }
-    memchr::memchr2(b'"', b'\\', &s[head..]).map(|n| n + head)
-}
+const PLAIN: u8 = 0;
+const QUOTE: u8 = 1;
+const OPEN: u8 = 2;
+const CLOSE: u8 = 3;
+
+/// What each byte is to [`balanced`] outside strings.
+static STRUCTURE: [u8; 256] = {
+    let mut t = [PLAIN; 256];
+    t[b'"' as usize] = QUOTE;
+    t[b'{' as usize] = OPEN;
+    t[b'[' as usize] = OPEN;
+    t[b'}' as usize] = CLOSE;
+    t[b']' as usize] = CLOSE;
+    t
+};
 
 /// Finds the last `"usage": {...}` key in `tail` (the end of a body, or a
 /// whole one). A quote preceded by an odd number of backslashes is inside a
