@@ -7,9 +7,12 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderName, HeaderValue, Response, StatusCode};
 
 use super::body::ResponseBody;
+
+/// The name is checked once, at compile time, not per response.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
@@ -103,7 +106,7 @@ impl ApiError {
             HeaderValue::from_static("application/json"),
         );
         if let Some(id) = request_id {
-            headers.insert("x-request-id", id.clone());
+            headers.insert(X_REQUEST_ID, id.clone());
         }
         match &self {
             ApiError::NoHealthyUpstream { retry_after, .. } => {

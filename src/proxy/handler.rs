@@ -13,7 +13,7 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::api_error::ApiError;
+use super::api_error::{ApiError, X_REQUEST_ID};
 use super::attempt::{self, Outcome, UpstreamError};
 use super::body::ResponseBody;
 use super::endpoints;
@@ -129,13 +129,13 @@ fn percent_decode(s: &str) -> Option<String> {
 /// `req_` and 32 random hex digits.
 fn new_request_id() -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut id = String::with_capacity(36);
-    id.push_str("req_");
-    let n = fastrand::u128(..);
-    for i in (0..32).rev() {
-        id.push(char::from(HEX[((n >> (i * 4)) & 0xf) as usize]));
+    let mut id = *b"req_00000000000000000000000000000000";
+    let mut n = fastrand::u128(..);
+    for b in id[4..].iter_mut().rev() {
+        *b = HEX[(n & 0xf) as usize];
+        n >>= 4;
     }
-    id
+    String::from_utf8_lossy(&id).into_owned()
 }
 
 /// The service function given to hyper for every request. `conflicting_framing`:
@@ -158,7 +158,7 @@ pub async fn handle(
         Ok(resp) => resp,
         Err(e) => e.into_response(None),
     };
-    resp.headers_mut().insert("x-request-id", rid_header);
+    resp.headers_mut().insert(X_REQUEST_ID, rid_header);
     Ok(resp)
 }
 
@@ -636,19 +636,17 @@ fn respond(
     r.routed_model = answer.routed_model;
     r.status = status.as_u16();
     r.ttft_ms = answer.ttft.map(|d| d.as_millis() as u64);
-    let content_type = answer
-        .parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let media = Media::of(&answer.parts.headers);
     if !status.is_success() {
         r.error = Some(format!("upstream answered {}", status.as_u16()));
-    } else if request.kind.is_text_generation()
-        && !content_type.contains("json")
-        && !content_type.contains("event-stream")
-    {
+    } else if request.kind.is_text_generation() && media == Media::Other {
         // Passed on as sent (a 2xx is never retried), but noted.
+        let content_type = answer
+            .parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()))
+            .unwrap_or_default();
         r.error = Some(format!(
             "upstream answered {} with content-type `{content_type}`",
             status.as_u16()
@@ -656,7 +654,12 @@ fn respond(
     }
     done.in_flight = Some(answer.in_flight);
     done.answered_by(client);
-    let filter = response_filter(&answer.parts, request, client.cfg.special_prefix.as_deref());
+    let filter = response_filter(
+        media,
+        answer.parts.status,
+        request,
+        client.cfg.special_prefix.as_deref(),
+    );
     let keep_length = matches!(filter, Filter::Json(_) | Filter::Raw);
     let mut resp = Response::new(ResponseBody::Relay(Box::new(Relay::new(
         answer.body,
@@ -666,41 +669,61 @@ fn respond(
         done,
     ))));
     *resp.status_mut() = status;
-    *resp.headers_mut() = upstream::relayable_response_headers(&answer.parts.headers, keep_length);
+    *resp.headers_mut() = upstream::relayable_response_headers(answer.parts.headers, keep_length);
     resp
 }
 
 /// How the response body is relayed: SSE event by event, JSON with usage
 /// read on the side, held whole for a prefix, or untouched.
 fn response_filter(
-    parts: &http::response::Parts,
+    media: Media,
+    status: StatusCode,
     request: &Prepared<'_>,
     prefix: Option<&str>,
 ) -> Filter {
-    let content_type = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
     let slot = match request.kind {
         EndpointKind::Chat => Some(PrefixSlot::Chat),
         EndpointKind::Completion => Some(PrefixSlot::Completion),
         EndpointKind::Other => None,
     };
     let prefix = match (prefix, slot) {
-        (Some(p), Some(slot)) if parts.status.is_success() => Some((p.to_owned(), slot)),
+        (Some(p), Some(slot)) if status.is_success() => Some((p.to_owned(), slot)),
         _ => None,
     };
-    if content_type.starts_with("text/event-stream") {
-        Filter::Sse(SseFilter::new(request.include_usage, prefix))
-    } else if content_type.contains("json") {
-        match prefix {
+    match media {
+        Media::EventStream => Filter::Sse(SseFilter::new(request.include_usage, prefix)),
+        Media::Json => match prefix {
             Some((p, slot)) => Filter::Prefix(PrefixBuffer::new(p, slot)),
             None => Filter::Json(JsonSniffer::new()),
+        },
+        Media::Other => Filter::Raw,
+    }
+}
+
+/// What an upstream's `Content-Type` says the body is, in any letter case.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Media {
+    /// `text/event-stream`
+    EventStream,
+    /// Any type naming `json`.
+    Json,
+    Other,
+}
+
+impl Media {
+    fn of(headers: &HeaderMap) -> Media {
+        let Some(v) = headers.get(header::CONTENT_TYPE) else {
+            return Media::Other;
+        };
+        let v = v.as_bytes().trim_ascii_start();
+        let has = |word: &[u8]| v.windows(word.len()).any(|w| w.eq_ignore_ascii_case(word));
+        if v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream") {
+            Media::EventStream
+        } else if has(b"json") {
+            Media::Json
+        } else {
+            Media::Other
         }
-    } else {
-        Filter::Raw
     }
 }
 
@@ -719,6 +742,31 @@ mod tests {
                 "{good}"
             );
         }
+    }
+
+    #[test]
+    fn media_is_read_from_content_type_in_any_case() {
+        let media = |ct: Option<&str>| {
+            let mut h = HeaderMap::new();
+            if let Some(ct) = ct {
+                h.insert(header::CONTENT_TYPE, HeaderValue::from_str(ct).unwrap());
+            }
+            Media::of(&h)
+        };
+        assert_eq!(media(Some("text/event-stream")), Media::EventStream);
+        assert_eq!(
+            media(Some(" Text/Event-Stream; charset=utf-8")),
+            Media::EventStream
+        );
+        assert_eq!(media(Some("application/json")), Media::Json);
+        assert_eq!(
+            media(Some("application/problem+JSON; charset=utf-8")),
+            Media::Json
+        );
+        assert_eq!(media(Some("text/plain")), Media::Other);
+        assert_eq!(media(Some("text/event")), Media::Other);
+        assert_eq!(media(Some("")), Media::Other);
+        assert_eq!(media(None), Media::Other);
     }
 
     #[test]

@@ -412,25 +412,28 @@ fn origin_form(uri: &mut Uri) {
 
 /// Caller headers never sent upstream: hop-by-hop headers, the caller's own
 /// credentials, and those gptbalance sets itself.
-const NOT_FORWARDED: &[&str] = &[
-    "authorization",
-    "api-key",
-    "x-api-key",
-    "host",
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authorization",
-    "proxy-authenticate",
-    "te",
-    "trailer",
-    "upgrade",
-    "expect",
-    "accept-encoding",
-    "http2-settings",
-];
+fn not_forwarded(name: &str) -> bool {
+    matches!(
+        name,
+        "authorization"
+            | "api-key"
+            | "x-api-key"
+            | "host"
+            | "content-length"
+            | "transfer-encoding"
+            | "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "expect"
+            | "accept-encoding"
+            | "http2-settings"
+    )
+}
 
 /// The caller's headers minus those never forwarded (and any the caller's
 /// `Connection` header names), with room for `extra` more.
@@ -445,7 +448,7 @@ fn forwardable_headers(caller: &HeaderMap, extra: usize) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(caller.len() + extra);
     for (name, value) in caller {
         let n = name.as_str();
-        if NOT_FORWARDED.contains(&n) || named_by_connection.iter().any(|c| c == n) {
+        if not_forwarded(n) || named_by_connection.iter().any(|c| c == n) {
             continue;
         }
         out.append(name.clone(), value.clone());
@@ -455,19 +458,19 @@ fn forwardable_headers(caller: &HeaderMap, extra: usize) -> HeaderMap {
 
 /// Response headers not relayed to the caller (hop-by-hop, and the length
 /// when gptbalance may change the body).
-pub fn relayable_response_headers(upstream: &HeaderMap, keep_length: bool) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(upstream.len() + 1);
-    for (name, value) in upstream {
-        match name.as_str() {
-            "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "te"
-            | "trailer" | "upgrade" => {}
-            "content-length" if !keep_length => {}
-            _ => {
-                out.append(name.clone(), value.clone());
-            }
-        }
+/// The map is changed in place, and only when such a header is there.
+pub fn relayable_response_headers(mut headers: HeaderMap, keep_length: bool) -> HeaderMap {
+    let dropped = |name: &HeaderName| match name.as_str() {
+        "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "te"
+        | "trailer" | "upgrade" => true,
+        "content-length" => !keep_length,
+        _ => false,
+    };
+    let drop: Vec<HeaderName> = headers.keys().filter(|n| dropped(n)).cloned().collect();
+    for name in drop {
+        headers.remove(name);
     }
-    out
+    headers
 }
 
 /// Builds one attempt's request to `client` with `key`; `caller_headers`
@@ -521,6 +524,52 @@ mod tests {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::net::TcpListener;
+
+    #[test]
+    fn hop_by_hop_response_headers_are_dropped_and_the_rest_kept() {
+        let mut h = HeaderMap::new();
+        for (n, v) in [
+            ("content-type", "application/json"),
+            ("Transfer-Encoding", "chunked"),
+            ("x-ratelimit-remaining", "9"),
+            ("connection", "keep-alive"),
+            ("keep-alive", "timeout=5"),
+            ("content-length", "12"),
+            ("x-ratelimit-remaining", "8"),
+            ("upgrade", "h2c"),
+        ] {
+            h.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_static(v),
+            );
+        }
+        let names = |h: &HeaderMap| -> Vec<String> {
+            let mut all: Vec<String> = h
+                .iter()
+                .map(|(n, v)| format!("{n}={}", v.to_str().unwrap()))
+                .collect();
+            all.sort();
+            all
+        };
+        let kept = relayable_response_headers(h.clone(), true);
+        assert_eq!(
+            names(&kept),
+            [
+                "content-length=12",
+                "content-type=application/json",
+                "x-ratelimit-remaining=8",
+                "x-ratelimit-remaining=9",
+            ]
+        );
+        let rewritten = relayable_response_headers(h, false);
+        assert!(!rewritten.contains_key(header::CONTENT_LENGTH));
+        assert_eq!(rewritten.len(), 3);
+        let plain = HeaderMap::from_iter([(header::SERVER, HeaderValue::from_static("m"))]);
+        assert_eq!(
+            names(&relayable_response_headers(plain, false)),
+            ["server=m"]
+        );
+    }
 
     /// A TLS upstream on 127.0.0.1 offering `alpn`, answering every request
     /// with its HTTP version, path and `Host`; returns its port, the
