@@ -3,10 +3,12 @@
 //! A file that is not a gptbalance usage database is never modified: it is
 //! recognised by SQLite's header and the `application_id` set at creation.
 
+use std::marker::PhantomData;
+use std::os::raw::c_int;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{ffi, Connection, OpenFlags};
 
 use super::UsageRecord;
 
@@ -246,55 +248,178 @@ fn insert_sql(rows: usize) -> String {
     )
 }
 
-/// Binds `r` to the parameters from `first` (1-based) on.
-fn bind_row(
-    stmt: &mut rusqlite::Statement<'_>,
-    first: usize,
-    r: &UsageRecord,
+/// Binds `r`, stamped `ts`, to the parameters from `first` (1-based) on.
+fn bind_row<'a>(
+    stmt: &mut RawInsert<'a>,
+    first: c_int,
+    r: &'a UsageRecord,
+    ts: &'a [u8; 24],
 ) -> rusqlite::Result<()> {
-    let ts = rfc3339_millis(r.ts.unwrap_or_else(SystemTime::now));
-    stmt.raw_bind_parameter(first, std::str::from_utf8(&ts).unwrap_or_default())?;
-    stmt.raw_bind_parameter(first + 1, &r.request_id)?;
-    stmt.raw_bind_parameter(first + 2, &r.caller)?;
-    stmt.raw_bind_parameter(first + 3, &r.endpoint)?;
-    stmt.raw_bind_parameter(first + 4, &r.model)?;
-    stmt.raw_bind_parameter(first + 5, &r.routed_model)?;
-    stmt.raw_bind_parameter(first + 6, r.client.as_deref())?;
-    stmt.raw_bind_parameter(first + 7, r.key_id.as_deref())?;
-    stmt.raw_bind_parameter(first + 8, r.status)?;
-    stmt.raw_bind_parameter(first + 9, r.stream)?;
-    stmt.raw_bind_parameter(first + 10, r.attempts)?;
-    stmt.raw_bind_parameter(first + 11, r.latency_ms as i64)?;
-    stmt.raw_bind_parameter(first + 12, r.ttft_ms.map(|v| v as i64))?;
-    stmt.raw_bind_parameter(first + 13, r.prompt_tokens.map(|v| v as i64))?;
-    stmt.raw_bind_parameter(first + 14, r.completion_tokens.map(|v| v as i64))?;
-    stmt.raw_bind_parameter(first + 15, r.total_tokens.map(|v| v as i64))?;
-    stmt.raw_bind_parameter(first + 16, &r.error)?;
+    let count = |v: Option<u64>| v.map(|v| i64::try_from(v).unwrap_or(i64::MAX));
+    stmt.text(first, Some(std::str::from_utf8(ts).unwrap_or_default()))?;
+    stmt.text(first + 1, Some(&r.request_id))?;
+    stmt.text(first + 2, r.caller.as_deref())?;
+    stmt.text(first + 3, Some(&r.endpoint))?;
+    stmt.text(first + 4, r.model.as_deref())?;
+    stmt.text(first + 5, r.routed_model.as_deref())?;
+    stmt.text(first + 6, r.client.as_deref())?;
+    stmt.text(first + 7, r.key_id.as_deref())?;
+    stmt.int(first + 8, Some(i64::from(r.status)))?;
+    stmt.int(first + 9, Some(i64::from(r.stream)))?;
+    stmt.int(first + 10, Some(i64::from(r.attempts)))?;
+    stmt.int(first + 11, count(Some(r.latency_ms)))?;
+    stmt.int(first + 12, count(r.ttft_ms))?;
+    stmt.int(first + 13, count(r.prompt_tokens))?;
+    stmt.int(first + 14, count(r.completion_tokens))?;
+    stmt.int(first + 15, count(r.total_tokens))?;
+    stmt.text(first + 16, r.error.as_deref())?;
     Ok(())
 }
 
 /// Inserts the rows in one transaction, in order: groups of
 /// [`ROWS_PER_INSERT`] per statement, then the rest one by one.
 pub fn insert_batch(conn: &mut Connection, rows: &[&UsageRecord]) -> rusqlite::Result<()> {
+    let stamps: Vec<[u8; 24]> = rows
+        .iter()
+        .map(|r| rfc3339_millis(r.ts.unwrap_or_else(SystemTime::now)))
+        .collect();
     let tx = conn.transaction()?;
-    let mut groups = rows.chunks_exact(ROWS_PER_INSERT);
-    if groups.len() > 0 {
-        let mut stmt = tx.prepare_cached(&insert_sql(ROWS_PER_INSERT))?;
-        for group in &mut groups {
-            for (i, r) in group.iter().enumerate() {
-                bind_row(&mut stmt, 1 + i * PARAMS_PER_ROW, r)?;
+    {
+        let per_row = PARAMS_PER_ROW as c_int;
+        let mut groups = rows.chunks_exact(ROWS_PER_INSERT);
+        let mut at = 0;
+        if groups.len() > 0 {
+            let mut stmt = RawInsert::prepare(&tx, &insert_sql(ROWS_PER_INSERT))?;
+            for group in &mut groups {
+                for (i, r) in (0..).zip(group.iter()) {
+                    bind_row(&mut stmt, 1 + i * per_row, r, &stamps[at])?;
+                    at += 1;
+                }
+                stmt.execute()?;
             }
-            stmt.raw_execute()?;
         }
-    }
-    if !groups.remainder().is_empty() {
-        let mut stmt = tx.prepare_cached(&insert_sql(1))?;
-        for r in groups.remainder() {
-            bind_row(&mut stmt, 1, r)?;
-            stmt.raw_execute()?;
+        if !groups.remainder().is_empty() {
+            let mut stmt = RawInsert::prepare(&tx, &insert_sql(1))?;
+            for r in groups.remainder() {
+                bind_row(&mut stmt, 1, r, &stamps[at])?;
+                at += 1;
+                stmt.execute()?;
+            }
         }
     }
     tx.commit()
+}
+
+/// An INSERT prepared on the connection's own handle, so that text is
+/// bound in place (`SQLITE_STATIC`) instead of copied, as rusqlite's
+/// binding always does. `'a` covers the connection and every value bound:
+/// SQLite may read a bound value until the statement is finalized, which
+/// `Drop` does.
+struct RawInsert<'a> {
+    db: *mut ffi::sqlite3,
+    stmt: *mut ffi::sqlite3_stmt,
+    _borrows: PhantomData<&'a ()>,
+}
+
+impl<'a> RawInsert<'a> {
+    fn prepare(conn: &'a Connection, sql: &str) -> rusqlite::Result<RawInsert<'a>> {
+        let len = c_int::try_from(sql.len()).map_err(|_| failure(ffi::SQLITE_TOOBIG, None))?;
+        let mut stmt = std::ptr::null_mut();
+        // SAFETY: the handle stays valid while `conn` is borrowed, for `'a`.
+        let db = unsafe { conn.handle() };
+        // SAFETY: a valid handle; `sql` is read for `len` bytes during the
+        // call only.
+        let rc = unsafe {
+            ffi::sqlite3_prepare_v2(
+                db,
+                sql.as_ptr().cast(),
+                len,
+                &mut stmt,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc != ffi::SQLITE_OK || stmt.is_null() {
+            return Err(failure(rc, Some(db)));
+        }
+        Ok(RawInsert {
+            db,
+            stmt,
+            _borrows: PhantomData,
+        })
+    }
+
+    fn text(&mut self, at: c_int, value: Option<&'a str>) -> rusqlite::Result<()> {
+        let Some(v) = value else {
+            return self.null(at);
+        };
+        let len = c_int::try_from(v.len()).map_err(|_| failure(ffi::SQLITE_TOOBIG, None))?;
+        // SAFETY: `v` lives for `'a`, which the statement does not outlive.
+        let rc = unsafe {
+            ffi::sqlite3_bind_text(self.stmt, at, v.as_ptr().cast(), len, ffi::SQLITE_STATIC())
+        };
+        self.check(rc)
+    }
+
+    fn int(&mut self, at: c_int, value: Option<i64>) -> rusqlite::Result<()> {
+        let Some(v) = value else {
+            return self.null(at);
+        };
+        // SAFETY: a valid statement; the value is copied.
+        let rc = unsafe { ffi::sqlite3_bind_int64(self.stmt, at, v) };
+        self.check(rc)
+    }
+
+    fn null(&mut self, at: c_int) -> rusqlite::Result<()> {
+        // SAFETY: a valid statement.
+        let rc = unsafe { ffi::sqlite3_bind_null(self.stmt, at) };
+        self.check(rc)
+    }
+
+    /// Runs the statement once and resets it for the next values.
+    fn execute(&mut self) -> rusqlite::Result<()> {
+        // SAFETY: a valid statement with every parameter bound to values
+        // that live for `'a`.
+        let rc = unsafe { ffi::sqlite3_step(self.stmt) };
+        let result = match rc {
+            ffi::SQLITE_DONE => Ok(()),
+            _ => Err(failure(rc, Some(self.db))),
+        };
+        // SAFETY: as above; the statement is left ready for its next run.
+        unsafe { ffi::sqlite3_reset(self.stmt) };
+        result
+    }
+
+    fn check(&self, rc: c_int) -> rusqlite::Result<()> {
+        if rc == ffi::SQLITE_OK {
+            Ok(())
+        } else {
+            Err(failure(rc, Some(self.db)))
+        }
+    }
+}
+
+impl Drop for RawInsert<'_> {
+    fn drop(&mut self) {
+        // SAFETY: prepared by `prepare` and finalized only here.
+        unsafe { ffi::sqlite3_finalize(self.stmt) };
+    }
+}
+
+/// The error rusqlite would give for `rc`, with SQLite's message when the
+/// connection has one.
+fn failure(rc: c_int, db: Option<*mut ffi::sqlite3>) -> rusqlite::Error {
+    let message = db.and_then(|db| {
+        // SAFETY: a valid handle; the message is copied before any other
+        // call on the connection.
+        let m = unsafe { ffi::sqlite3_errmsg(db) };
+        (!m.is_null()).then(|| {
+            // SAFETY: SQLite returns a NUL-terminated UTF-8 string.
+            unsafe { std::ffi::CStr::from_ptr(m) }
+                .to_string_lossy()
+                .into_owned()
+        })
+    });
+    rusqlite::Error::SqliteFailure(ffi::Error::new(rc), message)
 }
 
 #[cfg(test)]
@@ -329,6 +454,109 @@ mod tests {
         let t = humantime::parse_rfc3339("2026-01-31T23:59:59.999Z").unwrap();
         assert_eq!(month_of(t), "2026-01");
         assert_eq!(file_name("2026-02"), "usage-2026-02.sqlite");
+    }
+
+    /// Every column of every row holds what its record had, NULLs included,
+    /// through both statement shapes and with text bound in place.
+    #[test]
+    fn every_column_is_written_as_recorded() {
+        use rusqlite::types::Value;
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open_for_write(&dir.path().join("usage-2026-04.sqlite")).unwrap();
+        let text = |v: Option<&str>| v.map_or(Value::Null, |v| Value::Text(v.to_owned()));
+        let int = |v: Option<u64>| v.map_or(Value::Null, |v| Value::Integer(v as i64));
+        let rows: Vec<UsageRecord> = (0..ROWS_PER_INSERT as u64 + 3)
+            .map(|i| UsageRecord {
+                ts: Some(UNIX_EPOCH + std::time::Duration::from_millis(1_775_000_000_000 + i)),
+                request_id: format!("req_{i}"),
+                caller: (i % 2 == 1).then(|| format!("caller {i} ✓")),
+                endpoint: format!("e{i}"),
+                model: (i % 3 != 0).then(|| format!("model-{i}")),
+                routed_model: (i % 4 == 0).then(|| format!("routed-{i}")),
+                client: (i % 5 != 0).then(|| format!("client{i}").into()),
+                key_id: (i % 6 != 0).then(|| format!("key-{i}").into()),
+                status: 100 + i as u16,
+                stream: i % 2 == 0,
+                attempts: i as u32,
+                latency_ms: 1000 + i,
+                ttft_ms: (i % 3 == 1).then_some(i),
+                prompt_tokens: (i % 2 == 0).then_some(2 * i),
+                completion_tokens: (i % 3 == 2).then_some(3 * i),
+                total_tokens: (i % 4 != 3).then_some(5 * i),
+                error: (i % 7 == 3).then(|| format!("error \"{i}\"")),
+            })
+            .collect();
+        let refs: Vec<&UsageRecord> = rows.iter().collect();
+        insert_batch(&mut conn, &refs).unwrap();
+        let want: Vec<Vec<Value>> = rows
+            .iter()
+            .map(|r| {
+                let ts = rfc3339_millis(r.ts.unwrap());
+                vec![
+                    text(Some(std::str::from_utf8(&ts).unwrap())),
+                    text(Some(&r.request_id)),
+                    text(r.caller.as_deref()),
+                    text(Some(&r.endpoint)),
+                    text(r.model.as_deref()),
+                    text(r.routed_model.as_deref()),
+                    text(r.client.as_deref()),
+                    text(r.key_id.as_deref()),
+                    int(Some(r.status.into())),
+                    int(Some(r.stream.into())),
+                    int(Some(r.attempts.into())),
+                    int(Some(r.latency_ms)),
+                    int(r.ttft_ms),
+                    int(r.prompt_tokens),
+                    int(r.completion_tokens),
+                    int(r.total_tokens),
+                    text(r.error.as_deref()),
+                ]
+            })
+            .collect();
+        let got: Vec<Vec<Value>> = conn
+            .prepare(&format!("SELECT {COLUMNS} FROM requests ORDER BY id"))
+            .unwrap()
+            .query_map([], |row| (0..PARAMS_PER_ROW).map(|i| row.get(i)).collect())
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(got, want);
+    }
+
+    /// A statement SQLite refuses comes back as SQLite's error, and the
+    /// batch leaves nothing behind.
+    #[test]
+    fn a_refused_insert_is_an_error_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open_for_write(&dir.path().join("usage-2026-05.sqlite")).unwrap();
+        conn.execute_batch(
+            "CREATE TRIGGER no_500 BEFORE INSERT ON requests WHEN NEW.status = 500 \
+             BEGIN SELECT RAISE(ABORT, 'status 500 refused'); END;",
+        )
+        .unwrap();
+        let rows: Vec<UsageRecord> = (0..ROWS_PER_INSERT as u16 + 2)
+            .map(|i| UsageRecord {
+                request_id: format!("r{i}"),
+                status: if i == ROWS_PER_INSERT as u16 + 1 {
+                    500
+                } else {
+                    200
+                },
+                ..UsageRecord::default()
+            })
+            .collect();
+        let refs: Vec<&UsageRecord> = rows.iter().collect();
+        let err = insert_batch(&mut conn, &refs).unwrap_err();
+        assert!(err.to_string().contains("status 500 refused"), "{err}");
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM requests", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 0);
+        insert_batch(&mut conn, &refs[..ROWS_PER_INSERT + 1]).unwrap();
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM requests", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, ROWS_PER_INSERT as i64 + 1);
     }
 
     /// Rows go in whole groups and then one by one; every value lands in
