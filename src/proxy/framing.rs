@@ -11,10 +11,14 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 
 use hyper::rt::{Read, ReadBufCursor, Write};
+
+/// Built once: `memmem::find` builds a searcher on every call.
+static HEAD_END: LazyLock<memchr::memmem::Finder> =
+    LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n\r\n"));
 
 /// Longest request head followed; hyper rejects longer ones itself.
 const MAX_HEAD: usize = 64 * 1024;
@@ -77,7 +81,7 @@ impl<IO> Watched<IO> {
                 State::Head => {
                     let start = self.buf.len().saturating_sub(3);
                     self.buf.extend_from_slice(bytes);
-                    let Some(end) = memchr::memmem::find(&self.buf[start..], b"\r\n\r\n") else {
+                    let Some(end) = HEAD_END.find(&self.buf[start..]) else {
                         if self.buf.len() > MAX_HEAD {
                             self.state = State::Off;
                         }
@@ -148,9 +152,13 @@ impl<IO> Watched<IO> {
         if head.starts_with(b"PRI * HTTP/2.0") {
             return State::Off;
         }
-        let mut headers = [httparse::EMPTY_HEADER; 128];
-        let mut req = httparse::Request::new(&mut headers);
-        if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
+        // Uninitialized slots: no 4 KiB of empty headers written per request.
+        let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; 128];
+        let mut req = httparse::Request::new(&mut []);
+        if !matches!(
+            req.parse_with_uninit_headers(head, &mut headers),
+            Ok(httparse::Status::Complete(_))
+        ) {
             return State::Off;
         }
         self.heads += 1;
