@@ -6,9 +6,21 @@
 //! event is forwarded as the same bytes, without a copy.
 
 use std::collections::VecDeque;
+use std::sync::LazyLock;
 
 use bytes::{Bytes, BytesMut};
 use memchr::memmem;
+
+// Searchers built once: `memmem::find` builds one on every call, which
+// costs more than the search over an event or a body's tail.
+static USAGE_KEY: LazyLock<memmem::Finder> = LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+static USAGE_KEY_LAST: LazyLock<memmem::FinderRev> =
+    LazyLock::new(|| memmem::FinderRev::new(b"\"usage\""));
+static USAGE_NULL: LazyLock<memmem::Finder> =
+    LazyLock::new(|| memmem::Finder::new(b"\"usage\":null"));
+static BLANK_LINE: LazyLock<memmem::Finder> = LazyLock::new(|| memmem::Finder::new(b"\n\n"));
+static BLANK_LINE_CRLF: LazyLock<memmem::Finder> =
+    LazyLock::new(|| memmem::Finder::new(b"\r\n\r\n"));
 use serde_json::Value;
 
 /// Token counts reported by the upstream.
@@ -33,7 +45,7 @@ impl Usage {
         let total = u
             .total_tokens
             .or(match (u.prompt_tokens, u.completion_tokens) {
-                (Some(p), Some(c)) => Some(p + c),
+                (Some(p), Some(c)) => Some(p.saturating_add(c)),
                 _ => None,
             });
         Some(Usage {
@@ -131,8 +143,7 @@ impl SseFilter {
     }
 
     fn inspect(&mut self, event: &[u8]) -> Verdict {
-        let mentions_usage = memmem::find(event, b"\"usage\"").is_some()
-            && memmem::find(event, b"\"usage\":null").is_none();
+        let mentions_usage = USAGE_KEY.find(event).is_some() && USAGE_NULL.find(event).is_none();
         if !mentions_usage && self.prefix.is_none() {
             return Verdict::Keep;
         }
@@ -178,8 +189,8 @@ fn push_slice(data: &Bytes, from: usize, to: usize, out: &mut VecDeque<Bytes>) {
 
 /// Length of the first complete event in `buf`, blank line included.
 pub fn event_len(buf: &[u8]) -> Option<usize> {
-    let lf = memmem::find(buf, b"\n\n").map(|i| i + 2);
-    let crlf = memmem::find(buf, b"\r\n\r\n").map(|i| i + 4);
+    let lf = BLANK_LINE.find(buf).map(|i| i + 2);
+    let crlf = BLANK_LINE_CRLF.find(buf).map(|i| i + 4);
     match (lf, crlf) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -260,7 +271,7 @@ impl UsageFields {
             .total_tokens
             .0
             .or(match (prompt_tokens, completion_tokens) {
-                (Some(p), Some(c)) => Some(p + c),
+                (Some(p), Some(c)) => Some(p.saturating_add(c)),
                 _ => None,
             });
         Usage {
@@ -442,7 +453,7 @@ static STRUCTURE: [u8; 256] = {
 pub fn usage_in_json_tail(tail: &[u8]) -> Option<Usage> {
     let mut end = tail.len();
     for _ in 0..8 {
-        let at = memmem::rfind(&tail[..end], b"\"usage\"")?;
+        let at = USAGE_KEY_LAST.rfind(&tail[..end])?;
         end = at;
         let backslashes = tail[..at].iter().rev().take_while(|&&b| b == b'\\').count();
         if backslashes % 2 == 1 {
@@ -451,6 +462,9 @@ pub fn usage_in_json_tail(tail: &[u8]) -> Option<Usage> {
         let Some(rest) = tail[at + 7..].trim_ascii_start().strip_prefix(b":") else {
             continue;
         };
+        if let Some(fields) = plain_usage_fields(rest) {
+            return Some(fields.usage());
+        }
         let slot = serde_json::Deserializer::from_slice(rest)
             .into_iter::<UsageSlot>()
             .next();
@@ -461,9 +475,256 @@ pub fn usage_in_json_tail(tail: &[u8]) -> Option<Usage> {
     None
 }
 
+/// The counts of the `usage` object `json` starts with, read by hand in the
+/// shape upstreams send: keys without escapes, counts as plain unsigned
+/// integers, other values (the `*_details` objects, nulls) skipped. `None`
+/// for anything else (another value, a negative or fractional count, a key
+/// twice), which the serde reader then decides: on valid JSON both read the
+/// same.
+fn plain_usage_fields(json: &[u8]) -> Option<UsageFields> {
+    let mut at = Cursor(json);
+    at.token(b'{')?;
+    let mut fields = UsageFields::default();
+    let mut seen = 0u8;
+    if at.peek_token(b'}') {
+        return Some(fields);
+    }
+    loop {
+        at.token(b'"')?;
+        let key = at.plain_key()?;
+        at.token(b':')?;
+        let slot = match key {
+            b"prompt_tokens" => Some((1, &mut fields.prompt_tokens)),
+            b"input_tokens" => Some((2, &mut fields.input_tokens)),
+            b"completion_tokens" => Some((4, &mut fields.completion_tokens)),
+            b"output_tokens" => Some((8, &mut fields.output_tokens)),
+            b"total_tokens" => Some((16, &mut fields.total_tokens)),
+            _ => None,
+        };
+        match slot {
+            // serde refuses a field twice; let it decide.
+            Some((bit, _)) if seen & bit != 0 => return None,
+            Some((bit, count)) => {
+                seen |= bit;
+                *count = Count(at.count()?);
+            }
+            None => at.skip_value()?,
+        }
+        match at.next_token()? {
+            b',' => continue,
+            b'}' => return Some(fields),
+            _ => return None,
+        }
+    }
+}
+
+/// The unread rest of a JSON text, for [`plain_usage_fields`].
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn skip_ws(&mut self) {
+        self.0 = self.0.trim_ascii_start();
+    }
+
+    fn next_token(&mut self) -> Option<u8> {
+        self.skip_ws();
+        let (&b, rest) = self.0.split_first()?;
+        self.0 = rest;
+        Some(b)
+    }
+
+    fn token(&mut self, want: u8) -> Option<()> {
+        (self.next_token()? == want).then_some(())
+    }
+
+    fn peek_token(&mut self, want: u8) -> bool {
+        self.skip_ws();
+        if self.0.first() == Some(&want) {
+            self.0 = &self.0[1..];
+            true
+        } else {
+            false
+        }
+    }
+
+    /// A key's bytes up to its closing quote; `None` when it has escapes.
+    fn plain_key(&mut self) -> Option<&'a [u8]> {
+        let n = memchr::memchr2(b'"', b'\\', self.0)?;
+        if self.0[n] != b'"' {
+            return None;
+        }
+        let key = &self.0[..n];
+        self.0 = &self.0[n + 1..];
+        Some(key)
+    }
+
+    /// A count: `Some` for a plain unsigned integer that fits, `None` (no
+    /// count) for `null`, strings, objects and arrays; the outer `None`
+    /// hands anything else (negative, fractional, too large) back.
+    fn count(&mut self) -> Option<Option<u64>> {
+        self.skip_ws();
+        let digits = self.0.iter().take_while(|b| b.is_ascii_digit()).count();
+        if digits == 0 {
+            return match self.0.first()? {
+                b'n' | b'"' | b'{' | b'[' | b't' | b'f' => {
+                    self.skip_value()?;
+                    Some(None)
+                }
+                _ => None,
+            };
+        }
+        let (number, rest) = self.0.split_at(digits);
+        if matches!(rest.first(), Some(b'.' | b'e' | b'E')) || (digits > 1 && number[0] == b'0') {
+            return None;
+        }
+        let mut v: u64 = 0;
+        for &d in number {
+            v = v.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+        }
+        self.0 = rest;
+        Some(Some(v))
+    }
+
+    /// Steps over one value: a literal or a number, a string, or a
+    /// bracketed value with the strings inside it skipped whole.
+    fn skip_value(&mut self) -> Option<()> {
+        self.skip_ws();
+        let first = *self.0.first()?;
+        if !matches!(first, b'"' | b'{' | b'[') {
+            let n = self
+                .0
+                .iter()
+                .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'+' | b'.'))
+                .count();
+            self.0 = &self.0[n..];
+            return (n > 0).then_some(());
+        }
+        let mut depth = 0usize;
+        loop {
+            let (&b, rest) = self.0.split_first()?;
+            self.0 = rest;
+            match b {
+                b'"' => self.skip_string_rest()?,
+                b'{' | b'[' => depth += 1,
+                b'}' | b']' => depth = depth.checked_sub(1)?,
+                _ => {}
+            }
+            if depth == 0 {
+                return Some(());
+            }
+        }
+    }
+
+    /// Steps past the closing quote of a string whose opening quote is read.
+    fn skip_string_rest(&mut self) -> Option<()> {
+        loop {
+            let n = memchr::memchr2(b'"', b'\\', self.0)?;
+            let escape = self.0[n] == b'\\';
+            self.0 = self.0.get(n + 1 + usize::from(escape)..)?;
+            if !escape {
+                return Some(());
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The usage object read by hand agrees with serde's reading wherever
+    /// it answers, answers for the shapes upstreams send, and leaves the
+    /// rest (negative, fractional, huge counts, escaped or repeated keys)
+    /// to serde.
+    #[test]
+    fn plain_usage_reading_agrees_with_serde() {
+        let serde_reading = |json: &str| {
+            serde_json::Deserializer::from_str(json)
+                .into_iter::<UsageSlot>()
+                .next()
+                .and_then(Result::ok)
+                .and_then(|s| s.0)
+        };
+        let values = [
+            "0",
+            "7",
+            "18446744073709551615",
+            "18446744073709551616",
+            "-3",
+            "-0",
+            "1.0",
+            "2e3",
+            "null",
+            "true",
+            "false",
+            "\"12\"",
+            "\"a\\\"}\"",
+            "[]",
+            "[1, {\"x\": [2]}]",
+            "{}",
+            "{\"cached_tokens\": 3, \"audio_tokens\": 0}",
+            "{\"a\": \"}\\\\\"}",
+        ];
+        let keys = [
+            "prompt_tokens",
+            "input_tokens",
+            "completion_tokens",
+            "output_tokens",
+            "total_tokens",
+            "prompt_tokens_details",
+            "other",
+            "prompt\\u005ftokens",
+        ];
+        let mut rng = fastrand::Rng::with_seed(11);
+        let mut answered = 0;
+        for _ in 0..20_000 {
+            let n = rng.usize(0..6);
+            let ws = |rng: &mut fastrand::Rng| [" ", "", "\n ", "\t"][rng.usize(0..4)];
+            let members: Vec<String> = (0..n)
+                .map(|_| {
+                    let (k, v) = (
+                        keys[rng.usize(0..keys.len())],
+                        values[rng.usize(0..values.len())],
+                    );
+                    format!(
+                        "{}\"{k}\"{}:{}{v}{}",
+                        ws(&mut rng),
+                        ws(&mut rng),
+                        ws(&mut rng),
+                        ws(&mut rng)
+                    )
+                })
+                .collect();
+            let json = format!("{{{}}}, \"x\": 1}}", members.join(","));
+            if let Some(fields) = plain_usage_fields(json.as_bytes()) {
+                answered += 1;
+                assert_eq!(Some(fields.usage()), serde_reading(&json), "{json}");
+            }
+        }
+        assert!(answered > 5_000, "answered {answered}");
+        let openai = br#" {"prompt_tokens": 19, "completion_tokens": 10, "total_tokens": 29,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0, "accepted_prediction_tokens": 0}}"#;
+        let u = plain_usage_fields(openai).unwrap().usage();
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+            (Some(19), Some(10), Some(29))
+        );
+        let huge = br#"{"prompt_tokens": 18446744073709551615, "completion_tokens": 2}"#;
+        assert_eq!(
+            plain_usage_fields(huge).unwrap().usage().total_tokens,
+            Some(u64::MAX)
+        );
+        for other in [
+            &b"null"[..],
+            b"[1]",
+            b"{\"total_tokens\": 05}",
+            b"{\"prompt_tokens\": -1}",
+            b"{\"prompt_tokens\" 1}",
+        ] {
+            assert!(plain_usage_fields(other).is_none());
+        }
+    }
 
     fn run(filter: &mut SseFilter, chunks: &[&str]) -> String {
         let mut out = VecDeque::new();
