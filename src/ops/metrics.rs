@@ -86,8 +86,10 @@ pub struct ClientMetrics {
 #[derive(Debug)]
 struct ModelSeries {
     model: Box<str>,
-    prompt: Counter,
-    completion: Counter,
+    /// The model's label: the name, or "other" past the label cap.
+    label: Arc<str>,
+    prompt: Option<Counter>,
+    completion: Option<Counter>,
     statuses: Vec<(u16, Counter)>,
 }
 
@@ -266,18 +268,11 @@ impl Metrics {
         let at = match models.iter().position(|m| &*m.model == model) {
             Some(at) => at,
             None if models.len() < CACHED_MODELS => {
-                let label = self.model_label(Some(model));
-                let tokens = |kind| {
-                    self.tokens.get_or_create_owned(&TokenLabels {
-                        client: cm.client.clone(),
-                        model: label.clone(),
-                        kind,
-                    })
-                };
                 models.push(ModelSeries {
                     model: model.into(),
-                    prompt: tokens("prompt"),
-                    completion: tokens("completion"),
+                    label: self.model_label(Some(model)),
+                    prompt: None,
+                    completion: None,
                     statuses: Vec::new(),
                 });
                 models.len() - 1
@@ -292,7 +287,7 @@ impl Metrics {
             None if series.statuses.len() < CACHED_STATUSES => {
                 let c = self.requests.get_or_create_owned(&RequestLabels {
                     client: cm.client.clone(),
-                    model: self.model_label(Some(model)),
+                    model: series.label.clone(),
                     status: r.status,
                 });
                 c.inc();
@@ -300,11 +295,22 @@ impl Metrics {
             }
             None => return false,
         }
-        if let Some(n) = r.prompt_tokens {
-            series.prompt.inc_by(n);
-        }
-        if let Some(n) = r.completion_tokens {
-            series.completion.inc_by(n);
+        // Token series appear with the first count, as the lookups make them.
+        for (n, counter, kind) in [
+            (r.prompt_tokens, &mut series.prompt, "prompt"),
+            (r.completion_tokens, &mut series.completion, "completion"),
+        ] {
+            if let Some(n) = n {
+                counter
+                    .get_or_insert_with(|| {
+                        self.tokens.get_or_create_owned(&TokenLabels {
+                            client: cm.client.clone(),
+                            model: series.label.clone(),
+                            kind,
+                        })
+                    })
+                    .inc_by(n);
+            }
         }
         true
     }
@@ -449,8 +455,9 @@ mod tests {
                 model: Some(format!("m{}", i % (CACHED_MODELS + 7))),
                 status: 200 + (i % (CACHED_STATUSES + 3)) as u16,
                 latency_ms: i as u64,
-                prompt_tokens: Some(i as u64),
-                completion_tokens: (i % 2 == 0).then_some(1),
+                // Model m3 never reports tokens: it gets no token series.
+                prompt_tokens: (i % (CACHED_MODELS + 7) != 3).then_some(i as u64),
+                completion_tokens: (i % 2 == 0 && i % (CACHED_MODELS + 7) != 3).then_some(1),
                 ..UsageRecord::default()
             };
             kept.request_finished(&r, Some(&handles));
@@ -461,6 +468,9 @@ mod tests {
             .iter()
             .any(|l| l.starts_with("gptbalance_requests_total{")));
         assert!(a.iter().any(|l| l.contains("model=\"m38\"")));
+        assert!(!a
+            .iter()
+            .any(|l| l.starts_with("gptbalance_tokens_total{") && l.contains("model=\"m3\"")));
         let differ: Vec<_> = a.iter().filter(|l| !b.contains(l)).collect();
         assert!(differ.is_empty(), "{differ:?}");
         assert_eq!(a.len(), b.len());
