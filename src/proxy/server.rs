@@ -32,7 +32,7 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
         .timer(TokioTimer::new())
         .max_header_list_size(64 * 1024);
     let graceful = GracefulShutdown::new();
-    let heartbeat = tokio::spawn(timer_heartbeat());
+    let _heartbeat = AbortOnDrop(tokio::spawn(timer_heartbeat()));
     // Beyond max_connections (across every worker), new connections wait
     // in the listen backlog.
     let slots = state.connection_slots.clone();
@@ -74,7 +74,6 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
         });
     }
     drop(listener);
-    heartbeat.abort();
     let grace = state.table.load().config.server.shutdown_grace;
     tracing::info!(open_connections = graceful.count(), ?grace, "draining");
     if tokio::time::timeout(grace, graceful.shutdown())
@@ -95,5 +94,14 @@ async fn timer_heartbeat() {
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         beat.tick().await;
+    }
+}
+
+/// Stops the task when `run` ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -353,7 +353,10 @@ impl<'a> RawInsert<'a> {
             return self.null(at);
         };
         let len = c_int::try_from(v.len()).map_err(|_| failure(ffi::SQLITE_TOOBIG, None))?;
-        // SAFETY: `v` lives for `'a`, which the statement does not outlive.
+        // An empty string's pointer dangles; SQLite gets a real one.
+        let v = if v.is_empty() { "" } else { v };
+        // SAFETY: `v` lives for `'a` (or is static), which the statement
+        // does not outlive.
         let rc = unsafe {
             ffi::sqlite3_bind_text(self.stmt, at, v.as_ptr().cast(), len, ffi::SQLITE_STATIC())
         };

@@ -115,15 +115,20 @@ impl UsageWriter {
 /// its share of a busy CPU stays several times what a batch needs.
 const WRITER_NICE: i32 = 3;
 
-/// Lowers this thread's priority (Linux: niceness is per thread); nothing
-/// when the system refuses.
+/// Lowers this thread's priority by [`WRITER_NICE`] from the process's own
+/// (Linux: niceness is per thread), so a service started niced stays
+/// ordered the same way; nothing when the system refuses.
 fn yield_to_requests() {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: plain system calls on the calling thread, no memory passed.
         let ok = unsafe {
             let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-            libc::setpriority(libc::PRIO_PROCESS, tid, WRITER_NICE) == 0
+            // -1 is also a valid niceness: errno tells an error apart.
+            *libc::__errno_location() = 0;
+            let current = libc::getpriority(libc::PRIO_PROCESS, tid);
+            *libc::__errno_location() == 0
+                && libc::setpriority(libc::PRIO_PROCESS, tid, (current + WRITER_NICE).min(19)) == 0
         };
         if !ok {
             tracing::debug!("usage writer keeps the default priority");
