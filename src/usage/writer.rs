@@ -109,33 +109,6 @@ impl UsageWriter {
     }
 }
 
-/// Niceness of the writer thread. Its work comes in bursts (a batch every
-/// [`BATCH_WINDOW`]); at a slightly lower priority than the request threads
-/// a burst waits for a request being served instead of delaying it, while
-/// its share of a busy CPU stays several times what a batch needs.
-const WRITER_NICE: i32 = 3;
-
-/// Lowers this thread's priority by [`WRITER_NICE`] from the process's own
-/// (Linux: niceness is per thread), so a service started niced stays
-/// ordered the same way; nothing when the system refuses.
-fn yield_to_requests() {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: plain system calls on the calling thread, no memory passed.
-        let ok = unsafe {
-            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-            // -1 is also a valid niceness: errno tells an error apart.
-            *libc::__errno_location() = 0;
-            let current = libc::getpriority(libc::PRIO_PROCESS, tid);
-            *libc::__errno_location() == 0
-                && libc::setpriority(libc::PRIO_PROCESS, tid, (current + WRITER_NICE).min(19)) == 0
-        };
-        if !ok {
-            tracing::debug!("usage writer keeps the default priority");
-        }
-    }
-}
-
 /// Creates the directory and proves a file can be written in it.
 pub fn check_writable(dir: &Path) -> std::io::Result<()> {
     let wrap = |e: std::io::Error| {
@@ -148,7 +121,6 @@ pub fn check_writable(dir: &Path) -> std::io::Result<()> {
 }
 
 fn write_loop(rx: Receiver<Msg>, dir: PathBuf, metrics: Arc<Metrics>) {
-    yield_to_requests();
     let mut files = MonthFiles {
         dir,
         open: HashMap::new(),
