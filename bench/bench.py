@@ -39,7 +39,7 @@ SETTINGS = {
                   stream_delay_ms=10, stream_requests=128, idle_streams=200, rounds=1,
                   round_secs=1, filler_clients=1000),
     "full": dict(secs=5, abba=True, warmup_secs=1, concs=[1, 64, 256], stream_chunks=20,
-                 stream_delay_ms=10, stream_requests=640, idle_streams=1000, rounds=6,
+                 stream_delay_ms=10, stream_requests=640, idle_streams=1000, rounds=8,
                  round_secs=4, filler_clients=1000),
 }
 
@@ -586,7 +586,10 @@ def run(procs, tmp, cfg, raw, gw_bin, mock_bin, client_bin):
             wrk(rurls[k], 64, cfg["warmup_secs"])
     rounds = {k: [] for k in names}
     for i in range(cfg["rounds"]):
-        for k in names[i % len(names):] + names[:i % len(names)]:
+        # Rotated each round, and backwards in every other set of rounds, so
+        # a variant does not always run right after the same one.
+        order = names[i % len(names):] + names[:i % len(names)]
+        for k in order[::-1] if (i // len(names)) % 2 else order:
             rounds[k].append(wrk(rurls[k], 64, cfg["round_secs"])["rps"])
             for p in list(variants.values()) + [nginx, mock]:
                 procs.check_alive(p)
