@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use tokio::time::Instant;
 
 use super::upstream::{UpstreamBody, UpstreamClients};
@@ -53,7 +53,7 @@ pub enum Outcome {
 
 pub async fn run(
     upstream: &UpstreamClients,
-    req: Request<Full<Bytes>>,
+    req: Request<Bytes>,
     policy: &RoutingPolicy,
     key: &KeyRoute,
     started: std::time::Instant,

@@ -9,6 +9,7 @@ pub mod body;
 pub mod endpoints;
 pub mod framing;
 pub mod handler;
+pub mod plain;
 pub mod relay;
 pub mod report;
 pub mod server;

@@ -45,6 +45,10 @@ pub struct Relay {
     idle: Option<Pin<Box<Sleep>>>,
     upstream_done: bool,
     completion: Option<Completion>,
+    /// An upstream failure, reported on the poll after the one that saw
+    /// it: the caller's connection first writes out what it was handed
+    /// (hyper drops its unwritten buffer when a body fails).
+    deferred_error: Option<BoxError>,
 }
 
 impl Relay {
@@ -65,6 +69,7 @@ impl Relay {
             idle: None,
             upstream_done: false,
             completion: Some(completion),
+            deferred_error: None,
         };
         if let Some(first) = first {
             relay.take_chunk(first);
@@ -142,6 +147,9 @@ impl Body for Relay {
                 }
                 return Poll::Ready(Some(Ok(Frame::data(chunk))));
             }
+            if let Some(e) = this.deferred_error.take() {
+                return Poll::Ready(Some(Err(e)));
+            }
             if this.upstream_done {
                 this.complete(None);
                 return Poll::Ready(None);
@@ -166,7 +174,9 @@ impl Body for Relay {
                 }
                 Poll::Ready(Some(Err(e))) => {
                     this.complete(Some(format!("upstream failed mid-response: {e}")));
-                    return Poll::Ready(Some(Err(Box::new(e))));
+                    this.deferred_error = Some(Box::new(e));
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
                 }
                 Poll::Ready(None) => {
                     this.upstream_done = true;

@@ -2,7 +2,9 @@
 //!
 //! Each worker thread keeps its own pool of upstream connections, keyed by
 //! scheme and authority: HTTP/1.1 connections are reused one request at a
-//! time, an HTTP/2 connection (when TLS negotiates it) is shared. A
+//! time, an HTTP/2 connection (when TLS negotiates it) is shared. Plain-HTTP
+//! upstreams are spoken to by [`super::plain`] on the request's own task;
+//! TLS ones through hyper. A
 //! request never hops threads and the pool needs no lock. An HTTP/1.1
 //! connection goes back to the pool when its response body has been read
 //! to the end; a body dropped early closes it. Pools outlive reloads, so
@@ -30,6 +32,8 @@ use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower_service::Service;
 
+use super::plain::{self, PlainBody, WireError};
+
 use crate::routing::{ClientRoute, KeyRoute};
 
 type Connector = HttpsConnector<HttpConnector>;
@@ -49,8 +53,19 @@ pub enum SendError {
     Connect(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error(transparent)]
     Http(#[from] hyper::Error),
+    #[error(transparent)]
+    Wire(#[from] WireError),
     #[error("the upstream URL has no host")]
     NoHost,
+}
+
+/// Why an upstream response body stopped before its end.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+    #[error(transparent)]
+    Wire(#[from] WireError),
 }
 
 /// The upstream connection pools (one per worker thread, see the module
@@ -65,13 +80,18 @@ impl UpstreamClients {
     pub async fn send(
         &self,
         connect_timeout: Duration,
-        mut req: Request<Full<Bytes>>,
+        req: Request<Bytes>,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let uri = req.uri().clone();
         let key = PoolKey {
             https: uri.scheme() == Some(&Scheme::HTTPS),
             authority: uri.authority().cloned().ok_or(SendError::NoHost)?,
         };
+        if !key.https {
+            return send_plain(connect_timeout, req, key).await;
+        }
+        let body = req.body().clone();
+        let mut req = req.map(Full::new);
         loop {
             let (pooled, host) = POOL.with(|p| p.borrow_mut().take(&key, &uri));
             let (sender, reused) = match pooled {
@@ -102,7 +122,7 @@ impl UpstreamClients {
                                 key: key.clone(),
                                 sender: s,
                             };
-                            return Ok(resp.map(|b| UpstreamBody::new(b, Some(release))));
+                            return Ok(resp.map(|b| UpstreamBody::hyper(b, Some(release))));
                         }
                         Err(e) => e,
                     }
@@ -115,16 +135,17 @@ impl UpstreamClients {
                         return Err(e.into());
                     }
                     match s.try_send_request(req).await {
-                        Ok(resp) => return Ok(resp.map(|b| UpstreamBody::new(b, None))),
+                        Ok(resp) => return Ok(resp.map(|b| UpstreamBody::hyper(b, None))),
                         Err(e) => e,
                     }
                 }
             };
             let mut failed = sent;
             match failed.take_message() {
-                Some(mut unsent) if reused => {
-                    *unsent.uri_mut() = uri.clone();
-                    req = unsent;
+                Some(unsent) if reused => {
+                    let (mut parts, _) = unsent.into_parts();
+                    parts.uri = uri.clone();
+                    req = Request::from_parts(parts, Full::new(body.clone()));
                 }
                 _ => return Err(failed.into_error().into()),
             }
@@ -132,55 +153,148 @@ impl UpstreamClients {
     }
 }
 
+/// Sends on a pooled plain-HTTP connection, or a new one. A pooled
+/// connection that fails while the request is written had been closed by
+/// the upstream: the request goes again on a new connection. Once written,
+/// a request is never sent again here (the upstream may have acted on it).
+async fn send_plain(
+    connect_timeout: Duration,
+    req: Request<Bytes>,
+    key: PoolKey,
+) -> Result<Response<UpstreamBody>, SendError> {
+    loop {
+        let (pooled, host) = POOL.with(|p| p.borrow_mut().take_plain(&key));
+        let reused = pooled.is_some();
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => plain::Conn::connect(&key.authority, connect_timeout).await?,
+        };
+        if let Err(e) = conn.write_request(&req, host.as_ref()).await {
+            if reused {
+                continue;
+            }
+            return Err(WireError::Io(e).into());
+        }
+        let (head, body) = conn.read_head(req.method()).await?;
+        let mut body = UpstreamBody {
+            inner: Inner::Plain(body),
+            key: Some(key),
+        };
+        body.release_if_done();
+        return Ok(head.map(|()| body));
+    }
+}
+
 /// The response body of an upstream request; hands its HTTP/1.1 connection
 /// back to this thread's pool once read to the end.
 pub struct UpstreamBody {
-    inner: Incoming,
-    release: Option<Release>,
+    inner: Inner,
+    /// Where an HTTP/1.1 connection goes back to; `None` once it has.
+    key: Option<PoolKey>,
+}
+
+enum Inner {
+    Hyper {
+        body: Incoming,
+        sender: Option<http1::SendRequest<Full<Bytes>>>,
+    },
+    Plain(PlainBody),
 }
 
 impl UpstreamBody {
-    fn new(inner: Incoming, release: Option<Release>) -> UpstreamBody {
-        let mut body = UpstreamBody { inner, release };
-        if body.inner.is_end_stream() {
-            body.release();
-        }
+    fn hyper(body: Incoming, release: Option<Release>) -> UpstreamBody {
+        let (key, sender) = match release {
+            Some(r) => (Some(r.key), Some(r.sender)),
+            None => (None, None),
+        };
+        let mut body = UpstreamBody {
+            inner: Inner::Hyper { body, sender },
+            key,
+        };
+        body.release_if_done();
         body
     }
 
+    /// Returns the connection to the pool once the body has ended.
+    fn release_if_done(&mut self) {
+        if self.is_end_stream() {
+            self.release();
+        }
+    }
+
+    /// Returns the connection to the pool: the body has been read to its end.
     fn release(&mut self) {
-        if let Some(r) = self.release.take() {
-            POOL.with(|p| p.borrow_mut().put(r.key, r.sender));
+        let Some(key) = self.key.take() else { return };
+        match &mut self.inner {
+            Inner::Hyper { sender, .. } => {
+                if let Some(s) = sender.take() {
+                    POOL.with(|p| p.borrow_mut().put(key, s));
+                }
+            }
+            Inner::Plain(body) => {
+                if let Some(conn) = body.take_reusable() {
+                    POOL.with(|p| p.borrow_mut().put_plain(key, conn));
+                }
+            }
+        }
+    }
+
+    /// A failed connection is never reused.
+    fn forget_connection(&mut self) {
+        self.key = None;
+        if let Inner::Hyper { sender, .. } = &mut self.inner {
+            *sender = None;
         }
     }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let polled = match &mut this.inner {
+            Inner::Hyper { body, .. } => match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::from(e)))),
+                Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(f))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+            Inner::Plain(body) => match body.poll_data(cx) {
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::from(e)))),
+                Poll::Ready(Some(Ok(data))) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+        };
         match &polled {
+            Poll::Ready(Some(Err(_))) => this.forget_connection(),
+            Poll::Ready(Some(Ok(_))) => this.release_if_done(),
             Poll::Ready(None) => this.release(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
-            // A failed connection is never reused.
-            Poll::Ready(Some(Err(_))) => drop(this.release.take()),
-            _ => {}
+            Poll::Pending => {}
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Inner::Hyper { body, .. } => body.is_end_stream(),
+            Inner::Plain(body) => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Inner::Hyper { body, .. } => body.size_hint(),
+            Inner::Plain(body) => match body.exact_len() {
+                Some(n) => SizeHint::with_exact(n),
+                None => SizeHint::default(),
+            },
+        }
     }
 }
 
@@ -228,10 +342,17 @@ struct Idle {
     since: Instant,
 }
 
+struct IdlePlain {
+    conn: plain::Conn,
+    since: Instant,
+}
+
 #[derive(Default)]
 struct Upstream {
     /// Oldest at the front; the newest (warmest) is used first.
     h1: VecDeque<Idle>,
+    /// Plain-HTTP connections, oldest at the front.
+    plain: VecDeque<IdlePlain>,
     h2: Option<http2::SendRequest<Full<Bytes>>>,
     /// The `Host` header for HTTP/1.1 requests, made once.
     host: Option<HeaderValue>,
@@ -258,6 +379,13 @@ impl Upstream {
             .is_some_and(|i| i.sender.is_closed() || now.duration_since(i.since) > IDLE_TIMEOUT)
         {
             self.h1.pop_front();
+        }
+        while self
+            .plain
+            .front()
+            .is_some_and(|i| now.duration_since(i.since) > IDLE_TIMEOUT)
+        {
+            self.plain.pop_front();
         }
         if self.h2.as_ref().is_some_and(|s| s.is_closed()) {
             self.h2 = None;
@@ -294,6 +422,35 @@ impl Pool {
         (up.take(now), up.host.clone())
     }
 
+    /// An idle plain-HTTP connection that still looks open, and `Host`.
+    fn take_plain(&mut self, key: &PoolKey) -> (Option<plain::Conn>, Option<HeaderValue>) {
+        let now = Instant::now();
+        self.sweep(now);
+        let up = match self.upstreams.get_mut(key) {
+            Some(up) => up,
+            None => self.upstreams.entry(key.clone()).or_default(),
+        };
+        if up.host.is_none() {
+            up.host = host_of(&key.authority, key.https);
+        }
+        up.drop_stale(now);
+        while let Some(mut idle) = up.plain.pop_back() {
+            if idle.conn.is_reusable() {
+                return (Some(idle.conn), up.host.clone());
+            }
+        }
+        (None, up.host.clone())
+    }
+
+    fn put_plain(&mut self, key: PoolKey, conn: plain::Conn) {
+        let now = Instant::now();
+        let up = self.upstreams.entry(key).or_default();
+        up.plain.push_back(IdlePlain { conn, since: now });
+        if up.plain.len() > MAX_IDLE {
+            up.plain.pop_front();
+        }
+    }
+
     fn put(&mut self, key: PoolKey, sender: http1::SendRequest<Full<Bytes>>) {
         if sender.is_closed() {
             return;
@@ -316,7 +473,7 @@ impl Pool {
             up.drop_stale(now);
         }
         self.upstreams
-            .retain(|_, up| !up.h1.is_empty() || up.h2.is_some());
+            .retain(|_, up| !up.h1.is_empty() || !up.plain.is_empty() || up.h2.is_some());
     }
 }
 
@@ -388,8 +545,12 @@ async fn connect(mut connector: Connector, uri: &Uri, key: &PoolKey) -> Result<S
 
 /// `Host` for HTTP/1.1: the host, and the port when not the scheme's default.
 fn host_header(uri: &Uri, https: bool) -> Option<HeaderValue> {
-    let host = uri.host()?;
-    match uri.port_u16() {
+    host_of(uri.authority()?, https)
+}
+
+fn host_of(authority: &Authority, https: bool) -> Option<HeaderValue> {
+    let host = authority.host();
+    match authority.port_u16() {
         Some(port) if port != if https { 443 } else { 80 } => {
             HeaderValue::from_str(&format!("{host}:{port}")).ok()
         }
@@ -483,7 +644,7 @@ pub fn build_request(
     query: Option<&str>,
     caller_headers: &HeaderMap,
     body: Bytes,
-) -> Result<Request<Full<Bytes>>, http::Error> {
+) -> Result<Request<Bytes>, http::Error> {
     let mut url = String::with_capacity(client.cfg.base_url.len() + endpoint.len() + 2);
     url.push_str(&client.cfg.base_url);
     url.push('/');
@@ -496,7 +657,7 @@ pub fn build_request(
     let mut req = Request::builder()
         .method(method.clone())
         .uri(uri)
-        .body(Full::new(body))?;
+        .body(body)?;
     let h = req.headers_mut();
     *h = forwardable_headers(caller_headers, 3 + client.cfg.headers.len());
     h.insert(header::AUTHORIZATION, key.authorization.clone());
@@ -673,7 +834,7 @@ mod tests {
     async fn get(port: u16, timeout: Duration) -> String {
         let req = Request::builder()
             .uri(format!("https://127.0.0.1:{port}/v1/models"))
-            .body(Full::new(Bytes::new()))
+            .body(Bytes::new())
             .unwrap();
         let resp = UpstreamClients.send(timeout, req).await.unwrap();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
