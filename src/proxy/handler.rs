@@ -129,13 +129,13 @@ fn percent_decode(s: &str) -> Option<String> {
 /// `req_` and 32 random hex digits.
 fn new_request_id() -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut id = *b"req_00000000000000000000000000000000";
-    let mut n = fastrand::u128(..);
-    for b in id[4..].iter_mut().rev() {
-        *b = HEX[(n & 0xf) as usize];
-        n >>= 4;
+    let n = fastrand::u128(..);
+    let mut id = String::with_capacity(36);
+    id.push_str("req_");
+    for shift in (0..32).rev() {
+        id.push(char::from(HEX[((n >> (shift * 4)) & 0xf) as usize]));
     }
-    String::from_utf8_lossy(&id).into_owned()
+    id
 }
 
 /// The service function given to hyper for every request. `conflicting_framing`:

@@ -328,7 +328,9 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, WireError> {
     };
     let head = buf.split_to(len).freeze();
     let status = StatusCode::from_u16(code).map_err(|_| WireError::Invalid("bad status code"))?;
-    let mut headers = HeaderMap::with_capacity(count);
+    // Room for the few headers gptbalance adds (x-request-id) without
+    // the map growing.
+    let mut headers = HeaderMap::with_capacity(count + 3);
     for &(ns, ne, vs, ve) in &spans[..count] {
         let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
             .map_err(|_| WireError::Invalid("bad header name"))?;
@@ -348,18 +350,38 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, WireError> {
 }
 
 /// How the body is delimited, and whether the connection may be reused.
+/// One pass over the headers: standard names compare without hashing.
 fn framing_of(head: &Response<()>, method: &Method) -> Result<(Framing, bool), WireError> {
-    let headers = head.headers();
-    let mut keep_alive = head.version() == Version::HTTP_11;
-    for v in headers.get_all(header::CONNECTION) {
-        for token in v.as_bytes().split(|&b| b == b',') {
-            let token = token.trim_ascii();
-            if token.eq_ignore_ascii_case(b"close") {
-                keep_alive = false;
-            } else if token.eq_ignore_ascii_case(b"keep-alive")
-                && head.version() == Version::HTTP_10
-            {
-                keep_alive = true;
+    let http10 = head.version() == Version::HTTP_10;
+    let mut keep_alive = !http10;
+    let mut last_coding: Option<&[u8]> = None;
+    let mut length: Option<u64> = None;
+    let mut bad_length = None;
+    for (name, value) in head.headers() {
+        let value = value.as_bytes();
+        if name == header::CONNECTION {
+            for token in value.split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    keep_alive = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") && http10 {
+                    keep_alive = true;
+                }
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            last_coding = value.rsplit(|&b| b == b',').next().map(<[u8]>::trim_ascii);
+        } else if name == header::CONTENT_LENGTH {
+            for part in value.split(|&b| b == b',') {
+                let part = part.trim_ascii();
+                if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+                    bad_length = Some("bad content-length");
+                    continue;
+                }
+                let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+                if length.is_some_and(|l| l != n) {
+                    bad_length = Some("conflicting content-length");
+                }
+                length = Some(n);
             }
         }
     }
@@ -370,34 +392,16 @@ fn framing_of(head: &Response<()>, method: &Method) -> Result<(Framing, bool), W
     {
         return Ok((Framing::Done, keep_alive));
     }
-    let mut te = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
-    if te.peek().is_some() {
+    if let Some(coding) = last_coding {
         // Chunked only when it is the last coding; otherwise the body runs
-        // to the close.
-        let last = te.last().map(|v| v.as_bytes()).unwrap_or_default();
-        let last = last
-            .rsplit(|&b| b == b',')
-            .next()
-            .unwrap_or_default()
-            .trim_ascii();
-        if last.eq_ignore_ascii_case(b"chunked") {
+        // to the close. Transfer-Encoding overrides any Content-Length.
+        if coding.eq_ignore_ascii_case(b"chunked") {
             return Ok((Framing::Chunked(Chunk::Size), keep_alive));
         }
         return Ok((Framing::ToClose, false));
     }
-    let mut length: Option<u64> = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|&b| b == b',') {
-            let part = part.trim_ascii();
-            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-                return Err(WireError::Invalid("bad content-length"));
-            }
-            let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-            if length.is_some_and(|l| l != n) {
-                return Err(WireError::Invalid("conflicting content-length"));
-            }
-            length = Some(n);
-        }
+    if let Some(why) = bad_length {
+        return Err(WireError::Invalid(why));
     }
     Ok(match length {
         Some(0) => (Framing::Done, keep_alive),

@@ -321,11 +321,29 @@ impl Hasher for Fnv {
     }
 }
 
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone)]
 struct PoolKey {
     https: bool,
     authority: Authority,
 }
+
+// By the authority's text as written in `base_url`, hashed in one call
+// (`Authority`'s own Hash lowercases and hashes byte by byte). Two
+// spellings of one host only get two pools.
+impl std::hash::Hash for PoolKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write(self.authority.as_str().as_bytes());
+        state.write_u8(u8::from(self.https));
+    }
+}
+
+impl PartialEq for PoolKey {
+    fn eq(&self, other: &PoolKey) -> bool {
+        self.https == other.https && self.authority.as_str() == other.authority.as_str()
+    }
+}
+
+impl Eq for PoolKey {}
 
 struct Release {
     key: PoolKey,
