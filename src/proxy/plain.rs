@@ -100,22 +100,14 @@ impl Conn {
     }
 
     /// Whether an idle connection can take a request: the upstream has not
-    /// closed it or sent anything unasked. Costs no system call unless the
-    /// socket was reported readable.
+    /// closed it or sent anything unasked. `try_read` looks at tokio's
+    /// readiness flag first, so this costs no system call unless the
+    /// socket was reported readable (and, unlike `poll_read_ready`, it is
+    /// not subject to the task's cooperative budget).
     pub fn is_reusable(&mut self) -> bool {
-        if !self.buf.is_empty() {
-            return false;
-        }
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        match self.io.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            // Possibly stale: the last read may have left the flag set.
-            Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-            }
-        }
+        let mut probe = [0u8; 1];
+        self.buf.is_empty()
+            && matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
     /// Writes the request. On error, whether any byte left is unknown to
@@ -167,6 +159,11 @@ impl Conn {
                 continue;
             }
             let (framing, keep_alive) = framing_of(&head, method)?;
+            let mut head = head;
+            if head.headers().contains_key(header::TRANSFER_ENCODING) {
+                // The length of the decoded body is not this.
+                head.headers_mut().remove(header::CONTENT_LENGTH);
+            }
             let body = PlainBody::new(self, framing, keep_alive);
             return Ok((head, body));
         }
@@ -309,7 +306,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, WireError> {
             Err(_) => return Err(WireError::Invalid("malformed response head")),
         };
         for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
-            // Offsets into `buf`, which is at most MAX_HEAD long here.
+            // Offsets into `buf`, which is a small multiple of MAX_HEAD
+            // at most here: far inside u32.
             let name = h.name.as_ptr() as usize - base;
             let value = h.value.as_ptr() as usize - base;
             *span = (
@@ -394,9 +392,12 @@ fn framing_of(head: &Response<()>, method: &Method) -> Result<(Framing, bool), W
     }
     if let Some(coding) = last_coding {
         // Chunked only when it is the last coding; otherwise the body runs
-        // to the close. Transfer-Encoding overrides any Content-Length.
+        // to the close. Transfer-Encoding overrides any Content-Length, but
+        // a response with both (or chunked over HTTP/1.0) is suspect
+        // framing: the connection is not reused after it (RFC 9112 6.1, 6.3).
         if coding.eq_ignore_ascii_case(b"chunked") {
-            return Ok((Framing::Chunked(Chunk::Size), keep_alive));
+            let trusted = keep_alive && !http10 && length.is_none() && bad_length.is_none();
+            return Ok((Framing::Chunked(Chunk::Size), trusted));
         }
         return Ok((Framing::ToClose, false));
     }
@@ -438,6 +439,9 @@ pub struct PlainBody {
     conn: Option<Conn>,
     framing: Framing,
     keep_alive: bool,
+    /// An error found right after data: reported on the next poll, so the
+    /// data goes out first.
+    error: Option<WireError>,
 }
 
 impl PlainBody {
@@ -446,6 +450,7 @@ impl PlainBody {
             conn: Some(conn),
             framing,
             keep_alive,
+            error: None,
         };
         if body.framing == Framing::Done {
             body.finish();
@@ -454,7 +459,7 @@ impl PlainBody {
     }
 
     pub fn is_end_stream(&self) -> bool {
-        self.framing == Framing::Done
+        self.framing == Framing::Done && self.error.is_none()
     }
 
     /// Exact remaining length, where known.
@@ -491,6 +496,9 @@ impl PlainBody {
 
     /// The next piece of body, `None` at its end.
     pub fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, WireError>>> {
+        if let Some(e) = self.error.take() {
+            return self.fail(e);
+        }
         loop {
             if self.framing == Framing::Done {
                 return Poll::Ready(None);
@@ -505,7 +513,9 @@ impl PlainBody {
                     // last chunk, trailers), so that the end is known as
                     // soon as the last byte is handed on.
                     if let Err(e) = step_framing_only(&mut self.framing, &mut conn.buf) {
-                        return self.fail(e);
+                        self.conn = None;
+                        self.error = Some(e);
+                        return Poll::Ready(Some(Ok(data)));
                     }
                     if self.framing == Framing::Done {
                         self.finish();
@@ -610,20 +620,14 @@ fn chunk_framing(framing: &mut Framing, buf: &mut BytesMut) -> Result<bool, Wire
             Ok(true)
         }
         Chunk::DataEnd => {
-            let (ends, used) = match buf.first() {
-                None => return Ok(false),
-                Some(b'\n') => (true, 1),
-                Some(b'\r') => match buf.get(1) {
-                    None => return Ok(false),
-                    Some(b'\n') => (true, 2),
-                    Some(_) => (false, 0),
-                },
-                Some(_) => (false, 0),
-            };
-            if !ends {
-                return Err(WireError::Invalid("chunk data longer than its size"));
+            // CRLF only, as hyper reads it: a parser more lenient than the
+            // upstream's own framing is how responses get desynchronised.
+            match buf.get(..2) {
+                None if buf.first().is_none_or(|&b| b == b'\r') => return Ok(false),
+                Some(b"\r\n") => {}
+                _ => return Err(WireError::Invalid("chunk data longer than its size")),
             }
-            buf.advance(used);
+            buf.advance(2);
             *framing = Framing::Chunked(Chunk::Size);
             Ok(true)
         }
@@ -634,7 +638,10 @@ fn chunk_framing(framing: &mut Framing, buf: &mut BytesMut) -> Result<bool, Wire
                 }
                 return Ok(false);
             };
-            let blank = end == 0 || (end == 1 && buf[0] == b'\r');
+            if end == 0 || buf[end - 1] != b'\r' {
+                return Err(WireError::Invalid("trailer line without CRLF"));
+            }
+            let blank = end == 1;
             buf.advance(end + 1);
             *framing = if blank {
                 Framing::Done
@@ -649,9 +656,14 @@ fn chunk_framing(framing: &mut Framing, buf: &mut BytesMut) -> Result<bool, Wire
 }
 
 /// The size from a chunk-size line (without its `\n`): hex digits, then
-/// optional whitespace and extensions, and a `\r`.
+/// optional whitespace and extensions (no control bytes), and a `\r`.
 fn chunk_size(line: &[u8]) -> Result<u64, WireError> {
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let Some(line) = line.strip_suffix(b"\r") else {
+        return Err(WireError::Invalid("chunk size line without CRLF"));
+    };
+    if line.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+        return Err(WireError::Invalid("bad chunk size"));
+    }
     let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
     if digits == 0 {
         return Err(WireError::Invalid("bad chunk size"));
@@ -714,9 +726,21 @@ mod tests {
                 "split {split}"
             );
         }
-        // Bare LF line ends are read too.
-        let (body, done, _) = decode(Framing::Chunked(Chunk::Size), b"2\nhi\n0\n\n", 1).unwrap();
-        assert_eq!((body.as_slice(), done), (&b"hi"[..], true));
+        // Line ends are CRLF, as the upstream's own framing reads them.
+        for lenient in [
+            &b"2\nhi\r\n0\r\n\r\n"[..],
+            b"2\r\nhi\n0\r\n\r\n",
+            b"0\r\n\n",
+            b"0\r\nx: 1\n\r\n",
+            b"2;a\rb\r\nhi\r\n0\r\n\r\n",
+        ] {
+            let got = decode(Framing::Chunked(Chunk::Size), lenient, 64);
+            assert!(
+                matches!(got, Err(WireError::Invalid(_))),
+                "{:?}",
+                String::from_utf8_lossy(lenient)
+            );
+        }
         // Bytes after the last chunk stay in the buffer (the connection is
         // then not reused).
         let (_, done, left) = decode(Framing::Chunked(Chunk::Size), b"0\r\n\r\nHTTP", 64).unwrap();
@@ -781,12 +805,25 @@ mod tests {
             .is_none());
 
         let framing = |text: &str| framing_of(&head(text).unwrap().unwrap(), &Method::POST);
+        // Chunked alone keeps the connection; with a length, or over
+        // HTTP/1.0, the framing is suspect and the connection is closed.
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap(),
+            (Framing::Chunked(Chunk::Size), true)
+        );
+        assert_eq!(
+            framing(
+                "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )
+            .unwrap(),
+            (Framing::Chunked(Chunk::Size), false)
+        );
         assert_eq!(
             framing(
                 "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 3\r\n\r\n"
             )
             .unwrap(),
-            (Framing::Chunked(Chunk::Size), true)
+            (Framing::Chunked(Chunk::Size), false)
         );
         assert_eq!(
             framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n").unwrap(),

@@ -46,8 +46,9 @@ pub struct Relay {
     upstream_done: bool,
     completion: Option<Completion>,
     /// An upstream failure, reported on the poll after the one that saw
-    /// it: the caller's connection first writes out what it was handed
-    /// (hyper drops its unwritten buffer when a body fails).
+    /// it: that gives the caller's connection a turn to write out what it
+    /// was already handed (hyper drops its unwritten buffer when a body
+    /// fails). Best effort: a caller whose socket is full still loses it.
     deferred_error: Option<BoxError>,
 }
 

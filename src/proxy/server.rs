@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 
 use super::framing::Watched;
 use super::handler;
+use super::upstream;
 use super::AppState;
 
 /// Serves until `shutdown` resolves, then stops accepting and lets open
@@ -88,12 +89,16 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
 /// a timer earlier than the driver's next wake-up makes tokio interrupt the
 /// driver through its eventfd, one system call; the header-read and attempt
 /// timers armed for every request are all longer than a second, so with
-/// this beat none of them needs it. Costs one wake-up a second.
+/// this beat none of them needs it. Costs one wake-up a second. Every tenth
+/// beat also sweeps this thread's idle upstream connections.
 async fn timer_heartbeat() {
     let mut beat = tokio::time::interval(Duration::from_secs(1));
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    for n in 1u64.. {
         beat.tick().await;
+        if n % 10 == 0 {
+            upstream::sweep_idle_connections();
+        }
     }
 }
 

@@ -4,8 +4,8 @@
 //! scheme and authority: HTTP/1.1 connections are reused one request at a
 //! time, an HTTP/2 connection (when TLS negotiates it) is shared. Plain-HTTP
 //! upstreams are spoken to by [`super::plain`] on the request's own task;
-//! TLS ones through hyper. A
-//! request never hops threads and the pool needs no lock. An HTTP/1.1
+//! TLS ones through hyper. A request never hops threads and the pool needs
+//! no lock. An HTTP/1.1
 //! connection goes back to the pool when its response body has been read
 //! to the end; a body dropped early closes it. Pools outlive reloads, so
 //! pooled connections survive them.
@@ -153,10 +153,16 @@ impl UpstreamClients {
     }
 }
 
-/// Sends on a pooled plain-HTTP connection, or a new one. A pooled
-/// connection that fails while the request is written had been closed by
-/// the upstream: the request goes again on a new connection. Once written,
-/// a request is never sent again here (the upstream may have acted on it).
+/// How long an answer is looked for on a connection whose request could
+/// not be written in full; only bytes already received can be there.
+const EARLY_ANSWER: Duration = Duration::from_secs(1);
+
+/// Sends on a pooled plain-HTTP connection, or a new one. When the request
+/// cannot be written in full, an answer the upstream sent early (a 413 or
+/// 401 before reading the whole body) is the response; with none, a
+/// pooled connection had been closed by the upstream and the request goes
+/// again on a new one. Once written, a request is never sent again here
+/// (the upstream may have acted on it).
 async fn send_plain(
     connect_timeout: Duration,
     req: Request<Bytes>,
@@ -170,6 +176,15 @@ async fn send_plain(
             None => plain::Conn::connect(&key.authority, connect_timeout).await?,
         };
         if let Err(e) = conn.write_request(&req, host.as_ref()).await {
+            let early = tokio::time::timeout(EARLY_ANSWER, conn.read_head(req.method())).await;
+            if let Ok(Ok((head, body))) = early {
+                // No pool key: this connection is not reused.
+                let body = UpstreamBody {
+                    inner: Inner::Plain(body),
+                    key: None,
+                };
+                return Ok(head.map(|()| body));
+            }
             if reused {
                 continue;
             }
@@ -258,18 +273,11 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let polled = match &mut this.inner {
-            Inner::Hyper { body, .. } => match Pin::new(body).poll_frame(cx) {
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::from(e)))),
-                Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(f))),
-                Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
-            },
-            Inner::Plain(body) => match body.poll_data(cx) {
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::from(e)))),
-                Poll::Ready(Some(Ok(data))) => Poll::Ready(Some(Ok(Frame::data(data)))),
-                Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
-            },
+            Inner::Hyper { body, .. } => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
+            Inner::Plain(body) => body
+                .poll_data(cx)
+                .map_ok(Frame::data)
+                .map_err(BodyError::from),
         };
         match &polled {
             Poll::Ready(Some(Err(_))) => this.forget_connection(),
@@ -493,6 +501,27 @@ impl Pool {
         self.upstreams
             .retain(|_, up| !up.h1.is_empty() || !up.plain.is_empty() || up.h2.is_some());
     }
+}
+
+/// Closes this thread's idle connections that are past their time or that
+/// the upstream has closed. Run by each worker's heartbeat, so a thread
+/// that has gone quiet does not keep closed sockets open (hyper's
+/// connection tasks close theirs on their own; plain connections have no
+/// task).
+pub fn sweep_idle_connections() {
+    POOL.with(|p| {
+        let Ok(mut pool) = p.try_borrow_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        for up in pool.upstreams.values_mut() {
+            up.drop_stale(now);
+            up.plain.retain_mut(|idle| idle.conn.is_reusable());
+        }
+        pool.upstreams
+            .retain(|_, up| !up.h1.is_empty() || !up.plain.is_empty() || up.h2.is_some());
+        pool.last_sweep = now;
+    });
 }
 
 /// Makes this thread use `connector` for `connect_timeout` (tests: a
@@ -891,6 +920,122 @@ mod tests {
         tokio::join!(get(port, timeout), get(port, timeout));
         tokio::join!(get(port, timeout), get(port, timeout));
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// An upstream that refuses a large body with an early 413 and closes,
+    /// without reading it: the 413 is the response, as with hyper.
+    #[tokio::test]
+    async fn an_early_answer_to_a_request_still_being_written_is_the_response() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut head = [0u8; 1024];
+            let _ = s.read(&mut head).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\nconnection: close\r\n\r\ntoo long")
+                .await;
+            // Dropped with the body unread: the kernel resets the connection.
+        });
+        let req = Request::post(format!("http://{addr}/v1/chat/completions"))
+            .body(Bytes::from(vec![b'x'; 32 << 20]))
+            .unwrap();
+        let resp = UpstreamClients
+            .send(Duration::from_secs(5), req)
+            .await
+            .expect("the early answer is the response");
+        assert_eq!(resp.status(), 413);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"too long");
+    }
+
+    /// Plain-HTTP requests in turn share one pooled connection; a response
+    /// read to its end hands it back.
+    #[tokio::test]
+    async fn plain_http_connections_are_pooled_and_reused() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    // Each request here arrives in one read (small, loopback).
+                    while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+                        let answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n";
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        for _ in 0..3 {
+            let req = Request::post(format!("http://{addr}/v1/x"))
+                .body(Bytes::from_static(b"{}"))
+                .unwrap();
+            let resp = UpstreamClients
+                .send(Duration::from_secs(5), req)
+                .await
+                .unwrap();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// An idle plain connection the upstream closes is closed by the next
+    /// sweep, with no request needed.
+    #[tokio::test]
+    async fn the_sweep_closes_idle_connections_the_upstream_closed() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+            drop(s);
+            let _ = closed_tx.send(());
+        });
+        let req = Request::post(format!("http://{addr}/v1/x"))
+            .body(Bytes::new())
+            .unwrap();
+        let resp = UpstreamClients
+            .send(Duration::from_secs(5), req)
+            .await
+            .unwrap();
+        resp.into_body().collect().await.unwrap();
+        let idle = || {
+            POOL.with(|p| {
+                p.borrow()
+                    .upstreams
+                    .iter()
+                    .filter(|(k, _)| k.authority.as_str() == addr.to_string())
+                    .map(|(_, up)| up.plain.len())
+                    .sum::<usize>()
+            })
+        };
+        assert_eq!(idle(), 1, "the connection is pooled");
+        closed_rx.await.unwrap();
+        let mut swept = false;
+        for _ in 0..200 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            sweep_idle_connections();
+            if idle() == 0 {
+                swept = true;
+                break;
+            }
+        }
+        assert!(swept);
     }
 
     #[test]
