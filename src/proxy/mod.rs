@@ -9,6 +9,7 @@ pub mod body;
 pub mod endpoints;
 pub mod framing;
 pub mod handler;
+mod peek_json;
 pub mod plain;
 pub mod relay;
 pub mod report;

@@ -64,7 +64,30 @@ struct StreamOptions {
 
 /// Reads `model`, `stream` and `stream_options.include_usage`.
 /// Err: the body is not a JSON object, or `model` is not a usable string.
+/// The usual bodies are read by [`super::peek_json`]; anything it does not
+/// fully judge goes through serde_json, whose messages callers see.
 pub fn peek(body: &[u8]) -> Result<Peek, String> {
+    if let Some(f) = super::peek_json::scan(body) {
+        return Ok(Peek {
+            model: f.model.map(usable_model).transpose()?,
+            stream: f.stream,
+            include_usage: f.include_usage,
+        });
+    }
+    peek_with_serde(body)
+}
+
+fn usable_model(m: &str) -> Result<String, String> {
+    if m.is_empty() {
+        return Err("`model` is empty".to_owned());
+    }
+    if m.len() > MAX_MODEL_LEN {
+        return Err(format!("`model` is longer than {MAX_MODEL_LEN} bytes"));
+    }
+    Ok(m.to_owned())
+}
+
+fn peek_with_serde(body: &[u8]) -> Result<Peek, String> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if first != Some(&b'{') {
         return Err("the request body must be a JSON object".to_owned());
@@ -73,11 +96,7 @@ pub fn peek(body: &[u8]) -> Result<Peek, String> {
         .map_err(|e| format!("the request body is not valid JSON: {e}"))?;
     let model = match doc.model {
         None | Some(Value::Null) => None,
-        Some(Value::String(m)) if m.is_empty() => return Err("`model` is empty".to_owned()),
-        Some(Value::String(m)) if m.len() > MAX_MODEL_LEN => {
-            return Err(format!("`model` is longer than {MAX_MODEL_LEN} bytes"))
-        }
-        Some(Value::String(m)) => Some(m),
+        Some(Value::String(m)) => Some(usable_model(&m)?),
         Some(_) => return Err("`model` must be a string".to_owned()),
     };
     Ok(Peek {
@@ -222,6 +241,141 @@ mod tests {
         assert!(peek(b"not json").is_err());
         let huge = format!("{{\"model\":\"{}\"}}", "m".repeat(MAX_MODEL_LEN + 1));
         assert!(peek(huge.as_bytes()).is_err());
+    }
+
+    /// Bodies of arbitrary shape, many of them broken: whenever the fast
+    /// reader answers, the answer (fields, or the error about `model`) is
+    /// the one serde_json gives.
+    #[test]
+    fn the_fast_reader_never_disagrees_with_serde() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, TestRunner};
+        // JSON-like documents: keys from the few that matter (so they
+        // repeat), strings with raw control bytes, escapes and surrogates,
+        // numbers valid and not, nested to a few levels.
+        let piece = prop_oneof![
+            Just("a"),
+            Just("é"),
+            Just(" "),
+            Just("\u{1}"),
+            Just("\n"),
+            Just("\\n"),
+            Just("\\\""),
+            Just("\\u00e9"),
+            Just("\\ud83d\\ude00"),
+            Just("\\ud800"),
+            Just("\\x"),
+        ];
+        let string =
+            proptest::collection::vec(piece, 0..4).prop_map(|p| format!("\"{}\"", p.concat()));
+        let number = prop_oneof![
+            Just("0"),
+            Just("-12"),
+            Just("3.25"),
+            Just("1e400"),
+            Just("2E3"),
+            Just("01"),
+            Just("-"),
+            Just("1."),
+            Just("123456789012345678901234567890"),
+        ]
+        .prop_map(str::to_owned);
+        let leaf = prop_oneof![
+            string.clone(),
+            number,
+            Just("true".to_owned()),
+            Just("false".to_owned()),
+            Just("null".to_owned()),
+            Just(r#"{"include_usage":true,"include_usage":false}"#.to_owned()),
+        ];
+        let key = prop_oneof![
+            Just("\"model\"".to_owned()),
+            Just("\"stream\"".to_owned()),
+            Just("\"stream_options\"".to_owned()),
+            Just("\"include_usage\"".to_owned()),
+            Just("\"messages\"".to_owned()),
+            Just("\"mod\\u0065l\"".to_owned()),
+            string,
+        ];
+        let value = leaf.prop_recursive(4, 24, 4, move |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|v| format!("[{}]", v.join(","))),
+                proptest::collection::vec((key.clone(), inner), 0..4).prop_map(|m| {
+                    let m: Vec<String> = m.into_iter().map(|(k, v)| format!("{k}:{v}")).collect();
+                    format!("{{{}}}", m.join(", "))
+                }),
+            ]
+        });
+        let noise = prop_oneof![
+            Just(""),
+            Just(""),
+            Just(""),
+            Just(","),
+            Just("}"),
+            Just("\""),
+            Just(" "),
+            Just("\u{1}"),
+            Just("\\"),
+        ];
+        let body = (value, noise, any::<u16>()).prop_map(|(v, n, at)| {
+            let mut text = v;
+            let cut = usize::from(at) % (text.len() + 1);
+            if text.is_char_boundary(cut) {
+                text.insert_str(cut, n);
+            }
+            text
+        });
+        let mut runner = TestRunner::new(Config {
+            cases: 4000,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let answered = std::cell::Cell::new(0);
+        runner
+            .run(&body, |text| {
+                if crate::proxy::peek_json::scan(text.as_bytes()).is_some() {
+                    answered.set(answered.get() + 1);
+                    prop_assert_eq!(
+                        peek(text.as_bytes()),
+                        peek_with_serde(text.as_bytes()),
+                        "{}",
+                        text
+                    );
+                }
+                Ok(())
+            })
+            .unwrap();
+        // The fast path answers for a fair share of the bodies (about a
+        // tenth: most are broken on purpose).
+        assert!(answered.get() > 200, "{}", answered.get());
+    }
+
+    #[test]
+    fn duplicate_fields_are_left_to_serde_which_refuses_them() {
+        for body in [
+            &br#"{"model":"a","model":"b"}"#[..],
+            br#"{"model":"a","stream":true,"stream":false}"#,
+            br#"{"model":"a","stream_options":null,"stream_options":{}}"#,
+            br#"{"model":"a","stream_options":{"include_usage":true,"include_usage":true}}"#,
+        ] {
+            assert_eq!(crate::proxy::peek_json::scan(body), None);
+            assert!(peek(body).unwrap_err().contains("duplicate field"));
+        }
+    }
+
+    #[test]
+    fn usual_bodies_take_the_fast_path() {
+        for body in [
+            &br#"{"model":"bench-model","messages":[{"role":"user","content":"hello"}]}"#[..],
+            br#"{"messages":[{"role":"system","content":"Be brief.\nOK"},{"role":"user","content":"caf\u00e9 \"x\""}],"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},"temperature":0.7,"max_tokens":100}"#,
+            " { \"model\" : \"m\" , \"input\" : [ 1 , 2.5 , -3 ] } \n".as_bytes(),
+        ] {
+            let fast = crate::proxy::peek_json::scan(body).expect("fast path");
+            let slow = peek_with_serde(body).unwrap();
+            assert_eq!(fast.model, slow.model.as_deref());
+            assert_eq!((fast.stream, fast.include_usage), (slow.stream, slow.include_usage));
+        }
     }
 
     fn client(extra: &str) -> ClientConfig {
