@@ -26,7 +26,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
 use http::{Method, Request, Response, StatusCode, Version};
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, Interest, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// Most response headers read; hyper's client allows the same.
@@ -56,6 +56,14 @@ pub enum WireError {
     Incomplete,
     #[error("invalid HTTP response from the upstream: {0}")]
     Invalid(&'static str),
+}
+
+/// How much of a request went out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    Whole,
+    /// The upstream answered before it had taken the whole request.
+    Cut,
 }
 
 /// One open connection and the bytes read from it but not yet used.
@@ -110,24 +118,61 @@ impl Conn {
             && matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
-    /// Writes the request. On error, whether any byte left is unknown to
-    /// the caller; a request is sent again only when this fails on a
-    /// reused connection, which the upstream had closed.
+    /// Writes the request: `Ok(Written::Whole)`, or `Ok(Written::Cut)`
+    /// when the upstream began to answer before taking all of it (a 413 or
+    /// 401 for a large body): that answer is then read as the response, and
+    /// the connection is not reused. On error, whether any byte left is
+    /// unknown to the caller; a request is sent again only when this fails
+    /// on a reused connection, which the upstream had closed.
     pub async fn write_request(
         &mut self,
         req: &Request<Bytes>,
         host: Option<&HeaderValue>,
-    ) -> io::Result<()> {
+    ) -> io::Result<Written> {
         let body = req.body();
         let mut out =
             Vec::with_capacity(256 + req.headers().len() * 48 + body.len().min(COALESCE_BODY));
         encode_head(req, host, &mut out);
         if body.len() <= COALESCE_BODY {
             out.extend_from_slice(body);
-            self.io.write_all(&out).await
+            self.write_watching(&out).await
         } else {
-            self.io.write_all(&out).await?;
-            self.io.write_all(body).await
+            match self.write_watching(&out).await? {
+                Written::Whole => self.write_watching(body).await,
+                cut => Ok(cut),
+            }
+        }
+    }
+
+    /// Writes `bytes` while watching for an answer: a request the upstream
+    /// stops reading (it has answered) must not wait for buffer space that
+    /// never comes. A small request goes out in the first write.
+    async fn write_watching(&mut self, mut bytes: &[u8]) -> io::Result<Written> {
+        loop {
+            match self.io.try_write(bytes) {
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            if bytes.is_empty() {
+                return Ok(Written::Whole);
+            }
+            let ready = self
+                .io
+                .ready(Interest::READABLE | Interest::WRITABLE)
+                .await?;
+            if ready.is_readable() {
+                if self.buf.capacity() - self.buf.len() < READ_ROOM / 2 {
+                    self.buf.reserve(READ_ROOM);
+                }
+                match self.io.try_read_buf(&mut self.buf) {
+                    Ok(0) => return Err(io::ErrorKind::BrokenPipe.into()),
+                    Ok(_) => return Ok(Written::Cut),
+                    // A readiness flag left from an earlier read.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
         }
     }
 
@@ -685,7 +730,7 @@ fn chunk_size(line: &[u8]) -> Result<u64, WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     /// Feeds `wire` to the body decoder `split` bytes at a time (as reads

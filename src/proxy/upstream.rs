@@ -32,7 +32,7 @@ use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower_service::Service;
 
-use super::plain::{self, PlainBody, WireError};
+use super::plain::{self, PlainBody, WireError, Written};
 
 use crate::routing::{ClientRoute, KeyRoute};
 
@@ -175,20 +175,32 @@ async fn send_plain(
             Some(c) => c,
             None => plain::Conn::connect(&key.authority, connect_timeout).await?,
         };
-        if let Err(e) = conn.write_request(&req, host.as_ref()).await {
-            let early = tokio::time::timeout(EARLY_ANSWER, conn.read_head(req.method())).await;
-            if let Ok(Ok((head, body))) = early {
-                // No pool key: this connection is not reused.
+        match conn.write_request(&req, host.as_ref()).await {
+            Ok(Written::Whole) => {}
+            Ok(Written::Cut) => {
+                // Answered before the whole request went out: that answer
+                // is the response, and the connection is not reused.
+                let (head, body) = conn.read_head(req.method()).await?;
                 let body = UpstreamBody {
                     inner: Inner::Plain(body),
                     key: None,
                 };
                 return Ok(head.map(|()| body));
             }
-            if reused {
-                continue;
+            Err(e) => {
+                let early = tokio::time::timeout(EARLY_ANSWER, conn.read_head(req.method())).await;
+                if let Ok(Ok((head, body))) = early {
+                    let body = UpstreamBody {
+                        inner: Inner::Plain(body),
+                        key: None,
+                    };
+                    return Ok(head.map(|()| body));
+                }
+                if reused {
+                    continue;
+                }
+                return Err(WireError::Io(e).into());
             }
-            return Err(WireError::Io(e).into());
         }
         let (head, body) = conn.read_head(req.method()).await?;
         let mut body = UpstreamBody {
@@ -948,6 +960,40 @@ mod tests {
         assert_eq!(resp.status(), 413);
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"too long");
+    }
+
+    /// An upstream that answers a large body early and then neither reads
+    /// nor closes: the answer is the response, without waiting.
+    #[tokio::test]
+    async fn an_early_answer_on_a_connection_left_open_is_the_response() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut head = [0u8; 1024];
+            let _ = s.read(&mut head).await;
+            s.write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\r\ntoo long")
+                .await
+                .unwrap();
+            // Holds the connection open, unread, until the test ends.
+            let _ = done_rx.await;
+        });
+        let req = Request::post(format!("http://{addr}/v1/chat/completions"))
+            .body(Bytes::from(vec![b'x'; 32 << 20]))
+            .unwrap();
+        let resp = tokio::time::timeout(
+            Duration::from_secs(10),
+            UpstreamClients.send(Duration::from_secs(5), req),
+        )
+        .await
+        .expect("the answer comes without waiting for the body to be taken")
+        .unwrap();
+        assert_eq!(resp.status(), 413);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"too long");
+        drop(done_tx);
     }
 
     /// Plain-HTTP requests in turn share one pooled connection; a response
