@@ -26,7 +26,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use tokio::net::TcpSocket;
 
 #[derive(Clone)]
 struct Opts {
@@ -121,9 +121,20 @@ async fn main() {
         words: words.into(),
         text_json: text_json.into(),
     };
-    let listener = TcpListener::bind(listen)
-        .await
-        .expect("cannot bind --listen");
+    // A deep accept queue, as a provider's front end has: with the
+    // standard 128, a proxy that opens a burst of upstream connections
+    // (concurrency going from 64 to 256) finds handshakes dropped and
+    // waits for 1-second retransmits, which the benchmark then reports
+    // as the proxy's tail latency.
+    let socket = if listen.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .expect("cannot open a socket");
+    let _ = socket.set_reuseaddr(true);
+    socket.bind(listen).expect("cannot bind --listen");
+    let listener = socket.listen(4096).expect("cannot listen on --listen");
     eprintln!(
         "mock upstream `{}` on http://{}",
         opts.name,
