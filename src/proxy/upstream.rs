@@ -93,7 +93,7 @@ impl UpstreamClients {
         let body = req.body().clone();
         let mut req = req.map(Full::new);
         loop {
-            let (pooled, host) = POOL.with(|p| p.borrow_mut().take(&key, &uri));
+            let (pooled, host) = POOL.with(|p| p.borrow_mut().take(&key));
             let (sender, reused) = match pooled {
                 Some(s) => (s, true),
                 // Boxed: the handshake futures are large and rarely
@@ -447,7 +447,7 @@ thread_local! {
 
 impl Pool {
     /// An idle connection to `key`'s upstream, if any, and its `Host`.
-    fn take(&mut self, key: &PoolKey, uri: &Uri) -> (Option<Sender>, Option<HeaderValue>) {
+    fn take(&mut self, key: &PoolKey) -> (Option<Sender>, Option<HeaderValue>) {
         let now = Instant::now();
         self.sweep(now);
         let up = match self.upstreams.get_mut(key) {
@@ -455,7 +455,7 @@ impl Pool {
             None => self.upstreams.entry(key.clone()).or_default(),
         };
         if up.host.is_none() {
-            up.host = host_header(uri, key.https);
+            up.host = host_header(&key.authority, key.https);
         }
         (up.take(now), up.host.clone())
     }
@@ -469,7 +469,7 @@ impl Pool {
             None => self.upstreams.entry(key.clone()).or_default(),
         };
         if up.host.is_none() {
-            up.host = host_of(&key.authority, key.https);
+            up.host = host_header(&key.authority, key.https);
         }
         up.drop_stale(now);
         while let Some(mut idle) = up.plain.pop_back() {
@@ -603,11 +603,7 @@ async fn connect(mut connector: Connector, uri: &Uri, key: &PoolKey) -> Result<S
 }
 
 /// `Host` for HTTP/1.1: the host, and the port when not the scheme's default.
-fn host_header(uri: &Uri, https: bool) -> Option<HeaderValue> {
-    host_of(uri.authority()?, https)
-}
-
-fn host_of(authority: &Authority, https: bool) -> Option<HeaderValue> {
+fn host_header(authority: &Authority, https: bool) -> Option<HeaderValue> {
     let host = authority.host();
     match authority.port_u16() {
         Some(port) if port != if https { 443 } else { 80 } => {
@@ -1086,7 +1082,7 @@ mod tests {
 
     #[test]
     fn host_names_the_port_only_when_not_the_default() {
-        let uri = |s: &str| s.parse::<Uri>().unwrap();
+        let uri = |s: &str| s.parse::<Uri>().unwrap().authority().unwrap().clone();
         assert_eq!(
             host_header(&uri("https://a.example/v1"), true).unwrap(),
             "a.example"
