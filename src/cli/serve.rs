@@ -42,7 +42,6 @@ pub fn run(args: Args) -> ExitCode {
         }
     };
     raise_open_files_limit();
-    tune_allocator();
     // Every listener runs on a single-threaded runtime of its own (this
     // thread's and one per extra core): a connection's tasks never hop
     // threads, and each thread keeps its own upstream pool.
@@ -195,33 +194,6 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
     }
     systemd::stopping();
-}
-
-/// glibc's allocator, set for a server that allocates and frees the same
-/// shapes on every request (measured with `bench/`: about 13 % less CPU
-/// per request at c=64, no change in idle RSS or per idle stream):
-/// - freed memory at the top of a heap is kept (up to 64 MiB) instead of
-///   being handed back and faulted in again on the next burst, and heaps
-///   grow 4 MiB at a time; RSS after a burst stays near its peak;
-/// - a fixed 1 MiB threshold for serving allocations with `mmap`, instead
-///   of one that moves with the workload;
-/// - no "fast bins": with them, every allocation over 1 KiB (read buffers)
-///   first merges all the small freed chunks.
-///
-/// The thresholds apply per arena (glibc keeps one per thread that
-/// allocates), so what stays held after a burst can reach a few times
-/// 64 MiB on a many-core host. Other C libraries keep their defaults.
-fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters (under glibc's own
-    // lock, so other threads may be running); a refused value leaves the
-    // default.
-    unsafe {
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
-        libc::mallopt(libc::M_TOP_PAD, 4 << 20);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
-        libc::mallopt(libc::M_MXFAST, 0);
-    }
 }
 
 /// Raises the open-files soft limit to the hard limit: every connection
