@@ -247,8 +247,8 @@ fn usage_adds_up_several_instances_by_any_column_in_every_format() {
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
     std::fs::create_dir_all(&a).unwrap();
     std::fs::create_dir_all(&b).unwrap();
-    let mut ca = store::open_for_write(&store::path_for(&a, "2026-03")).unwrap();
-    let mut cb = store::open_for_write(&store::path_for(&b, "2026-03")).unwrap();
+    let mut ca = store::UsageFile::open(&store::path_for(&a, "2026-03")).unwrap();
+    let mut cb = store::UsageFile::open(&store::path_for(&b, "2026-03")).unwrap();
     let ra: Vec<UsageRecord> = (1..=10)
         .map(|i| record("openai", "gpt-4o", Some("app"), 200, i * 10, (10, 5)))
         .collect();
@@ -256,8 +256,8 @@ fn usage_adds_up_several_instances_by_any_column_in_every_format() {
         record("deepseek", "deepseek-chat", None, 502, 1000, (0, 0)),
         record("openai", "gpt-4o", Some("batch"), 200, 200, (1, 1)),
     ];
-    store::insert_batch(&mut ca, &ra.iter().collect::<Vec<_>>()).unwrap();
-    store::insert_batch(&mut cb, &rb.iter().collect::<Vec<_>>()).unwrap();
+    ca.insert_batch(&ra.iter().collect::<Vec<_>>()).unwrap();
+    cb.insert_batch(&rb.iter().collect::<Vec<_>>()).unwrap();
     // The writer keeps its connection open (WAL): the report reads anyway.
     let (ad, bd) = (a.to_str().unwrap(), b.to_str().unwrap());
     let (code, out, err) = run(

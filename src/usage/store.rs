@@ -250,7 +250,7 @@ fn insert_sql(rows: usize) -> String {
 
 /// Binds `r`, stamped `ts`, to the parameters from `first` (1-based) on.
 fn bind_row<'a>(
-    stmt: &mut RawInsert<'a>,
+    stmt: &mut RawInsert<'_, 'a>,
     first: c_int,
     r: &'a UsageRecord,
     ts: &'a [u8; 24],
@@ -276,56 +276,95 @@ fn bind_row<'a>(
     Ok(())
 }
 
-/// Inserts the rows in one transaction, in order: groups of
-/// [`ROWS_PER_INSERT`] per statement, then the rest one by one.
-pub fn insert_batch(conn: &mut Connection, rows: &[&UsageRecord]) -> rusqlite::Result<()> {
-    let stamps: Vec<[u8; 24]> = rows
-        .iter()
-        .map(|r| rfc3339_millis(r.ts.unwrap_or_else(SystemTime::now)))
-        .collect();
-    let tx = conn.transaction()?;
-    {
+/// A usage file open for writing, with its two INSERT statements prepared
+/// once: preparing them for every batch cost more than the rows when
+/// batches are small (a few requests a second).
+pub struct UsageFile {
+    // Finalized before the connection closes: fields drop in this order.
+    group: Prepared,
+    single: Prepared,
+    conn: Connection,
+}
+
+impl UsageFile {
+    /// Opens (creating or migrating) the usage file at `path`.
+    pub fn open(path: &Path) -> Result<UsageFile, StoreError> {
+        let conn = open_for_write(path)?;
+        let sql = |source| StoreError::Sqlite {
+            path: path.to_owned(),
+            source,
+        };
+        let group = Prepared::new(&conn, &insert_sql(ROWS_PER_INSERT)).map_err(sql)?;
+        let single = Prepared::new(&conn, &insert_sql(1)).map_err(sql)?;
+        Ok(UsageFile {
+            group,
+            single,
+            conn,
+        })
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Inserts the rows in one transaction, in order: groups of
+    /// [`ROWS_PER_INSERT`] per statement, then the rest one by one.
+    pub fn insert_batch(&mut self, rows: &[&UsageRecord]) -> rusqlite::Result<()> {
+        let stamps: Vec<[u8; 24]> = rows
+            .iter()
+            .map(|r| rfc3339_millis(r.ts.unwrap_or_else(SystemTime::now)))
+            .collect();
+        // Rows of one millisecond bind the first one's stamp, which the
+        // parameter may already hold.
+        let mut same = 0;
+        let mut stamp = |at: usize| {
+            if stamps[at] != stamps[same] {
+                same = at;
+            }
+            &stamps[same]
+        };
+        let tx = self.conn.transaction()?;
+        let db = self.group.db;
         let per_row = PARAMS_PER_ROW as c_int;
         let mut groups = rows.chunks_exact(ROWS_PER_INSERT);
         let mut at = 0;
         if groups.len() > 0 {
-            let mut stmt = RawInsert::prepare(&tx, &insert_sql(ROWS_PER_INSERT))?;
+            let mut stmt = RawInsert::new(&mut self.group, db, ROWS_PER_INSERT * PARAMS_PER_ROW);
             for group in &mut groups {
                 for (i, r) in (0..).zip(group.iter()) {
-                    bind_row(&mut stmt, 1 + i * per_row, r, &stamps[at])?;
+                    bind_row(&mut stmt, 1 + i * per_row, r, stamp(at))?;
                     at += 1;
                 }
                 stmt.execute()?;
             }
         }
         if !groups.remainder().is_empty() {
-            let mut stmt = RawInsert::prepare(&tx, &insert_sql(1))?;
+            let mut stmt = RawInsert::new(&mut self.single, db, PARAMS_PER_ROW);
             for r in groups.remainder() {
-                bind_row(&mut stmt, 1, r, &stamps[at])?;
+                bind_row(&mut stmt, 1, r, stamp(at))?;
                 at += 1;
                 stmt.execute()?;
             }
         }
+        tx.commit()
     }
-    tx.commit()
 }
 
-/// An INSERT prepared on the connection's own handle, so that text is
-/// bound in place (`SQLITE_STATIC`) instead of copied, as rusqlite's
-/// binding always does. `'a` covers the connection and every value bound:
-/// SQLite may read a bound value until the statement is finalized, which
-/// `Drop` does.
-struct RawInsert<'a> {
+/// A statement prepared on the connection's own handle, so that text can
+/// be bound in place (`SQLITE_STATIC`) instead of copied, as rusqlite's
+/// binding always does. Finalized on drop; it must not outlive its
+/// connection, which [`UsageFile`]'s field order sees to.
+struct Prepared {
     db: *mut ffi::sqlite3,
     stmt: *mut ffi::sqlite3_stmt,
-    _borrows: PhantomData<&'a ()>,
 }
 
-impl<'a> RawInsert<'a> {
-    fn prepare(conn: &'a Connection, sql: &str) -> rusqlite::Result<RawInsert<'a>> {
+impl Prepared {
+    fn new(conn: &Connection, sql: &str) -> rusqlite::Result<Prepared> {
         let len = c_int::try_from(sql.len()).map_err(|_| failure(ffi::SQLITE_TOOBIG, None))?;
         let mut stmt = std::ptr::null_mut();
-        // SAFETY: the handle stays valid while `conn` is borrowed, for `'a`.
+        // SAFETY: the handle is valid while `conn` lives, which the
+        // statement does not outlive (see the type's comment).
         let db = unsafe { conn.handle() };
         // SAFETY: a valid handle; `sql` is read for `len` bytes during the
         // call only.
@@ -341,11 +380,60 @@ impl<'a> RawInsert<'a> {
         if rc != ffi::SQLITE_OK || stmt.is_null() {
             return Err(failure(rc, Some(db)));
         }
-        Ok(RawInsert {
+        Ok(Prepared { db, stmt })
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        // SAFETY: prepared by `new` and finalized only here.
+        unsafe { ffi::sqlite3_finalize(self.stmt) };
+    }
+}
+
+/// What a parameter holds; text by address and length, which for values
+/// alive together (all of them live for `'a`) means the same bytes.
+#[derive(Clone, Copy, PartialEq)]
+enum Bound {
+    Null,
+    Int(i64),
+    Text(*const u8, usize),
+}
+
+/// One batch's use of a prepared INSERT. `'a` covers every value bound:
+/// SQLite may read a bound value until the statement is reset and its
+/// parameters cleared, which `Drop` does. A parameter that already holds
+/// the value is not bound again (the values stay bound between runs):
+/// NULLs, status, the client's and key's names (shared, one address) and
+/// repeated counts mostly are.
+struct RawInsert<'s, 'a> {
+    db: *mut ffi::sqlite3,
+    stmt: *mut ffi::sqlite3_stmt,
+    bound: Vec<Bound>,
+    _borrows: PhantomData<(&'s mut Prepared, &'a ())>,
+}
+
+impl<'s, 'a> RawInsert<'s, 'a> {
+    fn new(prepared: &'s mut Prepared, db: *mut ffi::sqlite3, params: usize) -> Self {
+        RawInsert {
             db,
-            stmt,
+            stmt: prepared.stmt,
+            // Parameters start NULL, and are cleared back to NULL on drop.
+            bound: vec![Bound::Null; params + 1],
             _borrows: PhantomData,
-        })
+        }
+    }
+
+    /// Whether parameter `at` needs `value` bound, remembering it if so.
+    fn changes(&mut self, at: c_int, value: Bound) -> bool {
+        match usize::try_from(at).ok().and_then(|i| self.bound.get_mut(i)) {
+            Some(slot) if *slot == value => false,
+            Some(slot) => {
+                *slot = value;
+                true
+            }
+            None => true,
+        }
     }
 
     fn text(&mut self, at: c_int, value: Option<&'a str>) -> rusqlite::Result<()> {
@@ -355,27 +443,36 @@ impl<'a> RawInsert<'a> {
         let len = c_int::try_from(v.len()).map_err(|_| failure(ffi::SQLITE_TOOBIG, None))?;
         // An empty string's pointer dangles; SQLite gets a real one.
         let v = if v.is_empty() { "" } else { v };
-        // SAFETY: `v` lives for `'a` (or is static), which the statement
-        // does not outlive.
+        if !self.changes(at, Bound::Text(v.as_ptr(), v.len())) {
+            return Ok(());
+        }
+        // SAFETY: `v` lives for `'a` (or is static), and the binding is
+        // cleared when this guard drops, within `'a`.
         let rc = unsafe {
             ffi::sqlite3_bind_text(self.stmt, at, v.as_ptr().cast(), len, ffi::SQLITE_STATIC())
         };
-        self.check(rc)
+        self.check(at, rc)
     }
 
     fn int(&mut self, at: c_int, value: Option<i64>) -> rusqlite::Result<()> {
         let Some(v) = value else {
             return self.null(at);
         };
+        if !self.changes(at, Bound::Int(v)) {
+            return Ok(());
+        }
         // SAFETY: a valid statement; the value is copied.
         let rc = unsafe { ffi::sqlite3_bind_int64(self.stmt, at, v) };
-        self.check(rc)
+        self.check(at, rc)
     }
 
     fn null(&mut self, at: c_int) -> rusqlite::Result<()> {
+        if !self.changes(at, Bound::Null) {
+            return Ok(());
+        }
         // SAFETY: a valid statement.
         let rc = unsafe { ffi::sqlite3_bind_null(self.stmt, at) };
-        self.check(rc)
+        self.check(at, rc)
     }
 
     /// Runs the statement once and resets it for the next values.
@@ -392,19 +489,27 @@ impl<'a> RawInsert<'a> {
         result
     }
 
-    fn check(&self, rc: c_int) -> rusqlite::Result<()> {
+    /// A failed bind leaves the parameter's value unknown: it is bound
+    /// again next time whatever the value.
+    fn check(&mut self, at: c_int, rc: c_int) -> rusqlite::Result<()> {
         if rc == ffi::SQLITE_OK {
-            Ok(())
-        } else {
-            Err(failure(rc, Some(self.db)))
+            return Ok(());
         }
+        if let Some(slot) = usize::try_from(at).ok().and_then(|i| self.bound.get_mut(i)) {
+            *slot = Bound::Text(std::ptr::null(), usize::MAX);
+        }
+        Err(failure(rc, Some(self.db)))
     }
 }
 
-impl Drop for RawInsert<'_> {
+impl Drop for RawInsert<'_, '_> {
     fn drop(&mut self) {
-        // SAFETY: prepared by `prepare` and finalized only here.
-        unsafe { ffi::sqlite3_finalize(self.stmt) };
+        // SAFETY: a valid statement; afterwards it holds no pointer into
+        // the batch's values.
+        unsafe {
+            ffi::sqlite3_reset(self.stmt);
+            ffi::sqlite3_clear_bindings(self.stmt);
+        }
     }
 }
 
@@ -428,6 +533,8 @@ fn failure(rc: c_int, db: Option<*mut ffi::sqlite3>) -> rusqlite::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
 
     /// The timestamps written are humantime's, digit for digit, from the
     /// epoch to the year 9999, and clamped beyond.
@@ -463,11 +570,8 @@ mod tests {
     /// through both statement shapes and with text bound in place.
     #[test]
     fn every_column_is_written_as_recorded() {
-        use rusqlite::types::Value;
         let dir = tempfile::tempdir().unwrap();
-        let mut conn = open_for_write(&dir.path().join("usage-2026-04.sqlite")).unwrap();
-        let text = |v: Option<&str>| v.map_or(Value::Null, |v| Value::Text(v.to_owned()));
-        let int = |v: Option<u64>| v.map_or(Value::Null, |v| Value::Integer(v as i64));
+        let mut file = UsageFile::open(&dir.path().join("usage-2026-04.sqlite")).unwrap();
         let rows: Vec<UsageRecord> = (0..ROWS_PER_INSERT as u64 + 3)
             .map(|i| UsageRecord {
                 ts: Some(UNIX_EPOCH + std::time::Duration::from_millis(1_775_000_000_000 + i)),
@@ -490,9 +594,27 @@ mod tests {
             })
             .collect();
         let refs: Vec<&UsageRecord> = rows.iter().collect();
-        insert_batch(&mut conn, &refs).unwrap();
-        let want: Vec<Vec<Value>> = rows
-            .iter()
+        file.insert_batch(&refs).unwrap();
+        assert_eq!(read_back(&file), as_written(&rows));
+    }
+
+    /// Every column as SQLite holds it, in row order.
+    fn read_back(file: &UsageFile) -> Vec<Vec<rusqlite::types::Value>> {
+        file.connection()
+            .prepare(&format!("SELECT {COLUMNS} FROM requests ORDER BY id"))
+            .unwrap()
+            .query_map([], |row| (0..PARAMS_PER_ROW).map(|i| row.get(i)).collect())
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    /// What [`read_back`] must give for `rows`.
+    fn as_written(rows: &[UsageRecord]) -> Vec<Vec<rusqlite::types::Value>> {
+        use rusqlite::types::Value;
+        let text = |v: Option<&str>| v.map_or(Value::Null, |v| Value::Text(v.to_owned()));
+        let int = |v: Option<u64>| v.map_or(Value::Null, |v| Value::Integer(v as i64));
+        rows.iter()
             .map(|r| {
                 let ts = rfc3339_millis(r.ts.unwrap());
                 vec![
@@ -515,15 +637,49 @@ mod tests {
                     text(r.error.as_deref()),
                 ]
             })
-            .collect();
-        let got: Vec<Vec<Value>> = conn
-            .prepare(&format!("SELECT {COLUMNS} FROM requests ORDER BY id"))
-            .unwrap()
-            .query_map([], |row| (0..PARAMS_PER_ROW).map(|i| row.get(i)).collect())
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        assert_eq!(got, want);
+            .collect()
+    }
+
+    /// Parameters keep their values between rows and runs, and a value a
+    /// parameter already holds is not bound again: rows drawn from small
+    /// pools (shared names, repeated counts, NULL or not, the same
+    /// millisecond), in batches of every size through the same prepared
+    /// statements, still land exactly as recorded.
+    #[test]
+    fn repeated_values_and_reused_statements_write_every_row_as_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut file = UsageFile::open(&dir.path().join("usage-2026-06.sqlite")).unwrap();
+        let mut rng = fastrand::Rng::with_seed(11);
+        let clients: [Arc<str>; 2] = ["a".into(), "b".into()];
+        let keys: [Arc<str>; 3] = ["k1".into(), "k2".into(), "".into()];
+        let mut all = Vec::new();
+        for batch in [1, 17, 16, 3, 40, 1, 33, 0, 64] {
+            let rows: Vec<UsageRecord> = (0..batch)
+                .map(|_| UsageRecord {
+                    ts: Some(UNIX_EPOCH + Duration::from_millis(1_780_000_000_000 + rng.u64(0..3))),
+                    request_id: format!("r{}", rng.u8(0..4)),
+                    caller: rng.bool().then(|| "app".to_owned()),
+                    endpoint: "chat/completions".to_owned(),
+                    model: rng.bool().then(|| format!("m{}", rng.u8(0..2))),
+                    routed_model: None,
+                    client: rng.bool().then(|| clients[rng.usize(0..2)].clone()),
+                    key_id: rng.bool().then(|| keys[rng.usize(0..3)].clone()),
+                    status: [200, 200, 429][rng.usize(0..3)],
+                    stream: rng.bool(),
+                    attempts: rng.u32(1..3),
+                    latency_ms: rng.u64(0..3),
+                    ttft_ms: rng.bool().then_some(5),
+                    prompt_tokens: rng.bool().then_some(rng.u64(0..2)),
+                    completion_tokens: rng.bool().then_some(7),
+                    total_tokens: rng.bool().then_some(rng.u64(7..9)),
+                    error: rng.bool().then(String::new),
+                })
+                .collect();
+            let refs: Vec<&UsageRecord> = rows.iter().collect();
+            file.insert_batch(&refs).unwrap();
+            all.extend(rows);
+        }
+        assert_eq!(read_back(&file), as_written(&all));
     }
 
     /// A statement SQLite refuses comes back as SQLite's error, and the
@@ -531,12 +687,13 @@ mod tests {
     #[test]
     fn a_refused_insert_is_an_error_and_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let mut conn = open_for_write(&dir.path().join("usage-2026-05.sqlite")).unwrap();
-        conn.execute_batch(
-            "CREATE TRIGGER no_500 BEFORE INSERT ON requests WHEN NEW.status = 500 \
+        let mut file = UsageFile::open(&dir.path().join("usage-2026-05.sqlite")).unwrap();
+        file.connection()
+            .execute_batch(
+                "CREATE TRIGGER no_500 BEFORE INSERT ON requests WHEN NEW.status = 500 \
              BEGIN SELECT RAISE(ABORT, 'status 500 refused'); END;",
-        )
-        .unwrap();
+            )
+            .unwrap();
         let rows: Vec<UsageRecord> = (0..ROWS_PER_INSERT as u16 + 2)
             .map(|i| UsageRecord {
                 request_id: format!("r{i}"),
@@ -549,14 +706,16 @@ mod tests {
             })
             .collect();
         let refs: Vec<&UsageRecord> = rows.iter().collect();
-        let err = insert_batch(&mut conn, &refs).unwrap_err();
+        let err = file.insert_batch(&refs).unwrap_err();
         assert!(err.to_string().contains("status 500 refused"), "{err}");
-        let n: i64 = conn
+        let n: i64 = file
+            .connection()
             .query_row("SELECT count(*) FROM requests", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 0);
-        insert_batch(&mut conn, &refs[..ROWS_PER_INSERT + 1]).unwrap();
-        let n: i64 = conn
+        file.insert_batch(&refs[..ROWS_PER_INSERT + 1]).unwrap();
+        let n: i64 = file
+            .connection()
             .query_row("SELECT count(*) FROM requests", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, ROWS_PER_INSERT as i64 + 1);
@@ -568,7 +727,7 @@ mod tests {
     fn grouped_inserts_keep_every_row_and_value_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("usage-2026-03.sqlite");
-        let mut conn = open_for_write(&path).unwrap();
+        let mut file = UsageFile::open(&path).unwrap();
         let rows: Vec<UsageRecord> = (0..(2 * ROWS_PER_INSERT + 5) as u64)
             .map(|i| UsageRecord {
                 ts: Some(humantime::parse_rfc3339("2026-03-10T12:00:00.123Z").unwrap()),
@@ -592,8 +751,9 @@ mod tests {
             .collect();
         for sizes in [&rows[..3], &rows[3..]] {
             let refs: Vec<&UsageRecord> = sizes.iter().collect();
-            insert_batch(&mut conn, &refs).unwrap();
+            file.insert_batch(&refs).unwrap();
         }
+        let conn = file.connection();
         let mut stmt = conn
             .prepare("SELECT ts, request_id, caller, model, status, stream, latency_ms, prompt_tokens, completion_tokens, error FROM requests ORDER BY id")
             .unwrap();
@@ -643,14 +803,14 @@ mod tests {
     fn creates_reopens_and_refuses_foreign_files() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("usage-2026-01.sqlite");
-        let mut c = open_for_write(&p).unwrap();
+        let mut c = UsageFile::open(&p).unwrap();
         let r = UsageRecord {
             request_id: "r1".into(),
             endpoint: "chat/completions".into(),
             status: 200,
             ..Default::default()
         };
-        insert_batch(&mut c, &[&r]).unwrap();
+        c.insert_batch(&[&r]).unwrap();
         drop(c);
         let c = open_for_write(&p).unwrap();
         let n: i64 = c

@@ -13,8 +13,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rusqlite::Connection;
-
 use super::store;
 use super::UsageRecord;
 use crate::ops::metrics::Metrics;
@@ -163,7 +161,7 @@ fn write_loop(rx: Receiver<Msg>, dir: PathBuf, metrics: Arc<Metrics>) {
 
 struct MonthFiles {
     dir: PathBuf,
-    open: HashMap<String, Connection>,
+    open: HashMap<String, store::UsageFile>,
     last_error_log: HashMap<String, Instant>,
     metrics: Arc<Metrics>,
 }
@@ -225,12 +223,13 @@ impl MonthFiles {
     fn write_month(&mut self, month: &str, rows: &[&UsageRecord]) -> Result<(), store::StoreError> {
         let path = store::path_for(&self.dir, month);
         if !self.open.contains_key(month) {
-            let conn = store::open_for_write(&path)?;
+            let file = store::UsageFile::open(&path)?;
             tracing::info!(path = %path.display(), "usage file opened");
-            self.open.insert(month.to_owned(), conn);
+            self.open.insert(month.to_owned(), file);
         }
-        let conn = self.open.get_mut(month).expect("inserted above");
-        store::insert_batch(conn, rows).map_err(|source| store::StoreError::Sqlite { path, source })
+        let file = self.open.get_mut(month).expect("inserted above");
+        file.insert_batch(rows)
+            .map_err(|source| store::StoreError::Sqlite { path, source })
     }
 }
 
@@ -249,7 +248,7 @@ mod tests {
     }
 
     fn ids(path: &Path) -> Vec<String> {
-        let conn = Connection::open(path).unwrap();
+        let conn = rusqlite::Connection::open(path).unwrap();
         let mut stmt = conn
             .prepare("SELECT request_id FROM requests ORDER BY id")
             .unwrap();
