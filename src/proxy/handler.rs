@@ -130,12 +130,11 @@ fn percent_decode(s: &str) -> Option<String> {
 fn new_request_id() -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let n = fastrand::u128(..);
-    let mut id = String::with_capacity(36);
-    id.push_str("req_");
-    for shift in (0..32).rev() {
-        id.push(char::from(HEX[((n >> (shift * 4)) & 0xf) as usize]));
+    let mut id = *b"req_00000000000000000000000000000000";
+    for (i, digit) in id[4..].iter_mut().enumerate() {
+        *digit = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
     }
-    id
+    String::from_utf8_lossy(&id).into_owned()
 }
 
 /// The service function given to hyper for every request. `conflicting_framing`:
