@@ -239,6 +239,11 @@ const PARAMS_PER_ROW: usize = 17;
 /// Rows written by one INSERT statement: one statement per row spends
 /// about a third of SQLite's work on executing the statement itself.
 const ROWS_PER_INSERT: usize = 16;
+/// A batch of a busy 100 ms is a few thousand rows, milliseconds of work:
+/// every 64 rows (a tenth of a millisecond or so) the writer lets a
+/// request thread waiting for its core run, instead of holding the core
+/// until the scheduler's time slice ends.
+const YIELD_EVERY_GROUPS: u32 = 4;
 
 fn insert_sql(rows: usize) -> String {
     let one = format!("({})", vec!["?"; PARAMS_PER_ROW].join(","));
@@ -330,12 +335,15 @@ impl UsageFile {
         let mut at = 0;
         if groups.len() > 0 {
             let mut stmt = RawInsert::new(&mut self.group, db, ROWS_PER_INSERT * PARAMS_PER_ROW);
-            for group in &mut groups {
+            for (n, group) in (1..).zip(&mut groups) {
                 for (i, r) in (0..).zip(group.iter()) {
                     bind_row(&mut stmt, 1 + i * per_row, r, stamp(at))?;
                     at += 1;
                 }
                 stmt.execute()?;
+                if n % YIELD_EVERY_GROUPS == 0 {
+                    std::thread::yield_now();
+                }
             }
         }
         if !groups.remainder().is_empty() {
