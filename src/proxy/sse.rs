@@ -377,17 +377,17 @@ impl<'de> serde::Deserialize<'de> for UsageSlot {
 }
 
 /// Reads `usage` (or the responses API's `response.usage`) from a whole JSON
-/// body; Err when the body is not JSON.
+/// body; Err when the body is not JSON. Only bodies whose framing ended
+/// cleanly come here.
 ///
 /// Every non-streaming response passes here, so the common case is read
-/// from the end: an object body, its brackets balanced (not cut short),
-/// whose last `"usage"` key holds an object. Anything else (no usage, an
-/// odd shape, a cut or non-JSON body) gets the full parse, which skips
+/// from the end (see [`usage_closing_the_body`]). Anything else (no usage,
+/// an odd shape, a non-JSON body) gets the full parse, which skips
 /// everything but `usage` without building it.
 pub fn usage_in_whole_json(body: &[u8]) -> Result<Option<Usage>, serde_json::Error> {
     let t = body.trim_ascii();
-    if t.first() == Some(&b'{') && t.last() == Some(&b'}') && balanced(t) {
-        if let Some(u) = usage_in_json_tail(t) {
+    if t.first() == Some(&b'{') {
+        if let Some(u) = usage_closing_the_body(t) {
             return Ok(Some(u));
         }
     }
@@ -398,54 +398,32 @@ pub fn usage_in_whole_json(body: &[u8]) -> Result<Option<Usage>, serde_json::Err
         .or_else(|| doc.response.and_then(|r| r.usage).and_then(|u| u.0)))
 }
 
-/// Whether brackets outside strings balance: a body cut short does not.
-/// Bytes outside strings are classed by a table; string contents are
-/// skipped with `memchr`.
-fn balanced(json: &[u8]) -> bool {
-    let mut depth: usize = 0;
-    let mut rest = json;
-    while let Some((&b, tail)) = rest.split_first() {
-        rest = tail;
-        match STRUCTURE[usize::from(b)] {
-            PLAIN => {}
-            QUOTE => loop {
-                let Some(n) = memchr::memchr2(b'"', b'\\', rest) else {
-                    return false;
-                };
-                let escape = rest[n] == b'\\';
-                let Some(after) = rest.get(n + 1 + usize::from(escape)..) else {
-                    return false;
-                };
-                rest = after;
-                if !escape {
-                    break;
-                }
-            },
-            OPEN => depth += 1,
-            _ => match depth.checked_sub(1) {
-                Some(d) => depth = d,
-                None => return false,
-            },
+/// The usage of an object body `t` in the shape upstreams send: its last
+/// `"usage"` key holds a plain object ([`plain_usage_fields`]), and after
+/// it come only members with plain values (strings, numbers, literals:
+/// `service_tier`, `system_fingerprint`) up to the `}` that ends the body.
+/// That `}` closes the object holding `usage`, which in a JSON text that
+/// starts with `{` and ends there is the top-level one. `None` for
+/// anything else, nested usage included, which the full parse decides.
+/// Reads only the end of the body: no pass over all of it.
+fn usage_closing_the_body(t: &[u8]) -> Option<Usage> {
+    let mut end = t.len();
+    for _ in 0..8 {
+        let at = USAGE_KEY_LAST.rfind(&t[..end])?;
+        end = at;
+        let backslashes = t[..at].iter().rev().take_while(|&&b| b == b'\\').count();
+        if backslashes % 2 == 1 {
+            continue;
         }
+        // Not followed by `:`: a string value "usage", not the key.
+        let Some(rest) = t[at + 7..].trim_ascii_start().strip_prefix(b":") else {
+            continue;
+        };
+        let (fields, rest) = plain_usage_fields(rest)?;
+        return Cursor(rest).plain_members_to_end().then(|| fields.usage());
     }
-    depth == 0
+    None
 }
-
-const PLAIN: u8 = 0;
-const QUOTE: u8 = 1;
-const OPEN: u8 = 2;
-const CLOSE: u8 = 3;
-
-/// What each byte is to [`balanced`] outside strings.
-static STRUCTURE: [u8; 256] = {
-    let mut t = [PLAIN; 256];
-    t[b'"' as usize] = QUOTE;
-    t[b'{' as usize] = OPEN;
-    t[b'[' as usize] = OPEN;
-    t[b'}' as usize] = CLOSE;
-    t[b']' as usize] = CLOSE;
-    t
-};
 
 /// Finds the last `"usage": {...}` key in `tail` (the end of a body, or a
 /// whole one). A quote preceded by an odd number of backslashes is inside a
@@ -462,7 +440,7 @@ pub fn usage_in_json_tail(tail: &[u8]) -> Option<Usage> {
         let Some(rest) = tail[at + 7..].trim_ascii_start().strip_prefix(b":") else {
             continue;
         };
-        if let Some(fields) = plain_usage_fields(rest) {
+        if let Some((fields, _)) = plain_usage_fields(rest) {
             return Some(fields.usage());
         }
         let slot = serde_json::Deserializer::from_slice(rest)
@@ -481,13 +459,13 @@ pub fn usage_in_json_tail(tail: &[u8]) -> Option<Usage> {
 /// for anything else (another value, a negative or fractional count, a key
 /// twice), which the serde reader then decides: on valid JSON both read the
 /// same.
-fn plain_usage_fields(json: &[u8]) -> Option<UsageFields> {
+fn plain_usage_fields(json: &[u8]) -> Option<(UsageFields, &[u8])> {
     let mut at = Cursor(json);
     at.token(b'{')?;
     let mut fields = UsageFields::default();
     let mut seen = 0u8;
     if at.peek_token(b'}') {
-        return Some(fields);
+        return Some((fields, at.0));
     }
     loop {
         at.token(b'"')?;
@@ -512,7 +490,7 @@ fn plain_usage_fields(json: &[u8]) -> Option<UsageFields> {
         }
         match at.next_token()? {
             b',' => continue,
-            b'}' => return Some(fields),
+            b'}' => return Some((fields, at.0)),
             _ => return None,
         }
     }
@@ -522,6 +500,26 @@ fn plain_usage_fields(json: &[u8]) -> Option<UsageFields> {
 struct Cursor<'a>(&'a [u8]);
 
 impl<'a> Cursor<'a> {
+    /// Whether the rest is `,"key":value` members with plain values (no
+    /// object or array), then `}` and the end of the text.
+    fn plain_members_to_end(mut self) -> bool {
+        loop {
+            match self.next_token() {
+                Some(b'}') => return self.0.trim_ascii_start().is_empty(),
+                Some(b',') => {}
+                _ => return false,
+            }
+            let key = self.token(b'"').and_then(|()| self.plain_key());
+            if key.is_none() || self.token(b':').is_none() {
+                return false;
+            }
+            self.skip_ws();
+            if matches!(self.0.first(), None | Some(b'{' | b'[')) || self.skip_value().is_none() {
+                return false;
+            }
+        }
+    }
+
     fn skip_ws(&mut self) {
         self.0 = self.0.trim_ascii_start();
     }
@@ -696,7 +694,7 @@ mod tests {
                 })
                 .collect();
             let json = format!("{{{}}}, \"x\": 1}}", members.join(","));
-            if let Some(fields) = plain_usage_fields(json.as_bytes()) {
+            if let Some(fields) = plain_usage_fields(json.as_bytes()).map(|(f, _)| f) {
                 answered += 1;
                 assert_eq!(Some(fields.usage()), serde_reading(&json), "{json}");
             }
@@ -705,14 +703,14 @@ mod tests {
         let openai = br#" {"prompt_tokens": 19, "completion_tokens": 10, "total_tokens": 29,
             "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
             "completion_tokens_details": {"reasoning_tokens": 0, "accepted_prediction_tokens": 0}}"#;
-        let u = plain_usage_fields(openai).unwrap().usage();
+        let u = plain_usage_fields(openai).unwrap().0.usage();
         assert_eq!(
             (u.prompt_tokens, u.completion_tokens, u.total_tokens),
             (Some(19), Some(10), Some(29))
         );
         let huge = br#"{"prompt_tokens": 18446744073709551615, "completion_tokens": 2}"#;
         assert_eq!(
-            plain_usage_fields(huge).unwrap().usage().total_tokens,
+            plain_usage_fields(huge).unwrap().0.usage().total_tokens,
             Some(u64::MAX)
         );
         for other in [
@@ -826,12 +824,145 @@ mod tests {
         }
     }
 
+    /// Whole bodies read from the end agree with the full parse on every
+    /// JSON object generated: usage first, last, nested, inside strings,
+    /// null, odd values, or followed by plain or bracketed members; and the
+    /// end reading answers for the common shapes.
+    #[test]
+    fn whole_body_reading_agrees_with_the_full_parse() {
+        fn full_parse(body: &[u8]) -> Option<Usage> {
+            let doc: WithUsage = serde_json::from_slice(body).unwrap();
+            doc.usage
+                .and_then(|u| u.0)
+                .or_else(|| doc.response.and_then(|r| r.usage).and_then(|u| u.0))
+        }
+        fn pick<'a>(rng: &mut fastrand::Rng, from: &[&'a str]) -> &'a str {
+            from[rng.usize(..from.len())]
+        }
+        fn usage(rng: &mut fastrand::Rng) -> String {
+            let keys = [
+                "prompt_tokens",
+                "completion_tokens",
+                "total_tokens",
+                "input_tokens",
+                "output_tokens",
+                "prompt_tokens_details",
+            ];
+            let values = [
+                "0",
+                "7",
+                "123",
+                "null",
+                "-1",
+                "1.5",
+                "\"3\"",
+                "{\"cached_tokens\":2}",
+                "[]",
+            ];
+            let mut members = Vec::new();
+            for k in keys {
+                if rng.bool() {
+                    let v = if rng.u8(..4) == 0 {
+                        pick(rng, &values)
+                    } else {
+                        pick(rng, &values[..3])
+                    };
+                    members.push(format!("\"{k}\":{v}"));
+                }
+            }
+            format!("{{{}}}", members.join(","))
+        }
+        fn value(rng: &mut fastrand::Rng, depth: u32) -> String {
+            let strings = [
+                "\"x\"",
+                "\"usage\"",
+                "\"say \\\"usage\\\":{\\\"prompt_tokens\\\":9}\"",
+                "\"}\"",
+                "\"a\\\\\"",
+                "\"fp_1\"",
+            ];
+            match rng.u8(..if depth > 2 { 3 } else { 6 }) {
+                0 => pick(rng, &strings).to_owned(),
+                1 => pick(rng, &["1", "-2.5", "true", "null"]).to_owned(),
+                2 => pick(rng, &strings).to_owned(),
+                3 => {
+                    let n = rng.usize(..3);
+                    let items: Vec<String> = (0..n).map(|_| value(rng, depth + 1)).collect();
+                    format!("[{}]", items.join(","))
+                }
+                4 => format!("{{\"usage\":{}}}", usage(rng)),
+                _ => {
+                    let n = rng.usize(..3);
+                    let members: Vec<String> = (0..n)
+                        .map(|i| format!("\"k{i}\":{}", value(rng, depth + 1)))
+                        .collect();
+                    format!("{{{}}}", members.join(","))
+                }
+            }
+        }
+        let mut rng = fastrand::Rng::with_seed(29);
+        let mut answered = 0;
+        let docs = 20_000;
+        for _ in 0..docs {
+            let mut members: Vec<String> = (0..rng.usize(..5))
+                .map(|i| format!("\"m{i}\":{}", value(&mut rng, 0)))
+                .collect();
+            if rng.u8(..4) != 0 {
+                let v = if rng.u8(..8) == 0 {
+                    "null".to_owned()
+                } else {
+                    usage(&mut rng)
+                };
+                let at = if rng.bool() {
+                    members.len()
+                } else {
+                    rng.usize(..=members.len())
+                };
+                members.insert(at, format!("\"usage\":{v}"));
+            }
+            if rng.u8(..6) == 0 {
+                let at = rng.usize(..=members.len());
+                members.insert(
+                    at,
+                    format!("\"response\":{{\"usage\":{}}}", usage(&mut rng)),
+                );
+            }
+            if rng.bool() {
+                members.push("\"service_tier\":\"default\"".to_owned());
+                members.push("\"system_fingerprint\":\"fp_1\"".to_owned());
+            }
+            let sep = pick(&mut rng, &[",", ", ", ",\n  "]);
+            let body = format!(
+                "{}{{{}}}{}",
+                pick(&mut rng, &["", " "]),
+                members.join(sep),
+                pick(&mut rng, &["", "\n"])
+            );
+            let want = full_parse(body.as_bytes());
+            assert_eq!(
+                usage_in_whole_json(body.as_bytes()).unwrap(),
+                want,
+                "{body}"
+            );
+            if usage_closing_the_body(body.trim().as_bytes()).is_some() {
+                answered += 1;
+            }
+        }
+        assert!(
+            answered > docs / 5,
+            "the end reading answered {answered} of {docs}"
+        );
+    }
+
     #[test]
     fn usage_inside_a_string_is_not_the_usage_key() {
         // The last `"usage"` is text (its quote is escaped): the real key wins.
         let body = br#"{"usage":{"prompt_tokens":1,"completion_tokens":2},"choices":[{"text":"say \"usage\":{\"prompt_tokens\":9}"}]}"#;
         let u = usage_in_whole_json(body).unwrap().unwrap();
         assert_eq!((u.prompt_tokens, u.total_tokens), (Some(1), Some(3)));
+        // A key that ends in `"usage` (its first quote escaped) is not it.
+        let odd_key = br#"{"x\"usage":{"prompt_tokens":1}}"#;
+        assert_eq!(usage_in_whole_json(odd_key).unwrap(), None);
         // A cut body that still ends in `}` is not taken for a whole one.
         let cut = br#"{"id":"x","usage":{"prompt_tokens":1,"completion_tokens":2}"#;
         assert!(usage_in_whole_json(cut).is_err());
@@ -845,22 +976,5 @@ mod tests {
                 .prompt_tokens,
             Some(4)
         );
-    }
-
-    #[test]
-    fn balance_is_read_outside_strings() {
-        assert!(balanced(br#"{"a":[1,{"b":"}]"}],"c":"\"{"}"#));
-        assert!(!balanced(br#"{"a":[1,{"b":2}]"#));
-        assert!(!balanced(br#"{"a":"x}"#));
-        assert!(!balanced(br#"{"a":"x\"}"#));
-        assert!(!balanced(b"}{"));
-        assert!(!balanced(br#"{"a":"x\"#));
-        let long = format!(
-            r#"{{"a":"{}\"{}","b":[{{}}]}}"#,
-            "x".repeat(100),
-            "y".repeat(40)
-        );
-        assert!(balanced(long.as_bytes()));
-        assert!(!balanced(&long.as_bytes()[..long.len() - 1]));
     }
 }
