@@ -4,6 +4,7 @@
 //! Builds no error bodies itself (that is `api_error.rs`) and sends nothing
 //! upstream itself (that is `attempt.rs` through `upstream.rs`).
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -89,6 +90,22 @@ pub fn route(path: &str) -> Route<'_> {
     Route::Proxy { client, endpoint }
 }
 
+/// The endpoint as the usage row holds it: a shared name for the usual ones.
+fn usage_endpoint(endpoint: &str) -> Cow<'static, str> {
+    const USUAL: [&str; 6] = [
+        "chat/completions",
+        "completions",
+        "embeddings",
+        "responses",
+        "moderations",
+        "images/generations",
+    ];
+    match USUAL.into_iter().find(|e| *e == endpoint) {
+        Some(e) => Cow::Borrowed(e),
+        None => Cow::Owned(endpoint.to_owned()),
+    }
+}
+
 fn safe_endpoint(endpoint: &str) -> bool {
     !endpoint.is_empty()
         && endpoint
@@ -129,12 +146,14 @@ fn percent_decode(s: &str) -> Option<String> {
 /// `req_` and 32 random hex digits.
 fn new_request_id() -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let n = fastrand::u128(..);
     let mut id = *b"req_00000000000000000000000000000000";
-    for (i, digit) in id[4..].iter_mut().enumerate() {
-        *digit = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
+    let random = fastrand::u128(..).to_be_bytes();
+    for (digits, byte) in id[4..].chunks_exact_mut(2).zip(random) {
+        digits[0] = HEX[usize::from(byte >> 4)];
+        digits[1] = HEX[usize::from(byte & 0xf)];
     }
-    String::from_utf8_lossy(&id).into_owned()
+    // ASCII by construction: never the empty default.
+    std::str::from_utf8(&id).unwrap_or_default().to_owned()
 }
 
 /// The service function given to hyper for every request. `conflicting_framing`:
@@ -327,7 +346,7 @@ async fn proxy(
         ts: Some((state.clock)()),
         request_id: request_id.to_owned(),
         caller,
-        endpoint: endpoint.clone(),
+        endpoint: usage_endpoint(&endpoint),
         ..UsageRecord::default()
     };
     let mut done = Completion::start(state.clone(), record, started);
@@ -766,6 +785,16 @@ mod tests {
         assert_eq!(media(Some("text/event")), Media::Other);
         assert_eq!(media(Some("")), Media::Other);
         assert_eq!(media(None), Media::Other);
+    }
+
+    #[test]
+    fn usage_rows_share_the_usual_endpoint_names_and_copy_the_rest() {
+        for e in ["chat/completions", "embeddings", "responses"] {
+            assert!(matches!(usage_endpoint(e), Cow::Borrowed(b) if b == e));
+        }
+        let other = usage_endpoint("audio/speech");
+        assert!(matches!(other, Cow::Owned(_)));
+        assert_eq!(other, "audio/speech");
     }
 
     #[test]

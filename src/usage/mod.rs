@@ -8,6 +8,7 @@ pub mod report;
 pub mod store;
 pub mod writer;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -20,7 +21,9 @@ pub struct UsageRecord {
     pub ts: Option<SystemTime>,
     pub request_id: String,
     pub caller: Option<String>,
-    pub endpoint: String,
+    /// Borrowed for the usual endpoints: no copy per request, and the
+    /// writer binds it once for a run of rows.
+    pub endpoint: Cow<'static, str>,
     pub model: Option<String>,
     pub routed_model: Option<String>,
     /// Shared with the routing table: no copy per request.

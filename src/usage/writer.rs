@@ -241,7 +241,7 @@ mod tests {
         Box::new(UsageRecord {
             ts: Some(humantime::parse_rfc3339(ts).unwrap()),
             request_id: id.to_owned(),
-            endpoint: "chat/completions".to_owned(),
+            endpoint: "chat/completions".into(),
             status: 200,
             ..UsageRecord::default()
         })
