@@ -319,15 +319,6 @@ impl UsageFile {
             .iter()
             .map(|r| rfc3339_millis(r.ts.unwrap_or_else(SystemTime::now)))
             .collect();
-        // Rows of one millisecond bind the first one's stamp, which the
-        // parameter may already hold.
-        let mut same = 0;
-        let mut stamp = |at: usize| {
-            if stamps[at] != stamps[same] {
-                same = at;
-            }
-            &stamps[same]
-        };
         let tx = self.conn.transaction()?;
         let db = self.group.db;
         let per_row = PARAMS_PER_ROW as c_int;
@@ -337,7 +328,7 @@ impl UsageFile {
             let mut stmt = RawInsert::new(&mut self.group, db, ROWS_PER_INSERT * PARAMS_PER_ROW);
             for (n, group) in (1..).zip(&mut groups) {
                 for (i, r) in (0..).zip(group.iter()) {
-                    bind_row(&mut stmt, 1 + i * per_row, r, stamp(at))?;
+                    bind_row(&mut stmt, 1 + i * per_row, r, &stamps[at])?;
                     at += 1;
                 }
                 stmt.execute()?;
@@ -349,7 +340,7 @@ impl UsageFile {
         if !groups.remainder().is_empty() {
             let mut stmt = RawInsert::new(&mut self.single, db, PARAMS_PER_ROW);
             for r in groups.remainder() {
-                bind_row(&mut stmt, 1, r, stamp(at))?;
+                bind_row(&mut stmt, 1, r, &stamps[at])?;
                 at += 1;
                 stmt.execute()?;
             }
@@ -399,25 +390,28 @@ impl Drop for Prepared {
     }
 }
 
-/// What a parameter holds; text by address and length, which for values
-/// alive together (all of them live for `'a`) means the same bytes.
+/// What a parameter holds. Text is compared by content: the text bound
+/// earlier lives as long as the batch (`'a`), so SQLite reading it instead
+/// of an equal later one reads the same bytes.
 #[derive(Clone, Copy, PartialEq)]
-enum Bound {
+enum Bound<'a> {
     Null,
     Int(i64),
-    Text(*const u8, usize),
+    Text(&'a str),
+    /// After a failed bind: equal to nothing.
+    Unknown,
 }
 
 /// One batch's use of a prepared INSERT. `'a` covers every value bound:
 /// SQLite may read a bound value until the statement is reset and its
 /// parameters cleared, which `Drop` does. A parameter that already holds
 /// the value is not bound again (the values stay bound between runs):
-/// NULLs, status, the client's and key's names (shared, one address) and
-/// repeated counts mostly are.
+/// NULLs, status, model, client and key names, the millisecond's stamp
+/// and repeated counts mostly are.
 struct RawInsert<'s, 'a> {
     db: *mut ffi::sqlite3,
     stmt: *mut ffi::sqlite3_stmt,
-    bound: Vec<Bound>,
+    bound: Vec<Bound<'a>>,
     _borrows: PhantomData<(&'s mut Prepared, &'a ())>,
 }
 
@@ -433,7 +427,7 @@ impl<'s, 'a> RawInsert<'s, 'a> {
     }
 
     /// Whether parameter `at` needs `value` bound, remembering it if so.
-    fn changes(&mut self, at: c_int, value: Bound) -> bool {
+    fn changes(&mut self, at: c_int, value: Bound<'a>) -> bool {
         match usize::try_from(at).ok().and_then(|i| self.bound.get_mut(i)) {
             Some(slot) if *slot == value => false,
             Some(slot) => {
@@ -451,7 +445,7 @@ impl<'s, 'a> RawInsert<'s, 'a> {
         let len = c_int::try_from(v.len()).map_err(|_| failure(ffi::SQLITE_TOOBIG, None))?;
         // An empty string's pointer dangles; SQLite gets a real one.
         let v = if v.is_empty() { "" } else { v };
-        if !self.changes(at, Bound::Text(v.as_ptr(), v.len())) {
+        if !self.changes(at, Bound::Text(v)) {
             return Ok(());
         }
         // SAFETY: `v` lives for `'a` (or is static), and the binding is
@@ -504,7 +498,7 @@ impl<'s, 'a> RawInsert<'s, 'a> {
             return Ok(());
         }
         if let Some(slot) = usize::try_from(at).ok().and_then(|i| self.bound.get_mut(i)) {
-            *slot = Bound::Text(std::ptr::null(), usize::MAX);
+            *slot = Bound::Unknown;
         }
         Err(failure(rc, Some(self.db)))
     }
