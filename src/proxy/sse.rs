@@ -407,50 +407,45 @@ pub fn usage_in_whole_json(body: &[u8]) -> Result<Option<Usage>, serde_json::Err
 /// anything else, nested usage included, which the full parse decides.
 /// Reads only the end of the body: no pass over all of it.
 fn usage_closing_the_body(t: &[u8]) -> Option<Usage> {
-    let mut end = t.len();
-    for _ in 0..8 {
-        let at = USAGE_KEY_LAST.rfind(&t[..end])?;
-        end = at;
-        let backslashes = t[..at].iter().rev().take_while(|&&b| b == b'\\').count();
-        if backslashes % 2 == 1 {
-            continue;
-        }
-        // Not followed by `:`: a string value "usage", not the key.
-        let Some(rest) = t[at + 7..].trim_ascii_start().strip_prefix(b":") else {
-            continue;
-        };
-        let (fields, rest) = plain_usage_fields(rest)?;
-        return Cursor(rest).plain_members_to_end().then(|| fields.usage());
-    }
-    None
+    let (fields, rest) = plain_usage_fields(usage_values_from_end(t).next()?)?;
+    Cursor(rest).plain_members_to_end().then(|| fields.usage())
 }
 
 /// Finds the last `"usage": {...}` key in `tail` (the end of a body, or a
-/// whole one). A quote preceded by an odd number of backslashes is inside a
-/// string, not a key.
+/// whole one).
 pub fn usage_in_json_tail(tail: &[u8]) -> Option<Usage> {
-    let mut end = tail.len();
-    for _ in 0..8 {
-        let at = USAGE_KEY_LAST.rfind(&tail[..end])?;
-        end = at;
-        let backslashes = tail[..at].iter().rev().take_while(|&&b| b == b'\\').count();
-        if backslashes % 2 == 1 {
-            continue;
-        }
-        let Some(rest) = tail[at + 7..].trim_ascii_start().strip_prefix(b":") else {
-            continue;
-        };
+    usage_values_from_end(tail).find_map(|rest| {
         if let Some((fields, _)) = plain_usage_fields(rest) {
             return Some(fields.usage());
         }
         let slot = serde_json::Deserializer::from_slice(rest)
             .into_iter::<UsageSlot>()
             .next();
-        if let Some(Ok(UsageSlot(Some(u)))) = slot {
-            return Some(u);
+        match slot {
+            Some(Ok(UsageSlot(Some(u)))) => Some(u),
+            _ => None,
         }
-    }
-    None
+    })
+}
+
+/// What follows each `"usage":` key in `json`, the last first (among the
+/// last eight `"usage"` texts). A quote preceded by an odd number of
+/// backslashes is inside a string, and a `"usage"` without `:` after it is
+/// a value: neither is the key.
+fn usage_values_from_end(json: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut end = json.len();
+    let found = std::iter::from_fn(move || {
+        let at = USAGE_KEY_LAST.rfind(&json[..end])?;
+        end = at;
+        Some(at)
+    });
+    found.take(8).filter_map(move |at| {
+        let backslashes = json[..at].iter().rev().take_while(|&&b| b == b'\\').count();
+        if backslashes % 2 == 1 {
+            return None;
+        }
+        json[at + 7..].trim_ascii_start().strip_prefix(b":")
+    })
 }
 
 /// The counts of the `usage` object `json` starts with, read by hand in the
