@@ -24,6 +24,7 @@ use super::sse::{PrefixSlot, SseFilter};
 use super::transform::{self, Changes, EndpointKind, RequestBody};
 use super::upstream;
 use super::AppState;
+use crate::routing::table::USUAL_ENDPOINTS;
 use crate::routing::{KeyPick, RoutingTable};
 use crate::secret::constant_time_eq;
 use crate::usage::UsageRecord;
@@ -92,15 +93,7 @@ pub fn route(path: &str) -> Route<'_> {
 
 /// The endpoint as the usage row holds it: a shared name for the usual ones.
 fn usage_endpoint(endpoint: &str) -> Cow<'static, str> {
-    const USUAL: [&str; 6] = [
-        "chat/completions",
-        "completions",
-        "embeddings",
-        "responses",
-        "moderations",
-        "images/generations",
-    ];
-    match USUAL.into_iter().find(|e| *e == endpoint) {
+    match USUAL_ENDPOINTS.into_iter().find(|e| *e == endpoint) {
         Some(e) => Cow::Borrowed(e),
         None => Cow::Owned(endpoint.to_owned()),
     }

@@ -700,15 +700,20 @@ pub fn build_request(
     caller_headers: &HeaderMap,
     body: Bytes,
 ) -> Result<Request<Bytes>, http::Error> {
-    let mut url = String::with_capacity(client.cfg.base_url.len() + endpoint.len() + 2);
-    url.push_str(&client.cfg.base_url);
-    url.push('/');
-    url.push_str(endpoint);
-    if let Some(q) = query {
-        url.push('?');
-        url.push_str(q);
-    }
-    let uri: Uri = url.parse()?;
+    let uri = match (query, client.usual_uri(endpoint)) {
+        (None, Some(uri)) => uri.clone(),
+        _ => {
+            let mut url = String::with_capacity(client.cfg.base_url.len() + endpoint.len() + 2);
+            url.push_str(&client.cfg.base_url);
+            url.push('/');
+            url.push_str(endpoint);
+            if let Some(q) = query {
+                url.push('?');
+                url.push_str(q);
+            }
+            url.parse::<Uri>()?
+        }
+    };
     let mut req = Request::builder()
         .method(method.clone())
         .uri(uri)

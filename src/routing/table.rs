@@ -35,6 +35,9 @@ pub struct RoutingTable {
 #[derive(Debug)]
 pub struct ClientRoute {
     pub cfg: ClientConfig,
+    /// `{base_url}/{endpoint}` for each of [`USUAL_ENDPOINTS`], parsed once
+    /// per config generation instead of per request.
+    usual_uris: Vec<Option<http::Uri>>,
     /// `cfg.name`, shared by the usage rows and metric labels of every request.
     pub name: Arc<str>,
     pub keys: Vec<KeyRoute>,
@@ -43,7 +46,23 @@ pub struct ClientRoute {
     metrics: OnceLock<Arc<ClientMetrics>>,
 }
 
+/// The endpoints most requests go to.
+pub const USUAL_ENDPOINTS: [&str; 6] = [
+    "chat/completions",
+    "completions",
+    "embeddings",
+    "responses",
+    "moderations",
+    "images/generations",
+];
+
 impl ClientRoute {
+    /// The upstream URI of `endpoint` when it is one of [`USUAL_ENDPOINTS`].
+    pub fn usual_uri(&self, endpoint: &str) -> Option<&http::Uri> {
+        let i = USUAL_ENDPOINTS.iter().position(|e| *e == endpoint)?;
+        self.usual_uris.get(i)?.as_ref()
+    }
+
     pub fn metrics(&self, metrics: &Metrics) -> &Arc<ClientMetrics> {
         self.metrics
             .get_or_init(|| Arc::new(metrics.client(&self.name)))
@@ -108,8 +127,13 @@ impl RoutingTable {
                         }
                     })
                     .collect();
+                let usual_uris = USUAL_ENDPOINTS
+                    .iter()
+                    .map(|e| format!("{}/{e}", cfg.base_url).parse().ok())
+                    .collect();
                 ClientRoute {
                     cfg: cfg.clone(),
+                    usual_uris,
                     name: Arc::from(cfg.name.as_str()),
                     metrics: OnceLock::new(),
                     keys,
@@ -287,6 +311,18 @@ openai_clients:
     api_keys: [k1, k2, k1]
     model_match: { type: exact, value: [m] }
 "#;
+
+    /// The URIs parsed with the table are the ones a request would build.
+    #[test]
+    fn usual_endpoint_uris_are_parsed_once_and_match_the_built_ones() {
+        let t = table(&TWO_KEYS.replace("127.0.0.1:1", "127.0.0.1:1/openai/v1"));
+        let c = &t.clients[0];
+        for e in USUAL_ENDPOINTS {
+            let want: http::Uri = format!("http://127.0.0.1:1/openai/v1/{e}").parse().unwrap();
+            assert_eq!(c.usual_uri(e), Some(&want));
+        }
+        assert_eq!(c.usual_uri("audio/speech"), None);
+    }
 
     #[test]
     fn round_robin_rotates_and_skips_tried_and_cooling_keys() {
