@@ -195,7 +195,29 @@ async fn sigterm_under_load_drains_every_request_and_loses_no_usage_row() {
         eventually(Duration::from_secs(5), || up.count() >= 61).await,
         "all requests reached the upstream"
     );
+    // A keep-alive connection with nothing in flight.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut idle = tokio::net::TcpStream::connect(d.url("").trim_start_matches("http://"))
+        .await
+        .unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while !seen.ends_with(b"ok\n") {
+        let mut b = [0u8; 512];
+        let n = idle.read(&mut b).await.unwrap();
+        assert!(n > 0, "closed before answering");
+        seen.extend_from_slice(&b[..n]);
+    }
     d.signal(SIGTERM);
+    // Draining closes it at once, well before shutdown_grace.
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut rest))
+        .await
+        .expect("the idle connection is closed when draining starts")
+        .unwrap();
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
     tokio::time::sleep(Duration::from_millis(100)).await;
     gate.add_permits(5);
     let rest = read_all(stream.body_mut())

@@ -963,6 +963,153 @@ async fn conflicting_request_framing_gets_400_and_a_closed_connection() {
     );
 }
 
+/// Statuses of the responses in `answer`, in order.
+fn statuses(answer: &str) -> Vec<&str> {
+    answer
+        .match_indices("HTTP/1.")
+        .map(|(i, _)| &answer[i + 9..i + 12])
+        .collect()
+}
+
+#[tokio::test]
+async fn keep_alive_requests_are_answered_in_order_with_date_and_length() {
+    let up = MockUpstream::start("up").await;
+    let gw = Gateway::start(&config(&[one_client(&up, "")], "")).await;
+    let body = r#"{"model":"m","messages":[]}"#;
+    let one = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // Pipelined: a chat, the gateway's own /healthz (no upstream Date to
+    // pass on), a chat whose body arrives a byte at a time, and a chat
+    // asking to close.
+    let close = one.replace("Host: x", "Host: x\r\nConnection: close");
+    let health = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(format!("{one}{health}{}", &one[..one.len() - body.len()]).as_bytes())
+        .await
+        .unwrap();
+    for b in body.as_bytes() {
+        s.write_all(&[*b]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    s.write_all(close.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("closed after the request that asked for it")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&out).into_owned();
+    assert_eq!(
+        statuses(&answer),
+        vec!["200", "200", "200", "200"],
+        "{answer}"
+    );
+    let lower = answer.to_ascii_lowercase();
+    assert_eq!(lower.matches("\r\ndate: ").count(), 4, "{answer}");
+    assert_eq!(lower.matches("\r\ncontent-length: ").count(), 4, "{answer}");
+    assert!(lower.contains("\r\n\r\nok\nhttp/1.1 200"), "{answer}");
+    assert_eq!(lower.matches("\r\nx-request-id: ").count(), 4, "{answer}");
+    assert_eq!(
+        lower.matches("\r\nconnection: close").count(),
+        1,
+        "{answer}"
+    );
+    assert_eq!(up.count(), 3);
+    for r in up.requests() {
+        assert_eq!(r.body.as_ref(), body.as_bytes());
+    }
+}
+
+#[tokio::test]
+async fn a_connection_goes_on_after_a_request_the_fast_path_hands_over() {
+    let up = MockUpstream::start("up").await;
+    let gw = Gateway::start(&config(&[one_client(&up, "")], "")).await;
+    let body = r#"{"model":"m","messages":[]}"#;
+    let usual = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // A chunked body, then `Expect: 100-continue`: both served by hyper,
+    // on the connection the fast path started.
+    let chunked = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+        body.len()
+    );
+    let expect = usual.replace("Host: x", "Host: x\r\nExpect: 100-continue");
+    let last = usual.replace("Host: x", "Host: x\r\nConnection: close");
+    let answer = raw_exchange(
+        gw.addr,
+        format!("{usual}{chunked}{expect}{last}").as_bytes(),
+    )
+    .await;
+    let codes: Vec<&str> = statuses(&answer)
+        .into_iter()
+        .filter(|c| *c != "100")
+        .collect();
+    assert_eq!(codes, vec!["200", "200", "200", "200"], "{answer}");
+    assert_eq!(up.count(), 4);
+    for r in up.requests() {
+        assert_eq!(r.body.as_ref(), body.as_bytes());
+    }
+}
+
+#[tokio::test]
+async fn odd_requests_get_hypers_answers() {
+    let up = MockUpstream::start("up").await;
+    let gw = Gateway::start(&format!(
+        "server:\n  max_body_bytes: 1000\nusage:\n  enabled: false\nopenai_clients:\n{}",
+        one_client(&up, "")
+    ))
+    .await;
+    // HTTP/1.0: answered, then closed.
+    let answer = raw_exchange(gw.addr, b"GET /healthz HTTP/1.0\r\n\r\n").await;
+    assert!(
+        answer.contains(" 200 ") && answer.ends_with("ok\n"),
+        "{answer}"
+    );
+    // A head that is not HTTP: 400 and closed.
+    let answer = raw_exchange(gw.addr, b"NOT HTTP AT ALL\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // A declared body over max_body_bytes: 413 without reading it, and
+    // the connection closes (the unread body cannot be taken for a head).
+    let answer = raw_exchange(
+        gw.addr,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n{",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    // HEAD and other methods go to hyper and the router's answer.
+    let answer = raw_exchange(
+        gw.addr,
+        b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(!answer.ends_with("ok\n"), "no body for HEAD: {answer}");
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test]
+async fn a_large_body_arrives_whole() {
+    let up = MockUpstream::start("up").await;
+    let gw = Gateway::start(&config(&[one_client(&up, "")], "")).await;
+    let body = json!({"model": "m", "messages": [], "pad": "y".repeat(300_000)}).to_string();
+    let r = send(post_req(&gw.url("/v1/chat/completions"), body.clone(), &[])).await;
+    assert_eq!(r.status, 200);
+    let r = send(post_req(&gw.url("/v1/chat/completions"), body.clone(), &[])).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(up.count(), 2);
+    for r in up.requests() {
+        assert_eq!(r.body.as_ref(), body.as_bytes());
+    }
+}
+
 #[tokio::test]
 async fn h2c_prior_knowledge_is_served() {
     let up = MockUpstream::start("up").await;

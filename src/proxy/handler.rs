@@ -12,11 +12,10 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use super::api_error::{ApiError, X_REQUEST_ID};
 use super::attempt::{self, Outcome, UpstreamError};
-use super::body::ResponseBody;
+use super::body::{BoxError, ResponseBody};
 use super::endpoints;
 use super::relay::{Filter, JsonSniffer, PrefixBuffer, Relay};
 use super::report::Completion;
@@ -149,11 +148,29 @@ fn new_request_id() -> String {
     std::str::from_utf8(&id).unwrap_or_default().to_owned()
 }
 
+/// A request body as the handler reads it: hyper's `Incoming`, or the
+/// body the HTTP/1.1 fast path has already read (`fast::FastBody`).
+pub trait RequestBodyStream:
+    http_body::Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static
+{
+}
+
+impl<B> RequestBodyStream for B where
+    B: http_body::Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static
+{
+}
+
+/// The error a request body gives when the caller stopped sending it
+/// before `header_read_timeout` (a 408, where other body errors are 400).
+#[derive(Debug, thiserror::Error)]
+#[error("the request body stalled")]
+pub struct BodyStalled;
+
 /// The service function given to hyper for every request. `conflicting_framing`:
 /// the request had both `Content-Length` and `Transfer-Encoding` on the wire.
-pub async fn handle(
+pub async fn handle<B: RequestBodyStream>(
     state: Arc<AppState>,
-    req: Request<Incoming>,
+    req: Request<B>,
     conflicting_framing: bool,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let request_id = new_request_id();
@@ -173,9 +190,9 @@ pub async fn handle(
     Ok(resp)
 }
 
-async fn dispatch(
+async fn dispatch<B: RequestBodyStream>(
     state: &Arc<AppState>,
-    req: Request<Incoming>,
+    req: Request<B>,
     request_id: &str,
 ) -> Result<Response<ResponseBody>, ApiError> {
     let table = state.table.load_full();
@@ -255,8 +272,8 @@ fn authenticate(table: &RoutingTable, headers: &HeaderMap) -> Result<Option<Stri
 
 /// Reads the whole request body, within `max_body_bytes`; each chunk must
 /// arrive within `header_read_timeout` of the one before.
-async fn read_body(
-    body: Incoming,
+async fn read_body<B: RequestBodyStream>(
+    body: B,
     headers: &HeaderMap,
     limit: u64,
     gap: Duration,
@@ -283,9 +300,15 @@ async fn read_body(
             }
             Ok(None) => break,
             Ok(Some(Err(e))) => {
+                let e: BoxError = e.into();
+                if e.is::<BodyStalled>() {
+                    return Err(ApiError::RequestTimeout(format!(
+                        "the request body stalled for {gap:?}"
+                    )));
+                }
                 return Err(ApiError::InvalidRequest(format!(
                     "could not read the request body: {e}"
-                )))
+                )));
             }
             Ok(Some(Ok(frame))) => {
                 if let Ok(data) = frame.into_data() {
@@ -325,10 +348,10 @@ fn fail(mut done: Completion, e: ApiError, request_id: &str) -> Response<Respons
     resp
 }
 
-async fn proxy(
+async fn proxy<B: RequestBodyStream>(
     state: Arc<AppState>,
     table: Arc<RoutingTable>,
-    req: Request<Incoming>,
+    req: Request<B>,
     request_id: &str,
     caller: Option<String>,
     pinned: Option<usize>,
@@ -587,7 +610,17 @@ async fn try_client(
         )
         .map_err(|e| ApiError::InvalidRequest(format!("cannot build the upstream request: {e}")))?;
         let in_flight = key.health.begin();
-        match attempt::run(&state.upstream, up, policy, key, Instant::now()).await {
+        // Boxed: the attempt's future is most of a request's state, and
+        // every future that awaits it inline grows by its size and is
+        // moved (copied) whole at each level.
+        let attempt = Box::pin(attempt::run(
+            &state.upstream,
+            up,
+            policy,
+            key,
+            Instant::now(),
+        ));
+        match attempt.await {
             Outcome::FailOver(e) => {
                 state.metrics.attempt(&client.name, failover_label(&e));
                 tracing::warn!(

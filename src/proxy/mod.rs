@@ -7,6 +7,7 @@ pub mod api_error;
 pub mod attempt;
 pub mod body;
 pub mod endpoints;
+pub mod fast;
 pub mod framing;
 pub mod handler;
 mod peek_json;

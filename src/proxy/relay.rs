@@ -121,12 +121,13 @@ impl Relay {
         }
     }
 
+    /// Records the request's end, once: later calls do nothing.
     fn complete(&mut self, error: Option<String>) {
+        let Some(c) = self.completion.take() else {
+            return;
+        };
         let (usage, problem) = self.outcome();
-        let error = error.or(problem);
-        if let Some(c) = self.completion.take() {
-            c.finish(usage, error);
-        }
+        c.finish(usage, error.or(problem));
     }
 }
 

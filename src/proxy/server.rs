@@ -10,9 +10,10 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
+use super::fast;
 use super::framing::Watched;
 use super::handler;
 use super::upstream;
@@ -20,6 +21,8 @@ use super::AppState;
 
 /// Serves until `shutdown` resolves, then stops accepting and lets open
 /// requests finish for up to `server.shutdown_grace` before cutting them.
+/// Each connection starts on the HTTP/1.1 fast path (`fast.rs`) and goes
+/// to hyper when a request needs it.
 pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
     let server_cfg = state.table.load().config.server.clone();
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -32,7 +35,10 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(64 * 1024);
-    let graceful = GracefulShutdown::new();
+    let builder = Arc::new(builder);
+    // Every connection task holds a receiver: `true` asks it to finish its
+    // request and close, and the sender sees when the last one is gone.
+    let (draining_tx, draining_rx) = watch::channel(false);
     let _heartbeat = AbortOnDrop(tokio::spawn(timer_heartbeat()));
     // Beyond max_connections (across every worker), new connections wait
     // in the listen backlog.
@@ -60,29 +66,64 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
-        let (io, framing) = Watched::new(TokioIo::new(stream));
-        let service = service_fn(move |req| {
-            let conflicting = framing.next_request_conflicts();
-            handler::handle(state.clone(), req, conflicting)
-        });
-        let conn = builder.serve_connection(io, service);
-        let conn = graceful.watch(conn.into_owned());
+        let builder = builder.clone();
+        let draining = draining_rx.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
+            serve_connection(stream, state, &builder, draining).await;
             drop(permit);
         });
     }
     drop(listener);
+    drop(draining_rx);
+    let _ = draining_tx.send(true);
     let grace = state.table.load().config.server.shutdown_grace;
-    tracing::info!(open_connections = graceful.count(), ?grace, "draining");
-    if tokio::time::timeout(grace, graceful.shutdown())
+    tracing::info!(
+        open_connections = draining_tx.receiver_count(),
+        ?grace,
+        "draining"
+    );
+    if tokio::time::timeout(grace, draining_tx.closed())
         .await
         .is_err()
     {
         tracing::warn!("shutdown_grace elapsed; cutting the remaining connections");
     }
+}
+
+/// One connection: the fast path first, then hyper if a request needs it.
+async fn serve_connection(
+    stream: TcpStream,
+    state: Arc<AppState>,
+    builder: &auto::Builder<TokioExecutor>,
+    mut draining: watch::Receiver<bool>,
+) {
+    let io = match fast::serve(stream, state.clone(), draining.clone()).await {
+        fast::Exit::Closed => return,
+        fast::Exit::HandOff(io) => io,
+    };
+    let (io, framing) = Watched::new(TokioIo::new(io));
+    let service = service_fn(move |req| {
+        let conflicting = framing.next_request_conflicts();
+        handler::handle(state.clone(), req, conflicting)
+    });
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let ended = tokio::select! {
+        ended = conn.as_mut() => ended,
+        _ = drained(&mut draining) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// Resolves once the server drains (or is gone). The guard `wait_for`
+/// returns is not held across an await: it is not `Send`.
+pub(crate) async fn drained(draining: &mut watch::Receiver<bool>) {
+    let _ = draining.wait_for(|d| *d).await;
 }
 
 /// Keeps this runtime's timer driver waking at least once a second. Arming

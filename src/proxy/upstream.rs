@@ -90,65 +90,79 @@ impl UpstreamClients {
         if !key.https {
             return send_plain(connect_timeout, req, key).await;
         }
-        let body = req.body().clone();
-        let mut req = req.map(Full::new);
-        loop {
-            let (pooled, host) = POOL.with(|p| p.borrow_mut().take(&key));
-            let (sender, reused) = match pooled {
-                Some(s) => (s, true),
-                // Boxed: the handshake futures are large and rarely
-                // needed, and every in-flight request would carry their
-                // size inline.
-                None => (
-                    Box::pin(connect(connector(connect_timeout), &uri, &key)).await?,
-                    false,
-                ),
-            };
-            let sent = match sender {
-                Sender::H1(mut s) => {
-                    if let Err(e) = s.ready().await {
-                        if reused {
-                            continue;
-                        }
-                        return Err(e.into());
+        // Boxed: the TLS path's future is large, and inline it would make
+        // every plain-HTTP request's future (and each one awaiting it) as
+        // large, to be moved whole at every level.
+        Box::pin(send_tls(connect_timeout, req, uri, key)).await
+    }
+}
+
+/// Sends over TLS (HTTP/1.1 or HTTP/2, by ALPN) with hyper's client
+/// connections; the pooling and resending rules are `send`'s.
+async fn send_tls(
+    connect_timeout: Duration,
+    req: Request<Bytes>,
+    uri: Uri,
+    key: PoolKey,
+) -> Result<Response<UpstreamBody>, SendError> {
+    let body = req.body().clone();
+    let mut req = req.map(Full::new);
+    loop {
+        let (pooled, host) = POOL.with(|p| p.borrow_mut().take(&key));
+        let (sender, reused) = match pooled {
+            Some(s) => (s, true),
+            // Boxed: the handshake futures are large and rarely
+            // needed, and every in-flight request would carry their
+            // size inline.
+            None => (
+                Box::pin(connect(connector(connect_timeout), &uri, &key)).await?,
+                false,
+            ),
+        };
+        let sent = match sender {
+            Sender::H1(mut s) => {
+                if let Err(e) = s.ready().await {
+                    if reused {
+                        continue;
                     }
-                    if let Some(host) = host {
-                        req.headers_mut().entry(header::HOST).or_insert(host);
-                    }
-                    origin_form(req.uri_mut());
-                    match s.try_send_request(req).await {
-                        Ok(resp) => {
-                            let release = Release {
-                                key: key.clone(),
-                                sender: s,
-                            };
-                            return Ok(resp.map(|b| UpstreamBody::hyper(b, Some(release))));
-                        }
-                        Err(e) => e,
-                    }
+                    return Err(e.into());
                 }
-                Sender::H2(mut s) => {
-                    if let Err(e) = s.ready().await {
-                        if reused {
-                            continue;
-                        }
-                        return Err(e.into());
-                    }
-                    match s.try_send_request(req).await {
-                        Ok(resp) => return Ok(resp.map(|b| UpstreamBody::hyper(b, None))),
-                        Err(e) => e,
-                    }
+                if let Some(host) = host {
+                    req.headers_mut().entry(header::HOST).or_insert(host);
                 }
-            };
-            let mut failed = sent;
-            match failed.take_message() {
-                Some(unsent) if reused => {
-                    let (mut parts, _) = unsent.into_parts();
-                    parts.uri = uri.clone();
-                    req = Request::from_parts(parts, Full::new(body.clone()));
+                origin_form(req.uri_mut());
+                match s.try_send_request(req).await {
+                    Ok(resp) => {
+                        let release = Release {
+                            key: key.clone(),
+                            sender: s,
+                        };
+                        return Ok(resp.map(|b| UpstreamBody::hyper(b, Some(release))));
+                    }
+                    Err(e) => e,
                 }
-                _ => return Err(failed.into_error().into()),
             }
+            Sender::H2(mut s) => {
+                if let Err(e) = s.ready().await {
+                    if reused {
+                        continue;
+                    }
+                    return Err(e.into());
+                }
+                match s.try_send_request(req).await {
+                    Ok(resp) => return Ok(resp.map(|b| UpstreamBody::hyper(b, None))),
+                    Err(e) => e,
+                }
+            }
+        };
+        let mut failed = sent;
+        match failed.take_message() {
+            Some(unsent) if reused => {
+                let (mut parts, _) = unsent.into_parts();
+                parts.uri = uri.clone();
+                req = Request::from_parts(parts, Full::new(body.clone()));
+            }
+            _ => return Err(failed.into_error().into()),
         }
     }
 }
@@ -173,7 +187,9 @@ async fn send_plain(
         let reused = pooled.is_some();
         let mut conn = match pooled {
             Some(c) => c,
-            None => plain::Conn::connect(&key.authority, connect_timeout).await?,
+            // Boxed: only new connections need it, and inline it would
+            // be the largest part of every request's future.
+            None => Box::pin(plain::Conn::connect(&key.authority, connect_timeout)).await?,
         };
         match conn.write_request(&req, host.as_ref()).await {
             Ok(Written::Whole) => {}

@@ -1,0 +1,633 @@
+//! The HTTP/1.1 fast path: the usual request served on a read/write loop of
+//! its own, without hyper's per-request machinery.
+//!
+//! The usual request is a GET or POST in HTTP/1.1, in origin form, with a
+//! `Content-Length` body or none, and no `Transfer-Encoding`, `Expect` or
+//! `Upgrade`: what the OpenAI SDKs send. Anything else (HTTP/2's preface,
+//! HTTP/1.0, chunked or conflicting framing, other methods, a head over
+//! 64 KiB or over 100 headers, anything httparse refuses) hands the
+//! connection, with the bytes already read and not yet used, to hyper for
+//! the rest of its life; hyper's answers to odd requests stay the answers.
+//!
+//! Semantics kept from hyper's server: the head must arrive within
+//! `header_read_timeout` of its first byte (else the connection closes
+//! without an answer); requests on a connection are answered in order;
+//! a response carries `Date`; its body is framed by its `Content-Length`,
+//! else by its exact size, else chunked; a connection closes after a
+//! `Connection: close` request, a body not read to its end, a response
+//! body that failed, or once the server is draining.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::body::ResponseBody;
+use super::handler::{self, BodyStalled};
+use super::AppState;
+
+/// Longest head the fast path reads; a longer one goes to hyper, which
+/// answers 431 for it.
+const MAX_HEAD: usize = 64 * 1024;
+/// Most headers the fast path parses; more go to hyper.
+const MAX_HEADERS: usize = 100;
+/// Room kept free in the read buffer before each read.
+const READ_ROOM: usize = 4 * 1024;
+/// Response bytes gathered before a write; a larger data frame is written
+/// on its own, not copied.
+const GATHER: usize = 16 * 1024;
+
+/// How a connection left the fast path.
+pub enum Exit {
+    /// Closed, or to be closed: nothing more to do.
+    Closed,
+    /// A request the fast path does not serve: hyper takes the connection,
+    /// starting with these bytes.
+    HandOff(Prefixed),
+}
+
+/// Serves requests on `io` until the connection ends, the server drains
+/// (`draining` turns true), or a request needs hyper.
+pub async fn serve(
+    io: TcpStream,
+    state: Arc<AppState>,
+    mut draining: watch::Receiver<bool>,
+) -> Exit {
+    let mut conn = Conn {
+        io,
+        buf: BytesMut::with_capacity(READ_ROOM),
+        out: Vec::with_capacity(1024),
+    };
+    loop {
+        let head_timeout = state.table.load().config.server.header_read_timeout;
+        let head = match conn.read_head(head_timeout, &mut draining).await {
+            HeadRead::Head(h) => h,
+            HeadRead::Closed => return Exit::Closed,
+            HeadRead::HandOff => {
+                return Exit::HandOff(Prefixed {
+                    prefix: conn.buf.freeze(),
+                    io: conn.io,
+                })
+            }
+        };
+        let (limit, gap) = {
+            let table = state.table.load();
+            let server = &table.config.server;
+            (server.max_body_bytes, server.header_read_timeout)
+        };
+        let mut keep_alive = head.keep_alive;
+        let body = match head.length {
+            0 => FastBody::Full(None),
+            n if n > limit => {
+                // Refused from its Content-Length alone; the body is never
+                // read, so the connection cannot carry another request.
+                keep_alive = false;
+                FastBody::Full(None)
+            }
+            n => match conn.read_body(n, gap).await {
+                Some(b) => FastBody::Full(Some(b)),
+                None => {
+                    keep_alive = false;
+                    FastBody::Stalled
+                }
+            },
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = head.method;
+        *req.uri_mut() = head.uri;
+        *req.headers_mut() = head.headers;
+        // While the answer is being made, the connection is watched: a
+        // caller that goes away cancels the request (and its upstream one).
+        let resp = tokio::select! {
+            resp = handler::handle(state.clone(), req, false) => match resp {
+                Ok(resp) => resp,
+                Err(never) => match never {},
+            },
+            () = conn.gone() => return Exit::Closed,
+        };
+        keep_alive &= !*draining.borrow();
+        if !conn.write_response(resp, keep_alive).await {
+            return Exit::Closed;
+        }
+    }
+}
+
+/// A parsed request head the fast path serves.
+struct Head {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    /// Body length (0 when there is none).
+    length: u64,
+    keep_alive: bool,
+}
+
+// Returned once per request and unpacked at once: boxing the head
+// would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
+enum HeadRead {
+    Head(Head),
+    Closed,
+    HandOff,
+}
+
+// Returned once per request and unpacked at once: boxing the head
+// would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
+enum Parsed {
+    Partial,
+    HandOff,
+    Head(Head, usize),
+}
+
+struct Conn {
+    io: TcpStream,
+    /// Bytes read and not yet used.
+    buf: BytesMut,
+    /// The response being gathered for one write.
+    out: Vec<u8>,
+}
+
+impl Conn {
+    /// Reads until a whole head is buffered. Waiting for a new request
+    /// ends when the server drains; once a head has begun, it must finish
+    /// within `timeout`.
+    async fn read_head(
+        &mut self,
+        timeout: Duration,
+        draining: &mut watch::Receiver<bool>,
+    ) -> HeadRead {
+        let mut deadline = None;
+        loop {
+            if !self.buf.is_empty() {
+                match parse(&self.buf) {
+                    Parsed::Head(head, len) => {
+                        self.buf.advance(len);
+                        return HeadRead::Head(head);
+                    }
+                    Parsed::HandOff => return HeadRead::HandOff,
+                    Parsed::Partial if self.buf.len() >= MAX_HEAD => return HeadRead::HandOff,
+                    Parsed::Partial => {}
+                }
+            }
+            self.make_room();
+            let read = if self.buf.is_empty() {
+                if *draining.borrow() {
+                    return HeadRead::Closed;
+                }
+                tokio::select! {
+                    r = self.io.read_buf(&mut self.buf) => r,
+                    _ = super::server::drained(draining) => return HeadRead::Closed,
+                }
+            } else {
+                let at = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
+                match tokio::time::timeout_at(at, self.io.read_buf(&mut self.buf)).await {
+                    Ok(r) => r,
+                    Err(_) => return HeadRead::Closed,
+                }
+            };
+            match read {
+                Ok(0) | Err(_) => return HeadRead::Closed,
+                Ok(_) => {
+                    if deadline.is_none() {
+                        deadline = Some(tokio::time::Instant::now() + timeout);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Resolves when the caller closes the connection. Bytes it sends
+    /// meanwhile (a pipelined request) are kept, up to `MAX_HEAD`.
+    async fn gone(&mut self) {
+        loop {
+            if self.buf.len() >= MAX_HEAD {
+                return std::future::pending().await;
+            }
+            self.make_room();
+            match self.io.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Reads a `length`-byte body; each read must come within `gap` of
+    /// the one before. `None` when the caller stalled or went away.
+    async fn read_body(&mut self, length: u64, gap: Duration) -> Option<Bytes> {
+        let length = usize::try_from(length).ok()?;
+        if self.buf.len() >= length {
+            // Copied out, so the read buffer stays this connection's alone
+            // and is reused in place for the next request.
+            let body = Bytes::copy_from_slice(&self.buf[..length]);
+            self.buf.advance(length);
+            return Some(body);
+        }
+        let mut body = BytesMut::with_capacity(length);
+        body.extend_from_slice(&self.buf);
+        self.buf.clear();
+        while body.len() < length {
+            match tokio::time::timeout(gap, self.io.read_buf(&mut body)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return None,
+            }
+        }
+        // The read may have taken bytes of the next request: they go back
+        // to the read buffer.
+        if body.len() > length {
+            self.buf.extend_from_slice(&body[length..]);
+            body.truncate(length);
+        }
+        Some(body.freeze())
+    }
+
+    /// Keeps `READ_ROOM` free at the end of the read buffer, moving what
+    /// is left to the front when the buffer is this connection's alone.
+    fn make_room(&mut self) {
+        if self.buf.capacity() - self.buf.len() < READ_ROOM / 2 {
+            self.buf.reserve(READ_ROOM);
+        }
+    }
+
+    /// Writes `resp`; true when the connection can take another request.
+    async fn write_response(
+        &mut self,
+        resp: http::Response<ResponseBody>,
+        keep_alive: bool,
+    ) -> bool {
+        let (parts, body) = resp.into_parts();
+        let status = parts.status;
+        let mut keep_alive = keep_alive;
+        let out = &mut self.out;
+        out.clear();
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\n");
+        let mut length: Option<u64> = None;
+        let mut has_date = false;
+        for (name, value) in &parts.headers {
+            if name == header::CONTENT_LENGTH {
+                length = std::str::from_utf8(value.as_bytes())
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok());
+                if length.is_none() {
+                    continue;
+                }
+            } else if name == header::TRANSFER_ENCODING {
+                continue;
+            } else if name == header::CONNECTION {
+                if value.as_bytes().eq_ignore_ascii_case(b"close") {
+                    keep_alive = false;
+                }
+                continue;
+            } else if name == header::DATE {
+                has_date = true;
+            }
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        if !has_date {
+            out.extend_from_slice(b"date: ");
+            DATE.with(|d| out.extend_from_slice(d.borrow_mut().now()));
+            out.extend_from_slice(b"\r\n");
+        }
+        let bodiless = status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+            || status.is_informational();
+        let chunked = !bodiless && length.is_none() && body.size_hint().exact().is_none();
+        if !bodiless && length.is_none() {
+            if let Some(n) = body.size_hint().exact() {
+                length = Some(n);
+                write_header_u64(out, b"content-length: ", n);
+            } else {
+                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+            }
+        }
+        if !keep_alive {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        if bodiless {
+            return self.flush().await.is_ok() && keep_alive;
+        }
+        let mut body = body;
+        let mut sent: u64 = 0;
+        loop {
+            let step = poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
+                Poll::Pending if !self.out.is_empty() => Poll::Ready(Step::Flush),
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(None) => Poll::Ready(Step::End),
+                Poll::Ready(Some(Err(_))) => Poll::Ready(Step::Failed),
+                Poll::Ready(Some(Ok(frame))) => Poll::Ready(Step::Frame(frame)),
+            })
+            .await;
+            match step {
+                Step::Flush => {
+                    if self.flush().await.is_err() {
+                        return false;
+                    }
+                }
+                Step::Frame(frame) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    sent += data.len() as u64;
+                    if length.is_some_and(|n| sent > n) {
+                        // More than the declared length: never sent.
+                        let _ = self.flush().await;
+                        return false;
+                    }
+                    if chunked {
+                        write_chunk_size(&mut self.out, data.len());
+                    }
+                    if data.len() > GATHER {
+                        if self.flush().await.is_err() || self.io.write_all(&data).await.is_err() {
+                            return false;
+                        }
+                    } else {
+                        self.out.extend_from_slice(&data);
+                    }
+                    if chunked {
+                        self.out.extend_from_slice(b"\r\n");
+                    }
+                    if length == Some(sent) {
+                        // All the declared bytes: done, as hyper would be,
+                        // without polling the body for its end.
+                        return self.flush().await.is_ok() && keep_alive;
+                    }
+                }
+                Step::Failed => {
+                    // Cut: the caller sees a body that ends early (no
+                    // last chunk, or short of its length) and a close.
+                    let _ = self.flush().await;
+                    return false;
+                }
+                Step::End => {
+                    if chunked {
+                        self.out.extend_from_slice(b"0\r\n\r\n");
+                    }
+                    let whole = length.is_none_or(|n| sent == n);
+                    return self.flush().await.is_ok() && whole && keep_alive;
+                }
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        if !self.out.is_empty() {
+            self.io.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+}
+
+enum Step {
+    Flush,
+    Frame(Frame<Bytes>),
+    Failed,
+    End,
+}
+
+fn write_header_u64(out: &mut Vec<u8>, name: &[u8], n: u64) {
+    out.extend_from_slice(name);
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn write_chunk_size(out: &mut Vec<u8>, n: usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = HEX[n & 15];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Parses the head at the start of `buf`, deciding whether the fast path
+/// serves it.
+fn parse(buf: &[u8]) -> Parsed {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut slots);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::HandOff,
+    };
+    if req.version != Some(1) {
+        return Parsed::HandOff;
+    }
+    let method = match req.method {
+        Some("POST") => Method::POST,
+        Some("GET") => Method::GET,
+        _ => return Parsed::HandOff,
+    };
+    let path = req.path.unwrap_or("");
+    if !path.starts_with('/') {
+        return Parsed::HandOff;
+    }
+    let Ok(uri) = Uri::from_maybe_shared(Bytes::copy_from_slice(path.as_bytes())) else {
+        return Parsed::HandOff;
+    };
+    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    let mut length: Option<u64> = None;
+    let mut keep_alive = true;
+    for h in req.headers.iter() {
+        let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
+            return Parsed::HandOff;
+        };
+        if name == header::TRANSFER_ENCODING || name == header::EXPECT || name == header::UPGRADE {
+            return Parsed::HandOff;
+        }
+        if name == header::CONTENT_LENGTH {
+            let v = h.value;
+            if length.is_some() || v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit)
+            {
+                return Parsed::HandOff;
+            }
+            length = Some(v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')));
+        } else if name == header::CONNECTION {
+            for token in h.value.split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    keep_alive = false;
+                } else if token.eq_ignore_ascii_case(b"upgrade") {
+                    return Parsed::HandOff;
+                }
+            }
+        }
+        let Ok(value) = HeaderValue::from_bytes(h.value) else {
+            return Parsed::HandOff;
+        };
+        headers.append(name, value);
+    }
+    Parsed::Head(
+        Head {
+            method,
+            uri,
+            headers,
+            length: length.unwrap_or(0),
+            keep_alive,
+        },
+        len,
+    )
+}
+
+/// A request body the fast path has read (or given up on).
+pub enum FastBody {
+    Full(Option<Bytes>),
+    /// The caller stopped sending it: reading it fails with `BodyStalled`.
+    Stalled,
+}
+
+impl Body for FastBody {
+    type Data = Bytes;
+    type Error = BodyStalled;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyStalled>>> {
+        Poll::Ready(match self.get_mut() {
+            FastBody::Full(b) => b.take().map(|b| Ok(Frame::data(b))),
+            FastBody::Stalled => Some(Err(BodyStalled)),
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, FastBody::Full(None))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            FastBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            FastBody::Stalled => SizeHint::default(),
+        }
+    }
+}
+
+/// A connection handed to hyper: the bytes the fast path read but did not
+/// use come first.
+pub struct Prefixed {
+    prefix: Bytes,
+    io: TcpStream,
+}
+
+impl Prefixed {
+    /// A connection nothing has been read from yet.
+    pub fn new(io: TcpStream) -> Prefixed {
+        Prefixed {
+            prefix: Bytes::new(),
+            io,
+        }
+    }
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+thread_local! {
+    static DATE: std::cell::RefCell<DateCache> = const {
+        std::cell::RefCell::new(DateCache { second: u64::MAX, text: [0; 29] })
+    };
+}
+
+/// The `Date` value, formatted once a second per thread.
+struct DateCache {
+    second: u64,
+    text: [u8; 29],
+}
+
+impl DateCache {
+    fn now(&mut self) -> &[u8] {
+        let now = SystemTime::now();
+        let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if second != self.second {
+            let text = httpdate::fmt_http_date(now);
+            if text.len() == self.text.len() {
+                self.text.copy_from_slice(text.as_bytes());
+                self.second = second;
+            }
+        }
+        &self.text
+    }
+}
