@@ -108,6 +108,8 @@ pub async fn serve(
         // While the answer is being made, the connection is watched: a
         // caller that goes away cancels the request (and its upstream one).
         let resp = tokio::select! {
+            // In order: no random draw per request.
+            biased;
             resp = handler::handle(state.clone(), req, false) => match resp {
                 Ok(resp) => resp,
                 Err(never) => match never {},
@@ -185,6 +187,7 @@ impl Conn {
                     return HeadRead::Closed;
                 }
                 tokio::select! {
+                    biased;
                     r = self.io.read_buf(&mut self.buf) => r,
                     _ = super::server::drained(draining) => return HeadRead::Closed,
                 }
@@ -440,7 +443,9 @@ fn write_chunk_size(out: &mut Vec<u8>, n: usize) {
 }
 
 /// Parses the head at the start of `buf`, deciding whether the fast path
-/// serves it.
+/// serves it. The head is copied once; the path and header values are
+/// slices of that copy (one allocation, not one per header), and the read
+/// buffer is not shared with them.
 fn parse(buf: &[u8]) -> Parsed {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut slots);
@@ -461,7 +466,13 @@ fn parse(buf: &[u8]) -> Parsed {
     if !path.starts_with('/') {
         return Parsed::HandOff;
     }
-    let Ok(uri) = Uri::from_maybe_shared(Bytes::copy_from_slice(path.as_bytes())) else {
+    let head = Bytes::copy_from_slice(&buf[..len]);
+    let base = buf.as_ptr() as usize;
+    let slice = |part: &[u8]| {
+        let at = part.as_ptr() as usize - base;
+        head.slice(at..at + part.len())
+    };
+    let Ok(uri) = Uri::from_maybe_shared(slice(path.as_bytes())) else {
         return Parsed::HandOff;
     };
     let mut headers = HeaderMap::with_capacity(req.headers.len());
@@ -491,7 +502,7 @@ fn parse(buf: &[u8]) -> Parsed {
                 }
             }
         }
-        let Ok(value) = HeaderValue::from_bytes(h.value) else {
+        let Ok(value) = HeaderValue::from_maybe_shared(slice(h.value)) else {
             return Parsed::HandOff;
         };
         headers.append(name, value);
