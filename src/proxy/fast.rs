@@ -42,6 +42,8 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 /// Room kept free in the read buffer before each read.
 const READ_ROOM: usize = 4 * 1024;
+/// Largest piece of a request body read at once.
+const BODY_CHUNK: usize = 64 * 1024;
 /// Response bytes gathered before a write; a larger data frame is written
 /// on its own, not copied.
 const GATHER: usize = 16 * 1024;
@@ -235,20 +237,21 @@ impl Conn {
             self.buf.advance(length);
             return Some(body);
         }
-        let mut body = BytesMut::with_capacity(length);
+        // Grown as the bytes come, not allocated whole from the declared
+        // length: a caller declaring max_body_bytes and sending nothing
+        // holds no more than a chunk.
+        let mut body = BytesMut::with_capacity(length.min(BODY_CHUNK));
         body.extend_from_slice(&self.buf);
         self.buf.clear();
         while body.len() < length {
-            match tokio::time::timeout(gap, self.io.read_buf(&mut body)).await {
+            let want = (length - body.len()).min(BODY_CHUNK);
+            body.reserve(want);
+            // Never past the body: what follows is the next request's.
+            let mut limited = (&mut self.io).take(want as u64);
+            match tokio::time::timeout(gap, limited.read_buf(&mut body)).await {
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return None,
             }
-        }
-        // The read may have taken bytes of the next request: they go back
-        // to the read buffer.
-        if body.len() > length {
-            self.buf.extend_from_slice(&body[length..]);
-            body.truncate(length);
         }
         Some(body.freeze())
     }
