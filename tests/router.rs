@@ -795,6 +795,37 @@ async fn an_idle_stream_is_aborted_after_idle_timeout() {
 }
 
 #[tokio::test]
+async fn a_caller_that_leaves_a_quiet_stream_cancels_it_without_waiting_for_a_chunk() {
+    let up = MockUpstream::start("up").await;
+    let gate = Arc::new(Semaphore::new(0));
+    up.push(Reply::Sse {
+        events: vec![chat_chunk("first"), chat_chunk("second"), DONE.to_owned()],
+        gate: Some(gate.clone()),
+        abort_at_end: false,
+    });
+    let gw = Gateway::start(&config(&[one_client(&up, "")], "")).await;
+    let mut resp = gw.stream("m").await;
+    next_chunk(resp.body_mut()).await.unwrap().unwrap();
+    drop(resp);
+    // The upstream says nothing more for a while: the gateway must see the
+    // caller leave from the connection itself, not from a failed write.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // One more event: it can only fail to send if the gateway had already
+    // dropped the upstream request (relayed to the closed caller, one
+    // write would still succeed and the mock would wait for the next).
+    gate.add_permits(1);
+    let st = up.state.clone();
+    assert!(
+        eventually(Duration::from_secs(5), || st
+            .cancelled_streams
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 1)
+        .await,
+        "the upstream stream was cancelled"
+    );
+}
+
+#[tokio::test]
 async fn a_caller_that_goes_away_cancels_the_upstream_request() {
     let up = MockUpstream::start("up").await;
     let gate = Arc::new(Semaphore::new(0));

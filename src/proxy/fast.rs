@@ -32,7 +32,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::body::ResponseBody;
-use super::handler::{self, BodyStalled};
+use super::handler::{self, BodyCut};
 use super::AppState;
 
 /// Longest head the fast path reads; a longer one goes to hyper, which
@@ -93,7 +93,7 @@ pub async fn serve(
                 // Refused from its Content-Length alone; the body is never
                 // read, so the connection cannot carry another request.
                 keep_alive = false;
-                FastBody::Full(None)
+                FastBody::TooLarge
             }
             n => match conn.read_body(n, gap).await {
                 Some(b) => FastBody::Full(Some(b)),
@@ -211,19 +211,31 @@ impl Conn {
         }
     }
 
-    /// Resolves when the caller closes the connection. Bytes it sends
-    /// meanwhile (a pipelined request) are kept, up to `MAX_HEAD`.
+    /// Resolves when the caller closes the connection.
     async fn gone(&mut self) {
-        loop {
-            if self.buf.len() >= MAX_HEAD {
-                return std::future::pending().await;
+        poll_fn(|cx| self.poll_gone(cx)).await
+    }
+
+    /// Ready when the caller has closed the connection. Bytes it sends
+    /// meanwhile are kept; once some are (a pipelined request), a close is
+    /// no longer taken for leaving: it may be a half-close after the last
+    /// request, as hyper allows.
+    fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        while self.buf.is_empty() {
+            match self.io.poll_read_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(())) => {}
             }
             self.make_room();
-            match self.io.read_buf(&mut self.buf).await {
-                Ok(0) | Err(_) => return,
+            match self.io.try_read_buf(&mut self.buf) {
+                Ok(0) => return Poll::Ready(()),
                 Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return Poll::Ready(()),
             }
         }
+        Poll::Pending
     }
 
     /// Reads a `length`-byte body; each read must come within `gap` of
@@ -334,13 +346,19 @@ impl Conn {
         loop {
             let step = poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
                 Poll::Pending if !self.out.is_empty() => Poll::Ready(Step::Flush),
-                Poll::Pending => Poll::Pending,
+                // Nothing to write: meanwhile, a caller that leaves
+                // cancels the response (and its upstream request).
+                Poll::Pending => match self.poll_gone(cx) {
+                    Poll::Ready(()) => Poll::Ready(Step::Gone),
+                    Poll::Pending => Poll::Pending,
+                },
                 Poll::Ready(None) => Poll::Ready(Step::End),
                 Poll::Ready(Some(Err(_))) => Poll::Ready(Step::Failed),
                 Poll::Ready(Some(Ok(frame))) => Poll::Ready(Step::Frame(frame)),
             })
             .await;
             match step {
+                Step::Gone => return false,
                 Step::Flush => {
                     if self.flush().await.is_err() {
                         return false;
@@ -368,6 +386,9 @@ impl Conn {
                         }
                     } else {
                         self.out.extend_from_slice(&data);
+                        if self.out.len() >= GATHER && self.flush().await.is_err() {
+                            return false;
+                        }
                     }
                     if chunked {
                         self.out.extend_from_slice(b"\r\n");
@@ -399,6 +420,9 @@ impl Conn {
         if !self.out.is_empty() {
             self.io.write_all(&self.out).await?;
             self.out.clear();
+            if self.out.capacity() > 4 * GATHER {
+                self.out.shrink_to(GATHER);
+            }
         }
         Ok(())
     }
@@ -406,6 +430,7 @@ impl Conn {
 
 enum Step {
     Flush,
+    Gone,
     Frame(Frame<Bytes>),
     Failed,
     End,
@@ -527,19 +552,22 @@ pub enum FastBody {
     Full(Option<Bytes>),
     /// The caller stopped sending it: reading it fails with `BodyStalled`.
     Stalled,
+    /// Its Content-Length is over `max_body_bytes`; it was not read.
+    TooLarge,
 }
 
 impl Body for FastBody {
     type Data = Bytes;
-    type Error = BodyStalled;
+    type Error = BodyCut;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyStalled>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyCut>>> {
         Poll::Ready(match self.get_mut() {
             FastBody::Full(b) => b.take().map(|b| Ok(Frame::data(b))),
-            FastBody::Stalled => Some(Err(BodyStalled)),
+            FastBody::Stalled => Some(Err(BodyCut::Stalled)),
+            FastBody::TooLarge => Some(Err(BodyCut::TooLarge)),
         })
     }
 
@@ -550,7 +578,7 @@ impl Body for FastBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             FastBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            FastBody::Stalled => SizeHint::default(),
+            FastBody::Stalled | FastBody::TooLarge => SizeHint::default(),
         }
     }
 }

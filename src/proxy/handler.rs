@@ -160,11 +160,16 @@ impl<B> RequestBodyStream for B where
 {
 }
 
-/// The error a request body gives when the caller stopped sending it
-/// before `header_read_timeout` (a 408, where other body errors are 400).
+/// Why the fast path gives no request body: the caller stopped sending it
+/// for `header_read_timeout` (408), or its Content-Length is over
+/// `max_body_bytes` (413). Other body errors are 400.
 #[derive(Debug, thiserror::Error)]
-#[error("the request body stalled")]
-pub struct BodyStalled;
+pub enum BodyCut {
+    #[error("the request body stalled")]
+    Stalled,
+    #[error("the request body is too large")]
+    TooLarge,
+}
 
 /// The service function given to hyper for every request. `conflicting_framing`:
 /// the request had both `Content-Length` and `Transfer-Encoding` on the wire.
@@ -301,10 +306,14 @@ async fn read_body<B: RequestBodyStream>(
             Ok(None) => break,
             Ok(Some(Err(e))) => {
                 let e: BoxError = e.into();
-                if e.is::<BodyStalled>() {
-                    return Err(ApiError::RequestTimeout(format!(
-                        "the request body stalled for {gap:?}"
-                    )));
+                match e.downcast_ref::<BodyCut>() {
+                    Some(BodyCut::Stalled) => {
+                        return Err(ApiError::RequestTimeout(format!(
+                            "the request body stalled for {gap:?}"
+                        )))
+                    }
+                    Some(BodyCut::TooLarge) => return Err(ApiError::TooLarge { limit }),
+                    None => {}
                 }
                 return Err(ApiError::InvalidRequest(format!(
                     "could not read the request body: {e}"

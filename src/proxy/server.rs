@@ -109,6 +109,9 @@ async fn serve_connection(
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
     let ended = tokio::select! {
+        // The connection first: a request it has already read is served
+        // before a drain that began meanwhile stops it.
+        biased;
         ended = conn.as_mut() => ended,
         _ = drained(&mut draining) => {
             conn.as_mut().graceful_shutdown();
