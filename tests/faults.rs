@@ -358,14 +358,7 @@ async fn a_caller_that_leaves_mid_stream_gets_a_row_saying_so() {
     next_chunk(resp.body_mut()).await.unwrap().unwrap();
     drop(resp);
     gate.add_permits(100);
-    let st = up.state.clone();
-    assert!(
-        eventually(Duration::from_secs(5), || st
-            .cancelled_streams
-            .load(std::sync::atomic::Ordering::SeqCst)
-            == 1)
-        .await
-    );
+    assert!(eventually(Duration::from_secs(5), || up.cancelled_streams() == 1).await);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let dir = gw.stop().await;
     let rows = row_errors(dir.path());

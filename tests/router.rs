@@ -814,13 +814,8 @@ async fn a_caller_that_leaves_a_quiet_stream_cancels_it_without_waiting_for_a_ch
     // dropped the upstream request (relayed to the closed caller, one
     // write would still succeed and the mock would wait for the next).
     gate.add_permits(1);
-    let st = up.state.clone();
     assert!(
-        eventually(Duration::from_secs(5), || st
-            .cancelled_streams
-            .load(std::sync::atomic::Ordering::SeqCst)
-            == 1)
-        .await,
+        eventually(Duration::from_secs(5), || up.cancelled_streams() == 1).await,
         "the upstream stream was cancelled"
     );
 }
@@ -845,13 +840,8 @@ async fn a_caller_that_goes_away_cancels_the_upstream_request() {
     next_chunk(resp.body_mut()).await.unwrap().unwrap();
     drop(resp);
     gate.add_permits(200);
-    let st = up.state.clone();
     assert!(
-        eventually(Duration::from_secs(5), || st
-            .cancelled_streams
-            .load(std::sync::atomic::Ordering::SeqCst)
-            == 1)
-        .await,
+        eventually(Duration::from_secs(5), || up.cancelled_streams() == 1).await,
         "the upstream stream was cancelled"
     );
     // Before headers: the upstream has not answered yet when the caller leaves.
@@ -859,13 +849,8 @@ async fn a_caller_that_goes_away_cancels_the_upstream_request() {
     let pending = tokio::spawn(async move { post(&url, chat("m")).await });
     assert!(eventually(Duration::from_secs(5), || up.count() == 2).await);
     pending.abort();
-    let st = up.state.clone();
     assert!(
-        eventually(Duration::from_secs(5), || st
-            .dropped_requests
-            .load(std::sync::atomic::Ordering::SeqCst)
-            == 1)
-        .await,
+        eventually(Duration::from_secs(5), || up.dropped_requests() == 1).await,
         "the pending upstream request was dropped"
     );
 }
@@ -942,6 +927,14 @@ async fn openai_sdk_request_shapes() {
     }
 }
 
+/// A chat completion request as it goes on the wire, framed by Content-Length.
+fn raw_chat(body: &str) -> String {
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
 /// Sends raw bytes and returns everything the gateway answers until it closes.
 async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -977,10 +970,7 @@ async fn conflicting_request_framing_gets_400_and_a_closed_connection() {
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
 
     // A good request pipelined before the bad one is served normally.
-    let good = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
+    let good = raw_chat(body);
     let answer = raw_exchange(gw.addr, format!("{good}{both}").as_bytes()).await;
     let statuses: Vec<&str> = answer
         .match_indices("HTTP/1.1 ")
@@ -1007,10 +997,7 @@ async fn keep_alive_requests_are_answered_in_order_with_date_and_length() {
     let up = MockUpstream::start("up").await;
     let gw = Gateway::start(&config(&[one_client(&up, "")], "")).await;
     let body = r#"{"model":"m","messages":[]}"#;
-    let one = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
+    let one = raw_chat(body);
     // Pipelined: a chat, the gateway's own /healthz (no upstream Date to
     // pass on), a chat whose body arrives a byte at a time, and a chat
     // asking to close.
@@ -1052,10 +1039,7 @@ async fn keep_alive_requests_are_answered_in_order_with_date_and_length() {
         1,
         "{answer}"
     );
-    assert_eq!(up.count(), 3);
-    for r in up.requests() {
-        assert_eq!(r.body.as_ref(), body.as_bytes());
-    }
+    up.assert_bodies(3, body.as_bytes());
 }
 
 #[tokio::test]
@@ -1063,10 +1047,7 @@ async fn a_connection_goes_on_after_a_request_the_fast_path_hands_over() {
     let up = MockUpstream::start("up").await;
     let gw = Gateway::start(&config(&[one_client(&up, "")], "")).await;
     let body = r#"{"model":"m","messages":[]}"#;
-    let usual = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
+    let usual = raw_chat(body);
     // A chunked body, then `Expect: 100-continue`: both served by hyper,
     // on the connection the fast path started.
     let chunked = format!(
@@ -1085,10 +1066,7 @@ async fn a_connection_goes_on_after_a_request_the_fast_path_hands_over() {
         .filter(|c| *c != "100")
         .collect();
     assert_eq!(codes, vec!["200", "200", "200", "200"], "{answer}");
-    assert_eq!(up.count(), 4);
-    for r in up.requests() {
-        assert_eq!(r.body.as_ref(), body.as_bytes());
-    }
+    up.assert_bodies(4, body.as_bytes());
 }
 
 #[tokio::test]
@@ -1140,10 +1118,7 @@ async fn a_large_body_arrives_whole() {
     assert_eq!(r.status, 200);
     let r = send(post_req(&gw.url("/v1/chat/completions"), body.clone(), &[])).await;
     assert_eq!(r.status, 200);
-    assert_eq!(up.count(), 2);
-    for r in up.requests() {
-        assert_eq!(r.body.as_ref(), body.as_bytes());
-    }
+    up.assert_bodies(2, body.as_bytes());
 }
 
 #[tokio::test]

@@ -325,12 +325,13 @@ impl Conn {
         let bodiless = status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
             || status.is_informational();
-        let chunked = !bodiless && length.is_none() && body.size_hint().exact().is_none();
+        let mut chunked = false;
         if !bodiless && length.is_none() {
             if let Some(n) = body.size_hint().exact() {
                 length = Some(n);
                 write_header_u64(out, b"content-length: ", n);
             } else {
+                chunked = true;
                 out.extend_from_slice(b"transfer-encoding: chunked\r\n");
             }
         }

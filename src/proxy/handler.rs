@@ -171,8 +171,9 @@ pub enum BodyCut {
     TooLarge,
 }
 
-/// The service function given to hyper for every request. `conflicting_framing`:
-/// the request had both `Content-Length` and `Transfer-Encoding` on the wire.
+/// Answers one request, from the HTTP/1.1 fast path or from hyper.
+/// `conflicting_framing`: the request had both `Content-Length` and
+/// `Transfer-Encoding` on the wire (only hyper's path sees such requests).
 pub async fn handle<B: RequestBodyStream>(
     state: Arc<AppState>,
     req: Request<B>,

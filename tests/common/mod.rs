@@ -184,6 +184,25 @@ impl MockUpstream {
     pub fn count(&self) -> usize {
         self.state.log.lock().unwrap().len()
     }
+
+    /// Streams whose receiver was gone when the mock sent an event.
+    pub fn cancelled_streams(&self) -> usize {
+        self.state.cancelled_streams.load(Ordering::SeqCst)
+    }
+
+    /// Requests dropped before the mock answered them.
+    pub fn dropped_requests(&self) -> usize {
+        self.state.dropped_requests.load(Ordering::SeqCst)
+    }
+
+    /// Asserts that exactly `n` requests came, each with `body`.
+    pub fn assert_bodies(&self, n: usize, body: &[u8]) {
+        let requests = self.requests();
+        assert_eq!(requests.len(), n);
+        for r in requests {
+            assert_eq!(r.body.as_ref(), body);
+        }
+    }
 }
 
 async fn answer(
