@@ -33,6 +33,7 @@ use tokio::sync::watch;
 
 use super::body::ResponseBody;
 use super::handler::{self, BodyCut};
+use super::plain::push_decimal;
 use super::AppState;
 
 /// Longest head the fast path reads; a longer one goes to hyper, which
@@ -329,7 +330,9 @@ impl Conn {
         if !bodiless && length.is_none() {
             if let Some(n) = body.size_hint().exact() {
                 length = Some(n);
-                write_header_u64(out, b"content-length: ", n);
+                out.extend_from_slice(b"content-length: ");
+                push_decimal(out, n);
+                out.extend_from_slice(b"\r\n");
             } else {
                 chunked = true;
                 out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -435,23 +438,6 @@ enum Step {
     Frame(Frame<Bytes>),
     Failed,
     End,
-}
-
-fn write_header_u64(out: &mut Vec<u8>, name: &[u8], n: u64) {
-    out.extend_from_slice(name);
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
-    out.extend_from_slice(b"\r\n");
 }
 
 fn write_chunk_size(out: &mut Vec<u8>, n: usize) {
