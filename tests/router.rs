@@ -93,6 +93,65 @@ async fn keys_rotate_and_the_callers_authorization_never_reaches_upstream() {
 }
 
 #[tokio::test]
+async fn upstream_gets_the_callers_headers_minus_hop_by_hop_and_credentials() {
+    let up = MockUpstream::start("up").await;
+    let gw = Gateway::start(&config(
+        &[client_yaml(
+            "c",
+            &up.url(),
+            &["k1"],
+            "headers: { api-key: from-config, x-replaced: from-config }\nmodel_match: { type: exact, value: [m] }",
+        )],
+        "",
+    ))
+    .await;
+    let body = r#"{"model":"m","messages":[]}"#;
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gateway.example\r\nContent-Length: {}\r\n\
+         Authorization: Bearer caller-secret\r\nX-Api-Key: caller-key\r\nApi-Key: caller-key\r\n\
+         Connection: x-hop, close\r\nX-Hop: dropped\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n\
+         Accept-Encoding: gzip, br\r\nX-Replaced: from-caller\r\nX-Two: a\r\nX-Kept: yes\r\nX-Two: b\r\n\
+         \r\n{body}",
+        body.len()
+    );
+    let answer = raw_exchange(gw.addr, request.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let reqs = up.requests();
+    assert_eq!(reqs.len(), 1);
+    let h = &reqs[0].headers;
+    let mut names: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
+    names.sort_unstable();
+    // hyper's server adds nothing the gateway did not send, so this is
+    // the whole set.
+    assert_eq!(
+        names,
+        [
+            "accept-encoding",
+            "api-key",
+            "authorization",
+            "content-length",
+            "content-type",
+            "host",
+            "x-kept",
+            "x-replaced",
+            "x-two"
+        ]
+    );
+    assert_eq!(h["authorization"], "Bearer k1");
+    assert_eq!(h["api-key"], "from-config");
+    assert_eq!(h["x-replaced"], "from-config");
+    assert_eq!(h.get_all("x-replaced").iter().count(), 1);
+    assert_eq!(h["accept-encoding"], "identity");
+    // No Content-Type from the caller: a POST gets JSON's.
+    assert_eq!(h["content-type"], "application/json");
+    assert_eq!(h["host"], up.url().split('/').nth(2).unwrap());
+    assert_eq!(h["content-length"], body.len().to_string());
+    let two: Vec<_> = h.get_all("x-two").iter().collect();
+    assert_eq!(two, ["a", "b"]);
+    assert_eq!(h["x-kept"], "yes");
+}
+
+#[tokio::test]
 async fn rate_limited_key_cools_down_for_its_retry_after_and_503_says_when() {
     let up = MockUpstream::start("up").await;
     let gw = Gateway::start(&config(

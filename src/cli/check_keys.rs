@@ -198,13 +198,14 @@ async fn probe(
         latency_ms: 0,
         error: None,
     };
+    let no_headers = HeaderMap::new();
     let req = match upstream::build_request(
         client,
         key,
         &Method::GET,
         "models",
         None,
-        &HeaderMap::new(),
+        &no_headers,
         Default::default(),
     ) {
         Ok(r) => r,

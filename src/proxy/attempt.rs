@@ -8,11 +8,10 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::Request;
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
-use super::upstream::{UpstreamBody, UpstreamClients};
+use super::upstream::{Outgoing, UpstreamBody, UpstreamClients};
 use crate::config::RoutingPolicy;
 use crate::routing::key_health::MAX_RETRY_AFTER;
 use crate::routing::KeyRoute;
@@ -53,7 +52,7 @@ pub enum Outcome {
 
 pub async fn run(
     upstream: &UpstreamClients,
-    req: Request<Bytes>,
+    req: Outgoing<'_>,
     policy: &RoutingPolicy,
     key: &KeyRoute,
     started: std::time::Instant,

@@ -25,7 +25,9 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Method, Response, StatusCode, Version};
+
+use super::upstream::Outgoing;
 use tokio::io::{AsyncRead, Interest, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -126,12 +128,12 @@ impl Conn {
     /// on a reused connection, which the upstream had closed.
     pub async fn write_request(
         &mut self,
-        req: &Request<Bytes>,
+        req: &Outgoing<'_>,
         host: Option<&HeaderValue>,
     ) -> io::Result<Written> {
-        let body = req.body();
+        let body = &req.body;
         let mut out =
-            Vec::with_capacity(256 + req.headers().len() * 48 + body.len().min(COALESCE_BODY));
+            Vec::with_capacity(256 + req.header_count_hint() * 48 + body.len().min(COALESCE_BODY));
         encode_head(req, host, &mut out);
         if body.len() <= COALESCE_BODY {
             out.extend_from_slice(body);
@@ -273,35 +275,34 @@ fn keepalive_after(_io: &TcpStream, _secs: i32) {}
 
 /// The request line, `Host`, the request's headers and `Content-Length`.
 /// `host` is used unless the request carries its own `Host`.
-pub fn encode_head(req: &Request<Bytes>, host: Option<&HeaderValue>, out: &mut Vec<u8>) {
-    out.extend_from_slice(req.method().as_str().as_bytes());
+pub fn encode_head(req: &Outgoing<'_>, host: Option<&HeaderValue>, out: &mut Vec<u8>) {
+    out.extend_from_slice(req.method.as_str().as_bytes());
     out.push(b' ');
-    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let target = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
     out.extend_from_slice(if target.is_empty() {
         b"/"
     } else {
         target.as_bytes()
     });
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let headers = req.headers();
-    if let (Some(host), false) = (host, headers.contains_key(header::HOST)) {
+    if let (Some(host), false) = (host, req.has_host()) {
         out.extend_from_slice(b"host: ");
         out.extend_from_slice(host.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    for (name, value) in headers {
+    req.for_each_header(|name, value| {
         // Framing is this module's to write.
         if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
-            continue;
+            return;
         }
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
-    }
-    let len = req.body().len();
+    });
+    let len = req.body.len();
     let has_body_semantics = !matches!(
-        *req.method(),
+        req.method,
         Method::GET
             | Method::HEAD
             | Method::DELETE
@@ -925,7 +926,7 @@ mod tests {
 
     #[test]
     fn request_heads_carry_host_headers_and_length() {
-        let mut req = Request::post("http://up.example:8080/v1/chat/completions?x=1")
+        let mut req = http::Request::post("http://up.example:8080/v1/chat/completions?x=1")
             .header("content-type", "application/json")
             .header("content-length", "999")
             .header("x-two", "a")
@@ -935,18 +936,18 @@ mod tests {
             .append("x-two", HeaderValue::from_static("b"));
         let host = HeaderValue::from_static("up.example:8080");
         let mut out = Vec::new();
-        encode_head(&req, Some(&host), &mut out);
+        encode_head(&req.into(), Some(&host), &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "POST /v1/chat/completions?x=1 HTTP/1.1\r\nhost: up.example:8080\r\ncontent-type: application/json\r\n\
              x-two: a\r\nx-two: b\r\ncontent-length: 7\r\n\r\n"
         );
-        let get = Request::get("http://up/v1/models")
+        let get = http::Request::get("http://up/v1/models")
             .header("host", "override")
             .body(Bytes::new())
             .unwrap();
         let mut out = Vec::new();
-        encode_head(&get, Some(&host), &mut out);
+        encode_head(&get.into(), Some(&host), &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "GET /v1/models HTTP/1.1\r\nhost: override\r\n\r\n"
@@ -999,10 +1000,10 @@ mod tests {
         body: &'static [u8],
     ) -> Result<(Response<()>, Vec<u8>, Option<Conn>), WireError> {
         let mut conn = conn;
-        let req = Request::post("http://up/v1/x")
+        let req = http::Request::post("http://up/v1/x")
             .body(Bytes::from_static(body))
             .unwrap();
-        conn.write_request(&req, Some(&HeaderValue::from_static("up")))
+        conn.write_request(&req.into(), Some(&HeaderValue::from_static("up")))
             .await?;
         let (head, mut body) = conn.read_head(&Method::POST).await?;
         let mut got = Vec::new();
