@@ -469,6 +469,45 @@ async fn usage_rows_record_every_request_with_tokens_for_streams_too() {
 }
 
 #[tokio::test]
+async fn ttft_and_latency_count_from_the_request_across_failovers() {
+    let slow = MockUpstream::start("slow").await;
+    slow.set_default(Reply::Hang);
+    let fast = MockUpstream::start("fast").await;
+    let gw = Gateway::start(&cfg(
+        &[
+            client_yaml(
+                "slow",
+                &slow.url(),
+                &["k"],
+                "priority: 1\nrequest_timeout: 300ms\nmodel_match: { type: exact, value: [m] }",
+            ),
+            client_yaml(
+                "fast",
+                &fast.url(),
+                &["k"],
+                "priority: 2\nmodel_match: { type: exact, value: [m] }",
+            ),
+        ],
+        "usage:\n  dir: ./u\n",
+    ))
+    .await;
+    assert_eq!(gw.chat("m").await.status, 200);
+    let dir = gw.stop().await;
+    let month = humantime::format_rfc3339(SystemTime::now()).to_string()[..7].to_owned();
+    let (client, attempts, ttft, latency): (String, i64, i64, i64) =
+        open_db(&dir.path().join(format!("u/usage-{month}.sqlite")))
+            .query_row(
+                "SELECT client, attempts, ttft_ms, latency_ms FROM requests",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap();
+    assert_eq!((client.as_str(), attempts), ("fast", 2));
+    assert!(ttft >= 300, "the timed-out attempt is in ttft_ms: {ttft}");
+    assert!(latency >= ttft, "latency {latency} < ttft {ttft}");
+}
+
+#[tokio::test]
 async fn a_new_month_gets_a_new_file_without_a_restart() {
     let up = MockUpstream::start("up").await;
     let now = Arc::new(std::sync::Mutex::new(

@@ -181,7 +181,11 @@ impl Conn {
                     }
                     Parsed::HandOff => return HeadRead::HandOff,
                     Parsed::Partial if self.buf.len() >= MAX_HEAD => return HeadRead::HandOff,
-                    Parsed::Partial => {}
+                    // The head has begun: it must finish within `timeout`
+                    // from here. (A head read whole never reads the clock.)
+                    Parsed::Partial => {
+                        deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
+                    }
                 }
             }
             self.make_room();
@@ -203,11 +207,7 @@ impl Conn {
             };
             match read {
                 Ok(0) | Err(_) => return HeadRead::Closed,
-                Ok(_) => {
-                    if deadline.is_none() {
-                        deadline = Some(tokio::time::Instant::now() + timeout);
-                    }
-                }
+                Ok(_) => {}
             }
         }
     }

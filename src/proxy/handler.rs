@@ -401,7 +401,7 @@ async fn proxy<B: RequestBodyStream>(
     done.record.model = peek.model.clone();
     done.record.stream = peek.stream;
     let model = match (&peek.model, pinned) {
-        (Some(m), _) => Some(m.clone()),
+        (Some(m), _) => Some(m.as_str()),
         (None, Some(_)) => None,
         (None, None) => {
             return fail(
@@ -415,7 +415,7 @@ async fn proxy<B: RequestBodyStream>(
     // and for the first round of attempts below.
     let mut first_candidates = None;
     if pinned.is_none() {
-        let m = model.as_deref().unwrap_or_default();
+        let m = model.unwrap_or_default();
         let candidates = table.candidates(m);
         if candidates.is_empty() {
             let e = ApiError::ModelNotFound(format!("no client serves model `{m}`"));
@@ -432,40 +432,36 @@ async fn proxy<B: RequestBodyStream>(
         headers: parts.headers,
         body: RequestBody::new(bytes),
         kind,
-        requested_model: model.clone(),
+        requested_model: model,
         include_usage: peek.stream && kind.is_text_generation() && !peek.include_usage,
+        started,
     };
     let mut run = Run::default();
     match pinned {
-        Some(ci) => match try_client(
-            &state,
-            &table,
-            &request,
-            ci,
-            model.as_deref(),
-            &mut run,
-            request_id,
-        )
-        .await
-        {
-            Ok(Some(answer)) => return respond(done, answer, &table, &request, &run),
-            Ok(None) => {}
-            Err(e) => return fail(done, e, request_id),
-        },
+        Some(ci) => {
+            match try_client(&state, &table, &request, ci, model, &mut run, request_id).await {
+                Ok(Some(answer)) => return respond(done, answer, &table, &request, &run),
+                Ok(None) => {}
+                Err(e) => return fail(done, e, request_id),
+            }
+        }
         None => {
-            let mut stack = vec![(model.clone().unwrap_or_default(), 0u32)];
+            // Model names borrow from the request and the table: none is
+            // copied per request.
+            let mut stack: Vec<(&str, u32)> = vec![(model.unwrap_or_default(), 0)];
+            let mut models_tried: Vec<&str> = Vec::new();
             let max_depth = table.config.routing.max_fallback_depth;
             while let Some((m, depth)) = stack.pop() {
-                if run.models_tried.contains(&m) {
+                if models_tried.contains(&m) {
                     continue;
                 }
-                run.models_tried.push(m.clone());
+                models_tried.push(m);
                 let candidates = match first_candidates.take() {
                     Some(c) if depth == 0 => c,
-                    _ => table.candidates(&m),
+                    _ => table.candidates(m),
                 };
                 for ci in candidates.order() {
-                    match try_client(&state, &table, &request, ci, Some(&m), &mut run, request_id)
+                    match try_client(&state, &table, &request, ci, Some(m), &mut run, request_id)
                         .await
                     {
                         Ok(Some(answer)) => return respond(done, answer, &table, &request, &run),
@@ -486,15 +482,15 @@ async fn proxy<B: RequestBodyStream>(
                     });
                 if depth < limit {
                     for f in fallback.iter().rev() {
-                        if !run.models_tried.contains(f) {
-                            stack.push((f.clone(), depth + 1));
+                        if !models_tried.contains(&f.as_str()) {
+                            stack.push((f, depth + 1));
                         }
                     }
                 }
             }
         }
     }
-    let e = run.exhausted(model.as_deref().unwrap_or_default());
+    let e = run.exhausted(&table, model.unwrap_or_default());
     done.record.attempts = run.attempts;
     fail(done, e, request_id)
 }
@@ -508,22 +504,25 @@ struct Prepared<'a> {
     headers: HeaderMap,
     body: RequestBody,
     kind: EndpointKind,
-    requested_model: Option<String>,
+    requested_model: Option<&'a str>,
     include_usage: bool,
+    /// When the request arrived: `ttft_ms`, like `latency_ms`, counts
+    /// from here, across failovers.
+    started: Instant,
 }
 
 /// What the attempts of one request have done so far.
 #[derive(Default)]
 struct Run {
     attempts: u32,
-    clients_tried: Vec<String>,
-    models_tried: Vec<String>,
+    /// Indices into the table's clients, in the order first tried.
+    clients_tried: Vec<usize>,
     soonest_free: Option<Duration>,
     last_error: Option<UpstreamError>,
 }
 
 impl Run {
-    fn exhausted(&self, model: &str) -> ApiError {
+    fn exhausted(&self, table: &RoutingTable, model: &str) -> ApiError {
         if self.attempts == 0 {
             if let Some(wait) = self.soonest_free {
                 return ApiError::NoHealthyUpstream {
@@ -544,7 +543,12 @@ impl Run {
             if self.clients_tried.is_empty() {
                 "none".to_owned()
             } else {
-                self.clients_tried.join(", ")
+                let names: Vec<&str> = self
+                    .clients_tried
+                    .iter()
+                    .map(|&ci| table.clients[ci].cfg.name.as_str())
+                    .collect();
+                names.join(", ")
             }
         );
         if self
@@ -587,7 +591,7 @@ async fn try_client(
     let max_attempts = table.config.routing.max_attempts;
     let routed = client.cfg.upstream_model.as_deref().or(model);
     let changes = Changes {
-        model: routed.filter(|r| Some(*r) != request.requested_model.as_deref()),
+        model: routed.filter(|r| Some(*r) != request.requested_model),
         include_usage: request.include_usage,
     };
     let mut tried: Vec<usize> = Vec::new();
@@ -605,8 +609,8 @@ async fn try_client(
         tried.push(ki);
         run.attempts += 1;
         client_attempts += 1;
-        if !run.clients_tried.contains(&client.cfg.name) {
-            run.clients_tried.push(client.cfg.name.clone());
+        if !run.clients_tried.contains(&ci) {
+            run.clients_tried.push(ci);
         }
         let body = transform::upstream_body(&request.body, &client.cfg, request.kind, &changes);
         let up = upstream::build_request(
@@ -628,7 +632,7 @@ async fn try_client(
             up,
             policy,
             key,
-            Instant::now(),
+            request.started,
         ));
         match attempt.await {
             Outcome::FailOver(e) => {
