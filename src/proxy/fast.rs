@@ -25,7 +25,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
+use http::{header, HeaderMap, Method, Request, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -494,7 +494,7 @@ fn parse(buf: &[u8]) -> Parsed {
     let mut length: Option<u64> = None;
     let mut keep_alive = true;
     for h in req.headers.iter() {
-        let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
+        let Some(name) = super::wire_names::name(h.name.as_bytes()) else {
             return Parsed::HandOff;
         };
         if name == header::TRANSFER_ENCODING || name == header::EXPECT || name == header::UPGRADE {
@@ -517,10 +517,7 @@ fn parse(buf: &[u8]) -> Parsed {
                 }
             }
         }
-        let Ok(value) = HeaderValue::from_maybe_shared(slice(h.value)) else {
-            return Parsed::HandOff;
-        };
-        headers.append(name, value);
+        headers.append(name, super::wire_names::value(slice(h.value)));
     }
     Parsed::Head(
         Head {

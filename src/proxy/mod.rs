@@ -18,6 +18,7 @@ pub mod server;
 pub mod sse;
 pub mod transform;
 pub mod upstream;
+mod wire_names;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

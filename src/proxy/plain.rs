@@ -23,7 +23,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::Authority;
 use http::{Method, Response, StatusCode, Version};
 
@@ -377,11 +377,12 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, WireError> {
     // the map growing.
     let mut headers = HeaderMap::with_capacity(count + 3);
     for &(ns, ne, vs, ve) in &spans[..count] {
-        let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
-            .map_err(|_| WireError::Invalid("bad header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
-            .map_err(|_| WireError::Invalid("bad header value"))?;
-        headers.append(name, value);
+        let name = super::wire_names::name(&head[ns as usize..ne as usize])
+            .ok_or(WireError::Invalid("bad header name"))?;
+        headers.append(
+            name,
+            super::wire_names::value(head.slice(vs as usize..ve as usize)),
+        );
     }
     let mut resp = Response::new(());
     *resp.status_mut() = status;
