@@ -356,7 +356,7 @@ async fn read_body<B: RequestBodyStream>(
 
 /// Fails a request that had started: the row and log say why.
 fn fail(mut done: Completion, e: ApiError, request_id: &str) -> Response<ResponseBody> {
-    done.record.status = e.status().as_u16();
+    done.record().status = e.status().as_u16();
     let message = e.to_string();
     let resp = e.into_response(HeaderValue::from_str(request_id).ok().as_ref());
     done.finish(None, Some(message));
@@ -373,13 +373,13 @@ async fn proxy<B: RequestBodyStream>(
     endpoint: String,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
-    let record = UsageRecord {
+    let record = Box::new(UsageRecord {
         ts: Some((state.clock)()),
         request_id: request_id.to_owned(),
         caller,
         endpoint: usage_endpoint(&endpoint),
         ..UsageRecord::default()
-    };
+    });
     let mut done = Completion::start(state.clone(), record, started);
     let (parts, body) = req.into_parts();
     let server = &table.config.server;
@@ -403,8 +403,8 @@ async fn proxy<B: RequestBodyStream>(
             Err(msg) => return fail(done, ApiError::InvalidRequest(msg), request_id),
         }
     };
-    done.record.model = peek.model.clone();
-    done.record.stream = peek.stream;
+    done.record().model = peek.model.clone();
+    done.record().stream = peek.stream;
     let model = match (&peek.model, pinned) {
         (Some(m), _) => Some(m.as_str()),
         (None, Some(_)) => None,
@@ -496,7 +496,7 @@ async fn proxy<B: RequestBodyStream>(
         }
     }
     let e = run.exhausted(&table, model.unwrap_or_default());
-    done.record.attempts = run.attempts;
+    done.record().attempts = run.attempts;
     fail(done, e, request_id)
 }
 
@@ -692,7 +692,7 @@ fn respond(
 ) -> Response<ResponseBody> {
     let client = &table.clients[answer.client];
     let status = answer.parts.status;
-    let r = &mut done.record;
+    let r = done.record();
     r.attempts = run.attempts;
     r.client = Some(client.name.clone());
     r.key_id = Some(answer.key_id);

@@ -18,7 +18,9 @@ pub const CALLER_CLOSED: u16 = 499;
 
 pub struct Completion {
     state: Arc<AppState>,
-    pub record: UsageRecord,
+    /// Boxed from the start: the writer's channel takes a box, and the
+    /// request's futures move a pointer instead of the row.
+    record: Option<Box<UsageRecord>>,
     started: Instant,
     /// Keeps the key's in-flight count up until the response body ends.
     pub in_flight: Option<InFlight>,
@@ -28,16 +30,22 @@ pub struct Completion {
 }
 
 impl Completion {
-    pub fn start(state: Arc<AppState>, record: UsageRecord, started: Instant) -> Completion {
+    pub fn start(state: Arc<AppState>, record: Box<UsageRecord>, started: Instant) -> Completion {
         state.metrics.in_flight().inc();
         Completion {
             state,
-            record,
+            record: Some(record),
             started,
             in_flight: None,
             client_metrics: None,
             done: false,
         }
+    }
+
+    /// The row this request will report.
+    pub fn record(&mut self) -> &mut UsageRecord {
+        // Taken only by `report`, after which nothing reads it.
+        self.record.get_or_insert_with(Box::default)
     }
 
     /// `client` answers: its metrics are counted when this request ends.
@@ -55,8 +63,9 @@ impl Completion {
         }
         self.done = true;
         self.in_flight.take();
-        let r = &mut self.record;
-        r.latency_ms = self.started.elapsed().as_millis() as u64;
+        let latency_ms = self.started.elapsed().as_millis() as u64;
+        let mut r = self.record.take().unwrap_or_default();
+        r.latency_ms = latency_ms;
         if let Some(u) = usage {
             r.prompt_tokens = u.prompt_tokens;
             r.completion_tokens = u.completion_tokens;
@@ -65,7 +74,6 @@ impl Completion {
         if error.is_some() {
             r.error = error;
         }
-        let r = std::mem::take(&mut self.record);
         let state = &self.state;
         state.metrics.in_flight().dec();
         state
@@ -93,8 +101,9 @@ impl Completion {
 impl Drop for Completion {
     fn drop(&mut self) {
         if !self.done {
-            if self.record.status == 0 {
-                self.record.status = CALLER_CLOSED;
+            let r = self.record();
+            if r.status == 0 {
+                r.status = CALLER_CLOSED;
             }
             self.report(None, Some("caller closed the connection".to_owned()));
         }

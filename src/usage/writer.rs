@@ -50,9 +50,9 @@ impl UsageSink {
         }
     }
 
-    pub fn send(&self, record: UsageRecord) {
+    pub fn send(&self, record: Box<UsageRecord>) {
         let Some(tx) = &self.tx else { return };
-        match tx.try_send(Msg::Row(Box::new(record))) {
+        match tx.try_send(Msg::Row(record)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.metrics.usage_rows("dropped", 1);
