@@ -152,11 +152,52 @@ impl<'a> Scanner<'a> {
         }
     }
 
+    /// Moves past the bytes of a string that need no look of their own
+    /// (anything but `"`, `\` and control characters), eight at a time:
+    /// message contents are most of a body. A word holding any such byte
+    /// is left to the byte loop.
+    fn skip_plain(&mut self) {
+        const ONES: u64 = 0x0101_0101_0101_0101;
+        const HIGH: u64 = 0x8080_8080_8080_8080;
+        // High bit set in the lanes of a word that may hold such a byte;
+        // zero exactly when none does (a borrow only runs past a lane
+        // that matched).
+        let special = |x: u64| {
+            let quote = x ^ (ONES * u64::from(b'"'));
+            let backslash = x ^ (ONES * u64::from(b'\\'));
+            (x.wrapping_sub(ONES * 0x20)
+                | quote.wrapping_sub(ONES) & !quote
+                | backslash.wrapping_sub(ONES) & !backslash)
+                & !x
+                & HIGH
+        };
+        let word = |at: usize| {
+            self.b
+                .get(at..at + 8)
+                .and_then(|w| <[u8; 8]>::try_from(w).ok())
+                .map(u64::from_le_bytes)
+        };
+        // Two words a step: one test and branch per sixteen bytes.
+        while let (Some(a), Some(b)) = (word(self.i), word(self.i + 8)) {
+            if special(a) | special(b) != 0 {
+                break;
+            }
+            self.i += 16;
+        }
+        while let Some(a) = word(self.i) {
+            if special(a) != 0 {
+                return;
+            }
+            self.i += 8;
+        }
+    }
+
     /// A string without escapes (a key or a model name); its contents.
     fn plain_string(&mut self) -> Option<&'a [u8]> {
         self.eat(b'"')?;
         let start = self.i;
         loop {
+            self.skip_plain();
             match self.next()? {
                 b'"' => return Some(&self.b[start..self.i - 1]),
                 b'\\' => return None,
@@ -170,6 +211,7 @@ impl<'a> Scanner<'a> {
     fn string(&mut self) -> Option<()> {
         self.eat(b'"')?;
         loop {
+            self.skip_plain();
             match self.next()? {
                 b'"' => return Some(()),
                 b'\\' => match self.next()? {

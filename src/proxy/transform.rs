@@ -265,9 +265,12 @@ mod tests {
             Just("\\ud83d\\ude00"),
             Just("\\ud800"),
             Just("\\x"),
+            // Runs long enough for the scanner's eight-byte steps.
+            Just("the quick brown fox "),
+            Just("\u{7f}\u{ff}\u{20ac} tail"),
         ];
         let string =
-            proptest::collection::vec(piece, 0..4).prop_map(|p| format!("\"{}\"", p.concat()));
+            proptest::collection::vec(piece, 0..8).prop_map(|p| format!("\"{}\"", p.concat()));
         let number = prop_oneof![
             Just("0"),
             Just("-12"),
@@ -349,6 +352,60 @@ mod tests {
         // The fast path answers for a fair share of the bodies (about a
         // tenth: most are broken on purpose).
         assert!(answered.get() > 200, "{}", answered.get());
+    }
+
+    #[test]
+    fn every_byte_that_matters_in_a_long_string_is_seen_at_every_offset() {
+        // The scanner steps over string bytes eight at a time; a quote,
+        // backslash or control byte must stop it wherever it falls.
+        let specials: Vec<u8> = (0u8..0x20).chain([b'"', b'\\']).collect();
+        for at in 0..40 {
+            for &b in &specials {
+                let mut content = vec![b'a'; 40];
+                content[at] = b;
+                for key in ["model", "messages"] {
+                    let mut body = format!("{{\"{key}\":\"").into_bytes();
+                    body.extend_from_slice(&content);
+                    body.extend_from_slice(b"\"}");
+                    let fast = crate::proxy::peek_json::scan(&body);
+                    let serde = peek_with_serde(&body);
+                    match (fast, serde) {
+                        (Some(f), Ok(p)) => assert_eq!(f.model, p.model.as_deref()),
+                        // Left to serde_json: whatever it says stands.
+                        (None, _) => {}
+                        (Some(_), Err(e)) => panic!("accepted what serde refuses ({e}): {body:?}"),
+                    }
+                    // A control byte is never valid inside a string.
+                    if b < 0x20 {
+                        assert!(peek(&body).is_err(), "{body:?}");
+                    }
+                }
+            }
+            // A string that ends at any offset, then another member: the
+            // fast path answers, and its model ends where the string does.
+            let model = "m".repeat(at);
+            let body = format!(
+                r#"{{"model":"{model}","messages":"{}","stream":true}}"#,
+                "a".repeat(40 - at)
+            );
+            let fast = crate::proxy::peek_json::scan(body.as_bytes()).expect("fast path");
+            assert_eq!(
+                (fast.model, fast.stream),
+                (Some(model.as_str()), true),
+                "{body}"
+            );
+            // An escape at any offset of a long value is checked.
+            let body = format!(
+                r#"{{"messages":"{}\n{}","model":"m"}}"#,
+                "a".repeat(at),
+                "a".repeat(40 - at)
+            );
+            assert_eq!(
+                crate::proxy::peek_json::scan(body.as_bytes()).map(|f| f.model),
+                Some(Some("m")),
+                "{body}"
+            );
+        }
     }
 
     #[test]
