@@ -34,7 +34,10 @@ impl Usage {
     /// responses API's `input_tokens` / `output_tokens`.
     pub fn from_json(v: &Value) -> Option<Usage> {
         let obj = v.as_object()?;
-        let get = |a: &str, b: &str| obj.get(a).or_else(|| obj.get(b)).and_then(Value::as_u64);
+        // A count that is not a number (`null`, as some upstreams send)
+        // falls back to the other name, as the typed reader does.
+        let count = |k: &str| obj.get(k).and_then(Value::as_u64);
+        let get = |a: &str, b: &str| count(a).or_else(|| count(b));
         let u = Usage {
             prompt_tokens: get("prompt_tokens", "input_tokens"),
             completion_tokens: get("completion_tokens", "output_tokens"),
@@ -834,6 +837,7 @@ mod tests {
             r#"{"prompt_tokens":"3","completion_tokens":2.0,"total_tokens":-1}"#,
             r#"{"prompt_tokens":1,"completion_tokens":null,"prompt_tokens_details":{"cached_tokens":1}}"#,
             r#"{"prompt_tokens":1,"input_tokens":9,"completion_tokens":2}"#,
+            r#"{"prompt_tokens":null,"input_tokens":4,"completion_tokens":"x","output_tokens":6}"#,
             r#"{"total_tokens":true,"prompt_tokens":[1],"completion_tokens":{"n":1}}"#,
             r#"{}"#,
             r#""a string""#,
