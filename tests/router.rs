@@ -1008,6 +1008,51 @@ async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
 }
 
 #[tokio::test]
+async fn upstream_response_headers_reach_the_caller_on_both_server_paths() {
+    let up = MockUpstream::start("up").await;
+    let gw = Gateway::start(&config(&[one_client(&up, "")], "")).await;
+    let body = r#"{"model":"m","messages":[]}"#;
+    let answer = |extra: &str| {
+        vec![
+            ("x-ratelimit-remaining-tokens".to_owned(), "99".to_owned()),
+            ("openai-processing-ms".to_owned(), extra.to_owned()),
+            ("retry-after".to_owned(), "7".to_owned()),
+            ("x-request-id".to_owned(), "upstream-id".to_owned()),
+            ("keep-alive".to_owned(), "timeout=5".to_owned()),
+            ("upgrade".to_owned(), "h2c".to_owned()),
+        ]
+    };
+    // HTTP/1.1 (the gateway's own loop), then HTTP/1.0 (handed to hyper).
+    for (version, extra) in [("1.1", "11"), ("1.0", "10")] {
+        up.push(Reply::Raw(200, answer(extra), r#"{"ok":true}"#.to_owned()));
+        let request = format!(
+            "POST /v1/chat/completions HTTP/{version}\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let text = raw_exchange(gw.addr, request.as_bytes()).await;
+        let (head, rest) = text.split_once("\r\n\r\n").expect("a whole head");
+        assert!(head.starts_with(&format!("HTTP/{version} 200")), "{head}");
+        assert_eq!(rest, r#"{"ok":true}"#);
+        let lines: Vec<String> = head.lines().skip(1).map(str::to_ascii_lowercase).collect();
+        let values = |name: &str| -> Vec<&str> {
+            lines
+                .iter()
+                .filter_map(|l| l.strip_prefix(&format!("{name}: ")))
+                .collect()
+        };
+        assert_eq!(values("x-ratelimit-remaining-tokens"), ["99"], "{head}");
+        assert_eq!(values("openai-processing-ms"), [extra], "{head}");
+        assert_eq!(values("retry-after"), ["7"], "{head}");
+        assert_eq!(values("content-type"), ["application/json"], "{head}");
+        // The gateway's own id, once; hop-by-hop headers stop here.
+        let ids = values("x-request-id");
+        assert!(ids.len() == 1 && ids[0].starts_with("req_"), "{head}");
+        assert!(values("keep-alive").is_empty(), "{head}");
+        assert!(values("upgrade").is_empty(), "{head}");
+    }
+}
+
+#[tokio::test]
 async fn conflicting_request_framing_gets_400_and_a_closed_connection() {
     let up = MockUpstream::start("up").await;
     let gw = Gateway::start(&config(&[one_client(&up, "")], "")).await;

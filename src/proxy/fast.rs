@@ -33,7 +33,7 @@ use tokio::sync::watch;
 
 use super::body::ResponseBody;
 use super::handler::{self, BodyCut};
-use super::plain::push_decimal;
+use super::plain::{push_decimal, RelayedHeaders};
 use super::AppState;
 
 /// Longest head the fast path reads; a longer one goes to hyper, which
@@ -317,6 +317,14 @@ impl Conn {
             out.extend_from_slice(b": ");
             out.extend_from_slice(value.as_bytes());
             out.extend_from_slice(b"\r\n");
+        }
+        if let Some(relayed) = parts.extensions.get::<RelayedHeaders>() {
+            for (name, value) in relayed.iter() {
+                out.extend_from_slice(name);
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(value);
+                out.extend_from_slice(b"\r\n");
+            }
         }
         if !has_date {
             out.extend_from_slice(b"date: ");

@@ -17,6 +17,7 @@ use super::api_error::{ApiError, X_REQUEST_ID};
 use super::attempt::{self, Outcome, UpstreamError};
 use super::body::{BoxError, ResponseBody};
 use super::endpoints;
+use super::plain::RelayedHeaders;
 use super::relay::{Filter, JsonSniffer, PrefixBuffer, Relay};
 use super::report::Completion;
 use super::sse::{PrefixSlot, SseFilter};
@@ -732,7 +733,11 @@ fn respond(
         done,
     ))));
     *resp.status_mut() = status;
-    *resp.headers_mut() = upstream::relayable_response_headers(answer.parts.headers, keep_length);
+    let mut parts = answer.parts;
+    if let Some(relayed) = parts.extensions.remove::<RelayedHeaders>() {
+        resp.extensions_mut().insert(relayed);
+    }
+    *resp.headers_mut() = upstream::relayable_response_headers(parts.headers, keep_length);
     resp
 }
 

@@ -23,7 +23,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
 use http::{Method, Response, StatusCode, Version};
 
@@ -373,18 +373,29 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, WireError> {
     };
     let head = buf.split_to(len).freeze();
     let status = StatusCode::from_u16(code).map_err(|_| WireError::Invalid("bad status code"))?;
-    // Room for the few headers gptbalance adds (x-request-id) without
-    // the map growing.
-    let mut headers = HeaderMap::with_capacity(count + 3);
-    for &(ns, ne, vs, ve) in &spans[..count] {
-        let name = super::wire_names::name(&head[ns as usize..ne as usize])
-            .ok_or(WireError::Invalid("bad header name"))?;
-        headers.append(
-            name,
-            super::wire_names::value(head.slice(vs as usize..ve as usize)),
-        );
+    // The headers gptbalance reads or replaces go into the map, with room
+    // for the few it adds (x-request-id); the rest (most of a real
+    // upstream's: `x-ratelimit-*`, `openai-*`, `cf-ray`) are only
+    // relayed, and stay lines of the head.
+    let mut headers = HeaderMap::with_capacity(count.min(8) + 3);
+    let mut relayed = Vec::new();
+    for &span in &spans[..count] {
+        let (ns, ne, vs, ve) = span;
+        match super::wire_names::known(&head[ns as usize..ne as usize]) {
+            Some(name) => {
+                let value = head.slice(vs as usize..ve as usize);
+                headers.append(name, super::wire_names::value(value));
+            }
+            None => relayed.push(span),
+        }
     }
     let mut resp = Response::new(());
+    if !relayed.is_empty() {
+        resp.extensions_mut().insert(RelayedHeaders {
+            head: head.clone(),
+            spans: relayed,
+        });
+    }
     *resp.status_mut() = status;
     *resp.version_mut() = if minor == 0 {
         Version::HTTP_10
@@ -393,6 +404,43 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, WireError> {
     };
     *resp.headers_mut() = headers;
     Ok(Some(resp))
+}
+
+/// Response headers gptbalance only relays, as they came: the head and
+/// where each line's name and value are in it. A response carries them
+/// as an extension; the fast path writes them as they are, and
+/// [`RelayedHeaders::merge`] puts them in the header map for hyper.
+/// Names are tokens and values valid, as httparse checked them.
+#[derive(Clone, Debug)]
+pub struct RelayedHeaders {
+    head: Bytes,
+    /// (name start, name end, value start, value end) within `head`.
+    spans: Vec<(u32, u32, u32, u32)>,
+}
+
+impl RelayedHeaders {
+    /// Each header's name and value, in the order received.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.spans.iter().map(|&(ns, ne, vs, ve)| {
+            (
+                &self.head[ns as usize..ne as usize],
+                &self.head[vs as usize..ve as usize],
+            )
+        })
+    }
+
+    /// Moves the relayed headers of `extensions`, if any, into `headers`.
+    pub fn merge(extensions: &mut http::Extensions, headers: &mut HeaderMap) {
+        let Some(relayed) = extensions.remove::<RelayedHeaders>() else {
+            return;
+        };
+        for &(ns, ne, vs, ve) in &relayed.spans {
+            if let Ok(name) = HeaderName::from_bytes(&relayed.head[ns as usize..ne as usize]) {
+                let value = relayed.head.slice(vs as usize..ve as usize);
+                headers.append(name, super::wire_names::value(value));
+            }
+        }
+    }
 }
 
 /// How the body is delimited, and whether the connection may be reused.
@@ -838,8 +886,23 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(r.status(), 200);
-        assert_eq!(r.headers().get_all("x-a").iter().count(), 2);
         assert_eq!(r.headers()["content-type"], "application/json");
+        // Headers gptbalance only relays stay lines of the head.
+        assert!(!r.headers().contains_key("x-a"));
+        let relayed: Vec<_> = r
+            .extensions()
+            .get::<RelayedHeaders>()
+            .unwrap()
+            .iter()
+            .collect();
+        assert_eq!(relayed, [(&b"X-A"[..], &b"1"[..]), (b"x-a", b"2")]);
+        let (mut parts, ()) = r.clone().into_parts();
+        RelayedHeaders::merge(&mut parts.extensions, &mut parts.headers);
+        assert_eq!(
+            parts.headers.get_all("x-a").iter().collect::<Vec<_>>(),
+            ["1", "2"]
+        );
+        assert!(parts.extensions.get::<RelayedHeaders>().is_none());
         assert_eq!(
             framing_of(&r, &Method::POST).unwrap(),
             (Framing::Length(7), true)

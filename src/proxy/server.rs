@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use super::fast;
 use super::framing::Watched;
 use super::handler;
+use super::plain::RelayedHeaders;
 use super::upstream;
 use super::AppState;
 
@@ -104,7 +105,13 @@ async fn serve_connection(
     let (io, framing) = Watched::new(TokioIo::new(io));
     let service = service_fn(move |req| {
         let conflicting = framing.next_request_conflicts();
-        handler::handle(state.clone(), req, conflicting)
+        let answer = handler::handle(state.clone(), req, conflicting);
+        async move {
+            let (mut parts, body) = answer.await?.into_parts();
+            // hyper writes only the header map.
+            RelayedHeaders::merge(&mut parts.extensions, &mut parts.headers);
+            Ok::<_, std::convert::Infallible>(http::Response::from_parts(parts, body))
+        }
     });
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);

@@ -9,41 +9,58 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 
 /// The common names, lowercase, grouped by length (see `name`).
-static KNOWN: [(&[u8], HeaderName); 13] = [
+static KNOWN: [(&[u8], HeaderName); 19] = [
+    (b"te", header::TE),
     (b"host", header::HOST),
     (b"date", header::DATE),
     (b"accept", header::ACCEPT),
     (b"server", header::SERVER),
+    (b"trailer", header::TRAILER),
+    (b"upgrade", header::UPGRADE),
     (b"connection", header::CONNECTION),
+    (b"keep-alive", HeaderName::from_static("keep-alive")),
     (b"user-agent", header::USER_AGENT),
+    (b"retry-after", header::RETRY_AFTER),
     (b"content-type", header::CONTENT_TYPE),
     (b"x-request-id", HeaderName::from_static("x-request-id")),
     (b"authorization", header::AUTHORIZATION),
     (b"cache-control", header::CACHE_CONTROL),
     (b"content-length", header::CONTENT_LENGTH),
     (b"accept-encoding", header::ACCEPT_ENCODING),
+    (
+        b"proxy-connection",
+        HeaderName::from_static("proxy-connection"),
+    ),
     (b"transfer-encoding", header::TRANSFER_ENCODING),
 ];
 
 /// The name, or `None` when it is not a valid header name.
 pub fn name(bytes: &[u8]) -> Option<HeaderName> {
+    known(bytes).or_else(|| HeaderName::from_bytes(bytes).ok())
+}
+
+/// The name when it is one of the common ones (any case): those
+/// gptbalance reads or replaces in a response, and the usual request ones.
+pub fn known(bytes: &[u8]) -> Option<HeaderName> {
     let group = match bytes.len() {
-        4 => 0..2,
-        6 => 2..4,
-        10 => 4..6,
-        12 => 6..8,
-        13 => 8..10,
-        14 => 10..11,
-        15 => 11..12,
-        17 => 12..13,
+        2 => 0..1,
+        4 => 1..3,
+        6 => 3..5,
+        7 => 5..7,
+        10 => 7..10,
+        11 => 10..11,
+        12 => 11..13,
+        13 => 13..15,
+        14 => 15..16,
+        15 => 16..17,
+        16 => 17..18,
+        17 => 18..19,
         _ => 0..0,
     };
-    for (known, name) in &KNOWN[group] {
-        if lowercase_eq(bytes, known) {
-            return Some(name.clone());
-        }
-    }
-    HeaderName::from_bytes(bytes).ok()
+    KNOWN[group]
+        .iter()
+        .find(|(known, _)| lowercase_eq(bytes, known))
+        .map(|(_, name)| name.clone())
 }
 
 /// Whether `bytes` is `lower` in any case. `lower` holds only lowercase
@@ -69,6 +86,12 @@ mod tests {
     #[test]
     fn common_names_match_in_any_case_and_others_parse_as_usual() {
         for n in [
+            "te",
+            "trailer",
+            "upgrade",
+            "keep-alive",
+            "retry-after",
+            "proxy-connection",
             "host",
             "date",
             "accept",
@@ -105,6 +128,12 @@ mod tests {
                 );
             }
         }
+        // Every common name is found as one, in its length's group.
+        for (spelled, want) in &KNOWN {
+            assert_eq!(known(spelled).as_ref(), Some(want));
+            assert_eq!(known(&spelled.to_ascii_uppercase()).as_ref(), Some(want));
+        }
+        assert_eq!(known(b"x-ratelimit-limit-tokens"), None);
         assert_eq!(name(b"bad name"), None);
         assert_eq!(name(b""), None);
         assert_eq!(name(b"h\xffst"), None);
