@@ -174,6 +174,7 @@ fn yaml_syntax_errors_and_duplicates_and_cycles_are_errors() {
   - { name: a, base_url: "http://h/v1", api_key: k, model_match: { type: exact, value: [m1] }, fallback: m2 }
   - { name: a, base_url: "http://h/v1", api_key: k, model_match: { type: exact, value: [m2] }, fallback: [m1] }
   - { name: c, base_url: "http://h/v1", api_keys: [], model_match: { type: exact, value: [m3] }, fallback: nowhere }
+  - { name: d, base_url: "http://h/v1", api_key: k, model_match: { type: exact, value: [m4] }, headers: { X-Key: a, x-key: b } }
 "#;
     let path = write(dir.path(), "c.yaml", text);
     let out = run(&["validate-config", "--config", &path], &[], dir.path());
@@ -197,6 +198,13 @@ fn yaml_syntax_errors_and_duplicates_and_cycles_are_errors() {
     assert!(
         out.stdout
             .contains("fallback target `nowhere` of client `c` is matched by no client"),
+        "{}",
+        out.stdout
+    );
+    // BTreeMap order: `X-Key` before `x-key`, which is the one refused.
+    assert!(
+        out.stdout
+            .contains("header `x-key` is set twice (header names ignore case)"),
         "{}",
         out.stdout
     );

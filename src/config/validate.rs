@@ -417,6 +417,13 @@ fn client(
             (Ok(n), Ok(mut v)) => {
                 if HEADERS_NOT_SETTABLE.contains(&n.as_str()) {
                     diags.error_at(map.key(&hpath), format!("header `{name}` is managed by gptbalance and cannot be set"));
+                } else if headers.iter().any(|(seen, _)| *seen == n) {
+                    // Names are case-insensitive: `X-Key` and `x-key` would
+                    // both be sent.
+                    diags.error_at(
+                        map.key(&hpath),
+                        format!("header `{name}` is set twice (header names ignore case)"),
+                    );
                 } else {
                     v.set_sensitive(true);
                     headers.push((n, v));
