@@ -525,7 +525,8 @@ fn parse(buf: &[u8]) -> Parsed {
                 }
             }
         }
-        headers.append(name, super::wire_names::value(slice(h.value)));
+        // SAFETY: a value httparse accepted.
+        headers.append(name, unsafe { super::wire_names::value(slice(h.value)) });
     }
     Parsed::Head(
         Head {

@@ -384,7 +384,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, WireError> {
         match super::wire_names::known(&head[ns as usize..ne as usize]) {
             Some(name) => {
                 let value = head.slice(vs as usize..ve as usize);
-                headers.append(name, super::wire_names::value(value));
+                // SAFETY: a value of the head httparse accepted.
+                headers.append(name, unsafe { super::wire_names::value(value) });
             }
             None => relayed.push(span),
         }
@@ -437,7 +438,8 @@ impl RelayedHeaders {
         for &(ns, ne, vs, ve) in &relayed.spans {
             if let Ok(name) = HeaderName::from_bytes(&relayed.head[ns as usize..ne as usize]) {
                 let value = relayed.head.slice(vs as usize..ve as usize);
-                headers.append(name, super::wire_names::value(value));
+                // SAFETY: a value of the head httparse accepted.
+                headers.append(name, unsafe { super::wire_names::value(value) });
             }
         }
     }

@@ -71,11 +71,15 @@ fn lowercase_eq(bytes: &[u8], lower: &[u8]) -> bool {
     bytes.len() == lower.len() && bytes.iter().zip(lower).all(|(b, l)| b | 0x20 == *l)
 }
 
-/// A value slice of a head httparse accepted.
-pub fn value(bytes: Bytes) -> HeaderValue {
+/// A header value, without checking its bytes again.
+///
+/// # Safety
+/// `bytes` must be a value httparse accepted: it accepts in a value
+/// exactly the bytes `HeaderValue` allows (HTAB, SP to `~`, 0x80 to 0xFF),
+/// so no CR or LF can be written out through it.
+pub unsafe fn value(bytes: Bytes) -> HeaderValue {
     debug_assert!(HeaderValue::from_maybe_shared(bytes.clone()).is_ok());
-    // SAFETY: httparse accepts in a header value exactly the bytes
-    // HeaderValue allows: HTAB, SP to `~`, and 0x80 to 0xFF.
+    // SAFETY: the caller's promise, above.
     unsafe { HeaderValue::from_maybe_shared_unchecked(bytes) }
 }
 
@@ -152,7 +156,8 @@ mod tests {
         assert!(req.parse(&head).unwrap().is_complete());
         let v = req.headers[0].value;
         assert!(HeaderValue::from_bytes(v).is_ok());
-        assert_eq!(value(Bytes::copy_from_slice(v)).as_bytes(), v);
+        // SAFETY: httparse accepted `v` just above.
+        assert_eq!(unsafe { value(Bytes::copy_from_slice(v)) }.as_bytes(), v);
         for bad in (0u8..32).filter(|&b| b != b'\t').chain([127]) {
             let head = [b"GET / HTTP/1.1\r\nx: a".as_slice(), &[bad], b"b\r\n\r\n"].concat();
             let mut slots = [httparse::EMPTY_HEADER; 4];
