@@ -177,6 +177,12 @@ impl<'a> Scanner<'a> {
                 .and_then(|w| <[u8; 8]>::try_from(w).ok())
                 .map(u64::from_le_bytes)
         };
+        // Most strings are short (keys, roles, model names): their first
+        // word holds the closing quote.
+        match word(self.i) {
+            Some(a) if special(a) == 0 => self.i += 8,
+            _ => return,
+        }
         // Two words a step: one test and branch per sixteen bytes.
         while let (Some(a), Some(b)) = (word(self.i), word(self.i + 8)) {
             if special(a) | special(b) != 0 {
@@ -196,8 +202,9 @@ impl<'a> Scanner<'a> {
     fn plain_string(&mut self) -> Option<&'a [u8]> {
         self.eat(b'"')?;
         let start = self.i;
+        // Stops within sixteen bytes of the first byte that needs a look.
+        self.skip_plain();
         loop {
-            self.skip_plain();
             match self.next()? {
                 b'"' => return Some(&self.b[start..self.i - 1]),
                 b'\\' => return None,
@@ -210,12 +217,14 @@ impl<'a> Scanner<'a> {
     /// Any string, escapes checked.
     fn string(&mut self) -> Option<()> {
         self.eat(b'"')?;
+        // Stops within sixteen bytes of the first byte that needs a look;
+        // again after each escape.
+        self.skip_plain();
         loop {
-            self.skip_plain();
             match self.next()? {
                 b'"' => return Some(()),
                 b'\\' => match self.next()? {
-                    b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {}
+                    b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => self.skip_plain(),
                     b'u' => {
                         let hex = self.b.get(self.i..self.i + 4)?;
                         if !hex.iter().all(u8::is_ascii_hexdigit) {
@@ -228,6 +237,7 @@ impl<'a> Scanner<'a> {
                             return None;
                         }
                         self.i += 4;
+                        self.skip_plain();
                     }
                     _ => return None,
                 },
