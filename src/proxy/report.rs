@@ -19,14 +19,14 @@ pub const CALLER_CLOSED: u16 = 499;
 pub struct Completion {
     state: Arc<AppState>,
     /// Boxed from the start: the writer's channel takes a box, and the
-    /// request's futures move a pointer instead of the row.
+    /// request's futures move a pointer instead of the row. Taken when
+    /// the request reports: `None` means it has.
     record: Option<Box<UsageRecord>>,
     started: Instant,
     /// Keeps the key's in-flight count up until the response body ends.
     pub in_flight: Option<InFlight>,
     /// The answering client's metric handles.
     pub client_metrics: Option<Arc<ClientMetrics>>,
-    done: bool,
 }
 
 impl Completion {
@@ -38,7 +38,6 @@ impl Completion {
             started,
             in_flight: None,
             client_metrics: None,
-            done: false,
         }
     }
 
@@ -58,14 +57,11 @@ impl Completion {
     }
 
     fn report(&mut self, usage: Option<Usage>, error: Option<String>) {
-        if self.done {
+        let Some(mut r) = self.record.take() else {
             return;
-        }
-        self.done = true;
+        };
         self.in_flight.take();
-        let latency_ms = self.started.elapsed().as_millis() as u64;
-        let mut r = self.record.take().unwrap_or_default();
-        r.latency_ms = latency_ms;
+        r.latency_ms = self.started.elapsed().as_millis() as u64;
         if let Some(u) = usage {
             r.prompt_tokens = u.prompt_tokens;
             r.completion_tokens = u.completion_tokens;
@@ -100,8 +96,7 @@ impl Completion {
 
 impl Drop for Completion {
     fn drop(&mut self) {
-        if !self.done {
-            let r = self.record();
+        if let Some(r) = self.record.as_mut() {
             if r.status == 0 {
                 r.status = CALLER_CLOSED;
             }
