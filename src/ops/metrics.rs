@@ -452,7 +452,7 @@ mod tests {
         for i in 0..(3 * CACHED_MODELS * (CACHED_STATUSES + 4)) {
             let r = UsageRecord {
                 client: Some(client.clone()),
-                model: Some(format!("m{}", i % (CACHED_MODELS + 7))),
+                model: Some(format!("m{}", i % (CACHED_MODELS + 7)).into()),
                 status: 200 + (i % (CACHED_STATUSES + 3)) as u16,
                 latency_ms: i as u64,
                 // Model m3 never reports tokens: it gets no token series.

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
+use smallvec::{smallvec, SmallVec};
 
 use super::api_error::{ApiError, X_REQUEST_ID};
 use super::attempt::{self, Outcome, UpstreamError};
@@ -208,15 +209,18 @@ async fn dispatch<B: RequestBodyStream>(
     request_id: &str,
 ) -> Result<Response<ResponseBody>, ApiError> {
     let table = state.table.load_full();
-    let path = req.uri().path().to_owned();
-    let method = req.method().clone();
-    match route(&path) {
+    // The request's parts stay here, and everything below borrows them:
+    // the path, the endpoint and the headers are never copied.
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path();
+    let method = &parts.method;
+    match route(path) {
         Route::Healthz => Ok(endpoints::text(StatusCode::OK, "ok\n")),
         Route::Readyz => Ok(endpoints::readyz(&table)),
-        Route::Admin(what) => endpoints::admin(state, &table, &method, what, req.headers()).await,
+        Route::Admin(what) => endpoints::admin(state, &table, method, what, &parts.headers).await,
         Route::NotFound => Err(ApiError::NotFound(format!("no route for {method} {path}"))),
         route => {
-            let caller = authenticate(&table, req.headers())?;
+            let caller = authenticate(&table, &parts.headers)?;
             match route {
                 Route::Metrics => Ok(endpoints::metrics(state, &table)),
                 Route::Models if method == Method::GET => Ok(endpoints::models(&table)),
@@ -233,17 +237,14 @@ async fn dispatch<B: RequestBodyStream>(
                         })?),
                         None => None,
                     };
-                    let endpoint = endpoint.to_owned();
-                    Ok(proxy(
-                        state.clone(),
-                        table,
-                        req,
-                        request_id,
-                        caller,
-                        pinned,
+                    let caller = Caller {
+                        parts: &parts,
                         endpoint,
-                    )
-                    .await)
+                        request_id,
+                        name: caller,
+                        pinned,
+                    };
+                    Ok(proxy(state.clone(), table, caller, body).await)
                 }
                 _ => Err(ApiError::MethodNotAllowed(format!(
                     "{method} is not allowed on {path}"
@@ -364,25 +365,39 @@ fn fail(mut done: Completion, e: ApiError, request_id: &str) -> Response<Respons
     resp
 }
 
+/// What [`proxy`] is asked, borrowed from the caller's request.
+struct Caller<'a> {
+    parts: &'a http::request::Parts,
+    endpoint: &'a str,
+    request_id: &'a str,
+    /// The auth token's name, if any.
+    name: Option<String>,
+    /// The client named in the path (`/{client}/v1/...`), if any.
+    pinned: Option<usize>,
+}
+
 async fn proxy<B: RequestBodyStream>(
     state: Arc<AppState>,
     table: Arc<RoutingTable>,
-    req: Request<B>,
-    request_id: &str,
-    caller: Option<String>,
-    pinned: Option<usize>,
-    endpoint: String,
+    caller: Caller<'_>,
+    body: B,
 ) -> Response<ResponseBody> {
+    let Caller {
+        parts,
+        endpoint,
+        request_id,
+        name: caller,
+        pinned,
+    } = caller;
     let started = Instant::now();
     let record = Box::new(UsageRecord {
         ts: Some((state.clock)()),
         request_id: request_id.to_owned(),
         caller,
-        endpoint: usage_endpoint(&endpoint),
+        endpoint: usage_endpoint(endpoint),
         ..UsageRecord::default()
     });
     let mut done = Completion::start(state.clone(), record, started);
-    let (parts, body) = req.into_parts();
     let server = &table.config.server;
     let bytes = match read_body(
         body,
@@ -407,7 +422,7 @@ async fn proxy<B: RequestBodyStream>(
     done.record().model = peek.model.clone();
     done.record().stream = peek.stream;
     let model = match (&peek.model, pinned) {
-        (Some(m), _) => Some(m.as_str()),
+        (Some(m), _) => Some(&**m),
         (None, Some(_)) => None,
         (None, None) => {
             return fail(
@@ -430,15 +445,15 @@ async fn proxy<B: RequestBodyStream>(
         first_candidates = Some(candidates);
     }
 
-    let kind = EndpointKind::of(&endpoint);
+    let kind = EndpointKind::of(endpoint);
     let request = Prepared {
-        method: parts.method,
-        endpoint: &endpoint,
-        query: parts.uri.query().map(str::to_owned),
-        headers: parts.headers,
+        method: &parts.method,
+        endpoint,
+        query: parts.uri.query(),
+        headers: &parts.headers,
         body: RequestBody::new(bytes),
         kind,
-        requested_model: model,
+        requested_model: peek.model.as_ref(),
         include_usage: peek.stream && kind.is_text_generation() && !peek.include_usage,
         started,
     };
@@ -454,8 +469,10 @@ async fn proxy<B: RequestBodyStream>(
         None => {
             // Model names borrow from the request and the table: none is
             // copied per request.
-            let mut stack: Vec<(&str, u32)> = vec![(model.unwrap_or_default(), 0)];
-            let mut models_tried: Vec<&str> = Vec::new();
+            // Inline, like the lists below: a request that fails over
+            // to more than a few models or clients is rare.
+            let mut stack: SmallVec<[(&str, u32); 4]> = smallvec![(model.unwrap_or_default(), 0)];
+            let mut models_tried: SmallVec<[&str; 4]> = SmallVec::new();
             let max_depth = table.config.routing.max_fallback_depth;
             while let Some((m, depth)) = stack.pop() {
                 if models_tried.contains(&m) {
@@ -503,14 +520,14 @@ async fn proxy<B: RequestBodyStream>(
 
 /// The parts of the caller's request every attempt reuses.
 struct Prepared<'a> {
-    method: Method,
+    method: &'a Method,
     endpoint: &'a str,
-    query: Option<String>,
+    query: Option<&'a str>,
     /// The caller's headers as received; filtered per attempt.
-    headers: HeaderMap,
+    headers: &'a HeaderMap,
     body: RequestBody,
     kind: EndpointKind,
-    requested_model: Option<&'a str>,
+    requested_model: Option<&'a Arc<str>>,
     include_usage: bool,
     /// When the request arrived: `ttft_ms`, like `latency_ms`, counts
     /// from here, across failovers.
@@ -522,7 +539,7 @@ struct Prepared<'a> {
 struct Run {
     attempts: u32,
     /// Indices into the table's clients, in the order first tried.
-    clients_tried: Vec<usize>,
+    clients_tried: SmallVec<[usize; 4]>,
     soonest_free: Option<Duration>,
     last_error: Option<UpstreamError>,
 }
@@ -577,7 +594,7 @@ struct Answer {
     ttft: Option<Duration>,
     client: usize,
     key_id: Arc<str>,
-    routed_model: Option<String>,
+    routed_model: Option<Arc<str>>,
     in_flight: crate::routing::key_health::InFlight,
 }
 
@@ -597,10 +614,10 @@ async fn try_client(
     let max_attempts = table.config.routing.max_attempts;
     let routed = client.cfg.upstream_model.as_deref().or(model);
     let changes = Changes {
-        model: routed.filter(|r| Some(*r) != request.requested_model),
+        model: routed.filter(|r| Some(*r) != request.requested_model.map(|m| &**m)),
         include_usage: request.include_usage,
     };
-    let mut tried: Vec<usize> = Vec::new();
+    let mut tried: SmallVec<[usize; 4]> = SmallVec::new();
     let mut client_attempts = 0;
     while run.attempts < max_attempts && client_attempts < policy.max_attempts {
         let ki = match client.pick_key(&tried) {
@@ -622,10 +639,10 @@ async fn try_client(
         let up = upstream::build_request(
             client,
             key,
-            &request.method,
+            request.method,
             request.endpoint,
-            request.query.as_deref(),
-            &request.headers,
+            request.query,
+            request.headers,
             body,
         )
         .map_err(|e| ApiError::InvalidRequest(format!("cannot build the upstream request: {e}")))?;
@@ -663,7 +680,10 @@ async fn try_client(
                     ttft,
                     client: ci,
                     key_id: key.label.clone(),
-                    routed_model: routed.map(str::to_owned),
+                    routed_model: match (routed, request.requested_model) {
+                        (Some(r), Some(m)) if r == &**m => Some(m.clone()),
+                        (r, _) => r.map(Arc::from),
+                    },
                     in_flight,
                 }));
             }

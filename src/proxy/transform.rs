@@ -4,7 +4,8 @@
 //! The caller's bytes go upstream unchanged unless a change applies; reading
 //! `model` skips over the rest of the document without building a tree.
 
-use std::sync::OnceLock;
+use std::borrow::Cow;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize, Serializer};
@@ -41,7 +42,9 @@ impl EndpointKind {
 /// What the proxy needs from a JSON request body.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Peek {
-    pub model: Option<String>,
+    /// Shared with the usage row (also as its `routed_model` when the
+    /// client serves the model under its own name): one copy per request.
+    pub model: Option<Arc<str>>,
     pub stream: bool,
     pub include_usage: bool,
 }
@@ -77,14 +80,14 @@ pub fn peek(body: &[u8]) -> Result<Peek, String> {
     peek_with_serde(body)
 }
 
-fn usable_model(m: &str) -> Result<String, String> {
+fn usable_model(m: &str) -> Result<Arc<str>, String> {
     if m.is_empty() {
         return Err("`model` is empty".to_owned());
     }
     if m.len() > MAX_MODEL_LEN {
         return Err(format!("`model` is longer than {MAX_MODEL_LEN} bytes"));
     }
-    Ok(m.to_owned())
+    Ok(Arc::from(m))
 }
 
 fn peek_with_serde(body: &[u8]) -> Result<Peek, String> {
@@ -144,20 +147,20 @@ pub struct Changes<'a> {
 }
 
 /// The body to send to `client`: the caller's bytes when nothing changes.
-pub fn upstream_body(
-    body: &RequestBody,
+pub fn upstream_body<'a>(
+    body: &'a RequestBody,
     client: &ClientConfig,
     kind: EndpointKind,
     changes: &Changes,
-) -> Bytes {
+) -> Cow<'a, Bytes> {
     let text = kind.is_text_generation();
     let client_fields = !client.extra_body.is_empty()
         || (text && (client.stop.is_some() || client.max_tokens.is_some()));
     if changes.model.is_none() && !changes.include_usage && !client_fields {
-        return body.bytes.clone();
+        return Cow::Borrowed(&body.bytes);
     }
     let Some(map) = body.map() else {
-        return body.bytes.clone();
+        return Cow::Borrowed(&body.bytes);
     };
     let mut set: Vec<(&str, Value)> = Vec::new();
     if let Some(m) = changes.model {
@@ -190,14 +193,14 @@ pub fn upstream_body(
         }
     }
     if set.is_empty() {
-        return body.bytes.clone();
+        return Cow::Borrowed(&body.bytes);
     }
     match serde_json::to_vec(&Merged {
         base: map,
         set: &set,
     }) {
-        Ok(v) => Bytes::from(v),
-        Err(_) => body.bytes.clone(),
+        Ok(v) => Cow::Owned(Bytes::from(v)),
+        Err(_) => Cow::Borrowed(&body.bytes),
     }
 }
 
@@ -459,7 +462,10 @@ mod tests {
                 include_usage: false,
             },
         );
-        assert_eq!(out, raw);
+        assert!(
+            matches!(out, Cow::Borrowed(b) if *b == raw),
+            "passed on as it came"
+        );
     }
 
     #[test]
@@ -492,8 +498,9 @@ mod tests {
     fn stop_and_max_tokens_only_apply_to_text_generation() {
         let c = client("    stop: [\"END\"]\n    max_tokens: 100\n");
         let raw = Bytes::from_static(br#"{"model":"m","input":"x"}"#);
+        let body = RequestBody::new(raw.clone());
         let out = upstream_body(
-            &RequestBody::new(raw.clone()),
+            &body,
             &c,
             EndpointKind::Other,
             &Changes {
@@ -501,6 +508,9 @@ mod tests {
                 include_usage: false,
             },
         );
-        assert_eq!(out, raw);
+        assert!(
+            matches!(out, Cow::Borrowed(b) if *b == raw),
+            "passed on as it came"
+        );
     }
 }

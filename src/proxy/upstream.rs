@@ -11,6 +11,7 @@
 //! pooled connections survive them.
 //! Redirects are never followed: a key is sent only to its `base_url`.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -694,7 +695,7 @@ pub fn build_request<'a>(
     endpoint: &str,
     query: Option<&str>,
     caller_headers: &'a HeaderMap,
-    body: Bytes,
+    body: Cow<'a, Bytes>,
 ) -> Result<Outgoing<'a>, http::Error> {
     let uri = match (query, client.usual_uri(endpoint)) {
         (None, Some(uri)) => uri.clone(),
@@ -732,7 +733,9 @@ pub struct Outgoing<'a> {
     /// Absolute: the scheme and authority pick the connection.
     pub uri: Uri,
     headers: OutHeaders<'a>,
-    pub body: Bytes,
+    /// The caller's body as it came (borrowed: no reference count to
+    /// take and drop per attempt) or as changed for this client.
+    pub body: Cow<'a, Bytes>,
 }
 
 enum OutHeaders<'a> {
@@ -756,7 +759,7 @@ impl From<Request<Bytes>> for Outgoing<'static> {
             method: parts.method,
             uri: parts.uri,
             headers: OutHeaders::Whole(parts.headers),
-            body,
+            body: Cow::Owned(body),
         }
     }
 }
@@ -832,7 +835,7 @@ impl Outgoing<'_> {
                 map
             }
         };
-        let mut req = Request::new(self.body);
+        let mut req = Request::new(self.body.into_owned());
         *req.method_mut() = self.method;
         *req.uri_mut() = self.uri;
         *req.headers_mut() = headers;
@@ -879,7 +882,7 @@ mod tests {
                 authorization: &auth,
                 extra: &extra,
             },
-            body: Bytes::new(),
+            body: Cow::Owned(Bytes::new()),
         };
         let mut written = Vec::new();
         out.for_each_header(|n, v| written.push(format!("{n}: {}", v.to_str().unwrap())));

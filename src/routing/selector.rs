@@ -3,6 +3,11 @@
 
 use std::sync::Mutex;
 
+use smallvec::SmallVec;
+
+/// Client indices in the order to try them.
+pub type Order = SmallVec<[usize; 4]>;
+
 /// The candidates for one model name, cached in the routing table.
 #[derive(Debug, Default)]
 pub struct Candidates {
@@ -54,8 +59,10 @@ impl Candidates {
     }
 
     /// Every candidate once, in the order to try them for the next request.
-    pub fn order(&self) -> Vec<usize> {
-        let mut out = Vec::with_capacity(self.tiers.iter().map(|t| t.members.len()).sum());
+    /// Inline for up to four: most models have one or two clients, and the
+    /// list is made for every request.
+    pub fn order(&self) -> Order {
+        let mut out = Order::new();
         for t in &self.tiers {
             t.order_into(&mut out);
         }
@@ -69,7 +76,7 @@ impl Candidates {
 }
 
 impl Tier {
-    fn order_into(&self, out: &mut Vec<usize>) {
+    fn order_into(&self, out: &mut Order) {
         if self.members.len() == 1 {
             out.push(self.members[0]);
             return;

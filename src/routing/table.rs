@@ -376,7 +376,7 @@ openai_clients:
 "#,
         );
         let c = t.candidates("gpt-9");
-        assert_eq!(c.order(), vec![1, 0]);
+        assert_eq!(c.order().as_slice(), [1, 0]);
         assert!(Arc::ptr_eq(&c, &t.candidates("gpt-9")));
         assert_eq!(t.fallback_of(&c), ["x".to_string()]);
         assert!(t.candidates("nothing").is_empty());

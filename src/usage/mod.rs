@@ -24,8 +24,9 @@ pub struct UsageRecord {
     /// Borrowed for the usual endpoints: no copy per request, and the
     /// writer binds it once for a run of rows.
     pub endpoint: Cow<'static, str>,
-    pub model: Option<String>,
-    pub routed_model: Option<String>,
+    /// Shared with the request (and with each other when equal).
+    pub model: Option<Arc<str>>,
+    pub routed_model: Option<Arc<str>>,
     /// Shared with the routing table: no copy per request.
     pub client: Option<Arc<str>>,
     pub key_id: Option<Arc<str>>,

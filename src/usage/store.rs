@@ -580,8 +580,8 @@ mod tests {
                 request_id: format!("req_{i}"),
                 caller: (i % 2 == 1).then(|| format!("caller {i} ✓")),
                 endpoint: format!("e{i}").into(),
-                model: (i % 3 != 0).then(|| format!("model-{i}")),
-                routed_model: (i % 4 == 0).then(|| format!("routed-{i}")),
+                model: (i % 3 != 0).then(|| format!("model-{i}").into()),
+                routed_model: (i % 4 == 0).then(|| format!("routed-{i}").into()),
                 client: (i % 5 != 0).then(|| format!("client{i}").into()),
                 key_id: (i % 6 != 0).then(|| format!("key-{i}").into()),
                 status: 100 + i as u16,
@@ -662,7 +662,7 @@ mod tests {
                     request_id: format!("r{}", rng.u8(0..4)),
                     caller: rng.bool().then(|| "app".to_owned()),
                     endpoint: "chat/completions".into(),
-                    model: rng.bool().then(|| format!("m{}", rng.u8(0..2))),
+                    model: rng.bool().then(|| format!("m{}", rng.u8(0..2)).into()),
                     routed_model: None,
                     client: rng.bool().then(|| clients[rng.usize(0..2)].clone()),
                     key_id: rng.bool().then(|| keys[rng.usize(0..3)].clone()),
@@ -736,7 +736,7 @@ mod tests {
                 request_id: format!("r{i}"),
                 caller: (i % 2 == 0).then(|| "batch".to_owned()),
                 endpoint: "chat/completions".into(),
-                model: Some(format!("m{i}")),
+                model: Some(format!("m{i}").into()),
                 client: Some("c".into()),
                 key_id: Some("key-1".into()),
                 status: 200 + i as u16,
@@ -794,7 +794,7 @@ mod tests {
             assert_eq!(g.0, "2026-03-10T12:00:00.123Z");
             assert_eq!(g.1, r.request_id);
             assert_eq!(g.2, r.caller);
-            assert_eq!(Some(&g.3), r.model.as_ref());
+            assert_eq!(Some(g.3.as_str()), r.model.as_deref());
             assert_eq!((g.4, g.5, g.6), (r.status, r.stream, r.latency_ms));
             assert_eq!((Some(g.7), g.8), (r.prompt_tokens, r.completion_tokens));
             assert_eq!(g.9, r.error);
