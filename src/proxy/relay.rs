@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame};
+use smallvec::SmallVec;
 use tokio::time::{Instant, Sleep};
 
 use super::body::BoxError;
@@ -33,9 +34,44 @@ pub enum Filter {
     Raw,
 }
 
+/// Chunks waiting for the caller, oldest first. The first waits in a slot
+/// of its own, so a body that arrives as one chunk (most non-streaming
+/// answers) allocates no queue.
+#[derive(Default)]
+struct Queue {
+    head: Option<Bytes>,
+    rest: VecDeque<Bytes>,
+}
+
+impl Queue {
+    fn push(&mut self, chunk: Bytes) {
+        if self.head.is_none() && self.rest.is_empty() {
+            self.head = Some(chunk);
+        } else {
+            self.rest.push_back(chunk);
+        }
+    }
+
+    fn pop(&mut self) -> Option<Bytes> {
+        self.head.take().or_else(|| self.rest.pop_front())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.head.is_none() && self.rest.is_empty()
+    }
+
+    /// Where a filter that queues many pieces at once appends them.
+    fn tail(&mut self) -> &mut VecDeque<Bytes> {
+        if let Some(head) = self.head.take() {
+            self.rest.push_front(head);
+        }
+        &mut self.rest
+    }
+}
+
 pub struct Relay {
     upstream: UpstreamBody,
-    queued: VecDeque<Bytes>,
+    queued: Queue,
     filter: Filter,
     idle_timeout: Duration,
     /// When the upstream last sent data (or the relay began).
@@ -63,7 +99,7 @@ impl Relay {
     ) -> Relay {
         let mut relay = Relay {
             upstream,
-            queued: VecDeque::new(),
+            queued: Queue::default(),
             filter,
             idle_timeout,
             last_data: Instant::now(),
@@ -88,24 +124,24 @@ impl Relay {
 
     fn take_chunk(&mut self, chunk: Bytes) {
         match &mut self.filter {
-            Filter::Sse(f) => f.push(chunk, &mut self.queued),
+            Filter::Sse(f) => f.push(chunk, self.queued.tail()),
             Filter::Json(s) => {
                 s.observe(&chunk);
-                self.queued.push_back(chunk);
+                self.queued.push(chunk);
             }
             Filter::Prefix(p) => {
                 if let Some(overflow) = p.push(chunk) {
-                    self.queued.extend(overflow);
+                    self.queued.tail().extend(overflow);
                 }
             }
-            Filter::Raw => self.queued.push_back(chunk),
+            Filter::Raw => self.queued.push(chunk),
         }
     }
 
     fn end_of_upstream(&mut self) {
         match &mut self.filter {
-            Filter::Sse(f) => f.finish(&mut self.queued),
-            Filter::Prefix(p) => self.queued.extend(p.finish()),
+            Filter::Sse(f) => f.finish(self.queued.tail()),
+            Filter::Prefix(p) => self.queued.tail().extend(p.finish()),
             Filter::Json(_) | Filter::Raw => {}
         }
     }
@@ -141,7 +177,7 @@ impl Body for Relay {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         loop {
-            if let Some(chunk) = this.queued.pop_front() {
+            if let Some(chunk) = this.queued.pop() {
                 // A caller reading a sized body stops polling after the last
                 // byte, so the request is complete when that byte leaves.
                 if this.queued.is_empty() && this.upstream_done {
@@ -227,7 +263,8 @@ const JSON_TAIL: usize = 16 * 1024;
 /// only a tail.
 #[derive(Default)]
 pub struct JsonSniffer {
-    chunks: Vec<Bytes>,
+    /// Inline for the usual body of one or two chunks.
+    chunks: SmallVec<[Bytes; 2]>,
     len: usize,
     tail: BytesMut,
     whole: bool,
@@ -341,5 +378,29 @@ impl PrefixBuffer {
             Ok(v) => vec![Bytes::from(v)],
             Err(_) => vec![held],
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_queue_gives_chunks_back_in_the_order_they_came() {
+        let b = |s: &'static str| Bytes::from_static(s.as_bytes());
+        let mut q = Queue::default();
+        assert!(q.is_empty());
+        q.push(b("1"));
+        q.push(b("2"));
+        // A filter appending many at once goes behind what is queued,
+        // including the chunk in the first slot.
+        q.tail().extend([b("3"), b("4")]);
+        q.push(b("5"));
+        assert_eq!(q.pop(), Some(b("1")));
+        // Emptied slot, non-empty rest: a new chunk still goes last.
+        q.push(b("6"));
+        let rest: Vec<Bytes> = std::iter::from_fn(|| q.pop()).collect();
+        assert_eq!(rest, [b("2"), b("3"), b("4"), b("5"), b("6")]);
+        assert!(q.is_empty());
     }
 }
