@@ -17,10 +17,10 @@
 //! `Connection: close` request, a body not read to its end, a response
 //! body that failed, or once the server is draining.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -60,11 +60,13 @@ pub enum Exit {
 
 /// Serves requests on `io` until the connection ends, the server drains
 /// (`draining` turns true), or a request needs hyper.
-pub async fn serve(
-    io: TcpStream,
-    state: Arc<AppState>,
-    mut draining: watch::Receiver<bool>,
-) -> Exit {
+pub async fn serve(io: TcpStream, state: Arc<AppState>, draining: watch::Receiver<bool>) -> Exit {
+    // Made once per connection, not per wait for a request: it registers
+    // with the drain signal on its first wait and stays registered, where
+    // a new one per wait would register and deregister (two locks) each
+    // time.
+    let mut watch = draining.clone();
+    let mut drained = std::pin::pin!(super::server::drained(&mut watch));
     let mut conn = Conn {
         io,
         buf: BytesMut::with_capacity(READ_ROOM),
@@ -72,7 +74,10 @@ pub async fn serve(
     };
     loop {
         let head_timeout = state.table.load().config.server.header_read_timeout;
-        let head = match conn.read_head(head_timeout, &mut draining).await {
+        let head = match conn
+            .read_head(head_timeout, &draining, drained.as_mut())
+            .await
+        {
             HeadRead::Head(h) => h,
             HeadRead::Closed => return Exit::Closed,
             HeadRead::HandOff => {
@@ -169,7 +174,8 @@ impl Conn {
     async fn read_head(
         &mut self,
         timeout: Duration,
-        draining: &mut watch::Receiver<bool>,
+        draining: &watch::Receiver<bool>,
+        mut drained: Pin<&mut impl Future<Output = ()>>,
     ) -> HeadRead {
         let mut deadline = None;
         loop {
@@ -196,7 +202,8 @@ impl Conn {
                 tokio::select! {
                     biased;
                     r = self.io.read_buf(&mut self.buf) => r,
-                    _ = super::server::drained(draining) => return HeadRead::Closed,
+                    // Polled only until it resolves: then the connection closes.
+                    () = drained.as_mut() => return HeadRead::Closed,
                 }
             } else {
                 let at = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
@@ -495,8 +502,12 @@ fn parse(buf: &[u8]) -> Parsed {
         let at = part.as_ptr() as usize - base;
         head.slice(at..at + part.len())
     };
-    let Ok(uri) = Uri::from_maybe_shared(slice(path.as_bytes())) else {
-        return Parsed::HandOff;
+    let uri = match usual_uri(path) {
+        Some(uri) => uri,
+        None => match Uri::from_maybe_shared(slice(path.as_bytes())) {
+            Ok(uri) => uri,
+            Err(_) => return Parsed::HandOff,
+        },
     };
     let mut headers = HeaderMap::with_capacity(req.headers.len());
     let mut length: Option<u64> = None;
@@ -538,6 +549,25 @@ fn parse(buf: &[u8]) -> Parsed {
         },
         len,
     )
+}
+
+/// The paths of the usual endpoints (`USUAL_ENDPOINTS` under `/v1/`).
+const USUAL_PATHS: [&str; 6] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/moderations",
+    "/v1/images/generations",
+];
+
+/// The URI of a usual endpoint's path, parsed once: a copy of it shares
+/// static bytes, where parsing the path cost about a hundredth of a
+/// request's instructions.
+fn usual_uri(path: &str) -> Option<Uri> {
+    static URIS: LazyLock<[Uri; 6]> = LazyLock::new(|| USUAL_PATHS.map(Uri::from_static));
+    let i = USUAL_PATHS.iter().position(|p| *p == path)?;
+    Some(URIS[i].clone())
 }
 
 /// A request body the fast path has read (or given up on).
@@ -664,5 +694,30 @@ impl DateCache {
             }
         }
         &self.text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::table::USUAL_ENDPOINTS;
+
+    #[test]
+    fn the_usual_paths_are_the_usual_endpoints_and_parse_as_themselves() {
+        for (path, endpoint) in USUAL_PATHS.iter().zip(USUAL_ENDPOINTS) {
+            assert_eq!(*path, format!("/v1/{endpoint}"));
+            let uri = usual_uri(path).expect("a usual path");
+            assert_eq!(uri, path.parse::<Uri>().unwrap());
+            assert_eq!(uri.path(), *path);
+            assert!(uri.query().is_none());
+        }
+        assert_eq!(USUAL_PATHS.len(), USUAL_ENDPOINTS.len());
+        for other in [
+            "/v1/chat/completions?x=1",
+            "/v1/chat/completions/",
+            "/v1/models",
+        ] {
+            assert!(usual_uri(other).is_none(), "{other}");
+        }
     }
 }
