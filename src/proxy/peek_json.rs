@@ -154,8 +154,8 @@ impl<'a> Scanner<'a> {
 
     /// Moves past the bytes of a string that need no look of their own
     /// (anything but `"`, `\` and control characters), eight at a time:
-    /// message contents are most of a body. A word holding any such byte
-    /// is left to the byte loop.
+    /// message contents are most of a body. Stops on the first such byte,
+    /// or within eight bytes of the end of the body.
     fn skip_plain(&mut self) {
         const ONES: u64 = 0x0101_0101_0101_0101;
         const HIGH: u64 = 0x8080_8080_8080_8080;
@@ -177,21 +177,31 @@ impl<'a> Scanner<'a> {
                 .and_then(|w| <[u8; 8]>::try_from(w).ok())
                 .map(u64::from_le_bytes)
         };
+        // The lowest lane marked is exact (only lanes above a marked one
+        // can be marked falsely): the scan stops on the byte itself.
+        let first = |mask: u64| (mask.trailing_zeros() / 8) as usize;
         // Most strings are short (keys, roles, model names): their first
         // word holds the closing quote.
         match word(self.i) {
             Some(a) if special(a) == 0 => self.i += 8,
-            _ => return,
+            Some(a) => {
+                self.i += first(special(a));
+                return;
+            }
+            None => return,
         }
         // Two words a step: one test and branch per sixteen bytes.
         while let (Some(a), Some(b)) = (word(self.i), word(self.i + 8)) {
             if special(a) | special(b) != 0 {
+                // The next loop finds which word, and where.
                 break;
             }
             self.i += 16;
         }
         while let Some(a) = word(self.i) {
-            if special(a) != 0 {
+            let m = special(a);
+            if m != 0 {
+                self.i += first(m);
                 return;
             }
             self.i += 8;
