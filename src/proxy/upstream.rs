@@ -35,6 +35,7 @@ use tower_service::Service;
 
 use super::plain::{self, PlainBody, WireError, Written};
 
+use crate::routing::table::Fnv;
 use crate::routing::{ClientRoute, KeyRoute};
 
 type Connector = HttpsConnector<HttpConnector>;
@@ -333,29 +334,6 @@ impl Body for UpstreamBody {
                 None => SizeHint::default(),
             },
         }
-    }
-}
-
-/// FNV-1a: the pool is keyed by a scheme and an authority hashed byte by
-/// byte, where SipHash costs more than the rest of a lookup.
-#[derive(Default)]
-struct Fnv(u64);
-
-impl Hasher for Fnv {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        let mut h = if self.0 == 0 {
-            0xcbf2_9ce4_8422_2325
-        } else {
-            self.0
-        };
-        for &b in bytes {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-        self.0 = h;
     }
 }
 

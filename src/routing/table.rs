@@ -2,6 +2,7 @@
 //! whole on reload. A request loads it once and keeps it for its life.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
@@ -20,6 +21,50 @@ use crate::secret::{KeyId, Secret};
 /// model names cannot grow memory without bound.
 const ROUTE_CACHE_LIMIT: usize = 10_000;
 
+/// FNV-1a, for maps looked up on every request with short keys (model
+/// names here, upstream authorities in the connection pool) where SipHash
+/// costs more than the rest of a lookup. Only for maps whose keys come from
+/// the config: a caller cannot choose them to collide.
+#[derive(Default)]
+pub(crate) struct Fnv(u64);
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for &b in bytes {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+/// A model's candidates: borrowed from the table for the names it knows
+/// (no reference count touched per request: the two request threads would
+/// share its cache line), shared from the cache for the others.
+pub enum CandidatesRef<'a> {
+    Known(&'a Candidates),
+    Cached(Arc<Candidates>),
+}
+
+impl std::ops::Deref for CandidatesRef<'_> {
+    type Target = Candidates;
+
+    fn deref(&self) -> &Candidates {
+        match self {
+            CandidatesRef::Known(c) => c,
+            CandidatesRef::Cached(c) => c,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct RoutingTable {
     /// 1 for the first table, +1 per applied reload.
@@ -28,7 +73,7 @@ pub struct RoutingTable {
     pub clients: Vec<ClientRoute>,
     by_name: HashMap<String, usize>,
     /// Routes for every exact model name and fallback target, built up front.
-    known: HashMap<String, Arc<Candidates>>,
+    known: HashMap<String, Arc<Candidates>, BuildHasherDefault<Fnv>>,
     cache: RwLock<HashMap<Box<str>, Arc<Candidates>>>,
 }
 
@@ -151,7 +196,7 @@ impl RoutingTable {
             config: Arc::new(config),
             clients,
             by_name,
-            known: HashMap::new(),
+            known: HashMap::default(),
             cache: RwLock::new(HashMap::new()),
         };
         let names: Vec<String> = table
@@ -184,9 +229,9 @@ impl RoutingTable {
 
     /// The candidates for `model`; empty when no client matches it.
     /// Regexes run once per distinct name, not per request.
-    pub fn candidates(&self, model: &str) -> Arc<Candidates> {
+    pub fn candidates(&self, model: &str) -> CandidatesRef<'_> {
         if let Some(c) = self.known.get(model) {
-            return c.clone();
+            return CandidatesRef::Known(c);
         }
         if let Some(c) = self
             .cache
@@ -194,14 +239,14 @@ impl RoutingTable {
             .unwrap_or_else(|e| e.into_inner())
             .get(model)
         {
-            return c.clone();
+            return CandidatesRef::Cached(c.clone());
         }
         let route = self.resolve(model);
         let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
         if cache.len() < ROUTE_CACHE_LIMIT {
             cache.insert(model.into(), route.clone());
         }
-        route
+        CandidatesRef::Cached(route)
     }
 
     pub fn client_index(&self, name: &str) -> Option<usize> {
@@ -377,7 +422,7 @@ openai_clients:
         );
         let c = t.candidates("gpt-9");
         assert_eq!(c.order().as_slice(), [1, 0]);
-        assert!(Arc::ptr_eq(&c, &t.candidates("gpt-9")));
+        assert!(std::ptr::eq(&*c, &*t.candidates("gpt-9")));
         assert_eq!(t.fallback_of(&c), ["x".to_string()]);
         assert!(t.candidates("nothing").is_empty());
         assert_eq!(t.models(), vec![("x", "c")]);
