@@ -18,8 +18,8 @@ pub const CALLER_CLOSED: u16 = 499;
 
 pub struct Completion {
     state: Arc<AppState>,
-    /// Boxed from the start: the writer's channel takes a box, and the
-    /// request's futures move a pointer instead of the row. Taken when
+    /// Boxed from the start: the request's futures move a pointer
+    /// instead of the row. Taken when
     /// the request reports: `None` means it has.
     record: Option<Box<UsageRecord>>,
     started: Instant,
@@ -90,7 +90,7 @@ impl Completion {
                 tokens = r.total_tokens, error = r.error.as_deref(), "request"
             );
         }
-        state.usage.send(r);
+        state.usage.send(&r);
     }
 }
 

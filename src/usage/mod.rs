@@ -2,9 +2,10 @@
 //! monthly SQLite files and the reports read from them.
 //!
 //! No request waits on SQLite: the proxy hands a [`UsageRecord`] to
-//! [`UsageSink::send`], a non-blocking channel send.
+//! [`UsageSink::send`], which packs it into the writer's buffer.
 
 pub mod report;
+pub mod rows;
 pub mod store;
 pub mod writer;
 

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{ffi, Connection, OpenFlags};
+use smallvec::SmallVec;
 
+use super::rows::{Row, RowBuf};
 use super::UsageRecord;
 
 /// `PRAGMA application_id` of every usage file ("gptb").
@@ -194,7 +196,7 @@ pub fn open_for_read(path: &Path) -> Result<Connection, StoreError> {
 /// `t` as `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC), as humantime writes it, into
 /// a buffer on the stack: the writer formats one per row. Times before
 /// 1970 or after 9999 are clamped to those bounds.
-fn rfc3339_millis(t: SystemTime) -> [u8; 24] {
+pub(super) fn rfc3339_millis(t: SystemTime) -> [u8; 24] {
     const LAST: u64 = 253_402_300_799_999; // 9999-12-31T23:59:59.999Z
     let ms = t.duration_since(UNIX_EPOCH).map_or(0, |d| {
         u64::try_from(d.as_millis()).unwrap_or(LAST).min(LAST)
@@ -245,30 +247,30 @@ const ROWS_PER_INSERT: usize = 16;
 /// until the scheduler's time slice ends.
 const YIELD_EVERY_GROUPS: u32 = 4;
 
+/// `OR FAIL`: a statement that fails keeps the rows it wrote before the
+/// failure, so SQLite keeps no statement journal (a copy of every page a
+/// statement first touches) to undo them. Nothing needs undoing row by
+/// row: a batch is one transaction, rolled back whole when any statement
+/// of it fails.
 fn insert_sql(rows: usize) -> String {
     let one = format!("({})", vec!["?"; PARAMS_PER_ROW].join(","));
     format!(
-        "INSERT INTO requests ({COLUMNS}) VALUES {}",
+        "INSERT OR FAIL INTO requests ({COLUMNS}) VALUES {}",
         vec![one; rows].join(",")
     )
 }
 
-/// Binds `r`, stamped `ts`, to the parameters from `first` (1-based) on.
-fn bind_row<'a>(
-    stmt: &mut RawInsert<'_, 'a>,
-    first: c_int,
-    r: &'a UsageRecord,
-    ts: &'a [u8; 24],
-) -> rusqlite::Result<()> {
+/// Binds `r` to the parameters from `first` (1-based) on.
+fn bind_row<'a>(stmt: &mut RawInsert<'_, 'a>, first: c_int, r: &Row<'a>) -> rusqlite::Result<()> {
     let count = |v: Option<u64>| v.map(|v| i64::try_from(v).unwrap_or(i64::MAX));
-    stmt.text(first, Some(std::str::from_utf8(ts).unwrap_or_default()))?;
-    stmt.text(first + 1, Some(&r.request_id))?;
-    stmt.text(first + 2, r.caller.as_deref())?;
-    stmt.text(first + 3, Some(&r.endpoint))?;
-    stmt.text(first + 4, r.model.as_deref())?;
-    stmt.text(first + 5, r.routed_model.as_deref())?;
-    stmt.text(first + 6, r.client.as_deref())?;
-    stmt.text(first + 7, r.key_id.as_deref())?;
+    stmt.text(first, Some(r.ts.as_slice()))?;
+    stmt.text(first + 1, Some(r.request_id))?;
+    stmt.text(first + 2, r.caller)?;
+    stmt.text(first + 3, Some(r.endpoint))?;
+    stmt.text(first + 4, r.model)?;
+    stmt.text(first + 5, r.routed_model)?;
+    stmt.text(first + 6, r.client)?;
+    stmt.text(first + 7, r.key_id)?;
     stmt.int(first + 8, Some(i64::from(r.status)))?;
     stmt.int(first + 9, Some(i64::from(r.stream)))?;
     stmt.int(first + 10, Some(i64::from(r.attempts)))?;
@@ -277,7 +279,7 @@ fn bind_row<'a>(
     stmt.int(first + 13, count(r.prompt_tokens))?;
     stmt.int(first + 14, count(r.completion_tokens))?;
     stmt.int(first + 15, count(r.total_tokens))?;
-    stmt.text(first + 16, r.error.as_deref())?;
+    stmt.text(first + 16, r.error)?;
     Ok(())
 }
 
@@ -312,40 +314,56 @@ impl UsageFile {
         &self.conn
     }
 
-    /// Inserts the rows in one transaction, in order: groups of
-    /// [`ROWS_PER_INSERT`] per statement, then the rest one by one.
+    /// Packs `rows` and inserts them with [`UsageFile::insert_rows`].
     pub fn insert_batch(&mut self, rows: &[&UsageRecord]) -> rusqlite::Result<()> {
-        let stamps: Vec<[u8; 24]> = rows
-            .iter()
-            .map(|r| rfc3339_millis(r.ts.unwrap_or_else(SystemTime::now)))
-            .collect();
+        let mut packed = RowBuf::default();
+        for r in rows {
+            packed.push(r);
+        }
+        self.insert_rows(packed.iter().map(|(_, row)| row))
+            .map(drop)
+    }
+
+    /// Inserts the rows in one transaction, in order: groups of
+    /// [`ROWS_PER_INSERT`] per statement, the last few one by one. Returns
+    /// how many; on an error the transaction is rolled back whole.
+    pub fn insert_rows<'a>(
+        &mut self,
+        mut rows: impl Iterator<Item = Row<'a>>,
+    ) -> rusqlite::Result<usize> {
         let tx = self.conn.transaction()?;
         let db = self.group.db;
         let per_row = PARAMS_PER_ROW as c_int;
-        let mut groups = rows.chunks_exact(ROWS_PER_INSERT);
-        let mut at = 0;
-        if groups.len() > 0 {
+        let mut chunk: SmallVec<[Row<'a>; ROWS_PER_INSERT]> = SmallVec::new();
+        let mut written = 0;
+        {
             let mut stmt = RawInsert::new(&mut self.group, db, ROWS_PER_INSERT * PARAMS_PER_ROW);
-            for (n, group) in (1..).zip(&mut groups) {
-                for (i, r) in (0..).zip(group.iter()) {
-                    bind_row(&mut stmt, 1 + i * per_row, r, &stamps[at])?;
-                    at += 1;
+            for n in 1.. {
+                chunk.clear();
+                chunk.extend(rows.by_ref().take(ROWS_PER_INSERT));
+                if chunk.len() < ROWS_PER_INSERT {
+                    break;
+                }
+                for (i, r) in (0..).zip(&chunk) {
+                    bind_row(&mut stmt, 1 + i * per_row, r)?;
                 }
                 stmt.execute()?;
+                written += ROWS_PER_INSERT;
                 if n % YIELD_EVERY_GROUPS == 0 {
                     std::thread::yield_now();
                 }
             }
         }
-        if !groups.remainder().is_empty() {
+        if !chunk.is_empty() {
             let mut stmt = RawInsert::new(&mut self.single, db, PARAMS_PER_ROW);
-            for r in groups.remainder() {
-                bind_row(&mut stmt, 1, r, &stamps[at])?;
-                at += 1;
+            for r in &chunk {
+                bind_row(&mut stmt, 1, r)?;
                 stmt.execute()?;
+                written += 1;
             }
         }
-        tx.commit()
+        tx.commit()?;
+        Ok(written)
     }
 }
 
@@ -397,7 +415,7 @@ impl Drop for Prepared {
 enum Bound<'a> {
     Null,
     Int(i64),
-    Text(&'a str),
+    Text(&'a [u8]),
     /// After a failed bind: equal to nothing.
     Unknown,
 }
@@ -438,13 +456,13 @@ impl<'s, 'a> RawInsert<'s, 'a> {
         }
     }
 
-    fn text(&mut self, at: c_int, value: Option<&'a str>) -> rusqlite::Result<()> {
+    fn text(&mut self, at: c_int, value: Option<&'a [u8]>) -> rusqlite::Result<()> {
         let Some(v) = value else {
             return self.null(at);
         };
         let len = c_int::try_from(v.len()).map_err(|_| failure(ffi::SQLITE_TOOBIG, None))?;
         // An empty string's pointer dangles; SQLite gets a real one.
-        let v = if v.is_empty() { "" } else { v };
+        let v: &[u8] = if v.is_empty() { b"" } else { v };
         if !self.changes(at, Bound::Text(v)) {
             return Ok(());
         }

@@ -1,41 +1,60 @@
-//! The background writer: a bounded channel, batches, one transaction per
-//! batch and month file, a final flush on shutdown.
+//! The background writer: a bounded buffer of packed rows, batches, one
+//! transaction per batch and month file, a final flush on shutdown.
 //!
 //! Runs on its own OS thread because SQLite blocks. When it falls behind
-//! (channel full) or the disk refuses a batch, rows are counted as dropped
+//! (buffer full) or the disk refuses a batch, rows are counted as dropped
 //! and serving goes on; the next batch tries again.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::rows::RowBuf;
 use super::store;
 use super::UsageRecord;
 use crate::ops::metrics::Metrics;
 
 /// Rows waiting for the writer before new ones are dropped.
-const CHANNEL_CAPACITY: usize = 65_536;
+const PENDING_CAPACITY: usize = 65_536;
 /// Most rows in one transaction.
 const MAX_BATCH: usize = 8192;
 /// After the first row of a batch arrives, the writer waits this long for
-/// more. While it waits it is not blocked on the channel, so request tasks
-/// sending rows never have to wake a thread: one wake-up per batch, not per
-/// row. Well inside the promise of a commit at least once a second.
+/// more. While it waits it is not waiting on the buffer's condition, so
+/// requests adding rows never have to wake a thread: one wake-up per
+/// batch, not per row. Well inside the promise of a commit at least once a
+/// second.
 const BATCH_WINDOW: Duration = Duration::from_millis(100);
 
-enum Msg {
-    Row(Box<UsageRecord>),
-    Close,
+/// What requests and the writer share: the rows not yet taken, behind a
+/// lock held for the copy of one row (or the swap of the whole buffer).
+struct Shared {
+    pending: Mutex<Pending>,
+    /// Signalled when the first row of a batch arrives, and on shutdown.
+    arrived: Condvar,
 }
 
-/// The request side: a non-blocking send, cloned into every handler.
+struct Pending {
+    rows: RowBuf,
+    /// Set by shutdown: the writer takes what is left, and rows arriving
+    /// later are dropped.
+    closing: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        // Nothing panics while holding the lock but an allocation failure;
+        // the rows already packed are whole either way.
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The request side, cloned into every handler.
 #[derive(Clone)]
 pub struct UsageSink {
-    tx: Option<SyncSender<Msg>>,
+    shared: Option<Arc<Shared>>,
     metrics: Arc<Metrics>,
     dropped: Arc<AtomicU64>,
 }
@@ -44,33 +63,40 @@ impl UsageSink {
     /// A sink that records nothing (`usage.enabled: false`).
     pub fn disabled(metrics: Arc<Metrics>) -> UsageSink {
         UsageSink {
-            tx: None,
+            shared: None,
             metrics,
             dropped: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    pub fn send(&self, record: Box<UsageRecord>) {
-        let Some(tx) = &self.tx else { return };
-        match tx.try_send(Msg::Row(record)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.metrics.usage_rows("dropped", 1);
-                let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                if n.is_power_of_two() {
-                    tracing::warn!(
-                        dropped_total = n,
-                        "usage writer is behind or stopped; usage rows dropped"
-                    );
-                }
+    /// Packs `record` for the writer; never waits on it.
+    pub fn send(&self, record: &UsageRecord) {
+        let Some(shared) = &self.shared else { return };
+        let mut pending = shared.lock();
+        if pending.closing || pending.rows.len() >= PENDING_CAPACITY {
+            drop(pending);
+            self.metrics.usage_rows("dropped", 1);
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    dropped_total = n,
+                    "usage writer is behind or stopped; usage rows dropped"
+                );
             }
+            return;
+        }
+        let first = pending.rows.is_empty();
+        pending.rows.push(record);
+        drop(pending);
+        if first {
+            shared.arrived.notify_one();
         }
     }
 }
 
 /// The writer thread; [`UsageWriter::shutdown`] flushes every pending row.
 pub struct UsageWriter {
-    tx: SyncSender<Msg>,
+    shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -78,20 +104,27 @@ impl UsageWriter {
     /// Creates `dir` if needed, checks it is writable, and starts the writer.
     pub fn start(dir: &Path, metrics: Arc<Metrics>) -> std::io::Result<(UsageWriter, UsageSink)> {
         check_writable(dir)?;
-        let (tx, rx) = mpsc::sync_channel(CHANNEL_CAPACITY);
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Pending {
+                rows: RowBuf::default(),
+                closing: false,
+            }),
+            arrived: Condvar::new(),
+        });
         let dir = dir.to_owned();
         let m = metrics.clone();
+        let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("usage-writer".into())
-            .spawn(move || write_loop(rx, dir, m))?;
+            .spawn(move || write_loop(&s, dir, m))?;
         let sink = UsageSink {
-            tx: Some(tx.clone()),
+            shared: Some(shared.clone()),
             metrics,
             dropped: Arc::new(AtomicU64::new(0)),
         };
         Ok((
             UsageWriter {
-                tx,
+                shared,
                 thread: Some(thread),
             },
             sink,
@@ -100,7 +133,8 @@ impl UsageWriter {
 
     /// Writes every row sent so far, then stops the thread.
     pub fn shutdown(mut self) {
-        let _ = self.tx.send(Msg::Close);
+        self.shared.lock().closing = true;
+        self.shared.arrived.notify_one();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -118,37 +152,32 @@ pub fn check_writable(dir: &Path) -> std::io::Result<()> {
     std::fs::remove_file(&probe).map_err(wrap)
 }
 
-fn write_loop(rx: Receiver<Msg>, dir: PathBuf, metrics: Arc<Metrics>) {
+fn write_loop(shared: &Shared, dir: PathBuf, metrics: Arc<Metrics>) {
     let mut files = MonthFiles {
         dir,
         open: HashMap::new(),
         last_error_log: HashMap::new(),
         metrics,
     };
-    let mut batch: Vec<Box<UsageRecord>> = Vec::new();
+    // Swapped with the shared buffer each batch: both keep their memory.
+    let mut batch = RowBuf::default();
     loop {
-        let mut closing = false;
-        match rx.recv() {
-            Ok(Msg::Row(r)) => batch.push(r),
-            Ok(Msg::Close) | Err(_) => closing = true,
+        let mut pending = shared.lock();
+        while pending.rows.is_empty() && !pending.closing {
+            pending = shared
+                .arrived
+                .wait(pending)
+                .unwrap_or_else(PoisonError::into_inner);
         }
-        if !closing {
+        if !pending.closing {
+            drop(pending);
             std::thread::sleep(BATCH_WINDOW);
+            pending = shared.lock();
         }
-        // Rows sent before Close are all in the channel ahead of it.
-        loop {
-            match rx.try_recv() {
-                Ok(Msg::Row(r)) => {
-                    batch.push(r);
-                    if batch.len() >= MAX_BATCH {
-                        files.write(&batch);
-                        batch.clear();
-                    }
-                }
-                Ok(Msg::Close) => closing = true,
-                Err(_) => break,
-            }
-        }
+        std::mem::swap(&mut pending.rows, &mut batch);
+        // Once closing is seen here, no row can arrive after this batch.
+        let closing = pending.closing;
+        drop(pending);
         if !batch.is_empty() {
             files.write(&batch);
             batch.clear();
@@ -167,20 +196,14 @@ struct MonthFiles {
 }
 
 impl MonthFiles {
-    fn write(&mut self, batch: &[Box<UsageRecord>]) {
-        // Rows of one batch almost always share a month (and a day): the
-        // month's name is worked out again only when the UTC day changes.
-        let mut by_month: Vec<(String, Vec<&UsageRecord>)> = Vec::new();
-        let mut last_day = None;
+    fn write(&mut self, batch: &RowBuf) {
+        // Rows of one batch almost always share a month: the offsets of
+        // each month's rows, in order.
+        let mut by_month: Vec<(&[u8], Vec<usize>)> = Vec::new();
         let mut at = 0;
-        for r in batch {
-            let ts = r.ts.unwrap_or_else(std::time::SystemTime::now);
-            let day = ts
-                .duration_since(std::time::UNIX_EPOCH)
-                .ok()
-                .map(|d| d.as_secs() / 86_400);
-            if day.is_none() || day != last_day || by_month.is_empty() {
-                let month = store::month_of(ts);
+        for (offset, row) in batch.iter() {
+            let month = row.month();
+            if by_month.get(at).is_none_or(|(m, _)| *m != month) {
                 at = match by_month.iter().position(|(m, _)| *m == month) {
                     Some(i) => i,
                     None => {
@@ -188,26 +211,13 @@ impl MonthFiles {
                         by_month.len() - 1
                     }
                 };
-                last_day = day;
             }
-            by_month[at].1.push(r);
+            by_month[at].1.push(offset);
         }
-        for (month, rows) in by_month {
-            match self.write_month(&month, &rows) {
-                Ok(()) => self.metrics.usage_rows("written", rows.len() as u64),
-                Err(e) => {
-                    self.metrics.usage_rows("dropped", rows.len() as u64);
-                    self.open.remove(&month);
-                    let now = Instant::now();
-                    let recent = self
-                        .last_error_log
-                        .get(&month)
-                        .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(10));
-                    if !recent {
-                        self.last_error_log.insert(month.clone(), now);
-                        tracing::error!(error = %e, rows = rows.len(), "usage rows dropped");
-                    }
-                }
+        for (month, offsets) in by_month {
+            let month = String::from_utf8_lossy(month);
+            for rows in offsets.chunks(MAX_BATCH) {
+                self.write_rows(&month, batch, rows);
             }
         }
         // Keep only the newest two months open.
@@ -220,7 +230,33 @@ impl MonthFiles {
         }
     }
 
-    fn write_month(&mut self, month: &str, rows: &[&UsageRecord]) -> Result<(), store::StoreError> {
+    /// Writes the rows of `batch` at `offsets` to `month`'s file in one
+    /// transaction, or counts them as dropped.
+    fn write_rows(&mut self, month: &str, batch: &RowBuf, offsets: &[usize]) {
+        match self.write_month(month, batch, offsets) {
+            Ok(n) => self.metrics.usage_rows("written", n as u64),
+            Err(e) => {
+                self.metrics.usage_rows("dropped", offsets.len() as u64);
+                self.open.remove(month);
+                let now = Instant::now();
+                let recent = self
+                    .last_error_log
+                    .get(month)
+                    .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(10));
+                if !recent {
+                    self.last_error_log.insert(month.to_owned(), now);
+                    tracing::error!(error = %e, rows = offsets.len(), "usage rows dropped");
+                }
+            }
+        }
+    }
+
+    fn write_month(
+        &mut self,
+        month: &str,
+        batch: &RowBuf,
+        offsets: &[usize],
+    ) -> Result<usize, store::StoreError> {
         let path = store::path_for(&self.dir, month);
         if !self.open.contains_key(month) {
             let file = store::UsageFile::open(&path)?;
@@ -228,7 +264,7 @@ impl MonthFiles {
             self.open.insert(month.to_owned(), file);
         }
         let file = self.open.get_mut(month).expect("inserted above");
-        file.insert_batch(rows)
+        file.insert_rows(offsets.iter().filter_map(|&at| batch.row_at(at)))
             .map_err(|source| store::StoreError::Sqlite { path, source })
     }
 }
@@ -237,14 +273,14 @@ impl MonthFiles {
 mod tests {
     use super::*;
 
-    fn row(ts: &str, id: &str) -> Box<UsageRecord> {
-        Box::new(UsageRecord {
+    fn row(ts: &str, id: &str) -> UsageRecord {
+        UsageRecord {
             ts: Some(humantime::parse_rfc3339(ts).unwrap()),
             request_id: id.to_owned(),
             endpoint: "chat/completions".into(),
             status: 200,
             ..UsageRecord::default()
-        })
+        }
     }
 
     fn ids(path: &Path) -> Vec<String> {
@@ -267,17 +303,62 @@ mod tests {
             last_error_log: HashMap::new(),
             metrics: Arc::new(Metrics::new()),
         };
-        files.write(&[
+        let mut batch = RowBuf::default();
+        for r in [
             row("2026-01-31T23:59:59.000Z", "a"),
             row("2026-01-31T23:59:59.500Z", "b"),
             row("2026-02-01T00:00:00.000Z", "c"),
             row("2026-01-31T12:00:00.000Z", "d"),
             row("2026-02-28T10:00:00.000Z", "e"),
             row("2026-03-01T00:00:00.001Z", "f"),
-        ]);
+        ] {
+            batch.push(&r);
+        }
+        files.write(&batch);
         let path = |m: &str| store::path_for(dir.path(), m);
         assert_eq!(ids(&path("2026-01")), ["a", "b", "d"]);
         assert_eq!(ids(&path("2026-02")), ["c", "e"]);
         assert_eq!(ids(&path("2026-03")), ["f"]);
+    }
+
+    /// Rows sent from several threads at once all land, each thread's in
+    /// the order it sent them; shutdown writes the last ones, and a row
+    /// sent after it is counted as dropped, not lost silently.
+    #[test]
+    fn every_row_sent_lands_and_shutdown_flushes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (writer, sink) = UsageWriter::start(dir.path(), Arc::new(Metrics::new())).unwrap();
+        let senders: Vec<_> = (0..4)
+            .map(|t| {
+                let sink = sink.clone();
+                std::thread::spawn(move || {
+                    for i in 0..2500 {
+                        sink.send(&row("2026-05-01T00:00:00.000Z", &format!("{t}-{i}")));
+                        if i % 500 == 0 {
+                            std::thread::sleep(Duration::from_millis(30));
+                        }
+                    }
+                })
+            })
+            .collect();
+        for s in senders {
+            s.join().unwrap();
+        }
+        writer.shutdown();
+        sink.send(&row("2026-05-01T00:00:00.000Z", "late"));
+        let got = ids(&store::path_for(dir.path(), "2026-05"));
+        assert_eq!(got.len(), 10_000);
+        for t in 0..4 {
+            let mine: Vec<&String> = got
+                .iter()
+                .filter(|id| id.starts_with(&format!("{t}-")))
+                .collect();
+            let want: Vec<String> = (0..2500).map(|i| format!("{t}-{i}")).collect();
+            assert!(
+                mine.iter().copied().eq(want.iter()),
+                "thread {t} out of order"
+            );
+        }
+        assert_eq!(sink.dropped.load(Ordering::Relaxed), 1);
     }
 }
