@@ -64,6 +64,10 @@ impl<'a> Row<'a> {
 pub struct RowBuf {
     bytes: Vec<u8>,
     rows: usize,
+    /// The first row's month, and whether any other row's differs: the
+    /// writer reads a one-month batch (almost every batch) only once.
+    month: [u8; 7],
+    mixed: bool,
 }
 
 impl RowBuf {
@@ -75,10 +79,23 @@ impl RowBuf {
         self.rows == 0
     }
 
+    /// The month of every row, when they all share one.
+    pub fn only_month(&self) -> Option<&[u8]> {
+        (self.rows > 0 && !self.mixed).then_some(&self.month)
+    }
+
     /// Appends `r`; a row without a start time starts now.
     pub fn push(&mut self, r: &UsageRecord) {
+        let ts = rfc3339_millis(r.ts.unwrap_or_else(SystemTime::now));
+        let month = &ts[..7];
+        if self.rows == 0 {
+            self.month.copy_from_slice(month);
+            self.mixed = false;
+        } else if self.month != month {
+            self.mixed = true;
+        }
         let b = &mut self.bytes;
-        b.extend_from_slice(&rfc3339_millis(r.ts.unwrap_or_else(SystemTime::now)));
+        b.extend_from_slice(&ts);
         let mut flags = if r.stream { STREAM } else { 0 };
         for (bit, v) in [
             (0, Some(r.latency_ms)),
@@ -135,6 +152,7 @@ impl RowBuf {
         let used = self.bytes.len();
         self.bytes.clear();
         self.rows = 0;
+        self.mixed = false;
         if self.bytes.capacity() > KEEP && used < self.bytes.capacity() / 4 {
             self.bytes.shrink_to(used.max(KEEP));
         }
@@ -335,6 +353,15 @@ mod tests {
             assert_eq!(row.error, text(r.error.as_deref()));
         }
         assert_eq!(buf.row_at(buf.bytes.len()), None);
+        assert_eq!(buf.only_month(), None, "rows a day apart span months");
+        let mut one = RowBuf::default();
+        assert_eq!(one.only_month(), None);
+        one.push(&records[0]);
+        one.push(&records[0]);
+        assert_eq!(one.only_month(), Some(&rows[0].1.ts[..7]));
+        one.clear();
+        one.push(&records[39]);
+        assert_eq!(one.only_month(), Some(&rows[39].1.ts[..7]));
     }
 
     /// A row without a start time is stamped when it is packed.

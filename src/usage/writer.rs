@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::rows::RowBuf;
+use super::rows::{Row, RowBuf};
 use super::store;
 use super::UsageRecord;
 use crate::ops::metrics::Metrics;
@@ -197,27 +197,42 @@ struct MonthFiles {
 
 impl MonthFiles {
     fn write(&mut self, batch: &RowBuf) {
-        // Rows of one batch almost always share a month: the offsets of
-        // each month's rows, in order.
-        let mut by_month: Vec<(&[u8], Vec<usize>)> = Vec::new();
-        let mut at = 0;
-        for (offset, row) in batch.iter() {
-            let month = row.month();
-            if by_month.get(at).is_none_or(|(m, _)| *m != month) {
-                at = match by_month.iter().position(|(m, _)| *m == month) {
-                    Some(i) => i,
-                    None => {
-                        by_month.push((month, Vec::with_capacity(batch.len())));
-                        by_month.len() - 1
-                    }
-                };
+        if let Some(month) = batch.only_month() {
+            // The usual batch: one month, read once, front to back.
+            let month = String::from_utf8_lossy(month).into_owned();
+            let mut rows = batch.iter().map(|(_, row)| row);
+            let mut left = batch.len();
+            while left > 0 {
+                let n = left.min(MAX_BATCH);
+                let mut group = rows.by_ref().take(n);
+                self.write_rows(&month, &mut group, n);
+                group.for_each(drop);
+                left -= n;
             }
-            by_month[at].1.push(offset);
-        }
-        for (month, offsets) in by_month {
-            let month = String::from_utf8_lossy(month);
-            for rows in offsets.chunks(MAX_BATCH) {
-                self.write_rows(&month, batch, rows);
+        } else {
+            // Rows across a month's end: the offsets of each month's rows,
+            // in order.
+            let mut by_month: Vec<(&[u8], Vec<usize>)> = Vec::new();
+            let mut at = 0;
+            for (offset, row) in batch.iter() {
+                let month = row.month();
+                if by_month.get(at).is_none_or(|(m, _)| *m != month) {
+                    at = match by_month.iter().position(|(m, _)| *m == month) {
+                        Some(i) => i,
+                        None => {
+                            by_month.push((month, Vec::with_capacity(batch.len())));
+                            by_month.len() - 1
+                        }
+                    };
+                }
+                by_month[at].1.push(offset);
+            }
+            for (month, offsets) in by_month {
+                let month = String::from_utf8_lossy(month);
+                for group in offsets.chunks(MAX_BATCH) {
+                    let rows = group.iter().filter_map(|&at| batch.row_at(at));
+                    self.write_rows(&month, rows, group.len());
+                }
             }
         }
         // Keep only the newest two months open.
@@ -230,13 +245,13 @@ impl MonthFiles {
         }
     }
 
-    /// Writes the rows of `batch` at `offsets` to `month`'s file in one
-    /// transaction, or counts them as dropped.
-    fn write_rows(&mut self, month: &str, batch: &RowBuf, offsets: &[usize]) {
-        match self.write_month(month, batch, offsets) {
-            Ok(n) => self.metrics.usage_rows("written", n as u64),
+    /// Writes `rows` (`n` of them) to `month`'s file in one transaction,
+    /// or counts them as dropped.
+    fn write_rows<'a>(&mut self, month: &str, rows: impl Iterator<Item = Row<'a>>, n: usize) {
+        match self.write_month(month, rows) {
+            Ok(written) => self.metrics.usage_rows("written", written as u64),
             Err(e) => {
-                self.metrics.usage_rows("dropped", offsets.len() as u64);
+                self.metrics.usage_rows("dropped", n as u64);
                 self.open.remove(month);
                 let now = Instant::now();
                 let recent = self
@@ -245,17 +260,16 @@ impl MonthFiles {
                     .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(10));
                 if !recent {
                     self.last_error_log.insert(month.to_owned(), now);
-                    tracing::error!(error = %e, rows = offsets.len(), "usage rows dropped");
+                    tracing::error!(error = %e, rows = n, "usage rows dropped");
                 }
             }
         }
     }
 
-    fn write_month(
+    fn write_month<'a>(
         &mut self,
         month: &str,
-        batch: &RowBuf,
-        offsets: &[usize],
+        rows: impl Iterator<Item = Row<'a>>,
     ) -> Result<usize, store::StoreError> {
         let path = store::path_for(&self.dir, month);
         if !self.open.contains_key(month) {
@@ -264,7 +278,7 @@ impl MonthFiles {
             self.open.insert(month.to_owned(), file);
         }
         let file = self.open.get_mut(month).expect("inserted above");
-        file.insert_rows(offsets.iter().filter_map(|&at| batch.row_at(at)))
+        file.insert_rows(rows)
             .map_err(|source| store::StoreError::Sqlite { path, source })
     }
 }
@@ -319,6 +333,27 @@ mod tests {
         assert_eq!(ids(&path("2026-01")), ["a", "b", "d"]);
         assert_eq!(ids(&path("2026-02")), ["c", "e"]);
         assert_eq!(ids(&path("2026-03")), ["f"]);
+    }
+
+    /// A one-month batch larger than a transaction takes goes in whole
+    /// transactions, every row once, in order.
+    #[test]
+    fn a_batch_beyond_one_transaction_lands_whole_and_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut files = MonthFiles {
+            dir: dir.path().to_owned(),
+            open: HashMap::new(),
+            last_error_log: HashMap::new(),
+            metrics: Arc::new(Metrics::new()),
+        };
+        let mut batch = RowBuf::default();
+        let n = 2 * MAX_BATCH + 5;
+        for i in 0..n {
+            batch.push(&row("2026-07-15T08:00:00.000Z", &i.to_string()));
+        }
+        files.write(&batch);
+        let want: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+        assert_eq!(ids(&store::path_for(dir.path(), "2026-07")), want);
     }
 
     /// Rows sent from several threads at once all land, each thread's in
