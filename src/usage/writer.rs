@@ -69,7 +69,8 @@ impl UsageSink {
         }
     }
 
-    /// Packs `record` for the writer; never waits on it.
+    /// Packs `record` for the writer: a copy under a short lock, never a
+    /// wait for SQLite.
     pub fn send(&self, record: &UsageRecord) {
         let Some(shared) = &self.shared else { return };
         let mut pending = shared.lock();
