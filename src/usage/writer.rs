@@ -154,12 +154,7 @@ pub fn check_writable(dir: &Path) -> std::io::Result<()> {
 }
 
 fn write_loop(shared: &Shared, dir: PathBuf, metrics: Arc<Metrics>) {
-    let mut files = MonthFiles {
-        dir,
-        open: HashMap::new(),
-        last_error_log: HashMap::new(),
-        metrics,
-    };
+    let mut files = MonthFiles::new(dir, metrics);
     // Swapped with the shared buffer each batch: both keep their memory.
     let mut batch = RowBuf::default();
     loop {
@@ -197,6 +192,15 @@ struct MonthFiles {
 }
 
 impl MonthFiles {
+    fn new(dir: PathBuf, metrics: Arc<Metrics>) -> MonthFiles {
+        MonthFiles {
+            dir,
+            open: HashMap::new(),
+            last_error_log: HashMap::new(),
+            metrics,
+        }
+    }
+
     fn write(&mut self, batch: &RowBuf) {
         if let Some(month) = batch.only_month() {
             // The usual batch: one month, read once, front to back.
@@ -312,12 +316,7 @@ mod tests {
     #[test]
     fn one_batch_across_months_splits_by_month() {
         let dir = tempfile::tempdir().unwrap();
-        let mut files = MonthFiles {
-            dir: dir.path().to_owned(),
-            open: HashMap::new(),
-            last_error_log: HashMap::new(),
-            metrics: Arc::new(Metrics::new()),
-        };
+        let mut files = MonthFiles::new(dir.path().to_owned(), Arc::new(Metrics::new()));
         let mut batch = RowBuf::default();
         for r in [
             row("2026-01-31T23:59:59.000Z", "a"),
@@ -341,12 +340,7 @@ mod tests {
     #[test]
     fn a_batch_beyond_one_transaction_lands_whole_and_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let mut files = MonthFiles {
-            dir: dir.path().to_owned(),
-            open: HashMap::new(),
-            last_error_log: HashMap::new(),
-            metrics: Arc::new(Metrics::new()),
-        };
+        let mut files = MonthFiles::new(dir.path().to_owned(), Arc::new(Metrics::new()));
         let mut batch = RowBuf::default();
         let n = 2 * MAX_BATCH + 5;
         for i in 0..n {
