@@ -207,8 +207,8 @@ pub fn open_for_read(path: &Path) -> Result<Connection, StoreError> {
 }
 
 /// `t` as `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC), as humantime writes it, into
-/// a buffer on the stack: the writer formats one per row. Times before
-/// 1970 or after 9999 are clamped to those bounds.
+/// a buffer on the stack: each row's stamp, formatted once when the row is
+/// packed. Times before 1970 or after 9999 are clamped to those bounds.
 pub(super) fn rfc3339_millis(t: SystemTime) -> [u8; 24] {
     const LAST: u64 = 253_402_300_799_999; // 9999-12-31T23:59:59.999Z
     let ms = t.duration_since(UNIX_EPOCH).map_or(0, |d| {
