@@ -86,7 +86,12 @@ impl RowBuf {
 
     /// Appends `r`; a row without a start time starts now.
     pub fn push(&mut self, r: &UsageRecord) {
-        let ts = rfc3339_millis(r.ts.unwrap_or_else(SystemTime::now));
+        self.push_stamped(r, &stamp(r));
+    }
+
+    /// Appends `r` with its [`stamp`], formatted beforehand (outside the
+    /// writer's lock).
+    pub fn push_stamped(&mut self, r: &UsageRecord, ts: &[u8; 24]) {
         let month = &ts[..7];
         if self.rows == 0 {
             self.month.copy_from_slice(month);
@@ -95,7 +100,7 @@ impl RowBuf {
             self.mixed = true;
         }
         let b = &mut self.bytes;
-        b.extend_from_slice(&ts);
+        b.extend_from_slice(ts);
         let mut flags = if r.stream { STREAM } else { 0 };
         for (bit, v) in [
             (0, Some(r.latency_ms)),
@@ -157,6 +162,11 @@ impl RowBuf {
             self.bytes.shrink_to(used.max(KEEP));
         }
     }
+}
+
+/// `r`'s start time as its row stores it; a row without one starts now.
+pub fn stamp(r: &UsageRecord) -> [u8; 24] {
+    rfc3339_millis(r.ts.unwrap_or_else(SystemTime::now))
 }
 
 /// Text longer than a length can say is cut at a character boundary

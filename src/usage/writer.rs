@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::rows::{Row, RowBuf};
+use super::rows::{self, Row, RowBuf};
 use super::store;
 use super::UsageRecord;
 use crate::ops::metrics::Metrics;
@@ -73,6 +73,7 @@ impl UsageSink {
     /// wait for SQLite.
     pub fn send(&self, record: &UsageRecord) {
         let Some(shared) = &self.shared else { return };
+        let ts = rows::stamp(record);
         let mut pending = shared.lock();
         if pending.closing || pending.rows.len() >= PENDING_CAPACITY {
             drop(pending);
@@ -87,7 +88,7 @@ impl UsageSink {
             return;
         }
         let first = pending.rows.is_empty();
-        pending.rows.push(record);
+        pending.rows.push_stamped(record, &ts);
         drop(pending);
         if first {
             shared.arrived.notify_one();
