@@ -634,6 +634,23 @@ def ratio(a, b):
     return a / b
 
 
+# A difference is measurable when its mean is above this many standard
+# errors (over the interleaved parts; about a one-sided 95 % bound for six).
+MEASURABLE = 2.0
+
+
+def added(proxy, direct, key):
+    """The proxy's figure minus direct's, part by part."""
+    return [p[key] - q[key] for p, q in zip(proxy["parts"], direct["parts"])]
+
+
+def std_error(values):
+    """Standard error of the mean; 0 for a single value (a smoke run)."""
+    if len(values) < 2:
+        return 0.0
+    return statistics.stdev(values) / len(values) ** 0.5
+
+
 def figures(raw, cfg):
     """Rows: (figure, direct, nginx, gptbalance, unit, direct/nginx,
     gptbalance/nginx, target text, met). Checks: the targets."""
@@ -663,13 +680,22 @@ def figures(raw, cfg):
     for c in cfg["concs"]:
         d, n, g = ns[f"direct_c{c}"], ns[f"nginx_c{c}"], ns[f"gptbalance_c{c}"]
         for q, key in (("p50", "added_p50"), ("p99", "added_p99")):
-            an, ag = n[f"{q}_ms"] - d[f"{q}_ms"], g[f"{q}_ms"] - d[f"{q}_ms"]
+            # What each proxy adds, per part: part i of every target ran
+            # side by side in time, so the differences are paired.
+            add_n = added(n, d, f"{q}_ms")
+            add_g = added(g, d, f"{q}_ms")
+            an, ag = statistics.mean(add_n), statistics.mean(add_g)
             limit = TARGETS[key]
-            # When nginx adds nothing measurable (noise can make it negative)
-            # the ratio means nothing: shown as "-", and gptbalance must add
-            # nothing measurable either.
-            row(f"added {q} c={c} (minus direct)", None, an, ag, "ms", f"<= {limit:g}x nginx's",
-                ag <= limit * max(an, 0.0), g_ratio=ratio(ag, an) if an > 0 else None)
+            if an > MEASURABLE * std_error(add_n):
+                row(f"added {q} c={c} (minus direct)", None, an, ag, "ms", f"<= {limit:g}x nginx's",
+                    ag <= limit * an, g_ratio=ratio(ag, an))
+            else:
+                # nginx adds nothing measurable (noise can even make it
+                # negative): the ratio means nothing, shown as "-", and
+                # gptbalance must add nothing measurable either.
+                row(f"added {q} c={c} (minus direct)", None, an, ag, "ms", f"<= {limit:g}x nginx's",
+                    ag <= MEASURABLE * std_error(add_g), g_ratio=None)
+            rows[-1]["std_error"] = {"nginx": std_error(add_n), "gptbalance": std_error(add_g)}
     c64 = "c64" if "gptbalance_c64" in ns else f"c{cfg['concs'][-1]}"
     row("CPU per 1,000 req (c=64)", None, ns[f"nginx_{c64}"]["cpu_ms_per_1000"], ns[f"gptbalance_{c64}"]["cpu_ms_per_1000"], "ms")
 
