@@ -686,15 +686,13 @@ def figures(raw, cfg):
             add_g = added(g, d, f"{q}_ms")
             an, ag = statistics.mean(add_n), statistics.mean(add_g)
             limit = TARGETS[key]
-            if an > MEASURABLE * std_error(add_n):
-                row(f"added {q} c={c} (minus direct)", None, an, ag, "ms", f"<= {limit:g}x nginx's",
-                    ag <= limit * an, g_ratio=ratio(ag, an))
-            else:
-                # nginx adds nothing measurable (noise can even make it
-                # negative): the ratio means nothing, shown as "-", and
-                # gptbalance must add nothing measurable either.
-                row(f"added {q} c={c} (minus direct)", None, an, ag, "ms", f"<= {limit:g}x nginx's",
-                    ag <= MEASURABLE * std_error(add_g), g_ratio=None)
+            # When nginx adds nothing measurable (noise can even make it
+            # negative) the ratio means nothing, shown as "-", and
+            # gptbalance must add nothing measurable either.
+            measurable = an > MEASURABLE * std_error(add_n)
+            met = ag <= limit * an if measurable else ag <= MEASURABLE * std_error(add_g)
+            row(f"added {q} c={c} (minus direct)", None, an, ag, "ms", f"<= {limit:g}x nginx's",
+                met, g_ratio=ratio(ag, an) if measurable else None)
             rows[-1]["std_error"] = {"nginx": std_error(add_n), "gptbalance": std_error(add_g)}
     c64 = "c64" if "gptbalance_c64" in ns else f"c{cfg['concs'][-1]}"
     row("CPU per 1,000 req (c=64)", None, ns[f"nginx_{c64}"]["cpu_ms_per_1000"], ns[f"gptbalance_{c64}"]["cpu_ms_per_1000"], "ms")
