@@ -34,10 +34,8 @@ MIB = 1024.0
 SETTINGS = {
     # "parts" x "secs": each non-streaming point is measured in that many
     # wrk runs per target, interleaved in rotating order (see `interleave`),
-    # so that a drift of the machine's speed hits all three alike. Short
-    # parts interleave finely: two copies of one build measured against
-    # each other gave ratios with a standard deviation of 0.11 as two 5 s
-    # halves and 0.05 as five 2 s parts.
+    # so that a drift of the machine's speed hits all three alike; short
+    # parts interleave finely (bench/README.md, "How far to trust a figure").
     "smoke": dict(parts=1, secs=1, warmup_secs=0, concs=[1, 64, 256], stream_chunks=10,
                   stream_delay_ms=10, stream_requests=128, idle_streams=200, rounds=1,
                   round_secs=1, filler_clients=1000),
