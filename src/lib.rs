@@ -18,8 +18,10 @@
 //! `usage::UsageSink::send`. Config flows file → `config::load` →
 //! `RoutingTable::build` → `ArcSwap::store`.
 
+pub mod calendar;
 pub mod cli;
 pub mod config;
+pub mod limits;
 pub mod ops;
 pub mod proxy;
 pub mod routing;

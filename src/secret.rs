@@ -43,12 +43,7 @@ pub struct KeyId(Arc<str>);
 
 impl KeyId {
     pub fn of(secret: &str) -> Self {
-        let hash = digest(&SHA256, secret.as_bytes());
-        let hex: String = hash.as_ref()[..4]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        KeyId(format!("key-{hex}").into())
+        KeyId(format!("key-{}", hex8(&sha256(secret.as_bytes()))).into())
     }
 
     pub fn as_str(&self) -> &str {
@@ -66,6 +61,25 @@ impl fmt::Debug for KeyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// SHA-256 of `bytes`.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest(&SHA256, bytes).as_ref());
+    out
+}
+
+/// The first 8 hex digits of a digest: 32 bits, which say nothing usable
+/// about what was hashed.
+fn hex8(hash: &[u8; 32]) -> String {
+    hash[..4].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The stable name of a bare token: `token-` and 8 hex digits of its
+/// SHA-256, the same in usage rows, logs and metrics.
+pub fn token_name(token_sha256: &[u8; 32]) -> String {
+    format!("token-{}", hex8(token_sha256))
 }
 
 /// Compares a presented token with a configured one in time independent of

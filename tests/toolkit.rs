@@ -225,7 +225,7 @@ fn record(
     UsageRecord {
         ts: Some(humantime::parse_rfc3339("2026-03-10T12:00:00Z").unwrap()),
         request_id: format!("r-{client}-{latency}"),
-        caller: caller.map(str::to_owned),
+        caller: caller.map(Into::into),
         endpoint: "chat/completions".into(),
         model: Some(model.into()),
         routed_model: Some(model.into()),
@@ -388,6 +388,10 @@ fn the_readme_documents_every_config_key() {
     all.extend(fields::<LoggingSection>());
     all.extend(fields::<ClientSection>());
     all.extend(fields::<ModelMatchSection>());
+    all.extend(fields::<CallerSection>());
+    all.extend(fields::<LimitsSection>());
+    all.extend(fields::<BudgetSection>());
+    all.extend(fields::<PriceSection>());
     all.extend(TOP_LEVEL_KEYS.iter().map(|k| k.to_string()));
     assert!(all.len() > 40, "{all:?}");
     for key in all {

@@ -91,7 +91,9 @@ async fn serve(
     if cfg.server.auth_tokens.is_empty() && !bound.ip().is_loopback() {
         tracing::warn!(%bound, "auth is disabled and the listen address is not loopback");
     }
+    let usage_dir = cfg.usage.dir.clone();
     let table = RoutingTable::build(cfg, None);
+    restore_spend(&table, &usage_dir);
     let clients = table.clients.len();
     let state = Arc::new(AppState::new(table, sink, metrics, Some(path.clone())));
     let _watcher = match reload::watch(state.clone(), &path) {
@@ -158,6 +160,28 @@ async fn serve(
     }
     tracing::info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// Callers' budgets count what they spent before this start: their
+/// settled spend of the day and month, from this instance's usage file.
+pub fn restore_spend(table: &RoutingTable, dir: &std::path::Path) {
+    let limited = table.callers.iter().any(|c| !c.cfg.limits.is_empty());
+    if !limited {
+        return;
+    }
+    let now = std::time::SystemTime::now();
+    match crate::usage::report::spent_by_caller(dir, now) {
+        Ok(spent) => {
+            table.restore_spend(&spent, now);
+            tracing::info!(
+                callers = spent.len(),
+                "callers' spend restored from the usage file"
+            );
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read callers' spend from the usage file; budgets start from zero")
+        }
+    }
 }
 
 /// `count` listeners on one address with SO_REUSEPORT, so the kernel

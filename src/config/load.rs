@@ -203,6 +203,19 @@ fn read_sections(doc: Value, map: &SourceMap, diags: &mut Diags) -> Option<Secti
             "routing" => sections.routing = optional_section(value, &key, map, diags),
             "usage" => sections.usage = optional_section(value, &key, map, diags),
             "logging" => sections.logging = optional_section(value, &key, map, diags),
+            "prices" => sections.prices = optional_section(value, &key, map, diags),
+            "callers" => match value {
+                Value::Sequence(items) => {
+                    for (i, item) in items.into_iter().enumerate() {
+                        let path = format!("callers[{i}]");
+                        let caller: Option<schema::CallerSection> =
+                            section(item, &path, map, diags);
+                        sections.callers.push((path, caller));
+                    }
+                }
+                Value::Null => {}
+                _ => diags.error_at(map.value("callers"), "`callers` must be a list of callers"),
+            },
             "openai_clients" => clients = Some(value),
             _ => {
                 diags.error_at(map.key(&key), unknown_key_message(&key, TOP_LEVEL_KEYS));

@@ -5,6 +5,7 @@
 
 pub mod env;
 pub mod load;
+pub mod prices;
 pub mod schema;
 pub mod source_map;
 pub mod validate;
@@ -18,7 +19,8 @@ use http::{HeaderName, HeaderValue};
 use regex::Regex;
 
 pub use load::{load, load_str, LoadError, Loaded};
-pub use schema::{KeyStrategy, LogFormat, MatchKind};
+pub use prices::{Price, PriceTable};
+pub use schema::{KeyStrategy, LogFormat, MatchKind, Per};
 
 use crate::secret::Secret;
 
@@ -29,7 +31,62 @@ pub struct Config {
     pub routing: RoutingPolicy,
     pub usage: UsageConfig,
     pub logging: LoggingConfig,
+    /// Every known token: `callers` first, then `server.auth_tokens` (as
+    /// callers without limits).
+    pub callers: Vec<CallerConfig>,
+    /// The top-level `prices`.
+    pub prices: PriceTable,
     pub clients: Vec<ClientConfig>,
+}
+
+/// An application allowed to use the gateway: who it is, what it may use,
+/// how fast and how much.
+#[derive(Debug, Clone)]
+pub struct CallerConfig {
+    /// The usage row's `caller`; for a bare `auth_tokens` entry,
+    /// `token-` and 8 hex digits of the token's SHA-256.
+    pub name: String,
+    /// SHA-256 of the bearer token: the config may hold only this.
+    pub token_sha256: [u8; 32],
+    /// `*` globs of the model names it may ask for; `None`: every model.
+    pub models: Option<Vec<String>>,
+    pub limits: CallerLimits,
+    /// Completion tokens reserved when a request names no cap.
+    pub max_tokens_default: u64,
+}
+
+impl CallerConfig {
+    /// Whether the caller may ask for `model`.
+    pub fn allows(&self, model: &str) -> bool {
+        self.models
+            .as_ref()
+            .is_none_or(|globs| globs.iter().any(|g| prices::glob_match(g, model)))
+    }
+}
+
+/// A caller's limits; `None`: no such limit.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CallerLimits {
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+    pub concurrency: Option<u32>,
+    /// In nano-dollars.
+    pub budget_usd: Option<Budget>,
+    /// In tokens.
+    pub budget_tokens: Option<Budget>,
+}
+
+impl CallerLimits {
+    pub fn is_empty(&self) -> bool {
+        *self == CallerLimits::default()
+    }
+}
+
+/// An amount (tokens, or nano-dollars) per UTC day or month.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub amount: i64,
+    pub per: Per,
 }
 
 #[derive(Debug, Clone)]
@@ -45,8 +102,9 @@ pub struct ServerConfig {
 
 #[derive(Debug, Clone)]
 pub struct AuthToken {
-    /// Goes to the usage store's `caller` column; bare tokens have none.
-    pub name: Option<String>,
+    /// Goes to the usage store's `caller` column; a bare token's is derived
+    /// from its redacted id (`token-1a2b3c4d`).
+    pub name: String,
     pub token: Secret,
 }
 
@@ -132,6 +190,8 @@ pub struct ClientConfig {
     pub max_tokens: Option<u64>,
     pub extra_body: serde_json::Map<String, serde_json::Value>,
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// This client's own prices, looked up before the top-level table.
+    pub prices: PriceTable,
     pub policy: RoutingPolicy,
 }
 

@@ -13,7 +13,15 @@ use serde::Deserialize;
 
 /// Top-level sections, in file order; `load.rs` deserializes each on its own
 /// so that a mistake in one does not hide mistakes in the others.
-pub const TOP_LEVEL_KEYS: &[&str] = &["server", "routing", "usage", "logging", "openai_clients"];
+pub const TOP_LEVEL_KEYS: &[&str] = &[
+    "server",
+    "routing",
+    "usage",
+    "logging",
+    "callers",
+    "prices",
+    "openai_clients",
+];
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -156,6 +164,8 @@ pub struct ClientSection {
     pub max_tokens: Option<u64>,
     pub extra_body: Option<serde_json::Map<String, serde_json::Value>>,
     pub headers: Option<BTreeMap<String, String>>,
+    /// Prices for this client's models, before the top-level table.
+    pub prices: Option<BTreeMap<String, PriceSection>>,
     // routing.* overrides, spelled out: serde cannot deny unknown fields
     // through a flatten.
     #[serde(default, deserialize_with = "lenient::opt_duration")]
@@ -192,6 +202,72 @@ impl ClientSection {
             key_strategy: self.key_strategy,
         }
     }
+}
+
+/// One entry of `callers`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallerSection {
+    pub name: String,
+    pub token: Option<String>,
+    pub token_sha256: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_string_list")]
+    pub models: Option<Vec<String>>,
+    pub limits: Option<LimitsSection>,
+    #[serde(default, deserialize_with = "lenient::opt_num")]
+    pub max_tokens_default: Option<i64>,
+}
+
+/// A caller's `limits`; signed here so that a negative value gets its own
+/// message from validation rather than a type error.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    #[serde(default, deserialize_with = "lenient::opt_num")]
+    pub rpm: Option<i64>,
+    #[serde(default, deserialize_with = "lenient::opt_num")]
+    pub tpm: Option<i64>,
+    #[serde(default, deserialize_with = "lenient::opt_num")]
+    pub concurrency: Option<i64>,
+    pub budget_usd: Option<BudgetSection>,
+    pub budget_tokens: Option<BudgetSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetSection {
+    #[serde(deserialize_with = "lenient::number")]
+    pub amount: f64,
+    pub per: Per,
+}
+
+/// The period a budget counts: a UTC day or month.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Per {
+    Day,
+    Month,
+}
+
+impl Per {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Per::Day => "day",
+            Per::Month => "month",
+        }
+    }
+}
+
+/// USD per million tokens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceSection {
+    #[serde(deserialize_with = "lenient::number")]
+    pub input: f64,
+    #[serde(default, deserialize_with = "lenient::opt_number")]
+    pub cached_input: Option<f64>,
+    #[serde(deserialize_with = "lenient::number")]
+    pub output: f64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -269,6 +345,29 @@ mod lenient {
                 de::Error::custom(format!("expected a whole number in range, got `{s}`"))
             }),
             Err(_) => Err(de::Error::custom("expected a whole number in range")),
+        }
+    }
+
+    /// A number (whole or not), or its string form.
+    pub fn number<'de, D>(d: D) -> Result<f64, D::Error>
+    where
+        D: Deserializer<'de>,
+    {
+        opt_number(d)?.ok_or_else(|| de::Error::custom("expected a number"))
+    }
+
+    pub fn opt_number<'de, D>(d: D) -> Result<Option<f64>, D::Error>
+    where
+        D: Deserializer<'de>,
+    {
+        match Option::<NumOrStr<f64>>::deserialize(d) {
+            Ok(None) => Ok(None),
+            Ok(Some(NumOrStr::Num(n))) if n.is_finite() => Ok(Some(n)),
+            Ok(Some(NumOrStr::Str(s))) => match s.trim().parse::<f64>() {
+                Ok(n) if n.is_finite() => Ok(Some(n)),
+                _ => Err(de::Error::custom(format!("expected a number, got `{s}`"))),
+            },
+            _ => Err(de::Error::custom("expected a number")),
         }
     }
 

@@ -3,7 +3,7 @@
 //! Collects all errors and warnings instead of stopping at the first, then
 //! builds the [`Config`] only from sections that deserialized.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,14 +12,19 @@ use http::{HeaderName, HeaderValue};
 use regex::Regex;
 
 use super::load::Diags;
+use super::prices::{glob_match, Price, PriceTable, NANOS_PER_USD};
 use super::schema::{self, AuthTokenEntry, ClientSection, MatchKind};
 use super::source_map::SourceMap;
 use super::{
-    AuthToken, ClientConfig, Config, LoggingConfig, MatchRule, RoutingPolicy, ServerConfig,
-    UsageConfig,
+    AuthToken, Budget, CallerConfig, CallerLimits, ClientConfig, Config, LoggingConfig, MatchRule,
+    RoutingPolicy, ServerConfig, UsageConfig,
 };
 use crate::routing::matcher;
-use crate::secret::Secret;
+use crate::secret::{self, Secret};
+
+/// Completion tokens reserved for a request that names no cap, unless a
+/// caller sets its own `max_tokens_default`.
+pub const MAX_TOKENS_DEFAULT: u64 = 4096;
 
 /// Each section as deserialized (defaults when absent); `None` where it had
 /// an error already reported.
@@ -28,6 +33,9 @@ pub struct Sections {
     pub routing: Option<schema::RoutingSection>,
     pub usage: Option<schema::UsageSection>,
     pub logging: Option<schema::LoggingSection>,
+    pub prices: Option<BTreeMap<String, schema::PriceSection>>,
+    /// `(path, caller)` per list item.
+    pub callers: Vec<(String, Option<schema::CallerSection>)>,
     /// `(path, client)` per list item.
     pub clients: Vec<(String, Option<ClientSection>)>,
 }
@@ -39,6 +47,8 @@ impl Default for Sections {
             routing: Some(Default::default()),
             usage: Some(Default::default()),
             logging: Some(Default::default()),
+            prices: Some(Default::default()),
+            callers: Vec::new(),
             clients: Vec::new(),
         }
     }
@@ -64,8 +74,18 @@ pub fn validate(
     diags: &mut Diags,
 ) -> Option<Config> {
     let s = sections;
-    let any_missing =
-        s.server.is_none() || s.routing.is_none() || s.usage.is_none() || s.logging.is_none();
+    let any_missing = s.server.is_none()
+        || s.routing.is_none()
+        || s.usage.is_none()
+        || s.logging.is_none()
+        || s.prices.is_none()
+        || s.callers.iter().any(|(_, c)| c.is_none());
+    let prices = price_table(
+        s.prices.as_ref().unwrap_or(&Default::default()),
+        "prices",
+        map,
+        diags,
+    );
     let server = server(s.server.as_ref().unwrap_or(&Default::default()), map, diags);
     let routing = routing(
         s.routing.as_ref().unwrap_or(&Default::default()),
@@ -117,7 +137,10 @@ pub fn validate(
     if all_valid {
         warn_unreachable_clients(&clients, map, diags);
     }
-    if !server.auth_tokens.is_empty() || server.listen.ip().is_loopback() {
+    let callers = callers(
+        &s.callers, &server, &clients, &prices, all_valid, map, diags,
+    );
+    if !callers.is_empty() || server.listen.ip().is_loopback() {
         // Auth is on, or only this machine can connect.
     } else {
         diags.warn_at(
@@ -136,8 +159,398 @@ pub fn validate(
         routing,
         usage,
         logging,
+        callers,
+        prices,
         clients: clients.into_iter().map(|(_, c)| c).collect(),
     })
+}
+
+/// A `prices` table (top-level or a client's): every price a finite number
+/// of at least 0.
+fn price_table(
+    entries: &BTreeMap<String, schema::PriceSection>,
+    path: &str,
+    map: &SourceMap,
+    diags: &mut Diags,
+) -> PriceTable {
+    let mut out = Vec::new();
+    for (model, p) in entries {
+        let at = format!("{path}.{model}");
+        if model.is_empty() {
+            diags.error_at(map.key(&at), format!("{path}: a model name is empty"));
+            continue;
+        }
+        let mut ok = true;
+        for (field, v) in [
+            ("input", Some(p.input)),
+            ("cached_input", p.cached_input),
+            ("output", Some(p.output)),
+        ] {
+            if v.is_some_and(|v| v < 0.0) {
+                diags.error_at(
+                    map.value(&format!("{at}.{field}")),
+                    format!("{at}.{field}: a price cannot be negative"),
+                );
+                ok = false;
+            }
+        }
+        if ok {
+            out.push((
+                model.clone(),
+                Price {
+                    input: p.input,
+                    cached_input: p.cached_input.unwrap_or(p.input),
+                    output: p.output,
+                },
+            ));
+        }
+    }
+    PriceTable::new(out)
+}
+
+/// The price of `model` as `client` serves it: the name sent upstream, the
+/// client's own table first.
+pub fn price_of(client: &ClientConfig, top: &PriceTable, model: &str) -> Option<Price> {
+    let sent = client.upstream_model.as_deref().unwrap_or(model);
+    client.prices.get(sent).or_else(|| top.get(sent))
+}
+
+/// `callers`, then the `auth_tokens` as callers without limits: names and
+/// tokens unique, limits positive, budgets in USD only over priced models.
+#[allow(clippy::too_many_arguments)]
+fn callers(
+    sections: &[(String, Option<schema::CallerSection>)],
+    server: &ServerConfig,
+    clients: &[(String, ClientConfig)],
+    prices: &PriceTable,
+    clients_complete: bool,
+    map: &SourceMap,
+    diags: &mut Diags,
+) -> Vec<CallerConfig> {
+    let mut out: Vec<CallerConfig> = Vec::new();
+    let mut names: HashMap<String, String> = HashMap::new();
+    let mut tokens: HashMap<[u8; 32], String> = HashMap::new();
+    let configs: Vec<&ClientConfig> = clients.iter().map(|(_, c)| c).collect();
+    // Model names the config knows by name: exact matches and fallbacks.
+    let known: Vec<&str> = configs
+        .iter()
+        .flat_map(|c| {
+            let exact = (c.model_match.kind == MatchKind::Exact)
+                .then_some(c.model_match.values.iter())
+                .into_iter()
+                .flatten();
+            exact.chain(c.fallback.iter()).map(String::as_str)
+        })
+        .collect();
+    let open_ended = configs
+        .iter()
+        .any(|c| c.model_match.kind != MatchKind::Exact);
+    for (path, c) in sections {
+        let Some(c) = c else { continue };
+        let at = |key: &str| format!("{path}.{key}");
+        if c.name.is_empty()
+            || !c
+                .name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '.' | '-'))
+        {
+            diags.error_at(
+                map.value(&at("name")),
+                format!(
+                    "caller name `{}` may use only letters, digits, `_`, `.` and `-`",
+                    c.name
+                ),
+            );
+        }
+        if let Some(first) = names.insert(c.name.clone(), path.clone()) {
+            diags.error_at(
+                map.value(&at("name")),
+                format!(
+                    "duplicate caller name `{}` (first defined at line {})",
+                    c.name,
+                    map.value(&format!("{first}.name")).line
+                ),
+            );
+        }
+        let digest = match (&c.token, &c.token_sha256) {
+            (Some(_), Some(_)) => {
+                diags.error_at(
+                    map.key(&at("token_sha256")),
+                    format!(
+                        "caller `{}`: set `token` or `token_sha256`, not both",
+                        c.name
+                    ),
+                );
+                None
+            }
+            (None, None) => {
+                diags.error_at(
+                    map.key(path),
+                    format!(
+                        "caller `{}` has no token: set `token` or `token_sha256`",
+                        c.name
+                    ),
+                );
+                None
+            }
+            (Some(t), None) if t.is_empty() => {
+                diags.error_at(
+                    map.value(&at("token")),
+                    format!("{path}.token: the token is empty"),
+                );
+                None
+            }
+            (Some(t), None) => check_no_control_chars(t, &at("token"), map, diags)
+                .then(|| secret::sha256(t.as_bytes())),
+            (None, Some(h)) => match parse_sha256(h) {
+                Some(d) => Some(d),
+                None => {
+                    diags.error_at(
+                        map.value(&at("token_sha256")),
+                        format!("{path}.token_sha256: expected 64 hex digits (the SHA-256 of the token)"),
+                    );
+                    None
+                }
+            },
+        };
+        if let Some(d) = digest {
+            if let Some(first) = tokens.insert(d, path.clone()) {
+                diags.error_at(
+                    map.value(&at("token")),
+                    format!(
+                        "caller `{}` has the same token as {first}: each caller needs its own",
+                        c.name
+                    ),
+                );
+            }
+        }
+        let limits = caller_limits(c.limits.as_ref(), &at("limits"), map, diags);
+        let max_tokens_default = match c.max_tokens_default {
+            None => MAX_TOKENS_DEFAULT,
+            Some(n) if n > 0 => n as u64,
+            Some(_) => {
+                diags.error_at(
+                    map.value(&at("max_tokens_default")),
+                    format!("{path}.max_tokens_default must be at least 1"),
+                );
+                MAX_TOKENS_DEFAULT
+            }
+        };
+        if let Some(models) = &c.models {
+            for (i, g) in models.iter().enumerate() {
+                let gpath = format!("{path}.models[{i}]");
+                if g.is_empty() {
+                    diags.error_at(map.value(&gpath), format!("{gpath}: a model name is empty"));
+                    continue;
+                }
+                if !clients_complete {
+                    continue;
+                }
+                let named = known.iter().any(|m| glob_match(g, m));
+                let routable = if g.contains('*') {
+                    open_ended
+                } else {
+                    !matcher::candidates(&configs, g).is_empty()
+                };
+                if !named && !routable {
+                    diags.warn_at(
+                        map.value(&gpath),
+                        format!(
+                            "caller `{}`: `{g}` matches no model any client serves",
+                            c.name
+                        ),
+                    );
+                }
+            }
+        }
+        let caller = CallerConfig {
+            name: c.name.clone(),
+            token_sha256: digest.unwrap_or_default(),
+            models: c.models.clone(),
+            limits,
+            max_tokens_default,
+        };
+        if caller.limits.budget_usd.is_some() && clients_complete {
+            check_priced(
+                &caller,
+                &configs,
+                prices,
+                &known,
+                &at("limits.budget_usd"),
+                map,
+                diags,
+            );
+        }
+        out.push(caller);
+    }
+    for (i, t) in server.auth_tokens.iter().enumerate() {
+        let d = secret::sha256(t.token.expose().as_bytes());
+        if let Some(caller) = tokens.get(&d) {
+            diags.error_at(
+                map.value(&format!("server.auth_tokens[{i}]")),
+                format!("this token is also the token of {caller}: list it in one place only"),
+            );
+            continue;
+        }
+        out.push(CallerConfig {
+            name: t.name.clone(),
+            token_sha256: d,
+            models: None,
+            limits: CallerLimits::default(),
+            max_tokens_default: MAX_TOKENS_DEFAULT,
+        });
+    }
+    warn_unpriced_clients(clients, prices, &out, map, diags);
+    out
+}
+
+fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn caller_limits(
+    l: Option<&schema::LimitsSection>,
+    path: &str,
+    map: &SourceMap,
+    diags: &mut Diags,
+) -> CallerLimits {
+    let Some(l) = l else {
+        return CallerLimits::default();
+    };
+    let mut positive = |key: &str, v: Option<i64>, max: i64| -> Option<u64> {
+        let v = v?;
+        if v <= 0 || v > max {
+            diags.error_at(
+                map.value(&format!("{path}.{key}")),
+                format!("{path}.{key} must be a whole number from 1 to {max}, got {v}"),
+            );
+            return None;
+        }
+        Some(v as u64)
+    };
+    let rpm = positive("rpm", l.rpm, i64::MAX);
+    let tpm = positive("tpm", l.tpm, i64::MAX);
+    let concurrency = positive("concurrency", l.concurrency, i64::from(u32::MAX)).map(|n| n as u32);
+    let mut budget = |key: &str, b: &Option<schema::BudgetSection>, scale: f64, whole: bool| {
+        let b = b.as_ref()?;
+        let at = format!("{path}.{key}.amount");
+        if b.amount <= 0.0 || !b.amount.is_finite() || (whole && b.amount.fract() != 0.0) {
+            let what = if whole {
+                "a whole number of tokens"
+            } else {
+                "an amount in USD"
+            };
+            diags.error_at(
+                map.value(&at),
+                format!("{at} must be more than 0 ({what}), got {}", b.amount),
+            );
+            return None;
+        }
+        let scaled = b.amount * scale;
+        Some(Budget {
+            amount: if scaled >= i64::MAX as f64 {
+                i64::MAX
+            } else {
+                scaled.round() as i64
+            },
+            per: b.per,
+        })
+    };
+    let budget_usd = budget("budget_usd", &l.budget_usd, NANOS_PER_USD, false);
+    let budget_tokens = budget("budget_tokens", &l.budget_tokens, 1.0, true);
+    CallerLimits {
+        rpm,
+        tpm,
+        concurrency,
+        budget_usd,
+        budget_tokens,
+    }
+}
+
+/// A caller with a USD budget may use only priced models: every model it
+/// may ask for by name must have a price on every client that serves it.
+fn check_priced(
+    caller: &CallerConfig,
+    clients: &[&ClientConfig],
+    prices: &PriceTable,
+    known: &[&str],
+    path: &str,
+    map: &SourceMap,
+    diags: &mut Diags,
+) {
+    let mut names: Vec<&str> = known.iter().copied().filter(|m| caller.allows(m)).collect();
+    for g in caller.models.iter().flatten() {
+        if !g.contains('*') {
+            names.push(g);
+        }
+    }
+    names.sort_unstable();
+    names.dedup();
+    for m in names {
+        for ci in matcher::candidates(clients, m) {
+            let c = clients[ci];
+            if price_of(c, prices, m).is_none() {
+                diags.error_at(
+                    map.key(path),
+                    format!(
+                        "caller `{}` has budget_usd, but model `{m}` (client `{}`) has no price: add it to `prices`",
+                        caller.name, c.name
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// Where prices are in use, a client whose exact models have none is
+/// worth a warning: its requests would cost nothing in the usage store.
+fn warn_unpriced_clients(
+    clients: &[(String, ClientConfig)],
+    prices: &PriceTable,
+    callers: &[CallerConfig],
+    map: &SourceMap,
+    diags: &mut Diags,
+) {
+    let in_use = !prices.is_empty()
+        || clients.iter().any(|(_, c)| !c.prices.is_empty())
+        || callers.iter().any(|c| c.limits.budget_usd.is_some());
+    if !in_use {
+        return;
+    }
+    for (path, c) in clients {
+        if c.model_match.kind != MatchKind::Exact {
+            continue;
+        }
+        let unpriced: Vec<&str> = c
+            .model_match
+            .values
+            .iter()
+            .map(String::as_str)
+            .filter(|m| price_of(c, prices, m).is_none())
+            .collect();
+        if !unpriced.is_empty() {
+            diags.warn_at(
+                map.key(&format!("{path}.model_match")),
+                format!(
+                    "client `{}`: no price for {}: its requests get no cost_usd",
+                    c.name,
+                    unpriced
+                        .iter()
+                        .map(|m| format!("`{m}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+        }
+    }
 }
 
 fn server(s: &schema::ServerSection, map: &SourceMap, diags: &mut Diags) -> ServerConfig {
@@ -153,8 +566,10 @@ fn server(s: &schema::ServerSection, map: &SourceMap, diags: &mut Diags) -> Serv
     for (i, entry) in s.auth_tokens.iter().flatten().enumerate() {
         let path = format!("server.auth_tokens[{i}]");
         let (name, token) = match entry {
-            AuthTokenEntry::Bare(token) => (None, token),
-            AuthTokenEntry::Named { name, token } => (Some(name.clone()), token),
+            AuthTokenEntry::Bare(token) => {
+                (secret::token_name(&secret::sha256(token.as_bytes())), token)
+            }
+            AuthTokenEntry::Named { name, token } => (name.clone(), token),
         };
         if token.is_empty() {
             diags.error_at(map.value(&path), format!("{path}: the token is empty"));
@@ -464,6 +879,12 @@ fn client(
         max_tokens: c.max_tokens,
         extra_body: c.extra_body.clone().unwrap_or_default(),
         headers,
+        prices: price_table(
+            c.prices.as_ref().unwrap_or(&BTreeMap::new()),
+            &at("prices"),
+            map,
+            diags,
+        ),
         policy,
     })
 }

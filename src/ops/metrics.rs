@@ -65,6 +65,28 @@ struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallerLabels {
+    caller: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallerReasonLabels {
+    caller: Arc<str>,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallerTokenLabels {
+    caller: Arc<str>,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
 }
@@ -117,6 +139,12 @@ pub struct Metrics {
     generation: Gauge,
     usage_rows: Family<ResultLabels, Counter>,
     in_flight: Gauge,
+    caller_requests: Family<CallerLabels, Counter>,
+    caller_rejections: Family<CallerReasonLabels, Counter>,
+    caller_tokens: Family<CallerTokenLabels, Counter>,
+    caller_spend: Family<CallerLabels, Counter<f64, AtomicU64>>,
+    client_cost: Family<ClientLabels, Counter<f64, AtomicU64>>,
+    auth_failures: Family<ReasonLabels, Counter>,
     /// Label values are shared, not copied: the per-request path allocates
     /// no label strings.
     models_seen: RwLock<HashSet<Arc<str>>>,
@@ -147,6 +175,12 @@ impl Metrics {
             generation: Gauge::default(),
             usage_rows: Family::default(),
             in_flight: Gauge::default(),
+            caller_requests: Family::default(),
+            caller_rejections: Family::default(),
+            caller_tokens: Family::default(),
+            caller_spend: Family::default(),
+            client_cost: Family::default(),
+            auth_failures: Family::default(),
             models_seen: RwLock::new(HashSet::new()),
             empty: Arc::from(""),
             other: Arc::from("other"),
@@ -208,6 +242,36 @@ impl Metrics {
             "requests_in_flight",
             "Requests being served now",
             m.in_flight.clone(),
+        );
+        registry.register(
+            "caller_requests",
+            "Requests of each caller that reached the router (admitted or not)",
+            m.caller_requests.clone(),
+        );
+        registry.register(
+            "caller_rejections",
+            "Requests refused by a caller's limits, by reason",
+            m.caller_rejections.clone(),
+        );
+        registry.register(
+            "caller_tokens",
+            "Tokens reported by upstreams, by caller and kind",
+            m.caller_tokens.clone(),
+        );
+        registry.register(
+            "caller_spend_usd",
+            "Cost in USD of each caller's requests, at the configured prices",
+            m.caller_spend.clone(),
+        );
+        registry.register(
+            "cost_usd",
+            "Cost in USD of the requests each client answered, at the configured prices",
+            m.client_cost.clone(),
+        );
+        registry.register(
+            "auth_failures",
+            "Requests refused for a missing or invalid bearer token, by reason",
+            m.auth_failures.clone(),
         );
         registry.register(
             "build",
@@ -315,8 +379,61 @@ impl Metrics {
         true
     }
 
+    /// A request refused for a missing or invalid token (`reason`).
+    pub fn auth_failure(&self, reason: &'static str) {
+        self.auth_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// A request of `caller` refused by its limits.
+    pub fn caller_rejected(&self, caller: &Arc<str>, reason: &'static str) {
+        self.caller_rejections
+            .get_or_create(&CallerReasonLabels {
+                caller: caller.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// The per-caller and cost series of a finished request.
+    fn count_caller_and_cost(&self, r: &UsageRecord) {
+        if let Some(caller) = &r.caller {
+            let labels = CallerLabels {
+                caller: caller.clone(),
+            };
+            self.caller_requests.get_or_create(&labels).inc();
+            if let Some(cost) = r.cost_usd {
+                self.caller_spend.get_or_create(&labels).inc_by(cost);
+            }
+            for (kind, n) in [
+                ("prompt", r.prompt_tokens),
+                ("completion", r.completion_tokens),
+            ] {
+                if let Some(n) = n {
+                    self.caller_tokens
+                        .get_or_create(&CallerTokenLabels {
+                            caller: caller.clone(),
+                            kind,
+                        })
+                        .inc_by(n);
+                }
+            }
+        }
+        if let (Some(cost), Some(client)) = (r.cost_usd, &r.client) {
+            self.client_cost
+                .get_or_create(&ClientLabels {
+                    client: client.clone(),
+                })
+                .inc_by(cost);
+        }
+    }
+
     /// `client`: the answering client's handles, when one answered.
     pub fn request_finished(&self, r: &UsageRecord, client_metrics: Option<&ClientMetrics>) {
+        if r.caller.is_some() || r.cost_usd.is_some() {
+            self.count_caller_and_cost(r);
+        }
         if let (Some(cm), Some(model)) = (client_metrics, r.model.as_deref()) {
             if self.count_cached(cm, model, r) {
                 cm.latency.observe(r.latency_ms as f64 / 1000.0);

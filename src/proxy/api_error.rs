@@ -2,7 +2,9 @@
 //! `{"error": {"message", "type", "param", "code"}}`.
 //!
 //! `type` and `code` both carry the error's name (`model_not_found`, ...), so
-//! callers matching on either field see the same thing.
+//! callers matching on either field see the same thing; the caller limits'
+//! refusals use OpenAI's own pairs (`permission_error` / `model_not_allowed`,
+//! `rate_limit_error` / `rate_limit_exceeded`, `insufficient_quota`).
 
 use std::time::Duration;
 
@@ -41,6 +43,19 @@ pub enum ApiError {
     UpstreamTimeout(String),
     #[error("{0}")]
     Overloaded(String),
+    /// The caller may not use this model (or it has no price and the
+    /// caller has a USD budget).
+    #[error("{0}")]
+    ModelNotAllowed(String),
+    /// A rate limit (concurrency, rpm, tpm): try again later.
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        retry_after: Duration,
+    },
+    /// A budget is spent: retrying will not help before the period ends.
+    #[error("{0}")]
+    InsufficientQuota(String),
 }
 
 impl ApiError {
@@ -57,6 +72,10 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
+            ApiError::RateLimited { .. } | ApiError::InsufficientQuota(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
         }
     }
 
@@ -74,12 +93,24 @@ impl ApiError {
             ApiError::NoHealthyUpstream { .. } => "no_healthy_upstream",
             ApiError::UpstreamTimeout(_) => "upstream_timeout",
             ApiError::Overloaded(_) => "overloaded",
+            ApiError::ModelNotAllowed(_) => "model_not_allowed",
+            ApiError::RateLimited { .. } => "rate_limit_exceeded",
+            ApiError::InsufficientQuota(_) => "insufficient_quota",
+        }
+    }
+
+    /// The error's `type`: its code, but for the caller limits' refusals.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ApiError::ModelNotAllowed(_) => "permission_error",
+            ApiError::RateLimited { .. } => "rate_limit_error",
+            other => other.code(),
         }
     }
 
     fn param(&self) -> Option<&'static str> {
         match self {
-            ApiError::ModelNotFound(_) => Some("model"),
+            ApiError::ModelNotFound(_) | ApiError::ModelNotAllowed(_) => Some("model"),
             _ => None,
         }
     }
@@ -89,7 +120,7 @@ impl ApiError {
         let body = serde_json::json!({
             "error": {
                 "message": self.to_string(),
-                "type": self.code(),
+                "type": self.kind(),
                 "param": self.param(),
                 "code": self.code(),
             }
@@ -115,6 +146,16 @@ impl ApiError {
             }
             ApiError::Unauthorized(_) => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ApiError::RateLimited { retry_after, .. } => {
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            }
+            ApiError::InsufficientQuota(_) => {
+                headers.insert(
+                    HeaderName::from_static("x-should-retry"),
+                    HeaderValue::from_static("false"),
+                );
             }
             _ => {}
         }

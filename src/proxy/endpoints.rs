@@ -8,6 +8,8 @@ use serde_json::json;
 use super::api_error::ApiError;
 use super::body::ResponseBody;
 use super::{AppState, ReloadStatus};
+use crate::config::prices::usd;
+use crate::config::{CallerConfig, Per};
 use crate::routing::RoutingTable;
 use crate::secret::constant_time_eq;
 
@@ -56,20 +58,26 @@ fn model_json(id: &str, owner: &str) -> serde_json::Value {
     json!({ "id": id, "object": "model", "created": 0, "owned_by": owner })
 }
 
-/// Every exact model name, in OpenAI's list format.
-pub fn models(table: &RoutingTable) -> Response<ResponseBody> {
+/// Every exact model name the caller may use, in OpenAI's list format.
+pub fn models(table: &RoutingTable, caller: Option<&CallerConfig>) -> Response<ResponseBody> {
     let data: Vec<_> = table
         .models()
         .into_iter()
+        .filter(|(id, _)| caller.is_none_or(|c| c.allows(id)))
         .map(|(id, owner)| model_json(id, owner))
         .collect();
     json_response(StatusCode::OK, &json!({ "object": "list", "data": data }))
 }
 
-pub fn model(table: &RoutingTable, id: &str) -> Result<Response<ResponseBody>, ApiError> {
+pub fn model(
+    table: &RoutingTable,
+    id: &str,
+    caller: Option<&CallerConfig>,
+) -> Result<Response<ResponseBody>, ApiError> {
     table
         .models()
         .into_iter()
+        .filter(|(id, _)| caller.is_none_or(|c| c.allows(id)))
         .find(|(m, _)| *m == id)
         .map(|(m, owner)| json_response(StatusCode::OK, &model_json(m, owner)))
         .ok_or_else(|| ApiError::ModelNotFound(format!("the model `{id}` does not exist")))
@@ -89,11 +97,7 @@ pub async fn admin(
             "/admin is disabled: set server.admin_token".to_owned(),
         ));
     };
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+    let presented = super::handler::bearer_token(headers).unwrap_or("");
     if !constant_time_eq(presented.as_bytes(), admin.expose().as_bytes()) {
         return Err(ApiError::Unauthorized(
             "a valid admin token is required".to_owned(),
@@ -146,9 +150,40 @@ pub fn status_json(state: &AppState) -> serde_json::Value {
             json!({ "name": c.cfg.name, "keys": keys })
         })
         .collect();
+    let now = (state.clock)();
+    let callers: Vec<_> = table
+        .callers
+        .iter()
+        .map(|c| {
+            let l = &c.cfg.limits;
+            let per = l
+                .budget_usd
+                .or(l.budget_tokens)
+                .map_or(Per::Month, |b| b.per);
+            let snap = c.state.snapshot(now, per);
+            json!({
+                "name": c.cfg.name,
+                "in_flight": snap.in_flight,
+                "rpm_used": snap.rpm_used,
+                "tpm_used": snap.tpm_used,
+                "spent_usd": usd(snap.spent_nanos),
+                "spent_tokens": snap.spent_tokens,
+                "reserved_usd": usd(snap.reserved_nanos),
+                "period": per.as_str(),
+                "limits": {
+                    "rpm": l.rpm,
+                    "tpm": l.tpm,
+                    "concurrency": l.concurrency,
+                    "budget_usd": l.budget_usd.map(|b| usd(b.amount)),
+                    "budget_tokens": l.budget_tokens.map(|b| b.amount),
+                },
+            })
+        })
+        .collect();
     json!({
         "generation": table.generation,
         "last_reload": { "ok": last.ok, "at": rfc3339(last.at), "errors": last.errors },
         "clients": clients,
+        "callers": callers,
     })
 }

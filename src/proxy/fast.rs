@@ -60,7 +60,12 @@ pub enum Exit {
 
 /// Serves requests on `io` until the connection ends, the server drains
 /// (`draining` turns true), or a request needs hyper.
-pub async fn serve(io: TcpStream, state: Arc<AppState>, draining: watch::Receiver<bool>) -> Exit {
+pub async fn serve(
+    io: TcpStream,
+    peer: Option<std::net::SocketAddr>,
+    state: Arc<AppState>,
+    draining: watch::Receiver<bool>,
+) -> Exit {
     // Made once per connection, not per wait for a request: it registers
     // with the drain signal on its first wait and stays registered, where
     // a new one per wait would register and deregister (two locks) each
@@ -93,6 +98,14 @@ pub async fn serve(io: TcpStream, state: Arc<AppState>, draining: watch::Receive
             (server.max_body_bytes, server.header_read_timeout)
         };
         let mut keep_alive = head.keep_alive;
+        // A request without a valid token is refused on its head: its
+        // body is never read, and the connection closes after the answer.
+        if let Some(refused) =
+            handler::refuse_before_body(&state, head.uri.path(), &head.headers, peer)
+        {
+            let _ = conn.write_response(refused, false).await;
+            return Exit::Closed;
+        }
         let body = match head.length {
             0 => FastBody::Full(None),
             n if n > limit => {
@@ -118,7 +131,7 @@ pub async fn serve(io: TcpStream, state: Arc<AppState>, draining: watch::Receive
         let resp = tokio::select! {
             // In order: no random draw per request.
             biased;
-            resp = handler::handle(state.clone(), req, false) => match resp {
+            resp = handler::handle(state.clone(), req, false, peer) => match resp {
                 Ok(resp) => resp,
                 Err(never) => match never {},
             },

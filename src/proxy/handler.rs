@@ -6,11 +6,13 @@
 
 use std::borrow::Cow;
 use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use smallvec::{smallvec, SmallVec};
 
@@ -20,14 +22,17 @@ use super::body::{BoxError, ResponseBody};
 use super::endpoints;
 use super::plain::RelayedHeaders;
 use super::relay::{Filter, JsonSniffer, PrefixBuffer, Relay};
-use super::report::Completion;
+use super::report::{Admission, Completion};
 use super::sse::{PrefixSlot, SseFilter};
 use super::transform::{self, Changes, EndpointKind, RequestBody};
 use super::upstream;
 use super::AppState;
+use crate::config::prices::{self, Tokens};
+use crate::config::Per;
+use crate::limits::{Cost, Headroom, Refusal};
 use crate::routing::table::USUAL_ENDPOINTS;
-use crate::routing::{KeyPick, RoutingTable};
-use crate::secret::constant_time_eq;
+use crate::routing::{CallerRoute, KeyPick, RoutingTable};
+use crate::secret::sha256;
 use crate::usage::UsageRecord;
 
 /// What a request path asks for.
@@ -183,6 +188,7 @@ pub async fn handle<B: RequestBodyStream>(
     state: Arc<AppState>,
     req: Request<B>,
     conflicting_framing: bool,
+    peer: Option<SocketAddr>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let id = new_request_id();
     // ASCII by construction: never the empty default.
@@ -195,7 +201,7 @@ pub async fn handle<B: RequestBodyStream>(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return Ok(resp);
     }
-    let mut resp = match dispatch(&state, req, request_id).await {
+    let mut resp = match dispatch(&state, req, request_id, peer).await {
         Ok(resp) => resp,
         Err(e) => e.into_response(None),
     };
@@ -207,6 +213,7 @@ async fn dispatch<B: RequestBodyStream>(
     state: &Arc<AppState>,
     req: Request<B>,
     request_id: &str,
+    peer: Option<SocketAddr>,
 ) -> Result<Response<ResponseBody>, ApiError> {
     let table = state.table.load_full();
     // The request's parts stay here, and everything below borrows them:
@@ -220,11 +227,16 @@ async fn dispatch<B: RequestBodyStream>(
         Route::Admin(what) => endpoints::admin(state, &table, method, what, &parts.headers).await,
         Route::NotFound => Err(ApiError::NotFound(format!("no route for {method} {path}"))),
         route => {
-            let caller = authenticate(&table, &parts.headers)?;
+            let caller = authenticate(state, &table, &parts.headers, peer)?;
             match route {
                 Route::Metrics => Ok(endpoints::metrics(state, &table)),
-                Route::Models if method == Method::GET => Ok(endpoints::models(&table)),
-                Route::Model(id) if method == Method::GET => endpoints::model(&table, &id),
+                Route::Models if method == Method::GET => Ok(endpoints::models(
+                    &table,
+                    caller.map(|i| &table.callers[i].cfg),
+                )),
+                Route::Model(id) if method == Method::GET => {
+                    endpoints::model(&table, &id, caller.map(|i| &table.callers[i].cfg))
+                }
                 Route::Proxy { client, endpoint } => {
                     if client.is_none() && method != Method::POST {
                         return Err(ApiError::MethodNotAllowed(format!(
@@ -237,14 +249,14 @@ async fn dispatch<B: RequestBodyStream>(
                         })?),
                         None => None,
                     };
-                    let caller = Caller {
+                    let request = Caller {
                         parts: &parts,
                         endpoint,
                         request_id,
-                        name: caller,
+                        caller,
                         pinned,
                     };
-                    Ok(proxy(state.clone(), table, caller, body).await)
+                    Ok(proxy(state.clone(), table, request, body).await)
                 }
                 _ => Err(ApiError::MethodNotAllowed(format!(
                     "{method} is not allowed on {path}"
@@ -254,33 +266,122 @@ async fn dispatch<B: RequestBodyStream>(
     }
 }
 
-/// Checks `Authorization: Bearer <token>` against `auth_tokens`; returns the
-/// caller's name. Every configured token is compared, in constant time.
-fn authenticate(table: &RoutingTable, headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let tokens = &table.config.server.auth_tokens;
-    if tokens.is_empty() {
-        return Ok(None);
-    }
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .ok_or_else(|| {
-            ApiError::Unauthorized(
-                "missing bearer token: send `Authorization: Bearer <token>`".to_owned(),
-            )
-        })?;
-    let mut found = None;
-    for t in tokens {
-        if constant_time_eq(presented.as_bytes(), t.token.expose().as_bytes()) && found.is_none() {
-            found = Some(t.name.clone());
+/// The token of `Authorization: Bearer <token>`: the scheme in any letter
+/// case, the token without the spaces around it. The one reader of bearer
+/// tokens, for callers and the admin token alike.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, token) = v.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// Why a request presented no usable token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AuthFailure {
+    Missing,
+    Invalid,
+}
+
+impl AuthFailure {
+    fn reason(self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "missing",
+            AuthFailure::Invalid => "invalid",
         }
     }
-    found.ok_or_else(|| ApiError::Unauthorized("invalid bearer token".to_owned()))
+}
+
+/// Finds the caller whose token the request presents: the token is hashed
+/// once and looked up, so neither its bytes nor the number of callers show
+/// in the time taken. `None` when no caller or token is configured.
+fn authenticate(
+    state: &AppState,
+    table: &RoutingTable,
+    headers: &HeaderMap,
+    peer: Option<SocketAddr>,
+) -> Result<Option<usize>, ApiError> {
+    if table.callers.is_empty() {
+        return Ok(None);
+    }
+    let failure = match bearer_token(headers) {
+        None => AuthFailure::Missing,
+        Some(token) => match table.caller_by_token(&sha256(token.as_bytes())) {
+            Some(caller) => return Ok(Some(caller)),
+            None => AuthFailure::Invalid,
+        },
+    };
+    state.metrics.auth_failure(failure.reason());
+    AUTH_LOG[failure as usize].log(failure.reason(), peer);
+    Err(ApiError::Unauthorized(match failure {
+        AuthFailure::Missing => {
+            "missing bearer token: send `Authorization: Bearer <token>`".to_owned()
+        }
+        AuthFailure::Invalid => "invalid bearer token".to_owned(),
+    }))
+}
+
+/// At most one log line a second per reason of refused logins, with the
+/// count of those not logged: a caller trying tokens cannot flood the log.
+struct AuthLog {
+    /// The second of the last line, since the epoch.
+    last: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+static AUTH_LOG: [AuthLog; 2] = [AuthLog::new(), AuthLog::new()];
+
+impl AuthLog {
+    const fn new() -> AuthLog {
+        AuthLog {
+            last: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    fn log(&self, reason: &str, peer: Option<SocketAddr>) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.last.load(Ordering::Relaxed);
+        if now == last
+            || self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+        let peer = peer.map(|p| p.to_string());
+        tracing::warn!(
+            reason,
+            peer = peer.as_deref().unwrap_or("-"),
+            suppressed,
+            "request refused: bad bearer token"
+        );
+    }
+}
+
+/// A refusal the fast path can give from the head alone, before it reads
+/// a body: a request for a path that needs a token and does not carry a
+/// valid one. The body is then never read (and the connection closes).
+pub fn refuse_before_body(
+    state: &AppState,
+    path: &str,
+    headers: &HeaderMap,
+    peer: Option<SocketAddr>,
+) -> Option<Response<ResponseBody>> {
+    match route(path) {
+        Route::Healthz | Route::Readyz | Route::Admin(_) | Route::NotFound => None,
+        _ => {
+            let table = state.table.load();
+            authenticate(state, &table, headers, peer)
+                .err()
+                .map(|e| e.into_response(None))
+        }
+    }
 }
 
 /// Reads the whole request body, within `max_body_bytes`; each chunk must
@@ -370,8 +471,8 @@ struct Caller<'a> {
     parts: &'a http::request::Parts,
     endpoint: &'a str,
     request_id: &'a str,
-    /// The auth token's name, if any.
-    name: Option<String>,
+    /// The caller's index in the table's callers, when auth is on.
+    caller: Option<usize>,
     /// The client named in the path (`/{client}/v1/...`), if any.
     pinned: Option<usize>,
 }
@@ -382,18 +483,36 @@ async fn proxy<B: RequestBodyStream>(
     caller: Caller<'_>,
     body: B,
 ) -> Response<ResponseBody> {
+    let mut headroom = None;
+    let mut resp = proxy_admitted(state, &table, caller, body, &mut headroom).await;
+    if let Some(h) = headroom {
+        ratelimit_headers(resp.headers_mut(), &h);
+    }
+    resp
+}
+
+/// [`proxy`], with the caller's `x-ratelimit-*` figures left in
+/// `headroom` once its limits admitted the request.
+async fn proxy_admitted<B: RequestBodyStream>(
+    state: Arc<AppState>,
+    table: &Arc<RoutingTable>,
+    caller: Caller<'_>,
+    body: B,
+    headroom: &mut Option<Headroom>,
+) -> Response<ResponseBody> {
     let Caller {
         parts,
         endpoint,
         request_id,
-        name: caller,
+        caller,
         pinned,
     } = caller;
+    let caller = caller.map(|i| &table.callers[i]);
     let started = Instant::now();
     let record = Box::new(UsageRecord {
         ts: Some((state.clock)()),
         request_id: request_id.to_owned(),
-        caller,
+        caller: caller.map(|c| c.name.clone()),
         endpoint: usage_endpoint(endpoint),
         ..UsageRecord::default()
     });
@@ -444,6 +563,23 @@ async fn proxy<B: RequestBodyStream>(
         }
         first_candidates = Some(candidates);
     }
+    if let Some(c) = caller {
+        let priced: SmallVec<[usize; 4]> = match (&first_candidates, pinned) {
+            (Some(cands), _) => cands.in_priority_order().collect(),
+            (None, Some(ci)) => smallvec![ci],
+            (None, None) => SmallVec::new(),
+        };
+        let estimate = Estimate {
+            body_bytes: bytes.len(),
+            max_tokens: peek.max_tokens,
+            model,
+            clients: &priced,
+        };
+        match admit(&state, table, c, &estimate, &mut done) {
+            Ok(h) => *headroom = h,
+            Err(e) => return fail(done, e, request_id),
+        }
+    }
 
     let kind = EndpointKind::of(endpoint);
     let request = Prepared {
@@ -460,8 +596,8 @@ async fn proxy<B: RequestBodyStream>(
     let mut run = Run::default();
     match pinned {
         Some(ci) => {
-            match try_client(&state, &table, &request, ci, model, &mut run, request_id).await {
-                Ok(Some(answer)) => return respond(done, answer, &table, &request, &run),
+            match try_client(&state, table, &request, ci, model, &mut run, request_id).await {
+                Ok(Some(answer)) => return respond(done, answer, table, &request, &run),
                 Ok(None) => {}
                 Err(e) => return fail(done, e, request_id),
             }
@@ -484,10 +620,10 @@ async fn proxy<B: RequestBodyStream>(
                     _ => table.candidates(m),
                 };
                 for ci in candidates.order() {
-                    match try_client(&state, &table, &request, ci, Some(m), &mut run, request_id)
+                    match try_client(&state, table, &request, ci, Some(m), &mut run, request_id)
                         .await
                     {
-                        Ok(Some(answer)) => return respond(done, answer, &table, &request, &run),
+                        Ok(Some(answer)) => return respond(done, answer, table, &request, &run),
                         Ok(None) => {}
                         Err(e) => return fail(done, e, request_id),
                     }
@@ -513,9 +649,182 @@ async fn proxy<B: RequestBodyStream>(
             }
         }
     }
-    let e = run.exhausted(&table, model.unwrap_or_default());
+    let e = run.exhausted(table, model.unwrap_or_default());
     done.record().attempts = run.attempts;
     fail(done, e, request_id)
+}
+
+/// What a request is expected to cost, before any upstream is asked.
+struct Estimate<'a> {
+    body_bytes: usize,
+    /// The completion cap the request names.
+    max_tokens: Option<u64>,
+    model: Option<&'a str>,
+    /// The clients that may answer it (priced at the dearest).
+    clients: &'a [usize],
+}
+
+/// Admits a caller's request: its model against the caller's allow-list,
+/// then one atomic reserve-and-check of its estimated cost against every
+/// limit. The reservation rides on `done` and is settled when it reports.
+fn admit(
+    state: &AppState,
+    table: &RoutingTable,
+    caller: &CallerRoute,
+    e: &Estimate<'_>,
+    done: &mut Completion,
+) -> Result<Option<Headroom>, ApiError> {
+    let cfg = &caller.cfg;
+    let name = &cfg.name;
+    let refuse = |reason: &'static str, err: ApiError| {
+        state.metrics.caller_rejected(&caller.name, reason);
+        Err(err)
+    };
+    match e.model {
+        Some(m) if !cfg.allows(m) => {
+            return refuse(
+                "model_not_allowed",
+                ApiError::ModelNotAllowed(format!("caller `{name}` may not use model `{m}`")),
+            )
+        }
+        None if cfg.models.is_some() => {
+            return refuse(
+                "model_not_allowed",
+                ApiError::ModelNotAllowed(format!(
+                    "the request names no model, and caller `{name}` may use only the models listed for it"
+                )),
+            )
+        }
+        _ => {}
+    }
+    let limits = &cfg.limits;
+    if limits.is_empty() {
+        return Ok(None);
+    }
+    // Prompt tokens are guessed from the body (a token is about three bytes
+    // of JSON or more); the completion is counted at its cap.
+    let prompt = (e.body_bytes as u64).div_ceil(3);
+    let completion = e.max_tokens.unwrap_or(cfg.max_tokens_default);
+    let tokens = Tokens {
+        prompt,
+        cached: 0,
+        completion,
+    };
+    let mut nanos = Some(0i64);
+    for &ci in e.clients {
+        let price = e.model.and_then(|m| table.price(ci, m));
+        nanos = match (nanos, price) {
+            (Some(n), Some(p)) => Some(n.max(p.cost_nanos(tokens))),
+            _ => None,
+        };
+    }
+    if nanos.is_none() && limits.budget_usd.is_some() {
+        let m = e.model.unwrap_or_default();
+        return refuse(
+            "model_not_allowed",
+            ApiError::ModelNotAllowed(format!(
+                "model `{m}` has no price, and caller `{name}` has a budget in USD: add the model to `prices`"
+            )),
+        );
+    }
+    let cost = Cost {
+        tokens: prompt.saturating_add(completion),
+        nanos: nanos.unwrap_or(0),
+    };
+    match caller.state.admit(limits, cost, (state.clock)()) {
+        Ok((ticket, headroom)) => {
+            let r = done.record();
+            r.reserved_tokens = Some(cost.tokens);
+            r.reserved_usd = Some(prices::usd(cost.nanos));
+            done.admission = Some(Admission {
+                state: caller.state.clone(),
+                ticket,
+            });
+            Ok(Some(headroom))
+        }
+        Err(refusal) => {
+            let per = |p: Per| p.as_str();
+            let err = match refusal {
+                Refusal::Concurrency => ApiError::RateLimited {
+                    message: format!(
+                        "caller `{name}` has {} requests in flight, its limit (limits.concurrency)",
+                        limits.concurrency.unwrap_or(0)
+                    ),
+                    retry_after: Duration::from_secs(1),
+                },
+                Refusal::Rpm { retry_after } => ApiError::RateLimited {
+                    message: format!(
+                        "caller `{name}` reached its limit of {} requests per minute (limits.rpm)",
+                        limits.rpm.unwrap_or(0)
+                    ),
+                    retry_after,
+                },
+                Refusal::Tpm { retry_after } => ApiError::RateLimited {
+                    message: format!(
+                        "caller `{name}` reached its limit of {} tokens per minute (limits.tpm); this request reserves {}",
+                        limits.tpm.unwrap_or(0),
+                        cost.tokens
+                    ),
+                    retry_after,
+                },
+                Refusal::BudgetUsd { per: p } => ApiError::InsufficientQuota(format!(
+                    "caller `{name}` has spent its budget in USD for this {} (limits.budget_usd)",
+                    per(p)
+                )),
+                Refusal::BudgetTokens { per: p } => ApiError::InsufficientQuota(format!(
+                    "caller `{name}` has spent its token budget for this {} (limits.budget_tokens)",
+                    per(p)
+                )),
+            };
+            refuse(refusal.reason(), err)
+        }
+    }
+}
+
+/// OpenAI's `x-ratelimit-*` headers for the limits the caller has.
+fn ratelimit_headers(headers: &mut HeaderMap, h: &Headroom) {
+    for (limit, names) in [
+        (
+            h.requests,
+            [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+            ],
+        ),
+        (
+            h.tokens,
+            [
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ],
+        ),
+    ] {
+        let Some((max, remaining, reset)) = limit else {
+            continue;
+        };
+        let [l, r, t] = names.map(HeaderName::from_static);
+        headers.insert(l, HeaderValue::from(max));
+        headers.insert(r, HeaderValue::from(remaining));
+        if let Ok(v) = HeaderValue::from_str(&openai_duration(reset)) {
+            headers.insert(t, v);
+        }
+    }
+}
+
+/// A duration as OpenAI writes its resets: `20ms`, `1s`, `6m0s`, `1h2m3s`.
+fn openai_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let s = d.as_secs();
+    match (s / 3600, s / 60 % 60, s % 60) {
+        (0, 0, sec) => format!("{sec}s"),
+        (0, m, sec) => format!("{m}m{sec}s"),
+        (h, m, sec) => format!("{h}h{m}m{sec}s"),
+    }
 }
 
 /// The parts of the caller's request every attempt reuses.
@@ -738,6 +1047,10 @@ fn respond(
     }
     done.in_flight = Some(answer.in_flight);
     done.answered_by(client);
+    if let Some(m) = &done.record().routed_model {
+        let m = m.clone();
+        done.price = table.price(answer.client, &m);
+    }
     let filter = response_filter(
         media,
         answer.parts.status,
@@ -865,6 +1178,32 @@ mod tests {
         let other = usage_endpoint("audio/speech");
         assert!(matches!(other, Cow::Owned(_)));
         assert_eq!(other, "audio/speech");
+    }
+
+    #[test]
+    fn resets_are_written_as_openai_writes_them() {
+        let d = |ms| openai_duration(Duration::from_millis(ms));
+        assert_eq!(d(20), "20ms");
+        assert_eq!(d(1000), "1s");
+        assert_eq!(d(59_900), "59s");
+        assert_eq!(d(360_000), "6m0s");
+        assert_eq!(d(3_723_000), "1h2m3s");
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_one_way() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());
+            m
+        };
+        assert_eq!(bearer_token(&h("Bearer abc")), Some("abc"));
+        assert_eq!(bearer_token(&h("bearer  abc ")), Some("abc"));
+        assert_eq!(bearer_token(&h("BEARER abc")), Some("abc"));
+        assert_eq!(bearer_token(&h("Basic abc")), None);
+        assert_eq!(bearer_token(&h("Bearer ")), None);
+        assert_eq!(bearer_token(&h("Bearerabc")), None);
+        assert_eq!(bearer_token(&HeaderMap::new()), None);
     }
 
     #[test]

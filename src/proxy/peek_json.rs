@@ -17,6 +17,10 @@ pub struct Fields<'a> {
     pub model: Option<&'a str>,
     pub stream: bool,
     pub include_usage: bool,
+    /// `max_tokens`, a plain unsigned integer.
+    pub max_tokens: Option<u64>,
+    /// `max_completion_tokens`, likewise.
+    pub max_completion_tokens: Option<u64>,
 }
 
 /// Nesting deeper than this is left to serde_json (its limit is 128).
@@ -33,6 +37,7 @@ pub fn scan(body: &[u8]) -> Option<Fields<'_>> {
     let mut s = Scanner { b: body, i: 0 };
     let mut out = Fields::default();
     let (mut seen_model, mut seen_stream, mut seen_options) = (false, false, false);
+    let (mut seen_max, mut seen_max_completion) = (false, false);
     s.ws();
     s.eat(b'{')?;
     s.ws();
@@ -75,6 +80,18 @@ pub fn scan(body: &[u8]) -> Option<Fields<'_>> {
                         b'n' => s.literal(b"null")?,
                         _ => return None,
                     }
+                }
+                b"max_tokens" => {
+                    if std::mem::replace(&mut seen_max, true) {
+                        return None;
+                    }
+                    out.max_tokens = s.count()?;
+                }
+                b"max_completion_tokens" => {
+                    if std::mem::replace(&mut seen_max_completion, true) {
+                        return None;
+                    }
+                    out.max_completion_tokens = s.count()?;
                 }
                 _ => s.value(1)?,
             }
@@ -119,6 +136,33 @@ impl<'a> Scanner<'a> {
     fn literal(&mut self, word: &[u8]) -> Option<()> {
         let end = self.i + word.len();
         (self.b.get(self.i..end)? == word).then(|| self.i = end)
+    }
+
+    /// A count: `Some(Some(n))` for a plain unsigned integer of at most 19
+    /// digits, `Some(None)` for `null`; `None` (ask serde_json) otherwise.
+    fn count(&mut self) -> Option<Option<u64>> {
+        if self.peek()? == b'n' {
+            self.literal(b"null")?;
+            return Some(None);
+        }
+        let start = self.i;
+        while matches!(self.peek(), Some(b'0'..=b'9')) {
+            self.i += 1;
+        }
+        let digits = &self.b[start..self.i];
+        let leading_zero = digits.len() > 1 && digits[0] == b'0';
+        if digits.is_empty()
+            || digits.len() > 19
+            || leading_zero
+            || matches!(self.peek(), Some(b'.' | b'e' | b'E'))
+        {
+            return None;
+        }
+        Some(Some(
+            digits
+                .iter()
+                .fold(0u64, |n, d| n * 10 + u64::from(d - b'0')),
+        ))
     }
 
     /// `{"include_usage": ...}` and any other members; whether

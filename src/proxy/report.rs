@@ -8,10 +8,18 @@ use std::time::Instant;
 
 use super::sse::Usage;
 use super::AppState;
+use crate::config::prices::{self, Price, Tokens};
+use crate::limits::{CallerState, Cost, Ticket};
 use crate::ops::metrics::ClientMetrics;
 use crate::routing::key_health::InFlight;
 use crate::routing::ClientRoute;
 use crate::usage::UsageRecord;
+
+/// A caller's reservation for this request, settled when it reports.
+pub struct Admission {
+    pub state: Arc<CallerState>,
+    pub ticket: Ticket,
+}
 
 /// Status recorded for a request whose caller left before any response.
 pub const CALLER_CLOSED: u16 = 499;
@@ -27,6 +35,10 @@ pub struct Completion {
     pub in_flight: Option<InFlight>,
     /// The answering client's metric handles.
     pub client_metrics: Option<Arc<ClientMetrics>>,
+    /// The caller's reservation, when its limits took one.
+    pub admission: Option<Admission>,
+    /// The price of the model the answering client was sent, if priced.
+    pub price: Option<Price>,
 }
 
 impl Completion {
@@ -38,6 +50,8 @@ impl Completion {
             started,
             in_flight: None,
             client_metrics: None,
+            admission: None,
+            price: None,
         }
     }
 
@@ -66,9 +80,37 @@ impl Completion {
             r.prompt_tokens = u.prompt_tokens;
             r.completion_tokens = u.completion_tokens;
             r.total_tokens = u.total_tokens;
+            r.cached_tokens = u.cached_tokens;
+            r.reasoning_tokens = u.reasoning_tokens;
         }
         if error.is_some() {
             r.error = error;
+        }
+        let counted = usage.filter(|u| u.prompt_tokens.is_some() || u.completion_tokens.is_some());
+        let cost = match (self.price, counted) {
+            (Some(p), Some(u)) => Some(p.cost_nanos(Tokens {
+                prompt: u.prompt_tokens.unwrap_or(0),
+                cached: u.cached_tokens.unwrap_or(0),
+                completion: u.completion_tokens.unwrap_or(0),
+            })),
+            _ => None,
+        };
+        r.cost_usd = cost.map(prices::usd);
+        if let Some(a) = self.admission.take() {
+            // Refunded unless the caller got a 2xx; settled at what the
+            // upstream reported, or at the reservation when it said nothing.
+            let actual = if !(200..300).contains(&r.status) {
+                Cost::default()
+            } else if let Some(total) = counted.and_then(|u| u.total_tokens) {
+                Cost {
+                    tokens: total,
+                    nanos: cost.unwrap_or(0),
+                }
+            } else {
+                r.error.get_or_insert_with(|| "usage unknown".to_owned());
+                a.ticket.reserved
+            };
+            a.state.settle(a.ticket, actual);
         }
         let state = &self.state;
         state.metrics.in_flight().dec();

@@ -53,7 +53,7 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
             },
             _ = &mut shutdown => break,
         };
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
@@ -70,7 +70,7 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
         let builder = builder.clone();
         let draining = draining_rx.clone();
         tokio::spawn(async move {
-            serve_connection(stream, state, &builder, draining).await;
+            serve_connection(stream, peer, state, &builder, draining).await;
             drop(permit);
         });
     }
@@ -94,18 +94,19 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
 /// One connection: the fast path first, then hyper if a request needs it.
 async fn serve_connection(
     stream: TcpStream,
+    peer: std::net::SocketAddr,
     state: Arc<AppState>,
     builder: &auto::Builder<TokioExecutor>,
     mut draining: watch::Receiver<bool>,
 ) {
-    let io = match fast::serve(stream, state.clone(), draining.clone()).await {
+    let io = match fast::serve(stream, Some(peer), state.clone(), draining.clone()).await {
         fast::Exit::Closed => return,
         fast::Exit::HandOff(io) => io,
     };
     let (io, framing) = Watched::new(TokioIo::new(io));
     let service = service_fn(move |req| {
         let conflicting = framing.next_request_conflicts();
-        let answer = handler::handle(state.clone(), req, conflicting);
+        let answer = handler::handle(state.clone(), req, conflicting, Some(peer));
         async move {
             let (mut parts, body) = answer.await?.into_parts();
             // hyper writes only the header map.

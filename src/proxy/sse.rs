@@ -27,6 +27,10 @@ pub struct Usage {
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
     pub total_tokens: Option<u64>,
+    /// Prompt tokens served from the provider's cache (part of `prompt_tokens`).
+    pub cached_tokens: Option<u64>,
+    /// Reasoning tokens (part of `completion_tokens`).
+    pub reasoning_tokens: Option<u64>,
 }
 
 impl Usage {
@@ -38,10 +42,24 @@ impl Usage {
         // falls back to the other name, as the typed reader does.
         let count = |k: &str| obj.get(k).and_then(Value::as_u64);
         let get = |a: &str, b: &str| count(a).or_else(|| count(b));
+        let detail = |a: &str, b: &str, k: &str| {
+            let read = |d: &str| obj.get(d).and_then(|d| d.get(k)).and_then(Value::as_u64);
+            read(a).or_else(|| read(b))
+        };
         let u = Usage {
             prompt_tokens: get("prompt_tokens", "input_tokens"),
             completion_tokens: get("completion_tokens", "output_tokens"),
             total_tokens: obj.get("total_tokens").and_then(Value::as_u64),
+            cached_tokens: detail(
+                "prompt_tokens_details",
+                "input_tokens_details",
+                "cached_tokens",
+            ),
+            reasoning_tokens: detail(
+                "completion_tokens_details",
+                "output_tokens_details",
+                "reasoning_tokens",
+            ),
         };
         let total = u
             .total_tokens
@@ -261,6 +279,76 @@ struct UsageFields {
     output_tokens: Count,
     #[serde(default)]
     total_tokens: Count,
+    #[serde(default)]
+    prompt_tokens_details: Details,
+    #[serde(default)]
+    input_tokens_details: Details,
+    #[serde(default)]
+    completion_tokens_details: Details,
+    #[serde(default)]
+    output_tokens_details: Details,
+}
+
+/// The counts gptbalance reads from a `*_tokens_details` object; nothing
+/// for any other value.
+#[derive(Default)]
+struct Details {
+    cached_tokens: Option<u64>,
+    reasoning_tokens: Option<u64>,
+}
+
+impl<'de> serde::Deserialize<'de> for Details {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Details, D::Error> {
+        #[derive(serde::Deserialize)]
+        struct Fields {
+            #[serde(default)]
+            cached_tokens: Count,
+            #[serde(default)]
+            reasoning_tokens: Count,
+        }
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Details;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a details object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, a: A) -> Result<Details, A::Error> {
+                let f: Fields = serde::Deserialize::deserialize(
+                    serde::de::value::MapAccessDeserializer::new(a),
+                )?;
+                Ok(Details {
+                    cached_tokens: f.cached_tokens.0,
+                    reasoning_tokens: f.reasoning_tokens.0,
+                })
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Details, A::Error> {
+                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Details::default())
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Details, E> {
+                Ok(Details::default())
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Details, E> {
+                Ok(Details::default())
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Details, E> {
+                Ok(Details::default())
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Details, E> {
+                Ok(Details::default())
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Details, E> {
+                Ok(Details::default())
+            }
+            fn visit_unit<E>(self) -> Result<Details, E> {
+                Ok(Details::default())
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 impl UsageFields {
@@ -279,6 +367,14 @@ impl UsageFields {
             prompt_tokens,
             completion_tokens,
             total_tokens,
+            cached_tokens: self
+                .prompt_tokens_details
+                .cached_tokens
+                .or(self.input_tokens_details.cached_tokens),
+            reasoning_tokens: self
+                .completion_tokens_details
+                .reasoning_tokens
+                .or(self.output_tokens_details.reasoning_tokens),
         }
     }
 }
@@ -473,7 +569,7 @@ fn plain_usage_fields(json: &[u8]) -> Option<(UsageFields, &[u8])> {
     let mut at = Cursor(json);
     at.token(b'{')?;
     let mut fields = UsageFields::default();
-    let mut seen = 0u8;
+    let mut seen = 0u16;
     if at.peek_token(b'}') {
         return Some((fields, at.0));
     }
@@ -489,14 +585,25 @@ fn plain_usage_fields(json: &[u8]) -> Option<(UsageFields, &[u8])> {
             b"total_tokens" => Some((16, &mut fields.total_tokens)),
             _ => None,
         };
-        match slot {
+        let details = match key {
+            b"prompt_tokens_details" => Some((32, &mut fields.prompt_tokens_details)),
+            b"input_tokens_details" => Some((64, &mut fields.input_tokens_details)),
+            b"completion_tokens_details" => Some((128, &mut fields.completion_tokens_details)),
+            b"output_tokens_details" => Some((256, &mut fields.output_tokens_details)),
+            _ => None,
+        };
+        match (slot, details) {
             // serde refuses a field twice; let it decide.
-            Some((bit, _)) if seen & bit != 0 => return None,
-            Some((bit, count)) => {
+            (Some((bit, _)), _) | (_, Some((bit, _))) if seen & bit != 0 => return None,
+            (Some((bit, count)), _) => {
                 seen |= bit;
                 *count = Count(at.count()?);
             }
-            None => at.skip_value()?,
+            (None, Some((bit, d))) => {
+                seen |= bit;
+                *d = at.details()?;
+            }
+            (None, None) => at.skip_value()?,
         }
         match at.next_token()? {
             b',' => continue,
@@ -591,6 +698,46 @@ impl<'a> Cursor<'a> {
         }
         self.0 = rest;
         Some(Some(v))
+    }
+
+    /// A `*_tokens_details` value: an object's `cached_tokens` and
+    /// `reasoning_tokens` counts (other members skipped), or nothing for
+    /// any other value; `None` hands odd shapes back to serde.
+    fn details(&mut self) -> Option<Details> {
+        self.skip_ws();
+        if self.0.first() != Some(&b'{') {
+            self.skip_value()?;
+            return Some(Details::default());
+        }
+        self.token(b'{')?;
+        let mut d = Details::default();
+        let mut seen = 0u8;
+        if self.peek_token(b'}') {
+            return Some(d);
+        }
+        loop {
+            self.token(b'"')?;
+            let key = self.plain_key()?;
+            self.token(b':')?;
+            let slot = match key {
+                b"cached_tokens" => Some((1, &mut d.cached_tokens)),
+                b"reasoning_tokens" => Some((2, &mut d.reasoning_tokens)),
+                _ => None,
+            };
+            match slot {
+                Some((bit, _)) if seen & bit != 0 => return None,
+                Some((bit, count)) => {
+                    seen |= bit;
+                    *count = self.count()?;
+                }
+                None => self.skip_value()?,
+            }
+            match self.next_token()? {
+                b',' => continue,
+                b'}' => return Some(d),
+                _ => return None,
+            }
+        }
     }
 
     /// Steps over one value: a literal or a number, a string, or a

@@ -47,6 +47,9 @@ pub struct Peek {
     pub model: Option<Arc<str>>,
     pub stream: bool,
     pub include_usage: bool,
+    /// The completion cap the request names: `max_completion_tokens`,
+    /// else `max_tokens`.
+    pub max_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -57,6 +60,10 @@ struct PeekDoc {
     stream: Option<Value>,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    max_tokens: Option<Value>,
+    #[serde(default)]
+    max_completion_tokens: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -75,6 +82,7 @@ pub fn peek(body: &[u8]) -> Result<Peek, String> {
             model: f.model.map(usable_model).transpose()?,
             stream: f.stream,
             include_usage: f.include_usage,
+            max_tokens: f.max_completion_tokens.or(f.max_tokens),
         });
     }
     peek_with_serde(body)
@@ -114,6 +122,11 @@ fn peek_with_serde(body: &[u8]) -> Result<Peek, String> {
             .and_then(|o| o.include_usage)
             .and_then(|v| v.as_bool())
             .unwrap_or(false),
+        max_tokens: doc
+            .max_completion_tokens
+            .as_ref()
+            .and_then(Value::as_u64)
+            .or_else(|| doc.max_tokens.as_ref().and_then(Value::as_u64)),
     })
 }
 
@@ -299,6 +312,8 @@ mod tests {
             Just("\"stream\"".to_owned()),
             Just("\"stream_options\"".to_owned()),
             Just("\"include_usage\"".to_owned()),
+            Just("\"max_tokens\"".to_owned()),
+            Just("\"max_completion_tokens\"".to_owned()),
             Just("\"messages\"".to_owned()),
             Just("\"mod\\u0065l\"".to_owned()),
             string,
@@ -435,6 +450,10 @@ mod tests {
             let slow = peek_with_serde(body).unwrap();
             assert_eq!(fast.model, slow.model.as_deref());
             assert_eq!((fast.stream, fast.include_usage), (slow.stream, slow.include_usage));
+            assert_eq!(
+                fast.max_completion_tokens.or(fast.max_tokens),
+                slow.max_tokens
+            );
         }
     }
 

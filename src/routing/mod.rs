@@ -11,4 +11,4 @@ pub mod table;
 
 pub use key_health::KeyHealth;
 pub use selector::Candidates;
-pub use table::{ClientRoute, KeyPick, KeyRoute, RoutingTable};
+pub use table::{CallerRoute, ClientRoute, KeyPick, KeyRoute, RoutingTable};

@@ -12,7 +12,8 @@ use http::HeaderValue;
 use super::key_health::KeyHealth;
 use super::matcher;
 use super::selector::Candidates;
-use crate::config::{ClientConfig, Config, KeyStrategy};
+use crate::config::{CallerConfig, ClientConfig, Config, KeyStrategy, Price};
+use crate::limits::CallerState;
 use crate::ops::metrics::{ClientMetrics, Metrics};
 use crate::secret::{KeyId, Secret};
 
@@ -75,6 +76,20 @@ pub struct RoutingTable {
     /// Routes for every exact model name and fallback target, built up front.
     known: HashMap<String, Arc<Candidates>, BuildHasherDefault<Fnv>>,
     cache: RwLock<HashMap<Box<str>, Arc<Candidates>>>,
+    /// Every caller (`callers`, then `auth_tokens`); empty: no auth.
+    pub callers: Vec<CallerRoute>,
+    /// Callers by the SHA-256 of their token: a request's token is hashed
+    /// once and looked up, never compared with each token in turn.
+    by_token: HashMap<[u8; 32], usize, BuildHasherDefault<Fnv>>,
+}
+
+/// A caller as requests see it: its config, its name shared with usage
+/// rows, and its counters (kept across reloads by name).
+#[derive(Debug)]
+pub struct CallerRoute {
+    pub cfg: CallerConfig,
+    pub name: Arc<str>,
+    pub state: Arc<CallerState>,
 }
 
 #[derive(Debug)]
@@ -191,6 +206,22 @@ impl RoutingTable {
             .enumerate()
             .map(|(i, c)| (c.cfg.name.clone(), i))
             .collect();
+        let callers: Vec<CallerRoute> = config
+            .callers
+            .iter()
+            .map(|cfg| CallerRoute {
+                cfg: cfg.clone(),
+                name: Arc::from(cfg.name.as_str()),
+                state: previous
+                    .and_then(|p| p.callers.iter().find(|c| c.cfg.name == cfg.name))
+                    .map(|c| c.state.clone())
+                    .unwrap_or_default(),
+            })
+            .collect();
+        let mut by_token = HashMap::default();
+        for (i, c) in callers.iter().enumerate() {
+            by_token.entry(c.cfg.token_sha256).or_insert(i);
+        }
         let mut table = RoutingTable {
             generation: previous.map_or(1, |p| p.generation + 1),
             config: Arc::new(config),
@@ -198,6 +229,8 @@ impl RoutingTable {
             by_name,
             known: HashMap::default(),
             cache: RwLock::new(HashMap::new()),
+            callers,
+            by_token,
         };
         let names: Vec<String> = table
             .clients
@@ -247,6 +280,51 @@ impl RoutingTable {
             cache.insert(model.into(), route.clone());
         }
         CandidatesRef::Cached(route)
+    }
+
+    /// The index in [`RoutingTable::callers`] of the caller whose token
+    /// hashes to `digest`.
+    pub fn caller_by_token(&self, digest: &[u8; 32]) -> Option<usize> {
+        self.by_token.get(digest).copied()
+    }
+
+    /// Adds what callers spent before this process started (read from the
+    /// usage files) to their budgets' counters.
+    pub fn restore_spend(
+        &self,
+        spent: &std::collections::BTreeMap<String, crate::usage::report::Spent>,
+        now: std::time::SystemTime,
+    ) {
+        use crate::limits::Cost;
+        for c in &self.callers {
+            if let Some(s) = spent.get(&c.cfg.name) {
+                c.state.add_spent(
+                    now,
+                    Cost {
+                        tokens: s.day_tokens,
+                        nanos: s.day_nanos,
+                    },
+                    Cost {
+                        tokens: s.month_tokens,
+                        nanos: s.month_nanos,
+                    },
+                );
+            }
+        }
+    }
+
+    pub fn caller(&self, name: &str) -> Option<&CallerRoute> {
+        self.callers.iter().find(|c| c.cfg.name == name)
+    }
+
+    /// The price of `model` as client `ci` serves it (the name sent
+    /// upstream; the client's own prices first, then the top-level ones).
+    pub fn price(&self, ci: usize, model: &str) -> Option<Price> {
+        let c = &self.clients[ci].cfg;
+        if c.prices.is_empty() && self.config.prices.is_empty() {
+            return None;
+        }
+        crate::config::validate::price_of(c, &self.config.prices, model)
     }
 
     pub fn client_index(&self, name: &str) -> Option<usize> {

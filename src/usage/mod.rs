@@ -21,7 +21,8 @@ pub struct UsageRecord {
     /// Start of the request; picks the month file.
     pub ts: Option<SystemTime>,
     pub request_id: String,
-    pub caller: Option<String>,
+    /// Shared with the routing table's caller: no copy per request.
+    pub caller: Option<Arc<str>>,
     /// Borrowed for the usual endpoints: no copy per request, and the
     /// writer binds it once for a run of rows.
     pub endpoint: Cow<'static, str>,
@@ -40,4 +41,15 @@ pub struct UsageRecord {
     pub completion_tokens: Option<u64>,
     pub total_tokens: Option<u64>,
     pub error: Option<String>,
+    /// Prompt tokens served from the provider's cache.
+    pub cached_tokens: Option<u64>,
+    pub reasoning_tokens: Option<u64>,
+    /// What the tokens cost at the config's prices; `None` when unpriced or
+    /// the usage is unknown.
+    pub cost_usd: Option<f64>,
+    /// The caller's reservation, when its limits asked for one.
+    pub reserved_usd: Option<f64>,
+    pub reserved_tokens: Option<u64>,
+    /// A mirrored request (`shadow`), counted against no caller.
+    pub shadow: bool,
 }

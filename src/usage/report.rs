@@ -147,3 +147,68 @@ pub fn build(files: &[&Path], month: &str, by: GroupBy) -> Result<Report, StoreE
         total,
     })
 }
+
+/// What one caller spent, as settled: in the current UTC day and month.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Spent {
+    pub day_tokens: u64,
+    pub day_nanos: i64,
+    pub month_tokens: u64,
+    pub month_nanos: i64,
+}
+
+/// Each caller's settled spend in the month file of `now` in `dir`: the
+/// cost (else the reservation) and tokens (else the reservation) of its
+/// 2xx rows that were not mirrored. One query over the file; an absent
+/// file is no spend. Files of schema version 1 have no costs: only their
+/// tokens count.
+pub fn spent_by_caller(
+    dir: &Path,
+    now: std::time::SystemTime,
+) -> Result<BTreeMap<String, Spent>, StoreError> {
+    let month = store::month_of(now);
+    let path = store::path_for(dir, &month);
+    let mut out = BTreeMap::new();
+    if !path.exists() {
+        return Ok(out);
+    }
+    let conn = store::open_for_read(&path)?;
+    let err = |source| StoreError::Sqlite {
+        path: path.clone(),
+        source,
+    };
+    let columns = store::columns(&conn).map_err(err)?;
+    let has = |c: &str| columns.iter().any(|x| x == c);
+    let (cost, tokens, shadow) = if has("cost_usd") {
+        (
+            "coalesce(cost_usd, reserved_usd, 0)",
+            "coalesce(total_tokens, reserved_tokens, 0)",
+            "AND shadow = 0",
+        )
+    } else {
+        ("0", "coalesce(total_tokens, 0)", "")
+    };
+    let today = humantime::format_rfc3339_seconds(now).to_string()[..10].to_owned();
+    let sql = format!(
+        "SELECT caller, substr(ts, 1, 10) = ?1, sum({cost}), sum({tokens}) FROM requests \
+         WHERE caller IS NOT NULL AND status BETWEEN 200 AND 299 {shadow} GROUP BY 1, 2"
+    );
+    let mut stmt = conn.prepare(&sql).map_err(err)?;
+    let mut rows = stmt.query([&today]).map_err(err)?;
+    while let Some(r) = rows.next().map_err(err)? {
+        let caller: String = r.get(0).map_err(err)?;
+        let is_today: bool = r.get(1).map_err(err)?;
+        let usd: f64 = r.get(2).map_err(err)?;
+        let tokens: i64 = r.get(3).map_err(err)?;
+        let nanos = (usd * 1e9).round() as i64;
+        let tokens = tokens.max(0) as u64;
+        let s: &mut Spent = out.entry(caller).or_default();
+        s.month_tokens += tokens;
+        s.month_nanos += nanos;
+        if is_today {
+            s.day_tokens += tokens;
+            s.day_nanos += nanos;
+        }
+    }
+    Ok(out)
+}

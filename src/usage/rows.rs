@@ -9,8 +9,9 @@
 //! reads one buffer front to back, and frees nothing per row.
 //!
 //! A row, in native byte order: the start time as the 24 bytes of its
-//! RFC 3339 text (formatted once, by the request), the six 64-bit numbers,
-//! attempts, status, a flags byte (stream, and which optional numbers are
+//! RFC 3339 text (formatted once, by the request), the eleven 64-bit
+//! numbers (the two amounts in USD as `f64` bits), attempts, status, a
+//! 16-bit flags word (stream, shadow, and which optional numbers are
 //! there), then the eight texts, each a 32-bit length (`u32::MAX`: NULL)
 //! and its bytes.
 
@@ -22,15 +23,21 @@ use super::UsageRecord;
 /// The length that stands for a NULL text.
 const NULL_TEXT: u32 = u32::MAX;
 
-const STREAM: u8 = 1;
-const TTFT: u8 = 1 << 1;
-const PROMPT: u8 = 1 << 2;
-const COMPLETION: u8 = 1 << 3;
-const TOTAL: u8 = 1 << 4;
+const STREAM: u16 = 1;
+const TTFT: u16 = 1 << 1;
+const PROMPT: u16 = 1 << 2;
+const COMPLETION: u16 = 1 << 3;
+const TOTAL: u16 = 1 << 4;
+const CACHED: u16 = 1 << 5;
+const REASONING: u16 = 1 << 6;
+const COST: u16 = 1 << 7;
+const RESERVED_USD: u16 = 1 << 8;
+const RESERVED_TOKENS: u16 = 1 << 9;
+const SHADOW: u16 = 1 << 10;
 
 /// One packed row, borrowed from its buffer. Text is bytes: it was UTF-8
 /// when packed and goes to SQLite as it is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Row<'a> {
     /// `YYYY-MM-DDTHH:MM:SS.mmmZ`.
     pub ts: &'a [u8; 24],
@@ -50,6 +57,12 @@ pub struct Row<'a> {
     pub completion_tokens: Option<u64>,
     pub total_tokens: Option<u64>,
     pub error: Option<&'a [u8]>,
+    pub cached_tokens: Option<u64>,
+    pub reasoning_tokens: Option<u64>,
+    pub cost_usd: Option<f64>,
+    pub reserved_usd: Option<f64>,
+    pub reserved_tokens: Option<u64>,
+    pub shadow: bool,
 }
 
 impl<'a> Row<'a> {
@@ -102,12 +115,21 @@ impl RowBuf {
         let b = &mut self.bytes;
         b.extend_from_slice(ts);
         let mut flags = if r.stream { STREAM } else { 0 };
+        if r.shadow {
+            flags |= SHADOW;
+        }
+        let usd = |v: Option<f64>| v.map(f64::to_bits);
         for (bit, v) in [
             (0, Some(r.latency_ms)),
             (TTFT, r.ttft_ms),
             (PROMPT, r.prompt_tokens),
             (COMPLETION, r.completion_tokens),
             (TOTAL, r.total_tokens),
+            (CACHED, r.cached_tokens),
+            (REASONING, r.reasoning_tokens),
+            (COST, usd(r.cost_usd)),
+            (RESERVED_USD, usd(r.reserved_usd)),
+            (RESERVED_TOKENS, r.reserved_tokens),
         ] {
             if v.is_some() {
                 flags |= bit;
@@ -116,7 +138,7 @@ impl RowBuf {
         }
         b.extend_from_slice(&r.attempts.to_ne_bytes());
         b.extend_from_slice(&r.status.to_ne_bytes());
-        b.push(flags);
+        b.extend_from_slice(&flags.to_ne_bytes());
         for text in [
             Some(r.request_id.as_str()),
             r.caller.as_deref(),
@@ -257,10 +279,15 @@ impl<'a> Cursor<'a> {
         let prompt_tokens = self.u64()?;
         let completion_tokens = self.u64()?;
         let total_tokens = self.u64()?;
+        let cached_tokens = self.u64()?;
+        let reasoning_tokens = self.u64()?;
+        let cost_usd = self.u64()?;
+        let reserved_usd = self.u64()?;
+        let reserved_tokens = self.u64()?;
         let attempts = u32::from_ne_bytes(*self.take()?);
         let status = u16::from_ne_bytes(*self.take()?);
-        let [flags] = *self.take()?;
-        let has = |bit: u8, v: u64| (flags & bit != 0).then_some(v);
+        let flags = u16::from_ne_bytes(*self.take()?);
+        let has = |bit: u16, v: u64| (flags & bit != 0).then_some(v);
         Some(Row {
             ts,
             request_id: self.text()?.unwrap_or_default(),
@@ -279,6 +306,12 @@ impl<'a> Cursor<'a> {
             completion_tokens: has(COMPLETION, completion_tokens),
             total_tokens: has(TOTAL, total_tokens),
             error: self.text()?,
+            cached_tokens: has(CACHED, cached_tokens),
+            reasoning_tokens: has(REASONING, reasoning_tokens),
+            cost_usd: has(COST, cost_usd).map(f64::from_bits),
+            reserved_usd: has(RESERVED_USD, reserved_usd).map(f64::from_bits),
+            reserved_tokens: has(RESERVED_TOKENS, reserved_tokens),
+            shadow: flags & SHADOW != 0,
         })
     }
 }
@@ -292,7 +325,7 @@ mod tests {
         UsageRecord {
             ts: Some(UNIX_EPOCH + Duration::from_millis(1_775_000_000_000 + i * 86_400_000)),
             request_id: format!("req_{i}"),
-            caller: (i % 2 == 1).then(|| format!("caller {i} ✓")),
+            caller: (i % 2 == 1).then(|| format!("caller {i} ✓").into()),
             endpoint: if i % 3 == 0 {
                 "chat/completions".into()
             } else {
@@ -311,6 +344,12 @@ mod tests {
             completion_tokens: (i % 3 == 2).then_some(0),
             total_tokens: (i % 4 != 3).then_some(5 * i),
             error: (i % 7 == 3).then(|| "e".repeat(i as usize)),
+            cached_tokens: (i % 3 == 0).then_some(i),
+            reasoning_tokens: (i % 4 == 1).then_some(u64::MAX),
+            cost_usd: (i % 2 == 0).then_some(i as f64 * 0.125),
+            reserved_usd: (i % 5 == 2).then_some(-0.0),
+            reserved_tokens: (i % 6 == 5).then_some(i * 7),
+            shadow: i % 9 == 4,
         }
     }
 
@@ -361,6 +400,21 @@ mod tests {
                 )
             );
             assert_eq!(row.error, text(r.error.as_deref()));
+            assert_eq!(
+                (row.cached_tokens, row.reasoning_tokens, row.reserved_tokens),
+                (r.cached_tokens, r.reasoning_tokens, r.reserved_tokens)
+            );
+            assert_eq!(
+                (
+                    row.cost_usd.map(f64::to_bits),
+                    row.reserved_usd.map(f64::to_bits)
+                ),
+                (
+                    r.cost_usd.map(f64::to_bits),
+                    r.reserved_usd.map(f64::to_bits)
+                )
+            );
+            assert_eq!(row.shadow, r.shadow);
         }
         assert_eq!(buf.row_at(buf.bytes.len()), None);
         assert_eq!(buf.only_month(), None, "rows a day apart span months");

@@ -13,11 +13,12 @@ use smallvec::SmallVec;
 
 use super::rows::{Row, RowBuf};
 use super::UsageRecord;
+use crate::calendar::civil_from_days;
 
 /// `PRAGMA application_id` of every usage file ("gptb").
 pub const APPLICATION_ID: i32 = 0x6770_7462;
 /// `PRAGMA user_version` written by this build; older files are migrated.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -87,6 +88,17 @@ CREATE TABLE IF NOT EXISTS requests (
     total_tokens      INTEGER,
     error             TEXT
 );
+";
+
+/// Version 2: tokens by kind, cost and reservations, mirrored requests.
+/// Rows of version 1 read these as NULL (and `shadow` as 0).
+const SCHEMA_V2: &str = "
+ALTER TABLE requests ADD COLUMN cached_tokens INTEGER;
+ALTER TABLE requests ADD COLUMN reasoning_tokens INTEGER;
+ALTER TABLE requests ADD COLUMN cost_usd REAL;
+ALTER TABLE requests ADD COLUMN reserved_usd REAL;
+ALTER TABLE requests ADD COLUMN reserved_tokens INTEGER;
+ALTER TABLE requests ADD COLUMN shadow INTEGER NOT NULL DEFAULT 0;
 ";
 
 /// Ok when the file at `path` may be opened for writing: absent, empty, or
@@ -188,6 +200,9 @@ fn migrate(conn: &Connection, from: i32) -> rusqlite::Result<()> {
     if from < 1 {
         tx.execute_batch(SCHEMA_V1)?;
     }
+    if from < 2 {
+        tx.execute_batch(SCHEMA_V2)?;
+    }
     tx.pragma_update(None, "application_id", APPLICATION_ID)?;
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()
@@ -204,6 +219,14 @@ pub fn open_for_read(path: &Path) -> Result<Connection, StoreError> {
         path: path.to_owned(),
         source,
     })
+}
+
+/// The names of the `requests` table's columns: files of an earlier schema
+/// version, opened read-only, lack the later ones.
+pub fn columns(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('requests')")?;
+    let names = stmt.query_map([], |r| r.get(0))?;
+    names.collect()
 }
 
 /// `t` as `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC), as humantime writes it, into
@@ -233,24 +256,10 @@ pub(super) fn rfc3339_millis(t: SystemTime) -> [u8; 24] {
     out
 }
 
-/// Year, month and day of the `days`th day after 1970-01-01 (the
-/// proleptic Gregorian calendar, after H. Hinnant's `civil_from_days`).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    (year, month, day)
-}
-
 const COLUMNS: &str = "ts, request_id, caller, endpoint, model, routed_model, client, key_id, \
-    status, stream, attempts, latency_ms, ttft_ms, prompt_tokens, completion_tokens, total_tokens, error";
-const PARAMS_PER_ROW: usize = 17;
+    status, stream, attempts, latency_ms, ttft_ms, prompt_tokens, completion_tokens, total_tokens, error, \
+    cached_tokens, reasoning_tokens, cost_usd, reserved_usd, reserved_tokens, shadow";
+const PARAMS_PER_ROW: usize = 23;
 /// Rows written by one INSERT statement: one statement per row spends
 /// about a third of SQLite's work on executing the statement itself.
 const ROWS_PER_INSERT: usize = 16;
@@ -293,6 +302,12 @@ fn bind_row<'a>(stmt: &mut RawInsert<'_, 'a>, first: c_int, r: &Row<'a>) -> rusq
     stmt.int(first + 14, count(r.completion_tokens))?;
     stmt.int(first + 15, count(r.total_tokens))?;
     stmt.text(first + 16, r.error)?;
+    stmt.int(first + 17, count(r.cached_tokens))?;
+    stmt.int(first + 18, count(r.reasoning_tokens))?;
+    stmt.real(first + 19, r.cost_usd)?;
+    stmt.real(first + 20, r.reserved_usd)?;
+    stmt.int(first + 21, count(r.reserved_tokens))?;
+    stmt.int(first + 22, Some(i64::from(r.shadow)))?;
     Ok(())
 }
 
@@ -428,6 +443,8 @@ impl Drop for Prepared {
 enum Bound<'a> {
     Null,
     Int(i64),
+    /// The value's bits: equal bits, equal value.
+    Real(u64),
     Text(&'a [u8]),
     /// After a failed bind: equal to nothing.
     Unknown,
@@ -496,6 +513,18 @@ impl<'s, 'a> RawInsert<'s, 'a> {
         }
         // SAFETY: a valid statement; the value is copied.
         let rc = unsafe { ffi::sqlite3_bind_int64(self.stmt, at, v) };
+        self.check(at, rc)
+    }
+
+    fn real(&mut self, at: c_int, value: Option<f64>) -> rusqlite::Result<()> {
+        let Some(v) = value else {
+            return self.null(at);
+        };
+        if !self.changes(at, Bound::Real(v.to_bits())) {
+            return Ok(());
+        }
+        // SAFETY: a valid statement; the value is copied.
+        let rc = unsafe { ffi::sqlite3_bind_double(self.stmt, at, v) };
         self.check(at, rc)
     }
 
@@ -609,7 +638,7 @@ mod tests {
             .map(|i| UsageRecord {
                 ts: Some(UNIX_EPOCH + std::time::Duration::from_millis(1_775_000_000_000 + i)),
                 request_id: format!("req_{i}"),
-                caller: (i % 2 == 1).then(|| format!("caller {i} ✓")),
+                caller: (i % 2 == 1).then(|| format!("caller {i} ✓").into()),
                 endpoint: format!("e{i}").into(),
                 model: (i % 3 != 0).then(|| format!("model-{i}").into()),
                 routed_model: (i % 4 == 0).then(|| format!("routed-{i}").into()),
@@ -624,6 +653,12 @@ mod tests {
                 completion_tokens: (i % 3 == 2).then_some(3 * i),
                 total_tokens: (i % 4 != 3).then_some(5 * i),
                 error: (i % 7 == 3).then(|| format!("error \"{i}\"")),
+                cached_tokens: (i % 4 == 2).then_some(i),
+                reasoning_tokens: (i % 5 == 1).then_some(2 * i),
+                cost_usd: (i % 3 == 0).then_some(i as f64 / 7.0),
+                reserved_usd: (i % 2 == 1).then_some(0.5),
+                reserved_tokens: (i % 3 == 2).then_some(100 + i),
+                shadow: i % 4 == 3,
             })
             .collect();
         let refs: Vec<&UsageRecord> = rows.iter().collect();
@@ -647,6 +682,7 @@ mod tests {
         use rusqlite::types::Value;
         let text = |v: Option<&str>| v.map_or(Value::Null, |v| Value::Text(v.to_owned()));
         let int = |v: Option<u64>| v.map_or(Value::Null, |v| Value::Integer(v as i64));
+        let real = |v: Option<f64>| v.map_or(Value::Null, Value::Real);
         rows.iter()
             .map(|r| {
                 let ts = rfc3339_millis(r.ts.unwrap());
@@ -668,6 +704,12 @@ mod tests {
                     int(r.completion_tokens),
                     int(r.total_tokens),
                     text(r.error.as_deref()),
+                    int(r.cached_tokens),
+                    int(r.reasoning_tokens),
+                    real(r.cost_usd),
+                    real(r.reserved_usd),
+                    int(r.reserved_tokens),
+                    int(Some(u64::from(r.shadow))),
                 ]
             })
             .collect()
@@ -691,7 +733,7 @@ mod tests {
                 .map(|_| UsageRecord {
                     ts: Some(UNIX_EPOCH + Duration::from_millis(1_780_000_000_000 + rng.u64(0..3))),
                     request_id: format!("r{}", rng.u8(0..4)),
-                    caller: rng.bool().then(|| "app".to_owned()),
+                    caller: rng.bool().then(|| "app".into()),
                     endpoint: "chat/completions".into(),
                     model: rng.bool().then(|| format!("m{}", rng.u8(0..2)).into()),
                     routed_model: None,
@@ -706,6 +748,12 @@ mod tests {
                     completion_tokens: rng.bool().then_some(7),
                     total_tokens: rng.bool().then_some(rng.u64(7..9)),
                     error: rng.bool().then(String::new),
+                    cached_tokens: rng.bool().then_some(3),
+                    reasoning_tokens: None,
+                    cost_usd: rng.bool().then_some([0.25, 0.5][rng.usize(0..2)]),
+                    reserved_usd: rng.bool().then_some(0.25),
+                    reserved_tokens: rng.bool().then_some(rng.u64(0..2)),
+                    shadow: rng.bool(),
                 })
                 .collect();
             let refs: Vec<&UsageRecord> = rows.iter().collect();
@@ -765,7 +813,7 @@ mod tests {
             .map(|i| UsageRecord {
                 ts: Some(humantime::parse_rfc3339("2026-03-10T12:00:00.123Z").unwrap()),
                 request_id: format!("r{i}"),
-                caller: (i % 2 == 0).then(|| "batch".to_owned()),
+                caller: (i % 2 == 0).then(|| "batch".into()),
                 endpoint: "chat/completions".into(),
                 model: Some(format!("m{i}").into()),
                 client: Some("c".into()),
@@ -824,7 +872,7 @@ mod tests {
         for (g, r) in got.iter().zip(&rows) {
             assert_eq!(g.0, "2026-03-10T12:00:00.123Z");
             assert_eq!(g.1, r.request_id);
-            assert_eq!(g.2, r.caller);
+            assert_eq!(g.2.as_deref(), r.caller.as_deref());
             assert_eq!(Some(g.3.as_str()), r.model.as_deref());
             assert_eq!((g.4, g.5, g.6), (r.status, r.stream, r.latency_ms));
             assert_eq!((Some(g.7), g.8), (r.prompt_tokens, r.completion_tokens));

@@ -345,7 +345,9 @@ impl Gateway {
         } else {
             (None, UsageSink::disabled(metrics.clone()))
         };
+        let usage_dir = loaded.config.usage.dir.clone();
         let table = RoutingTable::build(loaded.config, None);
+        gptbalance::cli::serve::restore_spend(&table, &usage_dir);
         let mut state = AppState::new(table, sink, metrics, Some(path));
         if let Some(c) = clock {
             state = state.with_clock(c);

@@ -1,0 +1,138 @@
+//! A rolling 60-second window, in one-second buckets.
+//!
+//! Counts what happened in the last 60 whole seconds, as `rpm` and `tpm`
+//! ask: a request started at second `s` leaves the window at `s + 60`.
+//! Fixed size, no allocation: a caller's windows live inside its state.
+
+/// Seconds the window spans.
+pub const SPAN: u64 = 60;
+
+#[derive(Debug, Clone)]
+pub struct Window {
+    /// The amount counted in each second; bucket `s % SPAN` holds second `s`
+    /// when `seconds[s % SPAN] == s`.
+    amounts: [u64; SPAN as usize],
+    seconds: [u64; SPAN as usize],
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Window {
+            amounts: [0; SPAN as usize],
+            // No second is `u64::MAX`: every bucket starts empty.
+            seconds: [u64::MAX; SPAN as usize],
+        }
+    }
+}
+
+impl Window {
+    fn live(&self, i: usize, now: u64) -> bool {
+        let s = self.seconds[i];
+        s != u64::MAX && s <= now && now - s < SPAN
+    }
+
+    /// The amount counted in the window that ends at `now` (a second).
+    pub fn sum(&self, now: u64) -> u64 {
+        (0..SPAN as usize)
+            .filter(|&i| self.live(i, now))
+            .fold(0u64, |acc, i| acc.saturating_add(self.amounts[i]))
+    }
+
+    /// Counts `n` at second `now`.
+    pub fn add(&mut self, now: u64, n: u64) {
+        let i = (now % SPAN) as usize;
+        if self.seconds[i] != now {
+            self.seconds[i] = now;
+            self.amounts[i] = 0;
+        }
+        self.amounts[i] = self.amounts[i].saturating_add(n);
+    }
+
+    /// Changes what was counted at second `at` from `from` to `to`, if that
+    /// second is still in the window; a second gone by stays as it was.
+    pub fn adjust(&mut self, at: u64, from: u64, to: u64) {
+        let i = (at % SPAN) as usize;
+        if self.seconds[i] == at {
+            self.amounts[i] = self.amounts[i].saturating_sub(from).saturating_add(to);
+        }
+    }
+
+    /// Seconds from `now` until the window holds at most `target`: the
+    /// oldest seconds leave first. `None` when it already does.
+    pub fn seconds_until_at_most(&self, now: u64, target: u64) -> Option<u64> {
+        let mut total = self.sum(now);
+        if total <= target {
+            return None;
+        }
+        let mut live: [(u64, u64); SPAN as usize] = [(0, 0); SPAN as usize];
+        let mut n = 0;
+        for i in 0..SPAN as usize {
+            if self.live(i, now) && self.amounts[i] > 0 {
+                live[n] = (self.seconds[i], self.amounts[i]);
+                n += 1;
+            }
+        }
+        let live = &mut live[..n];
+        live.sort_unstable_by_key(|&(s, _)| s);
+        for &(s, amount) in live.iter() {
+            total = total.saturating_sub(amount);
+            if total <= target {
+                return Some(s + SPAN - now);
+            }
+        }
+        Some(SPAN)
+    }
+
+    /// Seconds until everything counted now has left the window (the
+    /// newest second's exit); 0 when the window is empty.
+    pub fn seconds_until_empty(&self, now: u64) -> u64 {
+        (0..SPAN as usize)
+            .filter(|&i| self.live(i, now) && self.amounts[i] > 0)
+            .map(|i| self.seconds[i] + SPAN - now)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_the_last_sixty_seconds() {
+        let mut w = Window::default();
+        w.add(1000, 5);
+        w.add(1010, 3);
+        assert_eq!(w.sum(1010), 8);
+        assert_eq!(w.sum(1059), 8);
+        assert_eq!(w.sum(1060), 3, "second 1000 left at 1060");
+        assert_eq!(w.sum(1070), 0);
+        // A bucket reused for a later second starts from zero.
+        w.add(1120, 1);
+        assert_eq!(w.sum(1120), 1);
+    }
+
+    #[test]
+    fn says_when_room_comes_back() {
+        let mut w = Window::default();
+        w.add(100, 4);
+        w.add(130, 6);
+        assert_eq!(w.seconds_until_at_most(130, 10), None);
+        assert_eq!(w.seconds_until_at_most(130, 9), Some(30));
+        assert_eq!(w.seconds_until_at_most(130, 6), Some(30));
+        assert_eq!(w.seconds_until_at_most(130, 5), Some(60));
+        assert_eq!(w.seconds_until_at_most(130, 3), Some(60));
+        assert_eq!(w.seconds_until_empty(130), 60);
+    }
+
+    #[test]
+    fn adjusts_only_seconds_still_in_the_window() {
+        let mut w = Window::default();
+        w.add(10, 100);
+        w.adjust(10, 100, 30);
+        assert_eq!(w.sum(20), 30);
+        w.add(80, 1);
+        w.adjust(10, 30, 0);
+        assert_eq!(w.sum(80), 1);
+    }
+}
