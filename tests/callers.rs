@@ -618,3 +618,89 @@ async fn an_absurd_max_tokens_is_refused_without_overflow() {
     .await;
     assert_eq!(r.status, 200);
 }
+
+/// `gptbalance usage` shows each caller's cost, and `--reprice` recomputes
+/// it with the config's current prices without touching the files.
+#[tokio::test]
+async fn usage_reports_cost_and_reprices_without_writing() {
+    let up = MockUpstream::start("up").await;
+    let yaml = |input: f64| {
+        config(
+            &up,
+            "  - { name: a, token: tok-a-0123456789 }\n  - { name: b, token: tok-b-0123456789 }\n",
+            &format!("prices:\n  \"*\": {{ input: {input}, output: 0 }}\n"),
+        )
+    };
+    let gw = Gateway::start(&yaml(1.0)).await;
+    // Each answer: 11 prompt tokens at $1/M.
+    for token in ["tok-a-0123456789", "tok-a-0123456789", "tok-b-0123456789"] {
+        assert_eq!(chat_as(&gw, token, chat("gpt-4o")).await.status, 200);
+    }
+    let dir = gw.stop().await;
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, yaml(1.0)).unwrap();
+    let file = dir.path().join(format!("usage/usage-{}.sqlite", month()));
+    let before = std::fs::read(&file).unwrap();
+    let usage = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gptbalance"))
+            .args([
+                "usage",
+                "--config",
+                config.to_str().unwrap(),
+                "--by",
+                "caller",
+                "--format",
+                "json",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let cost = |g: &str| {
+            v["groups"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["group"] == g)
+                .unwrap()["cost_usd"]
+                .as_f64()
+                .unwrap()
+        };
+        (
+            cost("a"),
+            cost("b"),
+            v["total"]["cost_usd"].as_f64().unwrap(),
+        )
+    };
+    let (a, b, total) = usage(&[]);
+    assert!(
+        (a - 22e-6).abs() < 1e-12 && (b - 11e-6).abs() < 1e-12,
+        "{a} {b}"
+    );
+    assert!((total - 33e-6).abs() < 1e-12);
+    std::fs::write(&config, yaml(3.0)).unwrap();
+    let (a, _, total) = usage(&["--reprice"]);
+    assert!((a - 66e-6).abs() < 1e-12, "{a}");
+    assert!((total - 99e-6).abs() < 1e-12);
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        before,
+        "--reprice writes nothing"
+    );
+    let table = std::process::Command::new(env!("CARGO_BIN_EXE_gptbalance"))
+        .args([
+            "usage",
+            "--config",
+            config.to_str().unwrap(),
+            "--by",
+            "caller",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&table.stdout).contains("COST_USD"));
+}

@@ -523,3 +523,54 @@ async fn kill_9_loses_at_most_the_last_second_and_the_next_start_appends() {
         "the same month file, appended to"
     );
 }
+
+/// A caller's budget spent before `kill -TERM` is still spent after the
+/// restart: the daemon reads it back from its usage file.
+#[tokio::test]
+async fn a_callers_spend_survives_sigterm_and_restart() {
+    let up = MockUpstream::start("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    // Each answer reports 18 tokens; room for 3 answers and a bit.
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "server:\n  admin_token: admin-0123456789abcdef\nusage:\n  dir: ./usage\ncallers:\n  - name: app\n    token: \"${{APP_TOKEN}}\"\n    max_tokens_default: 1\n    limits: {{ budget_tokens: {{ amount: 70, per: month }} }}\nopenai_clients:\n{}",
+            one_client(&up, "")
+        ),
+    );
+    let env = [("APP_TOKEN", "app-token-0123456789")];
+    let ask = |d: &Daemon| {
+        let url = d.url("/v1/chat/completions");
+        async move {
+            post_with(
+                &url,
+                json!({"model": "m", "messages": []}),
+                &[("authorization", "Bearer app-token-0123456789")],
+            )
+            .await
+            .status
+        }
+    };
+    let d = Daemon::start(&config, &env);
+    for _ in 0..3 {
+        assert_eq!(ask(&d).await, 200);
+    }
+    d.signal(SIGTERM);
+    let (code, _) = d.wait().await;
+    assert_eq!(code, 0);
+    let d = Daemon::start(&config, &env);
+    let status = get(
+        &d.url("/admin/status"),
+        &[("authorization", "Bearer admin-0123456789abcdef")],
+    )
+    .await;
+    assert_eq!(status.json()["callers"][0]["spent_tokens"], 54);
+    // 54 spent + this request's reservation (about 10 tokens) fits; the
+    // next one does not.
+    assert_eq!(ask(&d).await, 200);
+    assert_eq!(ask(&d).await, 429);
+    d.signal(SIGTERM);
+    let (_, log) = d.wait().await;
+    assert!(!log.contains("app-token-0123456789"));
+    assert_eq!(up.count(), 4);
+}

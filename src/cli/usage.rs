@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use super::ConfigArg;
+use crate::config::prices::{usd, Tokens};
+use crate::config::validate::price_of;
 use crate::usage::report::{self, GroupBy, Totals};
 use crate::usage::store;
 
@@ -30,6 +32,10 @@ pub struct Args {
     /// Output format
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
+    /// Recompute each row's cost from its tokens with the config's current
+    /// prices (the files are read only)
+    #[arg(long)]
+    pub reprice: bool,
 }
 
 fn parse_month(s: &str) -> Result<String, String> {
@@ -45,13 +51,17 @@ fn parse_month(s: &str) -> Result<String, String> {
 }
 
 pub fn run(args: Args) -> ExitCode {
-    let dirs = if args.dirs.is_empty() {
+    let config = if args.dirs.is_empty() || args.reprice {
         match super::load_or_exit(&args.config.config) {
-            Ok(l) => vec![l.config.usage.dir],
+            Ok(l) => Some(l.config),
             Err(code) => return code,
         }
     } else {
-        args.dirs.clone()
+        None
+    };
+    let dirs = match (&config, args.dirs.is_empty()) {
+        (Some(c), true) => vec![c.usage.dir.clone()],
+        _ => args.dirs.clone(),
     };
     let month = args
         .month
@@ -71,7 +81,21 @@ pub fn run(args: Args) -> ExitCode {
         }
     }
     let paths: Vec<&std::path::Path> = files.iter().map(PathBuf::as_path).collect();
-    let report = match report::build(&paths, &month, args.by) {
+    let reprice = |client: Option<&str>, model: Option<&str>, prompt, cached, completion| {
+        let cfg = config.as_ref()?;
+        let c = cfg
+            .clients
+            .iter()
+            .find(|c| Some(c.name.as_str()) == client)?;
+        let price = price_of(c, &cfg.prices, model?)?;
+        Some(usd(price.cost_nanos(Tokens {
+            prompt,
+            cached,
+            completion,
+        })))
+    };
+    let repricer: Option<report::Repricer<'_>> = args.reprice.then_some(&reprice as _);
+    let report = match report::build(&paths, &month, args.by, repricer) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
@@ -84,7 +108,7 @@ pub fn run(args: Args) -> ExitCode {
             serde_json::to_string_pretty(&report).unwrap_or_default()
         ),
         Format::Csv => {
-            println!("{},requests,errors,prompt_tokens,completion_tokens,total_tokens,latency_p50_ms,latency_p95_ms,latency_p99_ms", report.by);
+            println!("{},requests,errors,prompt_tokens,completion_tokens,total_tokens,cost_usd,latency_p50_ms,latency_p95_ms,latency_p99_ms", report.by);
             for t in report.groups.iter().chain(std::iter::once(&report.total)) {
                 let c = cells(t);
                 println!(
@@ -108,6 +132,7 @@ pub fn run(args: Args) -> ExitCode {
                 "PROMPT".into(),
                 "COMPLETION".into(),
                 "TOTAL_TOKENS".into(),
+                "COST_USD".into(),
                 "P50_MS".into(),
                 "P95_MS".into(),
                 "P99_MS".into(),
@@ -127,6 +152,7 @@ fn cells(t: &Totals) -> Vec<String> {
         t.prompt_tokens.to_string(),
         t.completion_tokens.to_string(),
         t.total_tokens.to_string(),
+        format!("{:.6}", t.cost_usd),
         t.latency_p50_ms.to_string(),
         t.latency_p95_ms.to_string(),
         t.latency_p99_ms.to_string(),

@@ -42,6 +42,8 @@ pub struct Totals {
     pub latency_p50_ms: u64,
     pub latency_p95_ms: u64,
     pub latency_p99_ms: u64,
+    /// The recorded `cost_usd` (or, with `--reprice`, recomputed).
+    pub cost_usd: f64,
     #[serde(skip)]
     latencies: Vec<u64>,
 }
@@ -63,6 +65,7 @@ impl Totals {
         self.prompt_tokens += o.prompt_tokens;
         self.completion_tokens += o.completion_tokens;
         self.total_tokens += o.total_tokens;
+        self.cost_usd += o.cost_usd;
         self.latencies.extend_from_slice(&o.latencies);
     }
 
@@ -91,37 +94,71 @@ pub struct Report {
     pub total: Totals,
 }
 
-/// Adds up the `requests` tables of `files`.
-pub fn build(files: &[&Path], month: &str, by: GroupBy) -> Result<Report, StoreError> {
+/// Prices a row again: `(client, routed model, prompt, cached,
+/// completion)` to a cost in USD, `None` when unpriced.
+pub type Repricer<'a> = &'a dyn Fn(Option<&str>, Option<&str>, u64, u64, u64) -> Option<f64>;
+
+/// Adds up the `requests` tables of `files`; with `reprice`, the cost of
+/// each row is recomputed from its tokens instead of read.
+pub fn build(
+    files: &[&Path],
+    month: &str,
+    by: GroupBy,
+    reprice: Option<Repricer<'_>>,
+) -> Result<Report, StoreError> {
     let mut groups: BTreeMap<String, Totals> = BTreeMap::new();
     for path in files {
         let conn = store::open_for_read(path)?;
-        let sql = format!(
-            "SELECT {}, status, latency_ms, prompt_tokens, completion_tokens, total_tokens FROM requests",
-            by.column()
-        );
         let err = |source| StoreError::Sqlite {
             path: path.to_path_buf(),
             source,
         };
+        // Files of schema version 1 have no cost or cached tokens.
+        let v2 = store::columns(&conn)
+            .map_err(err)?
+            .iter()
+            .any(|c| c == "cost_usd");
+        let (cost, cached) = if v2 {
+            ("cost_usd", "cached_tokens")
+        } else {
+            ("NULL", "NULL")
+        };
+        let sql = format!(
+            "SELECT {}, status, latency_ms, prompt_tokens, completion_tokens, total_tokens, \
+             {cost}, client, routed_model, {cached} FROM requests",
+            by.column()
+        );
         let mut stmt = conn.prepare(&sql).map_err(err)?;
         let mut rows = stmt.query([]).map_err(err)?;
         while let Some(r) = rows.next().map_err(err)? {
             let group: Option<String> = r.get(0).map_err(err)?;
             let group = group.unwrap_or_else(|| "(none)".to_owned());
-            groups
-                .entry(group.clone())
-                .or_insert_with(|| Totals {
-                    group,
-                    ..Totals::default()
-                })
-                .add(
-                    r.get(1).map_err(err)?,
-                    r.get(2).map_err(err)?,
-                    r.get(3).map_err(err)?,
-                    r.get(4).map_err(err)?,
-                    r.get(5).map_err(err)?,
-                );
+            let (p, c): (Option<i64>, Option<i64>) =
+                (r.get(3).map_err(err)?, r.get(4).map_err(err)?);
+            let cost: Option<f64> = match reprice {
+                None => r.get(6).map_err(err)?,
+                Some(price) => {
+                    let client: Option<String> = r.get(7).map_err(err)?;
+                    let model: Option<String> = r.get(8).map_err(err)?;
+                    let cached: Option<i64> = r.get(9).map_err(err)?;
+                    let n = |v: Option<i64>| v.unwrap_or(0).max(0) as u64;
+                    (p.is_some() || c.is_some())
+                        .then(|| price(client.as_deref(), model.as_deref(), n(p), n(cached), n(c)))
+                        .flatten()
+                }
+            };
+            let totals = groups.entry(group.clone()).or_insert_with(|| Totals {
+                group,
+                ..Totals::default()
+            });
+            totals.add(
+                r.get(1).map_err(err)?,
+                r.get(2).map_err(err)?,
+                p,
+                c,
+                r.get(5).map_err(err)?,
+            );
+            totals.cost_usd += cost.unwrap_or(0.0);
         }
     }
     let mut total = Totals {

@@ -919,6 +919,72 @@ mod tests {
         assert_eq!(n, 2);
     }
 
+    /// A file written by a build of schema version 1 (the release before
+    /// costs) is read as it is, and migrated in place when opened for
+    /// writing: its rows keep their values and read NULL in the new
+    /// columns, new rows get them all.
+    #[test]
+    fn files_of_schema_version_1_are_read_and_migrated_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage-2026-10.sqlite");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.pragma_update(None, "journal_mode", "WAL").unwrap();
+            c.execute_batch(SCHEMA_V1).unwrap();
+            c.pragma_update(None, "application_id", APPLICATION_ID)
+                .unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+            c.execute(
+                "INSERT INTO requests (ts, request_id, caller, endpoint, status, stream, attempts, latency_ms, prompt_tokens, completion_tokens, total_tokens) \
+                 VALUES ('2026-10-01T00:00:00.000Z', 'old', 'app', 'chat/completions', 200, 0, 1, 5, 10, 2, 12)",
+                [],
+            )
+            .unwrap();
+        }
+        // Read-only reports work on the old shape.
+        let report = crate::usage::report::build(
+            &[path.as_path()],
+            "2026-10",
+            crate::usage::report::GroupBy::Caller,
+            None,
+        )
+        .unwrap();
+        assert_eq!(report.total.requests, 1);
+        assert_eq!(report.total.cost_usd, 0.0);
+        let mut f = UsageFile::open(&path).unwrap();
+        let new = UsageRecord {
+            request_id: "new".into(),
+            endpoint: "chat/completions".into(),
+            status: 200,
+            cost_usd: Some(0.25),
+            cached_tokens: Some(4),
+            shadow: true,
+            ..Default::default()
+        };
+        f.insert_batch(&[&new]).unwrap();
+        let version: i32 = f
+            .connection()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        type Migrated = (String, Option<i64>, Option<f64>, Option<i64>, i64);
+        let got: Vec<Migrated> = f
+            .connection()
+            .prepare("SELECT request_id, total_tokens, cost_usd, cached_tokens, shadow FROM requests ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("old".to_owned(), Some(12), None, None, 0),
+                ("new".to_owned(), None, Some(0.25), Some(4), 1)
+            ]
+        );
+    }
+
     #[test]
     fn creates_reopens_and_refuses_foreign_files() {
         let dir = tempfile::tempdir().unwrap();
