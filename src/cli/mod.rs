@@ -2,6 +2,7 @@
 //! checked thing is bad, 2 usage or I/O error.
 
 pub mod check_keys;
+pub mod diff;
 pub mod route;
 pub mod serve;
 pub mod usage;
@@ -40,6 +41,8 @@ pub enum Command {
     Route(route::Args),
     /// Totals of requests, errors and tokens from the usage files
     Usage(usage::Args),
+    /// What a reload to the config would change, against a file or the running daemon
+    Diff(diff::Args),
 }
 
 /// `--config`, shared by every subcommand.
@@ -64,6 +67,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::CheckKeys(a) => check_keys::run(a),
         Command::Route(a) => route::run(a),
         Command::Usage(a) => usage::run(a),
+        Command::Diff(a) => diff::run(a),
     }
 }
 

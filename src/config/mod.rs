@@ -3,6 +3,7 @@
 //! Owns the schema and every config diagnostic. Knows no HTTP and builds no
 //! routing state; `routing::RoutingTable::build` takes a [`Config`] from here.
 
+pub mod effective;
 pub mod env;
 pub mod load;
 pub mod prices;
@@ -172,7 +173,9 @@ pub struct LoggingConfig {
     pub format: LogFormat,
 }
 
-#[derive(Debug, Clone)]
+/// Default: a client of no name matching nothing, for building one from
+/// the parts that matter (diffing a running daemon's effective config).
+#[derive(Debug, Clone, Default)]
 pub struct ClientConfig {
     pub name: String,
     /// Without a trailing slash; requests go to `base_url + "/" + endpoint`.
@@ -196,7 +199,7 @@ pub struct ClientConfig {
 }
 
 /// A client's `model_match`, with regexes compiled and anchored to the whole name.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct MatchRule {
     pub kind: MatchKind,
     pub values: Vec<String>,

@@ -79,6 +79,18 @@ impl PriceTable {
         self.exact.is_empty() && self.globs.is_empty()
     }
 
+    /// Every pattern and its price, sorted by pattern.
+    pub fn entries(&self) -> Vec<(&str, Price)> {
+        let mut all: Vec<(&str, Price)> = self
+            .exact
+            .iter()
+            .map(|(k, p)| (k.as_str(), *p))
+            .chain(self.globs.iter().map(|(k, p)| (k.as_str(), *p)))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(b.0));
+        all
+    }
+
     pub fn get(&self, model: &str) -> Option<Price> {
         if let Some(p) = self.exact.get(model) {
             return Some(*p);

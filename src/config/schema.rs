@@ -279,9 +279,10 @@ pub struct ModelMatchSection {
     pub value: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MatchKind {
+    #[default]
     Exact,
     Keyword,
     Regex,

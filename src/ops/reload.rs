@@ -97,6 +97,49 @@ pub async fn reload_now(state: &Arc<AppState>, trigger: &str) -> ReloadStatus {
     status
 }
 
+/// What reloading the config file now would change, as `gptbalance diff`
+/// reports it; nothing is applied. An invalid file answers its errors.
+pub async fn dry_run(state: &Arc<AppState>) -> serde_json::Value {
+    let Some(path) = state.config_path.clone() else {
+        return serde_json::json!({ "valid": false, "errors": ["the daemon was not started from a file"] });
+    };
+    let current = state.table.load_full();
+    let loaded = tokio::task::spawn_blocking(move || {
+        let loaded = config::load(&path);
+        let seen = crate::usage::report::models_since(
+            &[current.config.usage.dir.as_path()],
+            SystemTime::now() - Duration::from_secs(30 * 86_400),
+        );
+        (loaded, seen, current)
+    })
+    .await;
+    let (loaded, seen, current) = match loaded {
+        Ok(x) => x,
+        Err(e) => return serde_json::json!({ "valid": false, "errors": [e.to_string()] }),
+    };
+    match loaded {
+        Ok(l) => {
+            let d = crate::routing::diff::diff(
+                &config::effective::to_json(&current.config),
+                &config::effective::to_json(&l.config),
+                &seen,
+            );
+            let mut v = serde_json::to_value(&d).unwrap_or_default();
+            v["valid"] = serde_json::Value::Bool(true);
+            v
+        }
+        Err(LoadError::Invalid(diags)) => serde_json::json!({
+            "valid": false,
+            "errors": diags
+                .iter()
+                .filter(|d| d.severity == config::Severity::Error)
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+        }),
+        Err(e) => serde_json::json!({ "valid": false, "errors": [e.to_string()] }),
+    }
+}
+
 /// Watches the config file's directory (so rename-saves and symlink flips
 /// are seen) and reloads after each burst of changes. The returned watcher
 /// must be kept alive.

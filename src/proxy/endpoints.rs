@@ -90,6 +90,7 @@ pub async fn admin(
     table: &RoutingTable,
     method: &Method,
     what: &str,
+    query: Option<&str>,
     headers: &HeaderMap,
 ) -> Result<Response<ResponseBody>, ApiError> {
     let Some(admin) = &table.config.server.admin_token else {
@@ -103,13 +104,25 @@ pub async fn admin(
             "a valid admin token is required".to_owned(),
         ));
     }
+    let dry_run = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .any(|p| matches!(p, "dry_run=1" | "dry_run=true" | "dry_run"));
     match (method, what) {
         (&Method::GET, "status") => Ok(json_response(StatusCode::OK, &status_json(state))),
+        (&Method::GET, "config") => Ok(json_response(
+            StatusCode::OK,
+            &crate::config::effective::to_json(&table.config),
+        )),
+        (&Method::POST, "reload") if dry_run => Ok(json_response(
+            StatusCode::OK,
+            &crate::ops::reload::dry_run(state).await,
+        )),
         (&Method::POST, "reload") => {
             crate::ops::reload::reload_now(state, "admin").await;
             Ok(json_response(StatusCode::OK, &status_json(state)))
         }
-        (_, "status" | "reload") => Err(ApiError::MethodNotAllowed(format!(
+        (_, "status" | "reload" | "config") => Err(ApiError::MethodNotAllowed(format!(
             "{method} is not allowed on /admin/{what}"
         ))),
         _ => Err(ApiError::NotFound(format!(

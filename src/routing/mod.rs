@@ -4,6 +4,7 @@
 //! Knows no HTTP and parses no YAML: built from a validated `Config`, asked
 //! by the proxy for a plan, told by the proxy how each attempt went.
 
+pub mod diff;
 pub mod key_health;
 pub mod matcher;
 pub mod selector;

@@ -249,3 +249,49 @@ pub fn spent_by_caller(
     }
     Ok(out)
 }
+
+/// The months (`YYYY-MM`) from the one of `since` to the one of `until`.
+pub fn months_between(since: std::time::SystemTime, until: std::time::SystemTime) -> Vec<String> {
+    let (first, last) = (store::month_of(since), store::month_of(until));
+    let mut out = Vec::new();
+    let (mut y, mut m): (u32, u32) = (
+        first[..4].parse().unwrap_or(1970),
+        first[5..].parse().unwrap_or(1),
+    );
+    loop {
+        let month = format!("{y:04}-{m:02}");
+        let done = month >= last;
+        out.push(month);
+        if done || out.len() > 1200 {
+            return out;
+        }
+        (y, m) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    }
+}
+
+/// Every model name requested since `since`, from the month files of
+/// `dirs` (absent or unreadable files are skipped: this only widens what a
+/// diff compares).
+pub fn models_since(dirs: &[&Path], since: std::time::SystemTime) -> Vec<String> {
+    let stamp = humantime::format_rfc3339_millis(since).to_string();
+    let mut out = std::collections::BTreeSet::new();
+    for month in months_between(since, std::time::SystemTime::now()) {
+        for dir in dirs {
+            let path = store::path_for(dir, &month);
+            let Ok(conn) = store::open_for_read(&path) else {
+                continue;
+            };
+            let Ok(mut stmt) = conn.prepare(
+                "SELECT DISTINCT model FROM requests WHERE model IS NOT NULL AND ts >= ?1",
+            ) else {
+                continue;
+            };
+            let names: Vec<String> = match stmt.query_map([&stamp], |r| r.get(0)) {
+                Ok(rows) => rows.flatten().collect(),
+                Err(_) => continue,
+            };
+            out.extend(names);
+        }
+    }
+    out.into_iter().collect()
+}

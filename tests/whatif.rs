@@ -1,0 +1,247 @@
+//! What-if tools: `gptbalance diff` against a file and the running daemon,
+//! `POST /admin/reload?dry_run=1`, and `gptbalance replay`.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_gptbalance");
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env_remove("GPTBALANCE_ADMIN_TOKEN");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn run_async(args: Vec<String>, env: Vec<(String, String)>) -> (i32, String, String) {
+    tokio::task::spawn_blocking(move || {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let e: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        run(&a, &e)
+    })
+    .await
+    .unwrap()
+}
+
+const SECRETS: [&str; 5] = [
+    "sk-first-secret",
+    "sk-second-secret",
+    "admin-secret-0123456789",
+    "caller-secret-0123456789",
+    "header-secret-value",
+];
+
+fn old_config(url: &str) -> String {
+    format!(
+        "server:\n  admin_token: admin-secret-0123456789\nusage:\n  dir: ./usage\ncallers:\n  - {{ name: app, token: caller-secret-0123456789, limits: {{ rpm: 10 }} }}\nopenai_clients:\n{}{}",
+        client_yaml(
+            "a",
+            url,
+            &["sk-first-secret"],
+            "priority: 1\nheaders: { api-key: header-secret-value }\nmodel_match: { type: keyword, value: [m] }\nfallback: [n2]",
+        ),
+        client_yaml(
+            "b",
+            url,
+            &["sk-second-secret"],
+            "priority: 2\nmodel_match: { type: keyword, value: [m] }",
+        ),
+    ) + &client_yaml(
+        "c",
+        url,
+        &["sk-second-secret"],
+        "model_match: { type: exact, value: [n2] }",
+    )
+}
+
+fn new_config(url: &str) -> String {
+    old_config(url)
+        .replace("priority: 2", "priority: 0")
+        .replace("rpm: 10", "rpm: 20")
+}
+
+#[tokio::test]
+async fn diff_against_a_file_and_the_running_daemon() {
+    let up = MockUpstream::start("up").await;
+    let gw = Gateway::start(&old_config(&up.url())).await;
+    // A model seen in the usage files: routed only by keyword.
+    let r = post_with(
+        &gw.url("/v1/chat/completions"),
+        chat("m-special"),
+        &[("authorization", "Bearer caller-secret-0123456789")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let dir = gw.dir.path().to_owned();
+    // Let the usage writer commit the row.
+    assert!(
+        eventually(std::time::Duration::from_secs(3), || {
+            dir.join("usage")
+                .read_dir()
+                .is_ok_and(|mut d| d.next().is_some())
+        })
+        .await
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let old = dir.join("old.yaml");
+    let new = dir.join("new.yaml");
+    std::fs::write(&old, old_config(&up.url())).unwrap();
+    std::fs::write(&new, new_config(&up.url())).unwrap();
+    let (s_old, s_new) = (old.display().to_string(), new.display().to_string());
+
+    let (code, out, err) = run(&["diff", "--config", &s_old, "--against", &s_old], &[]);
+    assert_eq!((code, out.trim()), (0, "no difference"), "{err}");
+
+    let (code, out, err) = run(
+        &[
+            "diff",
+            "--config",
+            &s_new,
+            "--against",
+            &s_old,
+            "--format",
+            "json",
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{err}");
+    let d: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(d["equal"], false);
+    let changes = d["changes"].as_array().unwrap();
+    let has = |kind: &str, name: &str| {
+        changes
+            .iter()
+            .any(|c| c["kind"] == kind && c["name"] == name)
+    };
+    assert!(has("client", "b") && has("caller", "app"), "{out}");
+    let app = changes.iter().find(|c| c["name"] == "app").unwrap();
+    assert_eq!(app["before"]["limits"]["rpm"], 10);
+    assert_eq!(app["after"]["limits"]["rpm"], 20);
+    // `m-special`, known only from the usage file, now goes to b first;
+    // `n2`, an exact name, does not move.
+    let routes = d["routes"].as_array().unwrap();
+    assert_eq!(routes.len(), 1, "{out}");
+    assert_eq!(routes[0]["model"], "m-special");
+    assert_eq!(routes[0]["before"], serde_json::json!(["a", "b"]));
+    assert_eq!(routes[0]["after"], serde_json::json!(["b", "a"]));
+    assert_eq!(routes[0]["fallback_before"], serde_json::json!(["n2"]));
+    assert_eq!(routes[0]["fallback_after"], serde_json::json!(["n2"]));
+
+    // Against the daemon: the same answer through GET /admin/config.
+    let url = gw.url("");
+    let (code, out2, err) = run_async(
+        vec![
+            "diff".into(),
+            "--config".into(),
+            s_new.clone(),
+            "--admin".into(),
+            url.clone(),
+            "--format".into(),
+            "json".into(),
+        ],
+        vec![(
+            "GPTBALANCE_ADMIN_TOKEN".into(),
+            "admin-secret-0123456789".into(),
+        )],
+    )
+    .await;
+    assert_eq!(code, 1, "{err}");
+    let d2: Value = serde_json::from_str(&out2).unwrap();
+    assert_eq!(d2["changes"], d["changes"], "daemon and file compare alike");
+    let (code, _, err) = run_async(
+        vec![
+            "diff".into(),
+            "--config".into(),
+            s_new.clone(),
+            "--admin".into(),
+            url,
+            "--admin-token".into(),
+            "wrong".into(),
+        ],
+        vec![],
+    )
+    .await;
+    assert_eq!(code, 2);
+    assert!(err.contains("admin token was refused"), "{err}");
+
+    // The dry run: the file the daemon watches, compared, nothing applied.
+    let generation = gw.generation();
+    let text = new_config(&up.url());
+    let path = gw.config_path();
+    // Write where the watcher would reload it... then ask for a dry run
+    // against a copy: the real file stays the old one.
+    std::fs::write(dir.join("staged.yaml"), &text).unwrap();
+    let admin = [("authorization", "Bearer admin-secret-0123456789")];
+    let cfg = get(&gw.url("/admin/config"), &admin).await;
+    assert_eq!(cfg.status, 200);
+    let mut seen = cfg.text() + &out + &out2;
+    let r = send(
+        http::Request::post(gw.url("/admin/reload?dry_run=1"))
+            .header("authorization", "Bearer admin-secret-0123456789")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["valid"], true);
+    assert_eq!(r.json()["equal"], true, "the watched file is unchanged");
+    seen.push_str(&r.text());
+    assert_eq!(gw.generation(), generation, "a dry run applies nothing");
+    // An invalid file is answered with its errors, and still nothing applied.
+    std::fs::write(&path, "openai_clients: [").unwrap();
+    let r = send(
+        http::Request::post(gw.url("/admin/reload?dry_run=1"))
+            .header("authorization", "Bearer admin-secret-0123456789")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.json()["valid"], false);
+    assert!(r.json()["errors"][0]
+        .as_str()
+        .unwrap()
+        .contains("config.yaml:"));
+    for s in SECRETS {
+        assert!(!seen.contains(s), "{s} leaked");
+    }
+}
+
+#[test]
+fn diff_of_an_invalid_config_prints_its_errors_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "openai_clients:\n  - { name: a, base_url: \"http://h\", api_key: k, model_match: { type: exact, value: [m] }, prioirty: 1 }\n").unwrap();
+    let ok = dir.path().join("ok.yaml");
+    std::fs::write(&ok, "openai_clients:\n  - { name: a, base_url: \"http://h\", api_key: k, model_match: { type: exact, value: [m] } }\n").unwrap();
+    let (code, _, err) = run(
+        &[
+            "diff",
+            "--config",
+            bad.to_str().unwrap(),
+            "--against",
+            ok.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("bad.yaml:2:") && err.contains("prioirty"),
+        "{err}"
+    );
+    let (code, _, err) = run(&["diff", "--config", ok.to_str().unwrap()], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--against"), "{err}");
+    let _ = Path::new("");
+}
