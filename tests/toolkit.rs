@@ -286,7 +286,10 @@ fn usage_adds_up_several_instances_by_any_column_in_every_format() {
     assert_eq!(code, 0);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "caller,requests,errors,prompt_tokens,completion_tokens,total_tokens,cost_usd,latency_p50_ms,latency_p95_ms,latency_p99_ms");
-    assert!(lines.contains(&"app,10,0,100,50,150,0.000000,50,100,100"), "{out}");
+    assert!(
+        lines.contains(&"app,10,0,100,50,150,0.000000,50,100,100"),
+        "{out}"
+    );
     assert!(lines.iter().any(|l| l.starts_with("(none),1,1,")));
     assert!(lines.last().unwrap().starts_with("TOTAL,12,1,"));
 

@@ -245,3 +245,158 @@ fn diff_of_an_invalid_config_prints_its_errors_and_exits_2() {
     assert!(err.contains("--against"), "{err}");
     let _ = Path::new("");
 }
+
+fn record(
+    ts: &str,
+    caller: &str,
+    model: &str,
+    client: &str,
+    p: u64,
+    c: u64,
+) -> gptbalance::usage::UsageRecord {
+    gptbalance::usage::UsageRecord {
+        ts: Some(humantime::parse_rfc3339(ts).unwrap()),
+        request_id: format!("req-{ts}"),
+        caller: Some(caller.into()),
+        endpoint: "chat/completions".into(),
+        model: Some(model.into()),
+        routed_model: Some(model.into()),
+        client: Some(client.into()),
+        status: 200,
+        attempts: 1,
+        latency_ms: 500,
+        prompt_tokens: Some(p),
+        completion_tokens: Some(c),
+        total_tokens: Some(p + c),
+        cost_usd: Some(0.001),
+        ..Default::default()
+    }
+}
+
+/// Replay re-decides a month of rows under a new config: client shares,
+/// unroutable models, refusals by the new limits on the rows' own clock,
+/// projected cost; it sends nothing, and skips (and names) a foreign file.
+#[tokio::test]
+async fn replay_re_decides_recorded_rows_under_new_limits_and_prices() {
+    let up = MockUpstream::start("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let usage = dir.path().join("usage");
+    std::fs::create_dir_all(&usage).unwrap();
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("usage-2026-04.sqlite"), b"not a database").unwrap();
+    let mut rows = Vec::new();
+    // `app` sends 5 requests within one minute, then one 2 minutes later.
+    for i in 0..5 {
+        rows.push(record(
+            &format!("2026-04-10T10:00:{:02}.000Z", i * 5),
+            "app",
+            "gpt-4o",
+            "old-client",
+            1000,
+            100,
+        ));
+    }
+    rows.push(record(
+        "2026-04-10T10:03:00.000Z",
+        "app",
+        "gpt-4o",
+        "old-client",
+        1000,
+        100,
+    ));
+    // `ops` asks for a model the new config does not serve.
+    rows.push(record(
+        "2026-04-10T11:00:00.000Z",
+        "ops",
+        "retired-model",
+        "old-client",
+        10,
+        10,
+    ));
+    // `app` may not use o3 under the new config.
+    rows.push(record(
+        "2026-04-10T12:00:00.000Z",
+        "app",
+        "o3",
+        "old-client",
+        10,
+        10,
+    ));
+    let mut f =
+        gptbalance::usage::store::UsageFile::open(&usage.join("usage-2026-04.sqlite")).unwrap();
+    // Written out of time order: replay reads them in time order.
+    let mut shuffled: Vec<&gptbalance::usage::UsageRecord> = rows.iter().collect();
+    shuffled.reverse();
+    f.insert_batch(&shuffled).unwrap();
+    drop(f);
+    let config = dir.path().join("new.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "usage:\n  dir: ./usage\nprices:\n  \"*\": {{ input: 1, output: 10 }}\ncallers:\n  - {{ name: app, token: app-token-0123456789, models: [\"gpt-*\"], limits: {{ rpm: 3 }} }}\n  - {{ name: ops, token: ops-token-0123456789 }}\nopenai_clients:\n{}{}",
+            client_yaml("new-a", &up.url(), &["k1"], "weight: 1\nmodel_match: { type: exact, value: [gpt-4o, o3] }"),
+            client_yaml("new-b", &up.url(), &["k2"], "weight: 1\nmodel_match: { type: exact, value: [gpt-4o] }"),
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = run_async(
+        vec![
+            "replay".into(),
+            "--config".into(),
+            config.display().to_string(),
+            "--dir".into(),
+            usage.display().to_string(),
+            "--dir".into(),
+            other.display().to_string(),
+            "--month".into(),
+            "2026-04".into(),
+            "--format".into(),
+            "json".into(),
+        ],
+        vec![],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["rows"], 8);
+    assert_eq!(v["before"]["clients"]["old-client"], 8);
+    // rpm 3: the 4th and 5th of the first minute are refused; the one two
+    // minutes later is not.
+    assert_eq!(v["after"]["refused"]["app"]["rate_limit_exceeded"], 2);
+    assert_eq!(v["after"]["refused"]["app"]["model_not_allowed"], 1);
+    assert_eq!(v["after"]["unroutable"]["retired-model"], 1);
+    let a = v["after"]["clients"]["new-a"].as_u64().unwrap_or(0);
+    let b = v["after"]["clients"]["new-b"].as_u64().unwrap_or(0);
+    assert_eq!(a + b, 4);
+    assert_eq!(v["after"]["fallback_depth"]["0"], 4);
+    // 4 routed rows of 1000 prompt + 100 completion tokens at $1/$10 per M.
+    let projected = v["cost_usd"]["projected"].as_f64().unwrap();
+    assert!((projected - 4.0 * 0.002).abs() < 1e-9, "{projected}");
+    assert!((v["cost_usd"]["recorded"].as_f64().unwrap() - 0.008).abs() < 1e-9);
+    let skipped = v["skipped_files"].as_array().unwrap();
+    assert_eq!(skipped.len(), 1);
+    assert!(skipped[0]["path"].as_str().unwrap().contains("other"));
+    assert_eq!(up.count(), 0, "replay sends nothing");
+    for s in ["app-token-0123456789", "ops-token-0123456789", "k1", "k2"] {
+        assert!(!out.contains(&format!("\"{s}\"")), "{s}");
+    }
+    // The table form says the same.
+    let (code, text, _) = run_async(
+        vec![
+            "replay".into(),
+            "--config".into(),
+            config.display().to_string(),
+            "--month".into(),
+            "2026-04".into(),
+        ],
+        vec![],
+    )
+    .await;
+    assert_eq!(code, 0);
+    assert!(
+        text.contains("8 requests replayed")
+            && text.contains("refused: app: rate_limit_exceeded: 2"),
+        "{text}"
+    );
+}

@@ -3,6 +3,7 @@
 
 pub mod check_keys;
 pub mod diff;
+pub mod replay;
 pub mod route;
 pub mod serve;
 pub mod usage;
@@ -43,6 +44,8 @@ pub enum Command {
     Usage(usage::Args),
     /// What a reload to the config would change, against a file or the running daemon
     Diff(diff::Args),
+    /// Re-decide the recorded requests under a config: shares, refusals, cost
+    Replay(replay::Args),
 }
 
 /// `--config`, shared by every subcommand.
@@ -68,6 +71,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Route(a) => route::run(a),
         Command::Usage(a) => usage::run(a),
         Command::Diff(a) => diff::run(a),
+        Command::Replay(a) => replay::run(a),
     }
 }
 

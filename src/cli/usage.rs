@@ -38,7 +38,7 @@ pub struct Args {
     pub reprice: bool,
 }
 
-fn parse_month(s: &str) -> Result<String, String> {
+pub fn parse_month(s: &str) -> Result<String, String> {
     let ok = s.len() == 7
         && s.as_bytes()[4] == b'-'
         && s[..4].chars().all(|c| c.is_ascii_digit())
