@@ -1,0 +1,419 @@
+//! The hand-written HTTP/1 paths on the wire: raw bytes from a caller into
+//! the real server, raw bytes back from a scripted upstream, every byte on
+//! both sides looked at. One test per defect found by a black-box probe
+//! (issue 19), and a differential test that sends the same bytes to the
+//! fast path and to the hyper path and compares what comes out.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What a scripted upstream does, in order, for one request.
+#[derive(Clone, Debug)]
+enum Act {
+    /// Reads the request body (`Content-Length` or chunked) and records it.
+    ReadBody,
+    Write(Vec<u8>),
+    Pause(Duration),
+    /// Closes the connection (FIN).
+    Close,
+}
+
+fn write(bytes: impl AsRef<[u8]>) -> Act {
+    Act::Write(bytes.as_ref().to_vec())
+}
+
+/// The usual plan: read the body, then write `answer` and keep the
+/// connection for the next request.
+fn answer(bytes: impl AsRef<[u8]>) -> Vec<Act> {
+    vec![Act::ReadBody, write(bytes)]
+}
+
+type Script = Arc<dyn Fn(&[u8]) -> Vec<Act> + Send + Sync>;
+
+/// An upstream on loopback that reads requests byte-exactly and answers
+/// each as `script` says, given the request head.
+struct RawUpstream {
+    url: String,
+    /// Every request as it arrived: head and body bytes.
+    seen: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl RawUpstream {
+    async fn start(script: impl Fn(&[u8]) -> Vec<Act> + Send + Sync + 'static) -> RawUpstream {
+        let script: Script = Arc::new(script);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(serve_raw(s, script.clone(), log.clone()));
+            }
+        });
+        RawUpstream {
+            url: format!("http://{addr}/v1"),
+            seen,
+        }
+    }
+
+    fn requests(&self) -> Vec<Vec<u8>> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+}
+
+async fn serve_raw(mut s: TcpStream, script: Script, log: Arc<Mutex<Vec<Vec<u8>>>>) {
+    let mut buf = Vec::new();
+    loop {
+        let Some(end) = read_until_head_end(&mut s, &mut buf).await else {
+            return;
+        };
+        let head: Vec<u8> = buf.drain(..end).collect();
+        let at = {
+            let mut l = log.lock().unwrap();
+            l.push(head.clone());
+            l.len() - 1
+        };
+        for act in script(&head) {
+            match act {
+                Act::ReadBody => {
+                    let Some(body) = read_body(&mut s, &mut buf, &head).await else {
+                        return;
+                    };
+                    log.lock().unwrap()[at].extend_from_slice(&body);
+                }
+                Act::Write(bytes) => {
+                    if s.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+                Act::Pause(d) => tokio::time::sleep(d).await,
+                Act::Close => return,
+            }
+        }
+    }
+}
+
+/// Reads until `buf` holds a whole head; its length, or `None` at the end.
+async fn read_until_head_end(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+    loop {
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(at + 4);
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+fn header<'a>(head: &'a [u8], name: &str) -> Option<&'a str> {
+    std::str::from_utf8(head).ok()?.split("\r\n").find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// Reads a request body framed as `head` says (as it came on the wire).
+async fn read_body(s: &mut TcpStream, buf: &mut Vec<u8>, head: &[u8]) -> Option<Vec<u8>> {
+    let want = if header(head, "transfer-encoding").is_some() {
+        // Chunked: read to the last chunk (no trailers in these tests).
+        loop {
+            if let Some(at) = buf.windows(5).position(|w| w == b"0\r\n\r\n") {
+                break at + 5;
+            }
+            fill(s, buf).await?;
+        }
+    } else {
+        header(head, "content-length").map_or(0, |v| v.parse().unwrap_or(0))
+    };
+    while buf.len() < want {
+        fill(s, buf).await?;
+    }
+    Some(buf.drain(..want).collect())
+}
+
+async fn fill(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<()> {
+    let mut chunk = [0u8; 64 * 1024];
+    match s.read(&mut chunk).await {
+        Ok(0) | Err(_) => None,
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            Some(())
+        }
+    }
+}
+
+/// A response as a caller's socket saw it.
+#[derive(Debug, Clone, PartialEq)]
+struct Seen {
+    status: u16,
+    /// Lowercase name, value; in order.
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    /// How the body was framed: `length`, `chunked`, `close` or `none`.
+    framing: &'static str,
+}
+
+impl Seen {
+    fn get(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+/// How a caller's read of a response ended.
+#[derive(Debug, PartialEq)]
+enum End {
+    /// The body ended as framed.
+    Framed,
+    /// The connection closed (FIN).
+    Fin,
+    /// The connection was reset (RST).
+    Reset,
+}
+
+/// Reads one response from `s`. `head_request`: no body follows.
+async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>, head_request: bool) -> (Seen, End) {
+    tokio::time::timeout(Duration::from_secs(20), read_response_now(s, buf, head_request))
+        .await
+        .expect("a response within 20 s")
+}
+
+async fn read_response_now(
+    s: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    head_request: bool,
+) -> (Seen, End) {
+    let (status, headers, len) = loop {
+        let mut slots = [httparse::EMPTY_HEADER; 128];
+        let mut resp = httparse::Response::new(&mut slots);
+        if let Ok(httparse::Status::Complete(len)) = resp.parse(buf) {
+            let code = resp.code.unwrap();
+            let headers: Vec<(String, String)> = resp
+                .headers
+                .iter()
+                .map(|h| {
+                    (
+                        h.name.to_ascii_lowercase(),
+                        String::from_utf8_lossy(h.value).into_owned(),
+                    )
+                })
+                .collect();
+            if (100..200).contains(&code) && code != 101 {
+                buf.drain(..len);
+                continue;
+            }
+            break (code, headers, len);
+        }
+        match read_more(s, buf).await {
+            Ok(true) => {}
+            Ok(false) => panic!("closed before a response head: {:?}", lossy(buf)),
+            Err(e) => panic!("{e} before a response head: {:?}", lossy(buf)),
+        }
+    };
+    buf.drain(..len);
+    let mut seen = Seen {
+        status,
+        headers,
+        body: Vec::new(),
+        framing: "none",
+    };
+    let length = seen
+        .get("content-length")
+        .first()
+        .map(|v| v.parse::<usize>().unwrap());
+    let chunked = !seen.get("transfer-encoding").is_empty();
+    if head_request || status == 204 || status == 304 {
+        return (seen, End::Framed);
+    }
+    let end = if chunked {
+        seen.framing = "chunked";
+        loop {
+            match dechunk(buf) {
+                Some((body, used)) => {
+                    seen.body = body;
+                    buf.drain(..used);
+                    break End::Framed;
+                }
+                None => match read_more(s, buf).await {
+                    Ok(true) => {}
+                    Ok(false) => break End::Fin,
+                    Err(_) => break End::Reset,
+                },
+            }
+        }
+    } else if let Some(n) = length {
+        seen.framing = "length";
+        loop {
+            if buf.len() >= n {
+                seen.body = buf.drain(..n).collect();
+                break End::Framed;
+            }
+            match read_more(s, buf).await {
+                Ok(true) => {}
+                Ok(false) => break End::Fin,
+                Err(_) => break End::Reset,
+            }
+        }
+    } else {
+        seen.framing = "close";
+        loop {
+            match read_more(s, buf).await {
+                Ok(true) => {}
+                Ok(false) => break End::Fin,
+                Err(_) => break End::Reset,
+            }
+        }
+    };
+    if seen.body.is_empty() && end != End::Framed {
+        seen.body = std::mem::take(buf);
+    }
+    (seen, end)
+}
+
+/// A chunked body decoded from the front of `buf` and the bytes it took,
+/// or `None` when it is not all there.
+fn dechunk(buf: &[u8]) -> Option<(Vec<u8>, usize)> {
+    let mut body = Vec::new();
+    let mut at = 0;
+    loop {
+        let line_end = at + buf[at..].windows(2).position(|w| w == b"\r\n")?;
+        let size = std::str::from_utf8(&buf[at..line_end]).ok()?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        at = line_end + 2;
+        if size == 0 {
+            // No trailers from gptbalance.
+            return (buf.len() >= at + 2).then_some((body, at + 2));
+        }
+        if buf.len() < at + size + 2 {
+            return None;
+        }
+        body.extend_from_slice(&buf[at..at + size]);
+        at += size + 2;
+    }
+}
+
+/// Reads once more: `Ok(false)` at a clean end, `Err` on a reset.
+async fn read_more(s: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<bool> {
+    let mut chunk = [0u8; 64 * 1024];
+    let n = s.read(&mut chunk).await?;
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(n > 0)
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Sends `request` on a new connection and reads one response.
+async fn exchange(gw: &Gateway, request: &[u8], head_request: bool) -> (Seen, End) {
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut buf = Vec::new();
+    read_response(&mut s, &mut buf, head_request).await
+}
+
+/// A gateway with client `c` (keys `k1`, `k2`, serving model `m`) at `url`.
+async fn gateway(url: &str, server: &str, policy: &str) -> Gateway {
+    Gateway::start(&format!(
+        "server:\n{server}\nrouting:\n  retry_on: [500, 502, 503]\n{policy}\nusage:\n  enabled: false\nopenai_clients:\n{}",
+        client_yaml(
+            "c",
+            url,
+            &["k1", "k2"],
+            "model_match: { type: exact, value: [m] }"
+        )
+    ))
+    .await
+}
+
+const CHAT: &str = r#"{"model":"m","messages":[]}"#;
+
+fn post(path: &str, body: &str) -> Vec<u8> {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+fn ok_json(body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+const COMPLETION: &str = r#"{"id":"x","object":"chat.completion","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#;
+
+/// Item 1: an answer with no body by definition (to HEAD, 204, 304, a
+/// chunked body of no chunks, `Content-Length: 0`) is never a key failure,
+/// whatever the method on the pinned path; three of them with
+/// `max_failures: 1` would otherwise cool every key down.
+#[tokio::test]
+async fn bodiless_answers_never_count_against_a_key() {
+    let up = RawUpstream::start(|head| {
+        let method = std::str::from_utf8(head).unwrap().split(' ').next().unwrap();
+        let reply: &[u8] = match method {
+            // A correct answer to HEAD: the length a GET would have.
+            "HEAD" => b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 197\r\n\r\n",
+            "GET" => b"HTTP/1.1 204 No Content\r\n\r\n",
+            "PUT" => b"HTTP/1.1 304 Not Modified\r\netag: \"x\"\r\n\r\n",
+            "DELETE" => b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+            "PATCH" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+            "OPTIONS" => {
+                return vec![
+                    Act::ReadBody,
+                    write("HTTP/1.1 100 Continue\r\n\r\n"),
+                    Act::Pause(Duration::from_millis(10)),
+                    write("HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n"),
+                    Act::Close,
+                ]
+            }
+            _ => return answer(ok_json(COMPLETION)),
+        };
+        answer(reply)
+    })
+    .await;
+    let gw = gateway(&up.url, "  listen: 127.0.0.1:0", "  max_failures: 1").await;
+    for method in ["HEAD", "GET", "PUT", "DELETE", "PATCH", "OPTIONS"] {
+        for _ in 0..3 {
+            let req = format!("{method} /c/v1/models HTTP/1.1\r\nHost: x\r\n\r\n");
+            let (seen, _) = exchange(&gw, req.as_bytes(), method == "HEAD").await;
+            let want = match method {
+                "HEAD" | "DELETE" | "PATCH" => 200,
+                "PUT" => 304,
+                _ => 204,
+            };
+            assert_eq!(seen.status, want, "{method}: {seen:?}");
+            if method == "HEAD" {
+                assert_eq!(seen.get("content-length"), ["197"], "{seen:?}");
+            }
+        }
+    }
+    // Each went upstream once, by its own method.
+    assert_eq!(up.count(), 18);
+    assert!(up.requests()[0].starts_with(b"HEAD /v1/models HTTP/1.1\r\n"));
+    // Every key is still healthy: the next chat completion is served.
+    let (seen, _) = exchange(&gw, &post("/v1/chat/completions", CHAT), false).await;
+    assert_eq!(seen.status, 200, "{seen:?}");
+    let table = gw.state.table.load();
+    for key in &table.clients[0].keys {
+        assert_eq!(key.health.failures(), 0, "{}", key.id);
+    }
+}
