@@ -417,3 +417,60 @@ async fn bodiless_answers_never_count_against_a_key() {
         assert_eq!(key.health.failures(), 0, "{}", key.id);
     }
 }
+
+/// Reads until the caller's connection closes: true for a FIN or a reset
+/// within 20 s, what came meanwhile in `rest`.
+async fn closes(s: &mut TcpStream, rest: &mut Vec<u8>) -> bool {
+    let read = async {
+        loop {
+            match read_more(s, rest).await {
+                Ok(true) => {}
+                Ok(false) | Err(_) => return,
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), read)
+        .await
+        .is_ok()
+}
+
+const CL_TE: &[u8] = b"POST /c/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+
+/// Item 2: after a request the framing watcher used to stop following (an
+/// `Upgrade`, bare-LF line ends, empty lines before a request line), a
+/// request with both `Content-Length` and `Transfer-Encoding` still gets
+/// 400 and a close, and never reaches an upstream; a CONNECT gets 405 and
+/// a close.
+#[tokio::test]
+async fn conflicting_framing_after_odd_heads_is_refused() {
+    let up = RawUpstream::start(|_| answer(ok_json(COMPLETION))).await;
+    let gw = gateway(&up.url, "  listen: 127.0.0.1:0", "").await;
+    let firsts: [&[u8]; 4] = [
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nUpgrade: foo\r\nConnection: upgrade\r\n\r\n",
+        b"OPTIONS /healthz HTTP/1.1\nHost: x\n\n",
+        b"GET /healthz HTTP/1.1\nHost: x\nTransfer-Encoding: chunked\n\n0\r\n\r\n",
+        b"OPTIONS /healthz HTTP/1.1\r\nHost: x\r\n\r\n\r\n\r\n",
+    ];
+    for first in firsts {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(&[first, CL_TE].concat()).await.unwrap();
+        let mut buf = Vec::new();
+        let (seen, _) = read_response(&mut s, &mut buf, false).await;
+        assert_eq!(seen.status, 200, "{:?}: {seen:?}", lossy(first));
+        let (seen, _) = read_response(&mut s, &mut buf, false).await;
+        assert_eq!(seen.status, 400, "{:?}: {seen:?}", lossy(first));
+        assert!(closes(&mut s, &mut buf).await, "{:?}", lossy(first));
+    }
+    assert_eq!(up.count(), 0);
+
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"CONNECT /c/v1/x HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let (seen, _) = read_response(&mut s, &mut buf, false).await;
+    assert_eq!(seen.status, 405, "{seen:?}");
+    assert!(closes(&mut s, &mut buf).await);
+    assert!(buf.is_empty(), "nothing after the CONNECT: {:?}", lossy(&buf));
+    assert_eq!(up.count(), 0);
+}

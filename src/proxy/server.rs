@@ -7,12 +7,14 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::HeaderValue;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use super::api_error::ApiError;
 use super::fast;
 use super::framing::Watched;
 use super::handler;
@@ -103,10 +105,20 @@ async fn serve_connection(
         fast::Exit::HandOff(io) => io,
     };
     let (io, framing) = Watched::new(TokioIo::new(io));
-    let service = service_fn(move |req| {
+    let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let conflicting = framing.next_request_conflicts();
+        let connect = req.method() == http::Method::CONNECT;
         let answer = handler::handle(state.clone(), req, conflicting);
         async move {
+            if connect {
+                // Not a tunnel: refused, and the connection closed, so
+                // nothing after it is read as a tunnel or as requests.
+                let msg = "CONNECT is not served".to_owned();
+                let mut resp = ApiError::MethodNotAllowed(msg).into_response(None);
+                resp.headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                return Ok(resp);
+            }
             let (mut parts, body) = answer.await?.into_parts();
             // hyper writes only the header map.
             RelayedHeaders::merge(&mut parts.extensions, &mut parts.headers);
