@@ -474,3 +474,54 @@ async fn conflicting_framing_after_odd_heads_is_refused() {
     assert!(buf.is_empty(), "nothing after the CONNECT: {:?}", lossy(&buf));
     assert_eq!(up.count(), 0);
 }
+
+/// Item 5: a connection that sends nothing is closed after
+/// `header_read_timeout`, an idle keep-alive one after `keepalive_timeout`
+/// (which alone bounds the wait for a next request), on the fast path.
+#[tokio::test]
+async fn silent_and_idle_connections_are_closed() {
+    let up = RawUpstream::start(|_| answer(ok_json(COMPLETION))).await;
+    let gw = gateway(
+        &up.url,
+        "  listen: 127.0.0.1:0\n  header_read_timeout: 300ms\n  keepalive_timeout: 700ms",
+        "",
+    )
+    .await;
+    // Nothing sent at all.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let mut rest = Vec::new();
+    assert!(closes(&mut s, &mut rest).await);
+    assert!(rest.is_empty());
+
+    // Idle after a response.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    assert_eq!(read_response(&mut s, &mut buf, false).await.0.status, 200);
+    assert!(closes(&mut s, &mut buf).await);
+    assert!(buf.is_empty());
+
+    // The wait for a next request is keepalive_timeout's, not
+    // header_read_timeout's.
+    let gw = gateway(
+        &up.url,
+        "  listen: 127.0.0.1:0\n  header_read_timeout: 200ms\n  keepalive_timeout: 60s",
+        "",
+    )
+    .await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let mut buf = Vec::new();
+    for _ in 0..2 {
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(read_response(&mut s, &mut buf, false).await.0.status, 200);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    // A head that begins must still finish within header_read_timeout.
+    s.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+    assert!(closes(&mut s, &mut buf).await);
+    assert!(buf.is_empty(), "{:?}", lossy(&buf));
+}

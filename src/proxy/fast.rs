@@ -9,13 +9,17 @@
 //! connection, with the bytes already read and not yet used, to hyper for
 //! the rest of its life; hyper's answers to odd requests stay the answers.
 //!
-//! Semantics kept from hyper's server: the head must arrive within
-//! `header_read_timeout` of its first byte (else the connection closes
-//! without an answer); requests on a connection are answered in order;
+//! Semantics kept from hyper's server: a new connection's first head must
+//! arrive within `header_read_timeout` of its accept, as hyper's timer
+//! starts as soon as it waits (else the connection closes without an
+//! answer); requests on a connection are answered in order;
 //! a response carries `Date`; its body is framed by its `Content-Length`,
 //! else by its exact size, else chunked; a connection closes after a
 //! `Connection: close` request, a body not read to its end, a response
-//! body that failed, or once the server is draining.
+//! body that failed, or once the server is draining. Beyond hyper: an
+//! idle keep-alive connection closes when no next head has begun within
+//! `keepalive_timeout` (hyper bounds that wait by `header_read_timeout`),
+//! and a head that has begun must finish within `header_read_timeout`.
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -72,10 +76,21 @@ pub async fn serve(io: TcpStream, state: Arc<AppState>, draining: watch::Receive
         buf: BytesMut::with_capacity(READ_ROOM),
         out: Vec::with_capacity(1024),
     };
+    let mut head_timeout = state.table.load().config.server.header_read_timeout;
+    // One timer for the connection's life, moved on rather than made anew
+    // per wait (moving it later takes no lock): a new connection must send
+    // its first head within `header_read_timeout`, as hyper's does; after
+    // a response, the next head must begin within `keepalive_timeout`.
+    let mut wait = std::pin::pin!(tokio::time::sleep(head_timeout));
+    let mut first = true;
     loop {
-        let head_timeout = state.table.load().config.server.header_read_timeout;
         let head = match conn
-            .read_head(head_timeout, &draining, drained.as_mut())
+            .read_head(
+                (!first).then_some(head_timeout),
+                wait.as_mut(),
+                &draining,
+                drained.as_mut(),
+            )
             .await
         {
             HeadRead::Head(h) => h,
@@ -87,11 +102,14 @@ pub async fn serve(io: TcpStream, state: Arc<AppState>, draining: watch::Receive
                 })
             }
         };
-        let (limit, gap) = {
+        first = false;
+        let (limit, keepalive) = {
             let table = state.table.load();
             let server = &table.config.server;
-            (server.max_body_bytes, server.header_read_timeout)
+            head_timeout = server.header_read_timeout;
+            (server.max_body_bytes, server.keepalive_timeout)
         };
+        let gap = head_timeout;
         let mut keep_alive = head.keep_alive;
         let body = match head.length {
             0 => FastBody::Full(None),
@@ -128,6 +146,8 @@ pub async fn serve(io: TcpStream, state: Arc<AppState>, draining: watch::Receive
         if !conn.write_response(resp, keep_alive).await {
             return Exit::Closed;
         }
+        wait.as_mut()
+            .reset(tokio::time::Instant::now() + keepalive);
     }
 }
 
@@ -168,16 +188,19 @@ struct Conn {
 }
 
 impl Conn {
-    /// Reads until a whole head is buffered. Waiting for a new request
-    /// ends when the server drains; once a head has begun, it must finish
-    /// within `timeout`.
+    /// Reads until a whole head is buffered, or `wait` (the connection's
+    /// timer) ends. Waiting for a new request also ends when the server
+    /// drains. `restart`: a head that begins is given this long from its
+    /// first byte (a keep-alive connection's next head); `None` leaves the
+    /// timer as it is (a new connection's first head).
     async fn read_head(
         &mut self,
-        timeout: Duration,
+        restart: Option<Duration>,
+        mut wait: Pin<&mut tokio::time::Sleep>,
         draining: &watch::Receiver<bool>,
         mut drained: Pin<&mut impl Future<Output = ()>>,
     ) -> HeadRead {
-        let mut deadline = None;
+        let mut restart = restart;
         loop {
             if !self.buf.is_empty() {
                 match parse(&self.buf) {
@@ -187,10 +210,13 @@ impl Conn {
                     }
                     Parsed::HandOff => return HeadRead::HandOff,
                     Parsed::Partial if self.buf.len() >= MAX_HEAD => return HeadRead::HandOff,
-                    // The head has begun: it must finish within `timeout`
-                    // from here. (A head read whole never reads the clock.)
+                    // The head has begun: it must finish within the
+                    // timeout from here. (A head read whole never reads
+                    // the clock.)
                     Parsed::Partial => {
-                        deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
+                        if let Some(timeout) = restart.take() {
+                            wait.as_mut().reset(tokio::time::Instant::now() + timeout);
+                        }
                     }
                 }
             }
@@ -204,12 +230,13 @@ impl Conn {
                     r = self.io.read_buf(&mut self.buf) => r,
                     // Polled only until it resolves: then the connection closes.
                     () = drained.as_mut() => return HeadRead::Closed,
+                    () = wait.as_mut() => return HeadRead::Closed,
                 }
             } else {
-                let at = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
-                match tokio::time::timeout_at(at, self.io.read_buf(&mut self.buf)).await {
-                    Ok(r) => r,
-                    Err(_) => return HeadRead::Closed,
+                tokio::select! {
+                    biased;
+                    r = self.io.read_buf(&mut self.buf) => r,
+                    () = wait.as_mut() => return HeadRead::Closed,
                 }
             };
             match read {
