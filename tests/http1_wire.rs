@@ -188,9 +188,12 @@ enum End {
 
 /// Reads one response from `s`. `head_request`: no body follows.
 async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>, head_request: bool) -> (Seen, End) {
-    tokio::time::timeout(Duration::from_secs(20), read_response_now(s, buf, head_request))
-        .await
-        .expect("a response within 20 s")
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        read_response_now(s, buf, head_request),
+    )
+    .await
+    .expect("a response within 20 s")
 }
 
 async fn read_response_now(
@@ -368,10 +371,16 @@ const COMPLETION: &str = r#"{"id":"x","object":"chat.completion","choices":[],"u
 #[tokio::test]
 async fn bodiless_answers_never_count_against_a_key() {
     let up = RawUpstream::start(|head| {
-        let method = std::str::from_utf8(head).unwrap().split(' ').next().unwrap();
+        let method = std::str::from_utf8(head)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap();
         let reply: &[u8] = match method {
             // A correct answer to HEAD: the length a GET would have.
-            "HEAD" => b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 197\r\n\r\n",
+            "HEAD" => {
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 197\r\n\r\n"
+            }
             "GET" => b"HTTP/1.1 204 No Content\r\n\r\n",
             "PUT" => b"HTTP/1.1 304 Not Modified\r\netag: \"x\"\r\n\r\n",
             "DELETE" => b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
@@ -471,7 +480,11 @@ async fn conflicting_framing_after_odd_heads_is_refused() {
     let (seen, _) = read_response(&mut s, &mut buf, false).await;
     assert_eq!(seen.status, 405, "{seen:?}");
     assert!(closes(&mut s, &mut buf).await);
-    assert!(buf.is_empty(), "nothing after the CONNECT: {:?}", lossy(&buf));
+    assert!(
+        buf.is_empty(),
+        "nothing after the CONNECT: {:?}",
+        lossy(&buf)
+    );
     assert_eq!(up.count(), 0);
 }
 
@@ -524,4 +537,32 @@ async fn silent_and_idle_connections_are_closed() {
     s.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
     assert!(closes(&mut s, &mut buf).await);
     assert!(buf.is_empty(), "{:?}", lossy(&buf));
+}
+
+/// Item 3: an upstream that sends an unasked `100 Continue` right after the
+/// request head and reads the body only later still gets the whole body,
+/// and the caller its answer.
+#[tokio::test]
+async fn an_unasked_100_continue_does_not_stall_a_large_upload() {
+    let up = RawUpstream::start(|_| {
+        vec![
+            write("HTTP/1.1 100 Continue\r\n\r\n"),
+            Act::Pause(Duration::from_millis(300)),
+            Act::ReadBody,
+            write(ok_json(COMPLETION)),
+        ]
+    })
+    .await;
+    let gw = gateway(&up.url, "  listen: 127.0.0.1:0", "  request_timeout: 10s").await;
+    let body = "a".repeat(8 << 20);
+    let (seen, _) = exchange(&gw, &post("/c/v1/chat/completions", &body), false).await;
+    assert_eq!(seen.status, 200, "{seen:?}");
+    let got = up.requests();
+    assert_eq!(got.len(), 1);
+    assert!(got[0].ends_with(body.as_bytes()));
+    let table = gw.state.table.load();
+    assert!(table.clients[0]
+        .keys
+        .iter()
+        .all(|k| k.health.failures() == 0));
 }

@@ -11,7 +11,8 @@
 //!
 //! What is read follows RFC 9112: a `Content-Length` body, a chunked one
 //! (extensions and trailers skipped), or one that ends when the upstream
-//! closes; interim (1xx) responses are skipped. A connection is offered
+//! closes; interim (1xx) responses are skipped, also one that comes while
+//! the request body is still being written. A connection is offered
 //! for reuse only after a complete response with nothing left over, and
 //! not when the response asked to close it.
 
@@ -169,11 +170,37 @@ impl Conn {
                 }
                 match self.io.try_read_buf(&mut self.buf) {
                     Ok(0) => return Err(io::ErrorKind::BrokenPipe.into()),
-                    Ok(_) => return Ok(Written::Cut),
+                    Ok(_) => {
+                        if self.early_answer_begun() {
+                            return Ok(Written::Cut);
+                        }
+                    }
                     // A readiness flag left from an earlier read.
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(e),
                 }
+            }
+        }
+    }
+
+    /// Whether what the upstream has sent while the request was still
+    /// being written begins a final answer. Interim (1xx) heads are not
+    /// one (RFC 9110 15.2): an unasked `100 Continue` is dropped and the
+    /// writing goes on. Undecided while less than a status line has come.
+    fn early_answer_begun(&mut self) -> bool {
+        loop {
+            let Some(code) = status_code(&self.buf) else {
+                // Not a status line: the answer is read (and refused) as one.
+                return self.buf.len() >= 12
+                    || !b"HTTP/1.".starts_with(&self.buf[..self.buf.len().min(7)]);
+            };
+            if !(100..200).contains(&code) || code == 101 {
+                return true;
+            }
+            match parse_head(&mut self.buf) {
+                Ok(Some(_)) => continue,
+                Ok(None) => return self.buf.len() >= MAX_HEAD,
+                Err(_) => return true,
             }
         }
     }
@@ -331,6 +358,21 @@ pub(crate) fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
         }
     }
     out.extend_from_slice(&digits[at..]);
+}
+
+/// The status code of the status line at the start of `buf`, once its
+/// first twelve bytes are there and read as one.
+fn status_code(buf: &[u8]) -> Option<u16> {
+    let line = buf.get(..12)?;
+    if !line.starts_with(b"HTTP/1.") || line[8] != b' ' || !line[9..].iter().all(u8::is_ascii_digit)
+    {
+        return None;
+    }
+    Some(
+        line[9..]
+            .iter()
+            .fold(0, |n, d| n * 10 + u16::from(d - b'0')),
+    )
 }
 
 /// A complete response head off the front of `buf`, or `None` when more
