@@ -566,3 +566,42 @@ async fn an_unasked_100_continue_does_not_stall_a_large_upload() {
         .iter()
         .all(|k| k.health.failures() == 0));
 }
+
+/// Item 4: an upstream that dies mid-body aborts the caller's response
+/// with a reset (RST), never a FIN that an HTTP/1.0 caller (or any caller
+/// reading to the close) would take for a complete body: on the fast path
+/// (HTTP/1.1) and on hyper's (HTTP/1.0).
+#[tokio::test]
+async fn an_aborted_response_ends_in_a_reset_for_every_caller() {
+    let event = "data: {\"choices\":[]}\n\n";
+    let cut = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{event}\r\n",
+        event.len()
+    );
+    let up = RawUpstream::start(move |_| {
+        vec![
+            Act::ReadBody,
+            write(&cut),
+            Act::Pause(Duration::from_millis(50)),
+            Act::Close,
+        ]
+    })
+    .await;
+    let gw = gateway(&up.url, "  listen: 127.0.0.1:0", "").await;
+    for version in ["HTTP/1.1", "HTTP/1.0"] {
+        let req = format!(
+            "POST /v1/chat/completions {version}\r\nHost: x\r\nContent-Length: {}\r\n\r\n{CHAT}",
+            CHAT.len()
+        );
+        let (seen, end) = exchange(&gw, req.as_bytes(), false).await;
+        assert_eq!(seen.status, 200, "{version}: {seen:?}");
+        assert_eq!(end, End::Reset, "{version}: {seen:?}");
+        let want = if version == "HTTP/1.0" {
+            "close"
+        } else {
+            "chunked"
+        };
+        assert_eq!(seen.framing, want);
+        assert!(lossy(&seen.body).contains("data: {"), "{seen:?}");
+    }
+}

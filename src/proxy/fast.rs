@@ -24,6 +24,7 @@
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -99,6 +100,7 @@ pub async fn serve(io: TcpStream, state: Arc<AppState>, draining: watch::Receive
                 return Exit::HandOff(Prefixed {
                     prefix: conn.buf.freeze(),
                     io: conn.io,
+                    aborted: Arc::default(),
                 })
             }
         };
@@ -146,8 +148,7 @@ pub async fn serve(io: TcpStream, state: Arc<AppState>, draining: watch::Receive
         if !conn.write_response(resp, keep_alive).await {
             return Exit::Closed;
         }
-        wait.as_mut()
-            .reset(tokio::time::Instant::now() + keepalive);
+        wait.as_mut().reset(tokio::time::Instant::now() + keepalive);
     }
 }
 
@@ -421,6 +422,7 @@ impl Conn {
                     if length.is_some_and(|n| sent > n) {
                         // More than the declared length: never sent.
                         let _ = self.flush().await;
+                        reset_on_close(&self.io);
                         return false;
                     }
                     if chunked {
@@ -447,8 +449,10 @@ impl Conn {
                 }
                 Step::Failed => {
                     // Cut: the caller sees a body that ends early (no
-                    // last chunk, or short of its length) and a close.
+                    // last chunk, or short of its length) and a reset,
+                    // never a clean close.
                     let _ = self.flush().await;
+                    reset_on_close(&self.io);
                     return false;
                 }
                 Step::End => {
@@ -472,6 +476,14 @@ impl Conn {
         }
         Ok(())
     }
+}
+
+/// Makes closing `io` reset the connection (`SO_LINGER` 0: an RST, not a
+/// FIN): the way an aborted response is told from a complete one by a
+/// caller that reads a body to the close (HTTP/1.0, or any caller that
+/// does not check the framing). Bytes not yet sent are dropped.
+pub(crate) fn reset_on_close(io: &TcpStream) {
+    let _ = socket2::SockRef::from(io).set_linger(Some(Duration::ZERO));
 }
 
 enum Step {
@@ -638,6 +650,8 @@ impl Body for FastBody {
 pub struct Prefixed {
     prefix: Bytes,
     io: TcpStream,
+    /// Set when a response was aborted: closing resets the connection.
+    aborted: Arc<AtomicBool>,
 }
 
 impl Prefixed {
@@ -646,6 +660,21 @@ impl Prefixed {
         Prefixed {
             prefix: Bytes::new(),
             io,
+            aborted: Arc::default(),
+        }
+    }
+
+    /// The flag that, once set, makes dropping this connection reset it
+    /// (see [`reset_on_close`]); hyper owns the connection until then.
+    pub fn abort_flag(&self) -> Arc<AtomicBool> {
+        self.aborted.clone()
+    }
+}
+
+impl Drop for Prefixed {
+    fn drop(&mut self) {
+        if self.aborted.load(Ordering::Relaxed) {
+            reset_on_close(&self.io);
         }
     }
 }
