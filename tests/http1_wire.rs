@@ -605,3 +605,121 @@ async fn an_aborted_response_ends_in_a_reset_for_every_caller() {
         assert!(lossy(&seen.body).contains("data: {"), "{seen:?}");
     }
 }
+
+/// The first request of a connection that the fast path serves, and one
+/// that hands the connection to hyper (another method): whatever follows
+/// on that connection is served by that path.
+const FAST: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+const HYPER: &[u8] = b"OPTIONS /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+
+/// Sends `request` after `preamble` on one connection; the response to it.
+async fn after(gw: &Gateway, preamble: &[u8], request: &[u8], head_request: bool) -> (Seen, End) {
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(&[preamble, request].concat()).await.unwrap();
+    let mut buf = Vec::new();
+    let (first, _) = read_response(&mut s, &mut buf, false).await;
+    assert_eq!(first.status, 200, "{first:?}");
+    read_response(&mut s, &mut buf, head_request).await
+}
+
+/// The response to `request` on the fast path and on hyper's.
+async fn on_both_paths(gw: &Gateway, request: &[u8]) -> [(Seen, End); 2] {
+    [
+        after(gw, FAST, request, false).await,
+        after(gw, HYPER, request, false).await,
+    ]
+}
+
+/// Items 10 and 11: an upstream's repeated `Content-Length`, a length on a
+/// 204, the headers its `Connection` header names and `Proxy-Authenticate`
+/// reach the caller the same way on both paths: once, not at all, not at
+/// all.
+#[tokio::test]
+async fn response_headers_get_one_policy_on_both_paths() {
+    let up = RawUpstream::start(|head| {
+        let path = std::str::from_utf8(head).unwrap().split(' ').nth(1).unwrap().to_owned();
+        let reply = match path.as_str() {
+            "/v1/twice" => format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {n}\r\nContent-Length: {n}\r\n\r\n{COMPLETION}",
+                n = COMPLETION.len()
+            ),
+            "/v1/nothing" => "HTTP/1.1 204 No Content\r\ncontent-length: 30\r\n\r\n".to_owned(),
+            _ => format!(
+                "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop-Secret\r\nX-Hop-Secret: s\r\nProxy-Authenticate: Basic realm=x\r\nKeep-Alive: timeout=5\r\nx-ratelimit-remaining-requests: 7\r\nx-kept: 1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{COMPLETION}",
+                COMPLETION.len()
+            ),
+        };
+        answer(reply)
+    })
+    .await;
+    let gw = gateway(&up.url, "  listen: 127.0.0.1:0", "").await;
+    for (seen, end) in on_both_paths(&gw, &post("/c/v1/twice", CHAT)).await {
+        assert_eq!((seen.status, end), (200, End::Framed), "{seen:?}");
+        let n = COMPLETION.len().to_string();
+        assert_eq!(seen.get("content-length"), [n.as_str()], "{seen:?}");
+        assert_eq!(seen.body, COMPLETION.as_bytes());
+    }
+    for (seen, _) in on_both_paths(&gw, &post("/c/v1/nothing", CHAT)).await {
+        assert_eq!(seen.status, 204, "{seen:?}");
+        assert!(seen.get("content-length").is_empty(), "{seen:?}");
+        assert!(seen.get("transfer-encoding").is_empty(), "{seen:?}");
+    }
+    for (seen, _) in on_both_paths(&gw, &post("/c/v1/hop", CHAT)).await {
+        assert_eq!(seen.status, 200, "{seen:?}");
+        for gone in ["x-hop-secret", "proxy-authenticate", "keep-alive"] {
+            assert!(seen.get(gone).is_empty(), "{gone}: {seen:?}");
+        }
+        assert!(!seen.get("connection").iter().any(|v| v.contains("Hop")));
+        assert_eq!(seen.get("x-ratelimit-remaining-requests"), ["7"]);
+        assert_eq!(seen.get("x-kept"), ["1"]);
+    }
+}
+
+/// Items 12 and 14: a response head over 64 KiB, however it is read, and
+/// a transfer coding other than chunked (which would be stripped and its
+/// body relayed still encoded) are upstream failures: 502.
+#[tokio::test]
+async fn oversized_heads_and_foreign_codings_are_upstream_errors() {
+    let up = RawUpstream::start(|head| {
+        let path = std::str::from_utf8(head).unwrap().split(' ').nth(1).unwrap().to_owned();
+        let reply = match path.strip_prefix("/v1/huge-") {
+            Some(n) => format!(
+                "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{COMPLETION}",
+                "v".repeat(n.parse().unwrap()),
+                COMPLETION.len()
+            ),
+            None => match path.as_str() {
+            "/v1/gzip" => "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: gzip\r\n\r\ngzipped-bytes".to_owned(),
+            _ => "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: gzip, chunked\r\n\r\n4\r\ngzip\r\n0\r\n\r\n".to_owned(),
+            },
+        };
+        // In two writes: a head read in several pieces, the last of which
+        // lands in a buffer already grown past 64 KiB.
+        let (a, b) = reply.as_bytes().split_at(reply.len().min(63_000));
+        vec![
+            Act::ReadBody,
+            write(a),
+            Act::Pause(Duration::from_millis(20)),
+            write(b),
+            Act::Close,
+        ]
+    })
+    .await;
+    let gw = gateway(&up.url, "  listen: 127.0.0.1:0", "  max_failures: 1000").await;
+    let sizes = [65_600, 70_000, 100_000].map(|n| format!("/c/v1/huge-{n}"));
+    let paths: Vec<String> = sizes
+        .into_iter()
+        .chain(["/c/v1/gzip".into(), "/c/v1/gzip-chunked".into()])
+        .collect();
+    for path in &paths {
+        let path = path.as_str();
+        for (seen, _) in on_both_paths(&gw, &post(path, CHAT)).await {
+            let text = lossy(&seen.body);
+            assert_eq!(seen.status, 502, "{path}: {text}");
+            assert!(
+                text.contains("too large") || text.contains("transfer coding"),
+                "{path}: {text}"
+            );
+        }
+    }
+}

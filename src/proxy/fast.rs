@@ -330,8 +330,16 @@ impl Conn {
         out.extend_from_slice(b"\r\n");
         let mut length: Option<u64> = None;
         let mut has_date = false;
+        let bodiless = status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+            || status.is_informational();
         for (name, value) in &parts.headers {
             if name == header::CONTENT_LENGTH {
+                // One length at most, and none where there is no body, as
+                // hyper writes it.
+                if bodiless || length.is_some() {
+                    continue;
+                }
                 length = std::str::from_utf8(value.as_bytes())
                     .ok()
                     .and_then(|v| v.trim().parse().ok());
@@ -366,9 +374,6 @@ impl Conn {
             DATE.with(|d| out.extend_from_slice(d.borrow_mut().now()));
             out.extend_from_slice(b"\r\n");
         }
-        let bodiless = status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED
-            || status.is_informational();
         let mut chunked = false;
         if !bodiless && length.is_none() {
             if let Some(n) = body.size_hint().exact() {

@@ -33,7 +33,7 @@ use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower_service::Service;
 
-use super::plain::{self, PlainBody, WireError, Written};
+use super::plain::{self, PlainBody, RelayedHeaders, WireError, Written};
 
 use crate::routing::table::Fnv;
 use crate::routing::{ClientRoute, KeyRoute};
@@ -135,6 +135,9 @@ async fn send_tls(
                 }
                 origin_form(req.uri_mut());
                 match s.try_send_request(req).await {
+                    Ok(resp) if foreign_transfer_coding(resp.headers()) => {
+                        return Err(WireError::Invalid(FOREIGN_CODING).into());
+                    }
                     Ok(resp) => {
                         let release = Release {
                             key: key.clone(),
@@ -169,6 +172,9 @@ async fn send_tls(
         }
     }
 }
+
+/// Why an answer with a transfer coding other than chunked is refused.
+pub(crate) const FOREIGN_CODING: &str = "a transfer coding other than chunked";
 
 /// How long an answer is looked for on a connection whose request could
 /// not be written in full; only bytes already received can be there.
@@ -576,6 +582,7 @@ async fn connect(mut connector: Connector, uri: &Uri, key: &PoolKey) -> Result<S
     if io.connected().is_negotiated_h2() {
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            .max_header_list_size(64 * 1024)
             .handshake(io)
             .await?;
         tokio::spawn(async move {
@@ -588,7 +595,12 @@ async fn connect(mut connector: Connector, uri: &Uri, key: &PoolKey) -> Result<S
         });
         Ok(Sender::H2(sender))
     } else {
-        let (sender, conn) = http1::handshake(io).await?;
+        // The response head limit of the plain client: 64 KiB, 100 lines.
+        let (sender, conn) = http1::Builder::new()
+            .max_header_size(64 * 1024)
+            .max_headers(100)
+            .handshake(io)
+            .await?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
@@ -647,21 +659,110 @@ fn not_forwarded(name: &str) -> bool {
     )
 }
 
-/// Response headers not relayed to the caller (hop-by-hop, and the length
-/// when gptbalance may change the body).
-/// The map is changed in place, and only when such a header is there.
-pub fn relayable_response_headers(mut headers: HeaderMap, keep_length: bool) -> HeaderMap {
-    let dropped = |name: &HeaderName| match name.as_str() {
-        "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "te"
-        | "trailer" | "upgrade" => true,
-        "content-length" => !keep_length,
-        _ => false,
-    };
-    let drop: Vec<HeaderName> = headers.keys().filter(|n| dropped(n)).cloned().collect();
-    for name in drop {
-        headers.remove(name);
+/// The one policy for an upstream's response headers, whichever backend
+/// read them (plain HTTP keeps most as [`RelayedHeaders`] lines, TLS puts
+/// all in the map; both are filtered here alike). Dropped: hop-by-hop
+/// headers (`Connection` and every name it lists, `Keep-Alive`,
+/// `Proxy-Connection`, `Proxy-Authenticate`, `TE`, `Trailer`,
+/// `Transfer-Encoding`, `Upgrade`), and `Content-Length` when gptbalance
+/// may change the body or the status has no body (1xx, 204, 304). A kept
+/// length is written once, however often the upstream repeated it (the
+/// framing already refused lengths that disagree).
+pub fn relayable_response(parts: &mut http::response::Parts, keep_length: bool) {
+    let status = parts.status;
+    let keep_length = keep_length
+        && !status.is_informational()
+        && status != http::StatusCode::NO_CONTENT
+        && status != http::StatusCode::NOT_MODIFIED;
+    let headers = &mut parts.headers;
+    // Usually absent: the names the upstream's `Connection` header lists.
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|t| String::from_utf8_lossy(t.trim_ascii()).to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    let dropped = |name: &str| hop_by_hop_response(name) || named.iter().any(|n| n == name);
+    let length = headers.get_all(header::CONTENT_LENGTH).iter().count();
+    if length > 0 {
+        if !keep_length {
+            headers.remove(header::CONTENT_LENGTH);
+        } else if length > 1 || headers[header::CONTENT_LENGTH].as_bytes().contains(&b',') {
+            let first = headers[header::CONTENT_LENGTH].as_bytes();
+            let n = first.split(|&b| b == b',').next().map(<[u8]>::trim_ascii);
+            match n.and_then(|n| HeaderValue::from_bytes(n).ok()) {
+                Some(one) => {
+                    headers.insert(header::CONTENT_LENGTH, one);
+                }
+                None => {
+                    headers.remove(header::CONTENT_LENGTH);
+                }
+            }
+        }
     }
-    headers
+    if headers.keys().any(|n| dropped(n.as_str())) {
+        let drop: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| dropped(n.as_str()))
+            .cloned()
+            .collect();
+        for name in drop {
+            headers.remove(name);
+        }
+    }
+    if let Some(relayed) = parts.extensions.get_mut::<RelayedHeaders>() {
+        relayed.retain(|name| {
+            let name = String::from_utf8_lossy(name).to_ascii_lowercase();
+            !dropped(&name)
+        });
+    }
+}
+
+/// Response headers that are never relayed, lowercase.
+fn hop_by_hop_response(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "transfer-encoding"
+            | "te"
+            | "trailer"
+            | "upgrade"
+    )
+}
+
+/// The values of an upstream response header, whichever backend read it:
+/// from the header map, then from the lines plain HTTP only relays. For
+/// the router's own reading (`retry-after`, quota headers).
+pub fn response_header<'a>(
+    parts: &'a http::response::Parts,
+    name: &'a str,
+) -> impl Iterator<Item = &'a [u8]> + 'a {
+    let relayed = parts.extensions.get::<RelayedHeaders>();
+    parts
+        .headers
+        .get_all(name)
+        .into_iter()
+        .map(HeaderValue::as_bytes)
+        .chain(relayed.into_iter().flat_map(move |r| {
+            r.iter()
+                .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+                .map(|(_, v)| v)
+        }))
+}
+
+/// A transfer coding gptbalance cannot relay honestly: any but `chunked`
+/// (a `gzip` coding stripped with the header would leave an encoded body
+/// that says nothing of it). Refused as an invalid answer.
+pub(crate) fn foreign_transfer_coding(headers: &HeaderMap) -> bool {
+    headers.get_all(header::TRANSFER_ENCODING).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|c| !c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+    })
 }
 
 /// Builds one attempt's request to `client` with `key`; `caller_headers`
@@ -912,7 +1013,15 @@ mod tests {
             all.sort();
             all
         };
-        let kept = relayable_response_headers(h.clone(), true);
+        let relay = |h: &HeaderMap, status: u16, keep_length: bool| {
+            let mut resp = Response::new(());
+            *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+            *resp.headers_mut() = h.clone();
+            let (mut parts, ()) = resp.into_parts();
+            relayable_response(&mut parts, keep_length);
+            parts.headers
+        };
+        let kept = relay(&h, 200, true);
         assert_eq!(
             names(&kept),
             [
@@ -922,14 +1031,48 @@ mod tests {
                 "x-ratelimit-remaining=9",
             ]
         );
-        let rewritten = relayable_response_headers(h, false);
+        let rewritten = relay(&h, 200, false);
         assert!(!rewritten.contains_key(header::CONTENT_LENGTH));
         assert_eq!(rewritten.len(), 3);
         let plain = HeaderMap::from_iter([(header::SERVER, HeaderValue::from_static("m"))]);
+        assert_eq!(names(&relay(&plain, 200, false)), ["server=m"]);
+        // What `Connection` names goes too, and so does Proxy-Authenticate;
+        // a repeated length is written once, and none without a body.
+        let mut odd = HeaderMap::new();
+        for (n, v) in [
+            ("connection", "keep-alive, X-Hop-Secret"),
+            ("x-hop-secret", "s"),
+            ("proxy-authenticate", "Basic"),
+            ("content-length", "197"),
+            ("content-length", "197"),
+            ("x-kept", "1"),
+        ] {
+            odd.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_static(v),
+            );
+        }
         assert_eq!(
-            names(&relayable_response_headers(plain, false)),
-            ["server=m"]
+            names(&relay(&odd, 200, true)),
+            ["content-length=197", "x-kept=1"]
         );
+        assert_eq!(names(&relay(&odd, 204, true)), ["x-kept=1"]);
+        assert_eq!(names(&relay(&odd, 304, true)), ["x-kept=1"]);
+        let listed =
+            HeaderMap::from_iter([(header::CONTENT_LENGTH, HeaderValue::from_static("5, 5"))]);
+        assert_eq!(names(&relay(&listed, 200, true)), ["content-length=5"]);
+    }
+
+    #[test]
+    fn only_chunked_is_a_relayable_transfer_coding() {
+        let te = |v: &'static str| {
+            HeaderMap::from_iter([(header::TRANSFER_ENCODING, HeaderValue::from_static(v))])
+        };
+        assert!(!foreign_transfer_coding(&HeaderMap::new()));
+        assert!(!foreign_transfer_coding(&te("chunked")));
+        assert!(!foreign_transfer_coding(&te(" Chunked ")));
+        assert!(foreign_transfer_coding(&te("gzip")));
+        assert!(foreign_transfer_coding(&te("gzip, chunked")));
     }
 
     /// A TLS upstream on 127.0.0.1 offering `alpn`, answering every request
