@@ -1002,3 +1002,118 @@ fn both_paths_answer_generated_requests_alike() {
     assert!(upstream_saw.get() > 10, "{}", upstream_saw.get());
     rt.block_on(gw.stop());
 }
+
+/// Item 9: the TLS backend (hyper's client, HTTP/1.1 and HTTP/2), which
+/// every real provider uses, goes through the same failover, streaming,
+/// abort and usage paths as the plain one; an HTTP/2 upstream whose
+/// END_STREAM comes in a frame of its own still gets its usage row.
+#[tokio::test]
+async fn failover_streaming_aborts_and_usage_on_every_backend() {
+    use serde_json::json;
+    for backend in Backend::ALL {
+        let a = MockUpstream::start_on(backend, "a").await;
+        let b = MockUpstream::start_on(backend, "b").await;
+        let gw = Gateway::start(&format!(
+            "usage:\n  dir: ./usage\nopenai_clients:\n{}",
+            primary_and_backup(&a, &b).concat()
+        ))
+        .await;
+        // Failover: a answers 500, b serves.
+        a.push(Reply::Json(500, json!({"error": "down"})));
+        let r = gw.chat("m").await;
+        assert_eq!(r.status, 200, "{backend:?}: {}", r.text());
+        assert!(r.text().contains("hello from b"), "{backend:?}");
+
+        // A JSON body in pieces, its end on its own.
+        let body = json!({"id": "x", "object": "chat.completion", "choices": [],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}})
+        .to_string();
+        let (one, two) = body.split_at(body.len() / 2);
+        a.push(Reply::JsonChunks(vec![one.to_owned(), two.to_owned()]));
+        let r = gw.chat("m").await;
+        assert_eq!((r.status, r.text()), (200, body.clone()), "{backend:?}");
+
+        // Streaming, event by event, usage read and removed.
+        a.push(Reply::Sse {
+            events: vec![
+                chat_chunk("he"),
+                chat_chunk("llo"),
+                usage_chunk(3, 4),
+                DONE.to_owned(),
+            ],
+            gate: None,
+            abort_at_end: false,
+        });
+        let mut resp = gw.stream("m").await;
+        assert_eq!(resp.status(), 200, "{backend:?}");
+        let text = read_all(resp.body_mut()).await.expect("a whole stream");
+        assert!(
+            text.contains("\"he\"") && text.contains("\"llo\""),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(DONE) && !text.contains("prompt_tokens"),
+            "{text}"
+        );
+
+        // An upstream that dies mid-stream: the caller's stream is cut.
+        a.push(Reply::Sse {
+            events: vec![chat_chunk("cut")],
+            gate: None,
+            abort_at_end: true,
+        });
+        let mut resp = gw.stream("m").await;
+        assert_eq!(resp.status(), 200, "{backend:?}");
+        let cut = read_all(resp.body_mut()).await;
+        assert!(
+            cut.as_ref().is_err_and(|seen| seen.contains("cut")),
+            "{backend:?}: {cut:?}"
+        );
+
+        let dir = gw.stop().await;
+        let db = rusqlite::Connection::open(dir.path().join(format!(
+            "usage/usage-{}.sqlite",
+            &humantime::format_rfc3339(std::time::SystemTime::now()).to_string()[..7]
+        )))
+        .unwrap();
+        let rows: Vec<(String, i64, Option<i64>, Option<String>)> = db
+            .prepare("SELECT client, status, total_tokens, error FROM requests ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(rows.len(), 4, "{backend:?}: {rows:?}");
+        assert_eq!(
+            (rows[0].0.as_str(), rows[0].2),
+            ("b", Some(18)),
+            "{backend:?}"
+        );
+        assert_eq!(
+            (rows[1].0.as_str(), rows[1].2),
+            ("a", Some(11)),
+            "{backend:?}"
+        );
+        assert_eq!(rows[2].2, Some(7), "{backend:?}: {rows:?}");
+        assert!(
+            rows[3].3.is_some(),
+            "{backend:?}: the cut stream's row says why"
+        );
+        // Each backend was what it says.
+        let want = if backend == Backend::TlsH2 {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        };
+        assert!(
+            a.requests().iter().all(|r| r.version == want),
+            "{backend:?}"
+        );
+        let scheme = if backend == Backend::Plain {
+            "http://"
+        } else {
+            "https://"
+        };
+        assert!(a.url().starts_with(scheme));
+    }
+}

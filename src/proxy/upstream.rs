@@ -31,6 +31,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::pki_types::CertificateDer;
 use tower_service::Service;
 
 use super::plain::{self, PlainBody, RelayedHeaders, WireError, Written};
@@ -71,9 +72,12 @@ pub enum BodyError {
 }
 
 /// The upstream connection pools (one per worker thread, see the module
-/// documentation); a handle with no state of its own.
+/// documentation); a handle whose only state is the roots its TLS
+/// connections trust beyond the Mozilla set, none but in tests.
 #[derive(Default)]
-pub struct UpstreamClients;
+pub struct UpstreamClients {
+    extra_roots: Option<Arc<[CertificateDer<'static>]>>,
+}
 
 impl UpstreamClients {
     /// Sends `req` (absolute URI) on a pooled or new connection. An idle
@@ -93,17 +97,27 @@ impl UpstreamClients {
         }
         let req = req.into_request();
         let uri = req.uri().clone();
+        let connector = connector(connect_timeout, self.extra_roots.as_ref());
         // Boxed: the TLS path's future is large, and inline it would make
         // every plain-HTTP request's future (and each one awaiting it) as
         // large, to be moved whole at every level.
-        Box::pin(send_tls(connect_timeout, req, uri, key)).await
+        Box::pin(send_tls(connector, req, uri, key)).await
+    }
+
+    /// Clients whose TLS connections trust only `roots` (tests: an
+    /// upstream with a certificate made at test time). Never built from
+    /// configuration.
+    pub fn trusting(roots: Vec<CertificateDer<'static>>) -> UpstreamClients {
+        UpstreamClients {
+            extra_roots: Some(roots.into()),
+        }
     }
 }
 
 /// Sends over TLS (HTTP/1.1 or HTTP/2, by ALPN) with hyper's client
 /// connections; the pooling and resending rules are `send`'s.
 async fn send_tls(
-    connect_timeout: Duration,
+    connector: Connector,
     req: Request<Bytes>,
     uri: Uri,
     key: PoolKey,
@@ -118,7 +132,7 @@ async fn send_tls(
             // needed, and every in-flight request would carry their
             // size inline.
             None => (
-                Box::pin(connect(connector(connect_timeout), &uri, &key)).await?,
+                Box::pin(connect(connector.clone(), &uri, &key)).await?,
                 false,
             ),
         };
@@ -435,7 +449,8 @@ impl Upstream {
 
 struct Pool {
     upstreams: HashMap<PoolKey, Upstream, BuildHasherDefault<Fnv>>,
-    connectors: HashMap<Duration, Connector>,
+    /// By connect timeout and extra roots (their address; 0 for none).
+    connectors: HashMap<(Duration, usize), Connector>,
     last_sweep: Instant,
 }
 
@@ -542,30 +557,57 @@ pub fn sweep_idle_connections() {
 /// connector that trusts a test certificate).
 #[cfg(test)]
 fn install_connector(connect_timeout: Duration, connector: Connector) {
-    POOL.with(|p| p.borrow_mut().connectors.insert(connect_timeout, connector));
-}
-
-/// This thread's connector for this connect timeout (a cheap handle clone).
-fn connector(connect_timeout: Duration) -> Connector {
     POOL.with(|p| {
         p.borrow_mut()
             .connectors
-            .entry(connect_timeout)
-            .or_insert_with(|| build_connector(connect_timeout))
+            .insert((connect_timeout, 0), connector)
+    });
+}
+
+/// This thread's connector for this connect timeout (a cheap handle clone).
+fn connector(
+    connect_timeout: Duration,
+    extra_roots: Option<&Arc<[CertificateDer<'static>]>>,
+) -> Connector {
+    let roots_id = extra_roots.map_or(0, |r| Arc::as_ptr(r).cast::<u8>() as usize);
+    POOL.with(|p| {
+        p.borrow_mut()
+            .connectors
+            .entry((connect_timeout, roots_id))
+            .or_insert_with(|| build_connector(connect_timeout, extra_roots))
             .clone()
     })
 }
 
-fn build_connector(connect_timeout: Duration) -> Connector {
+fn build_connector(
+    connect_timeout: Duration,
+    extra_roots: Option<&Arc<[CertificateDer<'static>]>>,
+) -> Connector {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(provider)
-        .expect("the ring provider supports the default TLS versions")
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    let builder = match extra_roots {
+        None => builder
+            .with_provider_and_webpki_roots(provider)
+            .expect("the ring provider supports the default TLS versions"),
+        Some(roots) => {
+            let mut store = rustls::RootCertStore::empty();
+            for root in roots.iter() {
+                let _ = store.add(root.clone());
+            }
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("the ring provider supports the default TLS versions")
+                .with_root_certificates(store)
+                .with_no_client_auth();
+            builder.with_tls_config(config)
+        }
+    };
+    builder
         .https_or_http()
         .enable_http1()
         .enable_http2()
@@ -1179,7 +1221,10 @@ mod tests {
             .uri(format!("https://127.0.0.1:{port}/v1/models"))
             .body(Bytes::new())
             .unwrap();
-        let resp = UpstreamClients.send(timeout, req.into()).await.unwrap();
+        let resp = UpstreamClients::default()
+            .send(timeout, req.into())
+            .await
+            .unwrap();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         String::from_utf8(body.to_vec()).unwrap()
     }
@@ -1237,7 +1282,7 @@ mod tests {
         let req = Request::post(format!("http://{addr}/v1/chat/completions"))
             .body(Bytes::from(vec![b'x'; 32 << 20]))
             .unwrap();
-        let resp = UpstreamClients
+        let resp = UpstreamClients::default()
             .send(Duration::from_secs(5), req.into())
             .await
             .expect("the early answer is the response");
@@ -1269,7 +1314,7 @@ mod tests {
             .unwrap();
         let resp = tokio::time::timeout(
             Duration::from_secs(10),
-            UpstreamClients.send(Duration::from_secs(5), req.into()),
+            UpstreamClients::default().send(Duration::from_secs(5), req.into()),
         )
         .await
         .expect("the answer comes without waiting for the body to be taken")
@@ -1308,7 +1353,7 @@ mod tests {
             let req = Request::post(format!("http://{addr}/v1/x"))
                 .body(Bytes::from_static(b"{}"))
                 .unwrap();
-            let resp = UpstreamClients
+            let resp = UpstreamClients::default()
                 .send(Duration::from_secs(5), req.into())
                 .await
                 .unwrap();
@@ -1339,7 +1384,7 @@ mod tests {
         let req = Request::post(format!("http://{addr}/v1/x"))
             .body(Bytes::new())
             .unwrap();
-        let resp = UpstreamClients
+        let resp = UpstreamClients::default()
             .send(Duration::from_secs(5), req.into())
             .await
             .unwrap();
