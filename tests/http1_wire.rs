@@ -46,18 +46,53 @@ struct RawUpstream {
 
 impl RawUpstream {
     async fn start(script: impl Fn(&[u8]) -> Vec<Act> + Send + Sync + 'static) -> RawUpstream {
+        RawUpstream::start_on(false, script).await
+    }
+
+    /// Plain, or behind TLS (HTTP/1.1, the test certificate) when `tls`.
+    async fn start_on(
+        tls: bool,
+        script: impl Fn(&[u8]) -> Vec<Act> + Send + Sync + 'static,
+    ) -> RawUpstream {
+        use tokio_rustls::rustls;
         let script: Script = Arc::new(script);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
+        let acceptor = tls.then(|| {
+            let (cert, key) = test_certificate();
+            let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key.clone_key())
+            .unwrap();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            tokio_rustls::TlsAcceptor::from(Arc::new(config))
+        });
         tokio::spawn(async move {
             while let Ok((s, _)) = listener.accept().await {
-                tokio::spawn(serve_raw(s, script.clone(), log.clone()));
+                let (script, log) = (script.clone(), log.clone());
+                match acceptor.clone() {
+                    None => {
+                        tokio::spawn(serve_raw(s, script, log));
+                    }
+                    Some(acceptor) => {
+                        tokio::spawn(async move {
+                            if let Ok(tls) = acceptor.accept(s).await {
+                                serve_raw(tls, script, log).await;
+                            }
+                        });
+                    }
+                }
             }
         });
+        let scheme = if tls { "https" } else { "http" };
         RawUpstream {
-            url: format!("http://{addr}/v1"),
+            url: format!("{scheme}://{addr}/v1"),
             seen,
         }
     }
@@ -71,7 +106,11 @@ impl RawUpstream {
     }
 }
 
-async fn serve_raw(mut s: TcpStream, script: Script, log: Arc<Mutex<Vec<Vec<u8>>>>) {
+/// Either side of a raw upstream's connection, plain or TLS.
+trait Wire: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Wire for T {}
+
+async fn serve_raw(mut s: impl Wire, script: Script, log: Arc<Mutex<Vec<Vec<u8>>>>) {
     let mut buf = Vec::new();
     loop {
         let Some(end) = read_until_head_end(&mut s, &mut buf).await else {
@@ -104,7 +143,7 @@ async fn serve_raw(mut s: TcpStream, script: Script, log: Arc<Mutex<Vec<Vec<u8>>
 }
 
 /// Reads until `buf` holds a whole head; its length, or `None` at the end.
-async fn read_until_head_end(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+async fn read_until_head_end(s: &mut impl Wire, buf: &mut Vec<u8>) -> Option<usize> {
     loop {
         if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             return Some(at + 4);
@@ -125,7 +164,7 @@ fn header<'a>(head: &'a [u8], name: &str) -> Option<&'a str> {
 }
 
 /// Reads a request body framed as `head` says (as it came on the wire).
-async fn read_body(s: &mut TcpStream, buf: &mut Vec<u8>, head: &[u8]) -> Option<Vec<u8>> {
+async fn read_body(s: &mut impl Wire, buf: &mut Vec<u8>, head: &[u8]) -> Option<Vec<u8>> {
     let want = if header(head, "transfer-encoding").is_some() {
         // Chunked: read to the last chunk (no trailers in these tests).
         loop {
@@ -143,7 +182,7 @@ async fn read_body(s: &mut TcpStream, buf: &mut Vec<u8>, head: &[u8]) -> Option<
     Some(buf.drain(..want).collect())
 }
 
-async fn fill(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<()> {
+async fn fill(s: &mut impl Wire, buf: &mut Vec<u8>) -> Option<()> {
     let mut chunk = [0u8; 64 * 1024];
     match s.read(&mut chunk).await {
         Ok(0) | Err(_) => None,
@@ -630,13 +669,20 @@ async fn on_both_paths(gw: &Gateway, request: &[u8]) -> [(Seen, End); 2] {
     ]
 }
 
-/// Items 10 and 11: an upstream's repeated `Content-Length`, a length on a
-/// 204, the headers its `Connection` header names and `Proxy-Authenticate`
-/// reach the caller the same way on both paths: once, not at all, not at
-/// all.
+/// Items 10, 11 and 7: an upstream's repeated `Content-Length`, a length
+/// on a 204, the headers its `Connection` header names and
+/// `Proxy-Authenticate` reach the caller the same way on both caller paths
+/// and from both upstream backends (plain, TLS): once, not at all, not at
+/// all; the rest, quota headers included, as sent.
 #[tokio::test]
 async fn response_headers_get_one_policy_on_both_paths() {
-    let up = RawUpstream::start(|head| {
+    for tls in [false, true] {
+        response_headers_get_one_policy(tls).await;
+    }
+}
+
+async fn response_headers_get_one_policy(tls: bool) {
+    let up = RawUpstream::start_on(tls, |head| {
         let path = std::str::from_utf8(head).unwrap().split(' ').nth(1).unwrap().to_owned();
         let reply = match path.as_str() {
             "/v1/twice" => format!(
@@ -677,10 +723,17 @@ async fn response_headers_get_one_policy_on_both_paths() {
 
 /// Items 12 and 14: a response head over 64 KiB, however it is read, and
 /// a transfer coding other than chunked (which would be stripped and its
-/// body relayed still encoded) are upstream failures: 502.
+/// body relayed still encoded) are upstream failures: 502, from a plain
+/// upstream and from a TLS one.
 #[tokio::test]
 async fn oversized_heads_and_foreign_codings_are_upstream_errors() {
-    let up = RawUpstream::start(|head| {
+    for tls in [false, true] {
+        oversized_heads_and_foreign_codings(tls).await;
+    }
+}
+
+async fn oversized_heads_and_foreign_codings(tls: bool) {
+    let up = RawUpstream::start_on(tls, |head| {
         let path = std::str::from_utf8(head).unwrap().split(' ').nth(1).unwrap().to_owned();
         let reply = match path.strip_prefix("/v1/huge-") {
             Some(n) => format!(

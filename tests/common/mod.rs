@@ -121,7 +121,7 @@ static TEST_CERT: std::sync::OnceLock<(
     tokio_rustls::rustls::pki_types::PrivateKeyDer<'static>,
 )> = std::sync::OnceLock::new();
 
-fn test_certificate() -> &'static (
+pub fn test_certificate() -> &'static (
     tokio_rustls::rustls::pki_types::CertificateDer<'static>,
     tokio_rustls::rustls::pki_types::PrivateKeyDer<'static>,
 ) {
