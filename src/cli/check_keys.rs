@@ -155,7 +155,7 @@ pub async fn probe_all(
     concurrency: usize,
     timeout: Duration,
 ) -> Vec<Probe> {
-    let clients = Arc::new(UpstreamClients);
+    let clients = Arc::new(UpstreamClients::default());
     let limit = Arc::new(Semaphore::new(concurrency));
     let mut tasks = Vec::new();
     for (ci, c) in table.clients.iter().enumerate() {

@@ -89,8 +89,8 @@ fn fetch_running(url: &str, token: Option<&str>) -> Result<Value, String> {
     let rt = super::runtime().map_err(|_| "cannot start the runtime".to_owned())?;
     rt.block_on(async move {
         use http_body_util::BodyExt;
-        let send =
-            crate::proxy::upstream::UpstreamClients.send(Duration::from_secs(10), req.into());
+        let clients = crate::proxy::upstream::UpstreamClients::default();
+        let send = clients.send(Duration::from_secs(10), req.into());
         let resp = tokio::time::timeout(Duration::from_secs(30), send)
             .await
             .map_err(|_| format!("{target}: no answer within 30s"))?

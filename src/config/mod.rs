@@ -98,6 +98,8 @@ pub struct ServerConfig {
     pub max_body_bytes: u64,
     pub shutdown_grace: Duration,
     pub header_read_timeout: Duration,
+    /// How long an idle keep-alive connection waits for its next request.
+    pub keepalive_timeout: Duration,
     pub max_connections: usize,
 }
 

@@ -36,6 +36,8 @@ pub struct ServerSection {
     pub shutdown_grace: Option<Duration>,
     #[serde(default, deserialize_with = "lenient::opt_duration")]
     pub header_read_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "lenient::opt_duration")]
+    pub keepalive_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "lenient::opt_num")]
     pub max_connections: Option<usize>,
 }

@@ -613,6 +613,13 @@ fn server(s: &schema::ServerSection, map: &SourceMap, diags: &mut Diags) -> Serv
             "server.header_read_timeout must be more than 0",
         );
     }
+    let keepalive_timeout = s.keepalive_timeout.unwrap_or(Duration::from_secs(75));
+    if keepalive_timeout.is_zero() {
+        diags.error_at(
+            map.value("server.keepalive_timeout"),
+            "server.keepalive_timeout must be more than 0",
+        );
+    }
     ServerConfig {
         listen,
         auth_tokens,
@@ -620,6 +627,7 @@ fn server(s: &schema::ServerSection, map: &SourceMap, diags: &mut Diags) -> Serv
         max_body_bytes,
         shutdown_grace: s.shutdown_grace.unwrap_or(Duration::from_secs(30)),
         header_read_timeout,
+        keepalive_timeout,
         max_connections,
     }
 }

@@ -58,6 +58,7 @@ pub async fn run(
     started: std::time::Instant,
 ) -> Outcome {
     let deadline = Instant::now() + policy.request_timeout;
+    let head_request = req.method == http::Method::HEAD;
     let failed = |e: UpstreamError| {
         key.health
             .record_failure(policy.max_failures, policy.cooldown);
@@ -89,12 +90,7 @@ pub async fn run(
                     _ => continue,
                 },
                 Ok(None) => {
-                    let declared_empty = status == 204
-                        || parts
-                            .headers
-                            .get(http::header::CONTENT_LENGTH)
-                            .is_some_and(|v| v.as_bytes() == b"0");
-                    if !declared_empty {
+                    if !framed_empty(head_request, &parts) {
                         return failed(UpstreamError::EmptyResponse);
                     }
                     key.health.record_success();
@@ -131,6 +127,36 @@ pub async fn run(
             respond(resp)
         }
     }
+}
+
+/// Whether a 2xx response that ended without a body byte said it would:
+/// an answer to HEAD, a 204 or 205, `Content-Length: 0`, a chunked body
+/// that ended with its last chunk, or an HTTP/2 stream ended by the
+/// upstream. Only a body cut short by a close (it would have errored had
+/// its framing promised more) is the upstream failing: no request shape a
+/// caller can send counts against a key's health.
+fn framed_empty(head_request: bool, parts: &http::response::Parts) -> bool {
+    use http::header;
+    let status = parts.status;
+    head_request
+        || status == http::StatusCode::NO_CONTENT
+        || status == http::StatusCode::RESET_CONTENT
+        || parts.version == http::Version::HTTP_2
+        || parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes().trim_ascii() == b"0")
+        || parts
+            .headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .is_some_and(|v| {
+                v.as_bytes()
+                    .rsplit(|&b| b == b',')
+                    .next()
+                    .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+            })
 }
 
 fn respond(resp: http::Response<UpstreamBody>) -> Outcome {

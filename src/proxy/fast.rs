@@ -9,17 +9,22 @@
 //! connection, with the bytes already read and not yet used, to hyper for
 //! the rest of its life; hyper's answers to odd requests stay the answers.
 //!
-//! Semantics kept from hyper's server: the head must arrive within
-//! `header_read_timeout` of its first byte (else the connection closes
-//! without an answer); requests on a connection are answered in order;
+//! Semantics kept from hyper's server: a new connection's first head must
+//! arrive within `header_read_timeout` of its accept, as hyper's timer
+//! starts as soon as it waits (else the connection closes without an
+//! answer); requests on a connection are answered in order;
 //! a response carries `Date`; its body is framed by its `Content-Length`,
 //! else by its exact size, else chunked; a connection closes after a
 //! `Connection: close` request, a body not read to its end, a response
-//! body that failed, or once the server is draining.
+//! body that failed, or once the server is draining. Beyond hyper: an
+//! idle keep-alive connection closes when no next head has begun within
+//! `keepalive_timeout` (hyper bounds that wait by `header_read_timeout`),
+//! and a head that has begun must finish within `header_read_timeout`.
 
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -77,10 +82,21 @@ pub async fn serve(
         buf: BytesMut::with_capacity(READ_ROOM),
         out: Vec::with_capacity(1024),
     };
+    let mut head_timeout = state.table.load().config.server.header_read_timeout;
+    // One timer for the connection's life, moved on rather than made anew
+    // per wait (moving it later takes no lock): a new connection must send
+    // its first head within `header_read_timeout`, as hyper's does; after
+    // a response, the next head must begin within `keepalive_timeout`.
+    let mut wait = std::pin::pin!(tokio::time::sleep(head_timeout));
+    let mut first = true;
     loop {
-        let head_timeout = state.table.load().config.server.header_read_timeout;
         let head = match conn
-            .read_head(head_timeout, &draining, drained.as_mut())
+            .read_head(
+                (!first).then_some(head_timeout),
+                wait.as_mut(),
+                &draining,
+                drained.as_mut(),
+            )
             .await
         {
             HeadRead::Head(h) => h,
@@ -89,14 +105,18 @@ pub async fn serve(
                 return Exit::HandOff(Prefixed {
                     prefix: conn.buf.freeze(),
                     io: conn.io,
+                    aborted: Arc::default(),
                 })
             }
         };
-        let (limit, gap) = {
+        first = false;
+        let (limit, keepalive) = {
             let table = state.table.load();
             let server = &table.config.server;
-            (server.max_body_bytes, server.header_read_timeout)
+            head_timeout = server.header_read_timeout;
+            (server.max_body_bytes, server.keepalive_timeout)
         };
+        let gap = head_timeout;
         let mut keep_alive = head.keep_alive;
         // A request without a valid token is refused on its head: its
         // body is never read, and the connection closes after the answer.
@@ -141,6 +161,7 @@ pub async fn serve(
         if !conn.write_response(resp, keep_alive).await {
             return Exit::Closed;
         }
+        wait.as_mut().reset(tokio::time::Instant::now() + keepalive);
     }
 }
 
@@ -181,16 +202,19 @@ struct Conn {
 }
 
 impl Conn {
-    /// Reads until a whole head is buffered. Waiting for a new request
-    /// ends when the server drains; once a head has begun, it must finish
-    /// within `timeout`.
+    /// Reads until a whole head is buffered, or `wait` (the connection's
+    /// timer) ends. Waiting for a new request also ends when the server
+    /// drains. `restart`: a head that begins is given this long from its
+    /// first byte (a keep-alive connection's next head); `None` leaves the
+    /// timer as it is (a new connection's first head).
     async fn read_head(
         &mut self,
-        timeout: Duration,
+        restart: Option<Duration>,
+        mut wait: Pin<&mut tokio::time::Sleep>,
         draining: &watch::Receiver<bool>,
         mut drained: Pin<&mut impl Future<Output = ()>>,
     ) -> HeadRead {
-        let mut deadline = None;
+        let mut restart = restart;
         loop {
             if !self.buf.is_empty() {
                 match parse(&self.buf) {
@@ -200,10 +224,13 @@ impl Conn {
                     }
                     Parsed::HandOff => return HeadRead::HandOff,
                     Parsed::Partial if self.buf.len() >= MAX_HEAD => return HeadRead::HandOff,
-                    // The head has begun: it must finish within `timeout`
-                    // from here. (A head read whole never reads the clock.)
+                    // The head has begun: it must finish within the
+                    // timeout from here. (A head read whole never reads
+                    // the clock.)
                     Parsed::Partial => {
-                        deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
+                        if let Some(timeout) = restart.take() {
+                            wait.as_mut().reset(tokio::time::Instant::now() + timeout);
+                        }
                     }
                 }
             }
@@ -217,12 +244,13 @@ impl Conn {
                     r = self.io.read_buf(&mut self.buf) => r,
                     // Polled only until it resolves: then the connection closes.
                     () = drained.as_mut() => return HeadRead::Closed,
+                    () = wait.as_mut() => return HeadRead::Closed,
                 }
             } else {
-                let at = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
-                match tokio::time::timeout_at(at, self.io.read_buf(&mut self.buf)).await {
-                    Ok(r) => r,
-                    Err(_) => return HeadRead::Closed,
+                tokio::select! {
+                    biased;
+                    r = self.io.read_buf(&mut self.buf) => r,
+                    () = wait.as_mut() => return HeadRead::Closed,
                 }
             };
             match read {
@@ -315,8 +343,16 @@ impl Conn {
         out.extend_from_slice(b"\r\n");
         let mut length: Option<u64> = None;
         let mut has_date = false;
+        let bodiless = status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+            || status.is_informational();
         for (name, value) in &parts.headers {
             if name == header::CONTENT_LENGTH {
+                // One length at most, and none where there is no body, as
+                // hyper writes it.
+                if bodiless || length.is_some() {
+                    continue;
+                }
                 length = std::str::from_utf8(value.as_bytes())
                     .ok()
                     .and_then(|v| v.trim().parse().ok());
@@ -351,9 +387,6 @@ impl Conn {
             DATE.with(|d| out.extend_from_slice(d.borrow_mut().now()));
             out.extend_from_slice(b"\r\n");
         }
-        let bodiless = status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED
-            || status.is_informational();
         let mut chunked = false;
         if !bodiless && length.is_none() {
             if let Some(n) = body.size_hint().exact() {
@@ -407,6 +440,7 @@ impl Conn {
                     if length.is_some_and(|n| sent > n) {
                         // More than the declared length: never sent.
                         let _ = self.flush().await;
+                        reset_on_close(&self.io);
                         return false;
                     }
                     if chunked {
@@ -433,8 +467,10 @@ impl Conn {
                 }
                 Step::Failed => {
                     // Cut: the caller sees a body that ends early (no
-                    // last chunk, or short of its length) and a close.
+                    // last chunk, or short of its length) and a reset,
+                    // never a clean close.
                     let _ = self.flush().await;
+                    reset_on_close(&self.io);
                     return false;
                 }
                 Step::End => {
@@ -458,6 +494,14 @@ impl Conn {
         }
         Ok(())
     }
+}
+
+/// Makes closing `io` reset the connection (`SO_LINGER` 0: an RST, not a
+/// FIN): the way an aborted response is told from a complete one by a
+/// caller that reads a body to the close (HTTP/1.0, or any caller that
+/// does not check the framing). Bytes not yet sent are dropped.
+pub(crate) fn reset_on_close(io: &TcpStream) {
+    let _ = socket2::SockRef::from(io).set_linger(Some(Duration::ZERO));
 }
 
 enum Step {
@@ -624,6 +668,8 @@ impl Body for FastBody {
 pub struct Prefixed {
     prefix: Bytes,
     io: TcpStream,
+    /// Set when a response was aborted: closing resets the connection.
+    aborted: Arc<AtomicBool>,
 }
 
 impl Prefixed {
@@ -632,6 +678,21 @@ impl Prefixed {
         Prefixed {
             prefix: Bytes::new(),
             io,
+            aborted: Arc::default(),
+        }
+    }
+
+    /// The flag that, once set, makes dropping this connection reset it
+    /// (see [`reset_on_close`]); hyper owns the connection until then.
+    pub fn abort_flag(&self) -> Arc<AtomicBool> {
+        self.aborted.clone()
+    }
+}
+
+impl Drop for Prefixed {
+    fn drop(&mut self) {
+        if self.aborted.load(Ordering::Relaxed) {
+            reset_on_close(&self.io);
         }
     }
 }

@@ -11,14 +11,26 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use hyper::rt::{Read, ReadBufCursor, Write};
 
-/// Built once: `memmem::find` builds a searcher on every call.
-static HEAD_END: LazyLock<memchr::memmem::Finder> =
-    LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n\r\n"));
+/// Where the head at the start of `buf` ends (just past its empty line),
+/// looking from `from` on. Lines end at `\n`, with or without a `\r`
+/// before it, as httparse reads them: a head of bare-LF lines ends at
+/// `\n\n`, and finding heads by `\r\n\r\n` alone would take the next
+/// request's head for part of this one.
+fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    memchr::memchr_iter(b'\n', &buf[from..]).find_map(|nl| {
+        let next = from + nl + 1;
+        match buf.get(next..)? {
+            [b'\n', ..] => Some(next + 1),
+            [b'\r', b'\n', ..] => Some(next + 2),
+            _ => None,
+        }
+    })
+}
 
 /// Longest request head followed; hyper rejects longer ones itself.
 const MAX_HEAD: usize = 64 * 1024;
@@ -49,7 +61,7 @@ enum State {
     ChunkData(u64),
     ChunkEnd(u8),
     Trailers,
-    /// Stopped following: HTTP/2, an upgrade, an unparsable head, or a conflict seen.
+    /// Stopped following: HTTP/2, a CONNECT, an unparsable head, or a conflict seen.
     Off,
 }
 
@@ -79,15 +91,26 @@ impl<IO> Watched<IO> {
             match self.state {
                 State::Off => return,
                 State::Head => {
-                    let start = self.buf.len().saturating_sub(3);
+                    if self.buf.is_empty() {
+                        // Empty lines before a request line are skipped,
+                        // as httparse skips them: they are no head.
+                        let lead = bytes
+                            .iter()
+                            .take_while(|b| matches!(b, b'\r' | b'\n'))
+                            .count();
+                        bytes = &bytes[lead..];
+                        if bytes.is_empty() {
+                            return;
+                        }
+                    }
+                    let start = self.buf.len().saturating_sub(2);
                     self.buf.extend_from_slice(bytes);
-                    let Some(end) = HEAD_END.find(&self.buf[start..]) else {
+                    let Some(head_len) = head_end(&self.buf, start) else {
                         if self.buf.len() > MAX_HEAD {
                             self.state = State::Off;
                         }
                         return;
                     };
-                    let head_len = start + end + 4;
                     let rest_from = bytes.len() - (self.buf.len() - head_len);
                     self.buf.truncate(head_len);
                     self.state = self.read_head();
@@ -169,7 +192,6 @@ impl<IO> Watched<IO> {
 #[derive(Debug, Default, PartialEq)]
 struct HeadFacts<'a> {
     connect: bool,
-    upgrade: bool,
     /// The first `Content-Length` value.
     first_length: Option<&'a [u8]>,
     /// The last `Transfer-Encoding` value.
@@ -207,7 +229,6 @@ impl<'a> HeadFacts<'a> {
                     17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
                         facts.last_encoding = Some(value);
                     }
-                    7 if name.eq_ignore_ascii_case(b"upgrade") => facts.upgrade = true,
                     _ => {}
                 }
             }
@@ -222,7 +243,10 @@ impl<'a> HeadFacts<'a> {
         if self.last_encoding.is_some() && self.first_length.is_some() {
             return (State::Off, true);
         }
-        if self.upgrade || self.connect {
+        // A CONNECT is answered 405 and its connection closed (see
+        // `server`). An `Upgrade` is followed like any request: gptbalance
+        // never answers 101, so hyper reads on after it as before it.
+        if self.connect {
             return (State::Off, false);
         }
         if let Some(last) = self.last_encoding {
@@ -363,7 +387,6 @@ mod tests {
         };
         Some(HeadFacts {
             connect: req.method == Some("CONNECT"),
-            upgrade: named("upgrade").next().is_some(),
             first_length: named("content-length").next(),
             last_encoding: named("transfer-encoding").next_back(),
         })
@@ -433,6 +456,20 @@ mod tests {
             assert_eq!(got.framing(), want.framing(), "{head:?}");
         }
         assert!(accepted > 10_000, "httparse accepted {accepted}");
+    }
+
+    #[test]
+    fn bare_lf_heads_empty_lines_and_upgrades_are_followed() {
+        let lf: &[u8] = b"OPTIONS /healthz HTTP/1.1\nHost: x\n\n";
+        let upgrade: &[u8] = b"GET /healthz HTTP/1.1\r\nUpgrade: foo\r\n\r\n";
+        let bad: &[u8] =
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        let all = [lf, b"\r\n", upgrade, b"\r\n\r\n", bad].concat();
+        assert_eq!(heads(&[&all]), (3, 3));
+        let bytes: Vec<&[u8]> = all.chunks(1).collect();
+        assert_eq!(heads(&bytes), (3, 3));
+        let mixed: &[u8] = b"GET / HTTP/1.1\r\nA: b\n\r\n";
+        assert_eq!(heads(&[mixed, bad]), (2, 2));
     }
 
     #[test]

@@ -1077,10 +1077,11 @@ fn respond(
     ))));
     *resp.status_mut() = status;
     let mut parts = answer.parts;
+    upstream::relayable_response(&mut parts, keep_length);
     if let Some(relayed) = parts.extensions.remove::<RelayedHeaders>() {
         resp.extensions_mut().insert(relayed);
     }
-    *resp.headers_mut() = upstream::relayable_response_headers(parts.headers, keep_length);
+    *resp.headers_mut() = parts.headers;
     resp
 }
 

@@ -71,7 +71,7 @@ impl AppState {
         ));
         AppState {
             table: ArcSwap::from_pointee(table),
-            upstream: upstream::UpstreamClients,
+            upstream: upstream::UpstreamClients::default(),
             usage,
             metrics,
             clock: Arc::new(SystemTime::now),

@@ -11,9 +11,16 @@
 //!
 //! What is read follows RFC 9112: a `Content-Length` body, a chunked one
 //! (extensions and trailers skipped), or one that ends when the upstream
-//! closes; interim (1xx) responses are skipped. A connection is offered
-//! for reuse only after a complete response with nothing left over, and
-//! not when the response asked to close it.
+//! closes; interim (1xx) responses are skipped, also one that comes while
+//! the request body is still being written. Refused as invalid: heads
+//! over 64 KiB, conflicting lengths, transfer codings other than chunked.
+//! A connection is offered for reuse only after a complete response with
+//! nothing left over, and not when the response asked to close it; it is
+//! checked again, on the socket, right before it is reused.
+//!
+//! Headers gptbalance reads go into the response's header map; the others
+//! stay lines of the head ([`RelayedHeaders`]). Both go through the one
+//! relay policy in `upstream.rs`, as a TLS upstream's headers do.
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -110,14 +117,18 @@ impl Conn {
     }
 
     /// Whether an idle connection can take a request: the upstream has not
-    /// closed it or sent anything unasked. `try_read` looks at tokio's
-    /// readiness flag first, so this costs no system call unless the
-    /// socket was reported readable (and, unlike `poll_read_ready`, it is
-    /// not subject to the task's cooperative budget).
+    /// closed it or sent anything unasked (such bytes would be read as the
+    /// next request's answer). Asked of the socket itself, right before
+    /// each reuse: tokio's readiness flag lags bytes that came since its
+    /// driver last turned, on a busy thread for a while. One `recv`
+    /// (`MSG_PEEK`) per reuse.
     pub fn is_reusable(&mut self) -> bool {
-        let mut probe = [0u8; 1];
+        let mut probe = [MaybeUninit::<u8>::uninit(); 1];
         self.buf.is_empty()
-            && matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            && matches!(
+                socket2::SockRef::from(&self.io).peek(&mut probe),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock
+            )
     }
 
     /// Writes the request: `Ok(Written::Whole)`, or `Ok(Written::Cut)`
@@ -169,11 +180,37 @@ impl Conn {
                 }
                 match self.io.try_read_buf(&mut self.buf) {
                     Ok(0) => return Err(io::ErrorKind::BrokenPipe.into()),
-                    Ok(_) => return Ok(Written::Cut),
+                    Ok(_) => {
+                        if self.early_answer_begun() {
+                            return Ok(Written::Cut);
+                        }
+                    }
                     // A readiness flag left from an earlier read.
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(e),
                 }
+            }
+        }
+    }
+
+    /// Whether what the upstream has sent while the request was still
+    /// being written begins a final answer. Interim (1xx) heads are not
+    /// one (RFC 9110 15.2): an unasked `100 Continue` is dropped and the
+    /// writing goes on. Undecided while less than a status line has come.
+    fn early_answer_begun(&mut self) -> bool {
+        loop {
+            let Some(code) = status_code(&self.buf) else {
+                // Not a status line: the answer is read (and refused) as one.
+                return self.buf.len() >= 12
+                    || !b"HTTP/1.".starts_with(&self.buf[..self.buf.len().min(7)]);
+            };
+            if !(100..200).contains(&code) || code == 101 {
+                return true;
+            }
+            match parse_head(&mut self.buf) {
+                Ok(Some(_)) => continue,
+                Ok(None) => return self.buf.len() >= MAX_HEAD,
+                Err(_) => return true,
             }
         }
     }
@@ -224,8 +261,8 @@ impl Conn {
         let spare = self.buf.spare_capacity_mut();
         let mut read = ReadBuf::uninit(spare);
         // tokio's `poll_read` (unlike `try_read`) clears the readiness flag
-        // after a short read, so an idle connection checks as quiet without
-        // a system call.
+        // after a short read, so a connection that has sent everything is
+        // not woken again for nothing.
         match Pin::new(&mut self.io).poll_read(cx, &mut read) {
             Poll::Ready(Ok(())) => {
                 let n = read.filled().len();
@@ -333,6 +370,21 @@ pub(crate) fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
     out.extend_from_slice(&digits[at..]);
 }
 
+/// The status code of the status line at the start of `buf`, once its
+/// first twelve bytes are there and read as one.
+fn status_code(buf: &[u8]) -> Option<u16> {
+    let line = buf.get(..12)?;
+    if !line.starts_with(b"HTTP/1.") || line[8] != b' ' || !line[9..].iter().all(u8::is_ascii_digit)
+    {
+        return None;
+    }
+    Some(
+        line[9..]
+            .iter()
+            .fold(0, |n, d| n * 10 + u16::from(d - b'0')),
+    )
+}
+
 /// A complete response head off the front of `buf`, or `None` when more
 /// bytes are needed. Header values share the head's bytes.
 fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, WireError> {
@@ -371,6 +423,10 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, WireError> {
             resp.headers.len(),
         )
     };
+    if len > MAX_HEAD {
+        // However much of it was read at once.
+        return Err(WireError::Invalid("response head too large"));
+    }
     let head = buf.split_to(len).freeze();
     let status = StatusCode::from_u16(code).map_err(|_| WireError::Invalid("bad status code"))?;
     // The headers gptbalance reads or replaces go into the map, with room
@@ -381,7 +437,13 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, WireError> {
     let mut relayed = Vec::new();
     for &span in &spans[..count] {
         let (ns, ne, vs, ve) = span;
-        match super::wire_names::known(&head[ns as usize..ne as usize]) {
+        let name = &head[ns as usize..ne as usize];
+        let name = match super::wire_names::known(name) {
+            Some(name) => Some(name),
+            None if read_by_router(name) => HeaderName::from_bytes(name).ok(),
+            None => None,
+        };
+        match name {
             Some(name) => {
                 let value = head.slice(vs as usize..ve as usize);
                 // SAFETY: a value of the head httparse accepted.
@@ -407,6 +469,14 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, WireError> {
     Ok(Some(resp))
 }
 
+/// Whether the router reads this (not common) response header, so it goes
+/// into the map as on the TLS backend: the quota headers
+/// (`x-ratelimit-*`). Others are read through
+/// [`super::upstream::response_header`].
+fn read_by_router(name: &[u8]) -> bool {
+    name.len() > 12 && name[..12].eq_ignore_ascii_case(b"x-ratelimit-")
+}
+
 /// Response headers gptbalance only relays, as they came: the head and
 /// where each line's name and value are in it. A response carries them
 /// as an extension; the fast path writes them as they are, and
@@ -430,6 +500,13 @@ impl RelayedHeaders {
         })
     }
 
+    /// Keeps only the headers whose name `keep` accepts.
+    pub fn retain(&mut self, mut keep: impl FnMut(&[u8]) -> bool) {
+        let head = &self.head;
+        self.spans
+            .retain(|&(ns, ne, _, _)| keep(&head[ns as usize..ne as usize]));
+    }
+
     /// Moves the relayed headers of `extensions`, if any, into `headers`.
     pub fn merge(extensions: &mut http::Extensions, headers: &mut HeaderMap) {
         let Some(relayed) = extensions.remove::<RelayedHeaders>() else {
@@ -451,6 +528,7 @@ fn framing_of(head: &Response<()>, method: &Method) -> Result<(Framing, bool), W
     let http10 = head.version() == Version::HTTP_10;
     let mut keep_alive = !http10;
     let mut last_coding: Option<&[u8]> = None;
+    let mut foreign_coding = false;
     let mut length: Option<u64> = None;
     let mut bad_length = None;
     for (name, value) in head.headers() {
@@ -466,6 +544,9 @@ fn framing_of(head: &Response<()>, method: &Method) -> Result<(Framing, bool), W
             }
         } else if name == header::TRANSFER_ENCODING {
             last_coding = value.rsplit(|&b| b == b',').next().map(<[u8]>::trim_ascii);
+            foreign_coding |= value
+                .split(|&b| b == b',')
+                .any(|c| !c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if name == header::CONTENT_LENGTH {
             for part in value.split(|&b| b == b',') {
                 let part = part.trim_ascii();
@@ -487,6 +568,9 @@ fn framing_of(head: &Response<()>, method: &Method) -> Result<(Framing, bool), W
         || status == StatusCode::NOT_MODIFIED
     {
         return Ok((Framing::Done, keep_alive));
+    }
+    if foreign_coding {
+        return Err(WireError::Invalid(super::upstream::FOREIGN_CODING));
     }
     if let Some(coding) = last_coding {
         // Chunked only when it is the last coding; otherwise the body runs
@@ -889,6 +973,22 @@ mod tests {
             .unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["content-type"], "application/json");
+        // The quota headers the router reads are in the map, as over TLS.
+        let quota =
+            head("HTTP/1.1 200 OK\r\nX-RateLimit-Remaining-Requests: 7\r\nx-other: 1\r\n\r\n")
+                .unwrap()
+                .unwrap();
+        assert_eq!(quota.headers()["x-ratelimit-remaining-requests"], "7");
+        assert!(!quota.headers().contains_key("x-other"));
+        let (parts, ()) = quota.into_parts();
+        let read = |name| {
+            crate::proxy::upstream::response_header(&parts, name)
+                .map(|v| v.to_vec())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(read("x-ratelimit-remaining-requests"), [b"7".to_vec()]);
+        assert_eq!(read("x-other"), [b"1".to_vec()]);
+        assert!(read("x-missing").is_empty());
         // Headers gptbalance only relays stay lines of the head.
         assert!(!r.headers().contains_key("x-a"));
         let relayed: Vec<_> = r
@@ -932,16 +1032,18 @@ mod tests {
             (Framing::Chunked(Chunk::Size), false)
         );
         assert_eq!(
-            framing(
-                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 3\r\n\r\n"
-            )
-            .unwrap(),
+            framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n")
+                .unwrap(),
             (Framing::Chunked(Chunk::Size), false)
         );
-        assert_eq!(
-            framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n").unwrap(),
-            (Framing::ToClose, false)
-        );
+        // A coding gptbalance would strip and not decode: refused.
+        for coding in ["gzip", "gzip, chunked"] {
+            let text = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: {coding}\r\n\r\n");
+            assert!(
+                matches!(framing(&text), Err(WireError::Invalid(_))),
+                "{coding}"
+            );
+        }
         assert_eq!(
             framing("HTTP/1.1 200 OK\r\n\r\n").unwrap(),
             (Framing::ToClose, false)
@@ -1136,6 +1238,48 @@ mod tests {
             }
         }
         assert!(closed);
+    }
+
+    /// Bytes that came on an idle connection since this thread's runtime
+    /// last looked at its sockets make it unusable: the check asks the
+    /// socket, not tokio's readiness flag (which a busy thread updates
+    /// late). The thread is blocked here while the bytes arrive, as a
+    /// busy one would be.
+    #[tokio::test]
+    async fn stray_bytes_on_an_idle_connection_are_seen_right_before_reuse() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let (stray_tx, stray_rx) = std::sync::mpsc::channel::<()>();
+        let upstream = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let mut got = Vec::new();
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).unwrap();
+                got.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .unwrap();
+            stray_rx.recv().unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstray")
+                .unwrap();
+            // Held open until the test is done with it.
+            let _ = stray_rx.recv();
+        });
+        let conn = Conn::connect(&authority, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let (_, body, conn) = exchange(conn, b"").await.unwrap();
+        assert_eq!(body, b"ok");
+        let mut conn = conn.expect("a complete response");
+        assert!(conn.is_reusable());
+        stray_tx.send(()).unwrap();
+        // Blocking: the runtime cannot turn its I/O driver meanwhile.
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!conn.is_reusable(), "stray bytes are there");
+        drop(stray_tx);
+        upstream.join().unwrap();
     }
 
     #[tokio::test]

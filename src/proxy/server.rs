@@ -4,15 +4,22 @@
 //! and know the address before the first request.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::HeaderValue;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use super::api_error::ApiError;
+use super::body::{BoxError, ResponseBody};
 use super::fast;
 use super::framing::Watched;
 use super::handler;
@@ -103,14 +110,35 @@ async fn serve_connection(
         fast::Exit::Closed => return,
         fast::Exit::HandOff(io) => io,
     };
+    let aborted = io.abort_flag();
     let (io, framing) = Watched::new(TokioIo::new(io));
-    let service = service_fn(move |req| {
+    let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        // An HTTP/2 stream is reset on its own; only an HTTP/1 response
+        // needs its connection reset.
+        let aborted = (req.version() != http::Version::HTTP_2).then(|| aborted.clone());
         let conflicting = framing.next_request_conflicts();
+        let connect = req.method() == http::Method::CONNECT;
         let answer = handler::handle(state.clone(), req, conflicting, Some(peer));
         async move {
+            if connect {
+                // Not a tunnel: refused, and the connection closed, so
+                // nothing after it is read as a tunnel or as requests.
+                let msg = "CONNECT is not served".to_owned();
+                let mut resp = ApiError::MethodNotAllowed(msg).into_response(None);
+                resp.headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                return Ok(resp.map(|body| MarksAbort {
+                    body,
+                    aborted: aborted.clone(),
+                }));
+            }
             let (mut parts, body) = answer.await?.into_parts();
             // hyper writes only the header map.
             RelayedHeaders::merge(&mut parts.extensions, &mut parts.headers);
+            let body = MarksAbort {
+                body,
+                aborted: aborted.clone(),
+            };
             Ok::<_, std::convert::Infallible>(http::Response::from_parts(parts, body))
         }
     });
@@ -128,6 +156,39 @@ async fn serve_connection(
     };
     if let Err(e) = ended {
         tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// A response body on a connection hyper serves: when it fails (the
+/// upstream's body was cut), the connection is marked so that closing it
+/// resets it, as the fast path does. hyper returns the body's error
+/// without a shutdown (no FIN), and the connection is dropped after.
+struct MarksAbort {
+    body: ResponseBody,
+    aborted: Option<Arc<AtomicBool>>,
+}
+
+impl http_body::Body for MarksAbort {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let (Poll::Ready(Some(Err(_))), Some(aborted)) = (&polled, &self.aborted) {
+            aborted.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -31,9 +31,10 @@ use hyper::client::conn::{http1, http2};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::pki_types::CertificateDer;
 use tower_service::Service;
 
-use super::plain::{self, PlainBody, WireError, Written};
+use super::plain::{self, PlainBody, RelayedHeaders, WireError, Written};
 
 use crate::routing::table::Fnv;
 use crate::routing::{ClientRoute, KeyRoute};
@@ -71,9 +72,12 @@ pub enum BodyError {
 }
 
 /// The upstream connection pools (one per worker thread, see the module
-/// documentation); a handle with no state of its own.
+/// documentation); a handle whose only state is the roots its TLS
+/// connections trust beyond the Mozilla set, none but in tests.
 #[derive(Default)]
-pub struct UpstreamClients;
+pub struct UpstreamClients {
+    extra_roots: Option<Arc<[CertificateDer<'static>]>>,
+}
 
 impl UpstreamClients {
     /// Sends `req` (absolute URI) on a pooled or new connection. An idle
@@ -93,17 +97,27 @@ impl UpstreamClients {
         }
         let req = req.into_request();
         let uri = req.uri().clone();
+        let connector = connector(connect_timeout, self.extra_roots.as_ref());
         // Boxed: the TLS path's future is large, and inline it would make
         // every plain-HTTP request's future (and each one awaiting it) as
         // large, to be moved whole at every level.
-        Box::pin(send_tls(connect_timeout, req, uri, key)).await
+        Box::pin(send_tls(connector, req, uri, key)).await
+    }
+
+    /// Clients whose TLS connections trust only `roots` (tests: an
+    /// upstream with a certificate made at test time). Never built from
+    /// configuration.
+    pub fn trusting(roots: Vec<CertificateDer<'static>>) -> UpstreamClients {
+        UpstreamClients {
+            extra_roots: Some(roots.into()),
+        }
     }
 }
 
 /// Sends over TLS (HTTP/1.1 or HTTP/2, by ALPN) with hyper's client
 /// connections; the pooling and resending rules are `send`'s.
 async fn send_tls(
-    connect_timeout: Duration,
+    connector: Connector,
     req: Request<Bytes>,
     uri: Uri,
     key: PoolKey,
@@ -118,7 +132,7 @@ async fn send_tls(
             // needed, and every in-flight request would carry their
             // size inline.
             None => (
-                Box::pin(connect(connector(connect_timeout), &uri, &key)).await?,
+                Box::pin(connect(connector.clone(), &uri, &key)).await?,
                 false,
             ),
         };
@@ -135,6 +149,9 @@ async fn send_tls(
                 }
                 origin_form(req.uri_mut());
                 match s.try_send_request(req).await {
+                    Ok(resp) if foreign_transfer_coding(resp.headers()) => {
+                        return Err(WireError::Invalid(FOREIGN_CODING).into());
+                    }
                     Ok(resp) => {
                         let release = Release {
                             key: key.clone(),
@@ -169,6 +186,9 @@ async fn send_tls(
         }
     }
 }
+
+/// Why an answer with a transfer coding other than chunked is refused.
+pub(crate) const FOREIGN_CODING: &str = "a transfer coding other than chunked";
 
 /// How long an answer is looked for on a connection whose request could
 /// not be written in full; only bytes already received can be there.
@@ -429,7 +449,8 @@ impl Upstream {
 
 struct Pool {
     upstreams: HashMap<PoolKey, Upstream, BuildHasherDefault<Fnv>>,
-    connectors: HashMap<Duration, Connector>,
+    /// By connect timeout and extra roots (their address; 0 for none).
+    connectors: HashMap<(Duration, usize), Connector>,
     last_sweep: Instant,
 }
 
@@ -536,30 +557,57 @@ pub fn sweep_idle_connections() {
 /// connector that trusts a test certificate).
 #[cfg(test)]
 fn install_connector(connect_timeout: Duration, connector: Connector) {
-    POOL.with(|p| p.borrow_mut().connectors.insert(connect_timeout, connector));
-}
-
-/// This thread's connector for this connect timeout (a cheap handle clone).
-fn connector(connect_timeout: Duration) -> Connector {
     POOL.with(|p| {
         p.borrow_mut()
             .connectors
-            .entry(connect_timeout)
-            .or_insert_with(|| build_connector(connect_timeout))
+            .insert((connect_timeout, 0), connector)
+    });
+}
+
+/// This thread's connector for this connect timeout (a cheap handle clone).
+fn connector(
+    connect_timeout: Duration,
+    extra_roots: Option<&Arc<[CertificateDer<'static>]>>,
+) -> Connector {
+    let roots_id = extra_roots.map_or(0, |r| Arc::as_ptr(r).cast::<u8>() as usize);
+    POOL.with(|p| {
+        p.borrow_mut()
+            .connectors
+            .entry((connect_timeout, roots_id))
+            .or_insert_with(|| build_connector(connect_timeout, extra_roots))
             .clone()
     })
 }
 
-fn build_connector(connect_timeout: Duration) -> Connector {
+fn build_connector(
+    connect_timeout: Duration,
+    extra_roots: Option<&Arc<[CertificateDer<'static>]>>,
+) -> Connector {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(provider)
-        .expect("the ring provider supports the default TLS versions")
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    let builder = match extra_roots {
+        None => builder
+            .with_provider_and_webpki_roots(provider)
+            .expect("the ring provider supports the default TLS versions"),
+        Some(roots) => {
+            let mut store = rustls::RootCertStore::empty();
+            for root in roots.iter() {
+                let _ = store.add(root.clone());
+            }
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("the ring provider supports the default TLS versions")
+                .with_root_certificates(store)
+                .with_no_client_auth();
+            builder.with_tls_config(config)
+        }
+    };
+    builder
         .https_or_http()
         .enable_http1()
         .enable_http2()
@@ -576,6 +624,7 @@ async fn connect(mut connector: Connector, uri: &Uri, key: &PoolKey) -> Result<S
     if io.connected().is_negotiated_h2() {
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            .max_header_list_size(64 * 1024)
             .handshake(io)
             .await?;
         tokio::spawn(async move {
@@ -588,7 +637,12 @@ async fn connect(mut connector: Connector, uri: &Uri, key: &PoolKey) -> Result<S
         });
         Ok(Sender::H2(sender))
     } else {
-        let (sender, conn) = http1::handshake(io).await?;
+        // The response head limit of the plain client: 64 KiB, 100 lines.
+        let (sender, conn) = http1::Builder::new()
+            .max_header_size(64 * 1024)
+            .max_headers(100)
+            .handshake(io)
+            .await?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
@@ -647,21 +701,110 @@ fn not_forwarded(name: &str) -> bool {
     )
 }
 
-/// Response headers not relayed to the caller (hop-by-hop, and the length
-/// when gptbalance may change the body).
-/// The map is changed in place, and only when such a header is there.
-pub fn relayable_response_headers(mut headers: HeaderMap, keep_length: bool) -> HeaderMap {
-    let dropped = |name: &HeaderName| match name.as_str() {
-        "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "te"
-        | "trailer" | "upgrade" => true,
-        "content-length" => !keep_length,
-        _ => false,
-    };
-    let drop: Vec<HeaderName> = headers.keys().filter(|n| dropped(n)).cloned().collect();
-    for name in drop {
-        headers.remove(name);
+/// The one policy for an upstream's response headers, whichever backend
+/// read them (plain HTTP keeps most as [`RelayedHeaders`] lines, TLS puts
+/// all in the map; both are filtered here alike). Dropped: hop-by-hop
+/// headers (`Connection` and every name it lists, `Keep-Alive`,
+/// `Proxy-Connection`, `Proxy-Authenticate`, `TE`, `Trailer`,
+/// `Transfer-Encoding`, `Upgrade`), and `Content-Length` when gptbalance
+/// may change the body or the status has no body (1xx, 204, 304). A kept
+/// length is written once, however often the upstream repeated it (the
+/// framing already refused lengths that disagree).
+pub fn relayable_response(parts: &mut http::response::Parts, keep_length: bool) {
+    let status = parts.status;
+    let keep_length = keep_length
+        && !status.is_informational()
+        && status != http::StatusCode::NO_CONTENT
+        && status != http::StatusCode::NOT_MODIFIED;
+    let headers = &mut parts.headers;
+    // Usually absent: the names the upstream's `Connection` header lists.
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|t| String::from_utf8_lossy(t.trim_ascii()).to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    let dropped = |name: &str| hop_by_hop_response(name) || named.iter().any(|n| n == name);
+    let length = headers.get_all(header::CONTENT_LENGTH).iter().count();
+    if length > 0 {
+        if !keep_length {
+            headers.remove(header::CONTENT_LENGTH);
+        } else if length > 1 || headers[header::CONTENT_LENGTH].as_bytes().contains(&b',') {
+            let first = headers[header::CONTENT_LENGTH].as_bytes();
+            let n = first.split(|&b| b == b',').next().map(<[u8]>::trim_ascii);
+            match n.and_then(|n| HeaderValue::from_bytes(n).ok()) {
+                Some(one) => {
+                    headers.insert(header::CONTENT_LENGTH, one);
+                }
+                None => {
+                    headers.remove(header::CONTENT_LENGTH);
+                }
+            }
+        }
     }
-    headers
+    if headers.keys().any(|n| dropped(n.as_str())) {
+        let drop: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| dropped(n.as_str()))
+            .cloned()
+            .collect();
+        for name in drop {
+            headers.remove(name);
+        }
+    }
+    if let Some(relayed) = parts.extensions.get_mut::<RelayedHeaders>() {
+        relayed.retain(|name| {
+            let name = String::from_utf8_lossy(name).to_ascii_lowercase();
+            !dropped(&name)
+        });
+    }
+}
+
+/// Response headers that are never relayed, lowercase.
+fn hop_by_hop_response(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "transfer-encoding"
+            | "te"
+            | "trailer"
+            | "upgrade"
+    )
+}
+
+/// The values of an upstream response header, whichever backend read it:
+/// from the header map, then from the lines plain HTTP only relays. For
+/// the router's own reading (`retry-after`, quota headers).
+pub fn response_header<'a>(
+    parts: &'a http::response::Parts,
+    name: &'a str,
+) -> impl Iterator<Item = &'a [u8]> + 'a {
+    let relayed = parts.extensions.get::<RelayedHeaders>();
+    parts
+        .headers
+        .get_all(name)
+        .into_iter()
+        .map(HeaderValue::as_bytes)
+        .chain(relayed.into_iter().flat_map(move |r| {
+            r.iter()
+                .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+                .map(|(_, v)| v)
+        }))
+}
+
+/// A transfer coding gptbalance cannot relay honestly: any but `chunked`
+/// (a `gzip` coding stripped with the header would leave an encoded body
+/// that says nothing of it). Refused as an invalid answer.
+pub(crate) fn foreign_transfer_coding(headers: &HeaderMap) -> bool {
+    headers.get_all(header::TRANSFER_ENCODING).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|c| !c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+    })
 }
 
 /// Builds one attempt's request to `client` with `key`; `caller_headers`
@@ -912,7 +1055,15 @@ mod tests {
             all.sort();
             all
         };
-        let kept = relayable_response_headers(h.clone(), true);
+        let relay = |h: &HeaderMap, status: u16, keep_length: bool| {
+            let mut resp = Response::new(());
+            *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+            *resp.headers_mut() = h.clone();
+            let (mut parts, ()) = resp.into_parts();
+            relayable_response(&mut parts, keep_length);
+            parts.headers
+        };
+        let kept = relay(&h, 200, true);
         assert_eq!(
             names(&kept),
             [
@@ -922,14 +1073,48 @@ mod tests {
                 "x-ratelimit-remaining=9",
             ]
         );
-        let rewritten = relayable_response_headers(h, false);
+        let rewritten = relay(&h, 200, false);
         assert!(!rewritten.contains_key(header::CONTENT_LENGTH));
         assert_eq!(rewritten.len(), 3);
         let plain = HeaderMap::from_iter([(header::SERVER, HeaderValue::from_static("m"))]);
+        assert_eq!(names(&relay(&plain, 200, false)), ["server=m"]);
+        // What `Connection` names goes too, and so does Proxy-Authenticate;
+        // a repeated length is written once, and none without a body.
+        let mut odd = HeaderMap::new();
+        for (n, v) in [
+            ("connection", "keep-alive, X-Hop-Secret"),
+            ("x-hop-secret", "s"),
+            ("proxy-authenticate", "Basic"),
+            ("content-length", "197"),
+            ("content-length", "197"),
+            ("x-kept", "1"),
+        ] {
+            odd.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_static(v),
+            );
+        }
         assert_eq!(
-            names(&relayable_response_headers(plain, false)),
-            ["server=m"]
+            names(&relay(&odd, 200, true)),
+            ["content-length=197", "x-kept=1"]
         );
+        assert_eq!(names(&relay(&odd, 204, true)), ["x-kept=1"]);
+        assert_eq!(names(&relay(&odd, 304, true)), ["x-kept=1"]);
+        let listed =
+            HeaderMap::from_iter([(header::CONTENT_LENGTH, HeaderValue::from_static("5, 5"))]);
+        assert_eq!(names(&relay(&listed, 200, true)), ["content-length=5"]);
+    }
+
+    #[test]
+    fn only_chunked_is_a_relayable_transfer_coding() {
+        let te = |v: &'static str| {
+            HeaderMap::from_iter([(header::TRANSFER_ENCODING, HeaderValue::from_static(v))])
+        };
+        assert!(!foreign_transfer_coding(&HeaderMap::new()));
+        assert!(!foreign_transfer_coding(&te("chunked")));
+        assert!(!foreign_transfer_coding(&te(" Chunked ")));
+        assert!(foreign_transfer_coding(&te("gzip")));
+        assert!(foreign_transfer_coding(&te("gzip, chunked")));
     }
 
     /// A TLS upstream on 127.0.0.1 offering `alpn`, answering every request
@@ -1036,7 +1221,10 @@ mod tests {
             .uri(format!("https://127.0.0.1:{port}/v1/models"))
             .body(Bytes::new())
             .unwrap();
-        let resp = UpstreamClients.send(timeout, req.into()).await.unwrap();
+        let resp = UpstreamClients::default()
+            .send(timeout, req.into())
+            .await
+            .unwrap();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         String::from_utf8(body.to_vec()).unwrap()
     }
@@ -1094,7 +1282,7 @@ mod tests {
         let req = Request::post(format!("http://{addr}/v1/chat/completions"))
             .body(Bytes::from(vec![b'x'; 32 << 20]))
             .unwrap();
-        let resp = UpstreamClients
+        let resp = UpstreamClients::default()
             .send(Duration::from_secs(5), req.into())
             .await
             .expect("the early answer is the response");
@@ -1126,7 +1314,7 @@ mod tests {
             .unwrap();
         let resp = tokio::time::timeout(
             Duration::from_secs(10),
-            UpstreamClients.send(Duration::from_secs(5), req.into()),
+            UpstreamClients::default().send(Duration::from_secs(5), req.into()),
         )
         .await
         .expect("the answer comes without waiting for the body to be taken")
@@ -1165,7 +1353,7 @@ mod tests {
             let req = Request::post(format!("http://{addr}/v1/x"))
                 .body(Bytes::from_static(b"{}"))
                 .unwrap();
-            let resp = UpstreamClients
+            let resp = UpstreamClients::default()
                 .send(Duration::from_secs(5), req.into())
                 .await
                 .unwrap();
@@ -1196,7 +1384,7 @@ mod tests {
         let req = Request::post(format!("http://{addr}/v1/x"))
             .body(Bytes::new())
             .unwrap();
-        let resp = UpstreamClients
+        let resp = UpstreamClients::default()
             .send(Duration::from_secs(5), req.into())
             .await
             .unwrap();

@@ -33,6 +33,7 @@ pub struct Recorded {
     pub uri: String,
     pub headers: HeaderMap,
     pub body: Bytes,
+    pub version: http::Version,
 }
 
 impl Recorded {
@@ -71,6 +72,9 @@ pub enum Reply {
     Delay(Duration),
     /// Closes the connection without answering.
     Reset,
+    /// 200 `application/json` whose body comes as these pieces and then
+    /// ends on its own (over HTTP/2, END_STREAM in a frame of its own).
+    JsonChunks(Vec<String>),
 }
 
 #[derive(Default)]
@@ -90,6 +94,64 @@ pub struct MockUpstream {
     pub addr: SocketAddr,
     pub state: Arc<MockState>,
     pub name: String,
+    /// `http`, or `https` for a TLS mock.
+    pub scheme: &'static str,
+}
+
+/// Which kind of upstream a test runs against.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Backend {
+    /// Plain HTTP/1.1: gptbalance's own client.
+    Plain,
+    /// TLS, HTTP/1.1 offered: hyper's client.
+    Tls,
+    /// TLS, HTTP/2 offered: hyper's client, one shared connection.
+    TlsH2,
+}
+
+impl Backend {
+    pub const ALL: [Backend; 3] = [Backend::Plain, Backend::Tls, Backend::TlsH2];
+}
+
+/// The certificate (self-signed, for 127.0.0.1, its own trust anchor) of
+/// every TLS mock upstream in this test process, and its key; made once,
+/// with openssl. A gateway started after it exists trusts it.
+static TEST_CERT: std::sync::OnceLock<(
+    tokio_rustls::rustls::pki_types::CertificateDer<'static>,
+    tokio_rustls::rustls::pki_types::PrivateKeyDer<'static>,
+)> = std::sync::OnceLock::new();
+
+pub fn test_certificate() -> &'static (
+    tokio_rustls::rustls::pki_types::CertificateDer<'static>,
+    tokio_rustls::rustls::pki_types::PrivateKeyDer<'static>,
+) {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    TEST_CERT.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let out = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+            .args(["-subj", "/CN=127.0.0.1"])
+            .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl is needed for the TLS mock");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            CertificateDer::from_pem_file(&cert).unwrap(),
+            PrivateKeyDer::from_pem_file(&key).unwrap(),
+        )
+    })
 }
 
 struct DropFlag(Arc<MockState>, bool);
@@ -160,12 +222,82 @@ impl MockUpstream {
             addr,
             state,
             name: name.to_owned(),
+            scheme: "http",
         }
     }
 
-    /// `http://127.0.0.1:PORT/v1`
+    /// A mock of `backend`'s kind.
+    pub async fn start_on(backend: Backend, name: &str) -> MockUpstream {
+        match backend {
+            Backend::Plain => MockUpstream::start(name).await,
+            Backend::Tls => MockUpstream::start_tls(name, false).await,
+            Backend::TlsH2 => MockUpstream::start_tls(name, true).await,
+        }
+    }
+
+    /// The same mock behind TLS, with the test certificate; offering
+    /// HTTP/2 in ALPN when `h2`, else HTTP/1.1 only.
+    pub async fn start_tls(name: &str, h2: bool) -> MockUpstream {
+        use tokio_rustls::rustls;
+        let (cert, key) = test_certificate();
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key.clone_key())
+        .unwrap();
+        config.alpn_protocols = if h2 {
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        } else {
+            vec![b"http/1.1".to_vec()]
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(MockState::default());
+        let st = state.clone();
+        let mock_name = name.to_owned();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                st.connections.fetch_add(1, Ordering::SeqCst);
+                let st = st.clone();
+                let name = mock_name.clone();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let negotiated_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let svc = service_fn(move |req| answer(st.clone(), name.clone(), req));
+                    let io = TokioIo::new(tls);
+                    if negotiated_h2 {
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(io, svc)
+                            .await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, svc)
+                            .await;
+                    }
+                });
+            }
+        });
+        MockUpstream {
+            addr,
+            state,
+            name: name.to_owned(),
+            scheme: "https",
+        }
+    }
+
+    /// `http://127.0.0.1:PORT/v1` (`https` for a TLS mock).
     pub fn url(&self) -> String {
-        format!("http://{}/v1", self.addr)
+        format!("{}://{}/v1", self.scheme, self.addr)
     }
 
     /// The next request gets this reply (in order); afterwards the default.
@@ -222,6 +354,7 @@ async fn answer(
         uri: parts.uri.to_string(),
         headers: parts.headers.clone(),
         body,
+        version: parts.version,
     };
     st.log.lock().unwrap().push(rec.clone());
     let reply = st
@@ -277,6 +410,16 @@ async fn answer(
             let mut r = Response::new(http_body_util::Either::Right(ChannelBody(rx)));
             r.headers_mut()
                 .insert("content-type", "text/event-stream".parse().unwrap());
+            r
+        }
+        Reply::JsonChunks(chunks) => {
+            let (tx, rx) = mpsc::channel(chunks.len().max(1));
+            for c in chunks {
+                let _ = tx.try_send(Ok(Bytes::from(c)));
+            }
+            let mut r = Response::new(http_body_util::Either::Right(ChannelBody(rx)));
+            r.headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
             r
         }
         Reply::Sse {
@@ -349,6 +492,10 @@ impl Gateway {
         let table = RoutingTable::build(loaded.config, None);
         gptbalance::cli::serve::restore_spend(&table, &usage_dir);
         let mut state = AppState::new(table, sink, metrics, Some(path));
+        if let Some((cert, _)) = TEST_CERT.get() {
+            state.upstream =
+                gptbalance::proxy::upstream::UpstreamClients::trusting(vec![cert.clone()]);
+        }
         if let Some(c) = clock {
             state = state.with_clock(c);
         }
