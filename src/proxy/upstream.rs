@@ -717,15 +717,19 @@ pub fn relayable_response(parts: &mut http::response::Parts, keep_length: bool) 
         && status != http::StatusCode::NO_CONTENT
         && status != http::StatusCode::NOT_MODIFIED;
     let headers = &mut parts.headers;
-    // Usually absent: the names the upstream's `Connection` header lists.
-    let named: Vec<String> = headers
+    // Usually none: the names the upstream's `Connection` header lists
+    // beyond `keep-alive` and `close` (which many send on every response).
+    let named: Vec<Vec<u8>> = headers
         .get_all(header::CONNECTION)
         .iter()
         .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(|t| String::from_utf8_lossy(t.trim_ascii()).to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty() && !hop_by_hop_response(t) && !t.eq_ignore_ascii_case(b"close"))
+        .map(<[u8]>::to_vec)
         .collect();
-    let dropped = |name: &str| hop_by_hop_response(name) || named.iter().any(|n| n == name);
+    let dropped = |name: &[u8]| {
+        hop_by_hop_response(name) || named.iter().any(|n| n.eq_ignore_ascii_case(name))
+    };
     let length = headers.get_all(header::CONTENT_LENGTH).iter().count();
     if length > 0 {
         if !keep_length {
@@ -743,10 +747,10 @@ pub fn relayable_response(parts: &mut http::response::Parts, keep_length: bool) 
             }
         }
     }
-    if headers.keys().any(|n| dropped(n.as_str())) {
+    if headers.keys().any(|n| dropped(n.as_str().as_bytes())) {
         let drop: Vec<HeaderName> = headers
             .keys()
-            .filter(|n| dropped(n.as_str()))
+            .filter(|n| dropped(n.as_str().as_bytes()))
             .cloned()
             .collect();
         for name in drop {
@@ -754,26 +758,23 @@ pub fn relayable_response(parts: &mut http::response::Parts, keep_length: bool) 
         }
     }
     if let Some(relayed) = parts.extensions.get_mut::<RelayedHeaders>() {
-        relayed.retain(|name| {
-            let name = String::from_utf8_lossy(name).to_ascii_lowercase();
-            !dropped(&name)
-        });
+        relayed.retain(|name| !dropped(name));
     }
 }
 
-/// Response headers that are never relayed, lowercase.
-fn hop_by_hop_response(name: &str) -> bool {
-    matches!(
-        name,
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "transfer-encoding"
-            | "te"
-            | "trailer"
-            | "upgrade"
-    )
+/// Response headers that are never relayed, in any letter case.
+fn hop_by_hop_response(name: &[u8]) -> bool {
+    const HOP_BY_HOP: [&[u8]; 8] = [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"transfer-encoding",
+        b"te",
+        b"trailer",
+        b"upgrade",
+    ];
+    HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
 }
 
 /// The values of an upstream response header, whichever backend read it:
