@@ -113,6 +113,7 @@ pub fn to_json(cfg: &Config) -> Value {
             "max_body_bytes": s.max_body_bytes,
             "shutdown_grace": duration(s.shutdown_grace),
             "header_read_timeout": duration(s.header_read_timeout),
+            "keepalive_timeout": duration(s.keepalive_timeout),
             "max_connections": s.max_connections,
         },
         "routing": policy(&cfg.routing),
