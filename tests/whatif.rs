@@ -400,3 +400,91 @@ async fn replay_re_decides_recorded_rows_under_new_limits_and_prices() {
         "{text}"
     );
 }
+
+/// Shadow: matching non-stream requests are mirrored after the caller's
+/// response, never delaying it (the shadow client here hangs), counted
+/// against no caller limit, stopped for the day by `max_usd_per_day`, and
+/// compared with their originals by `usage --shadow`.
+#[tokio::test]
+async fn shadow_mirrors_after_the_response_and_never_delays_it() {
+    let main = MockUpstream::start("main").await;
+    let hanging = MockUpstream::start("hanging").await;
+    hanging.set_default(Reply::Hang);
+    let mirror = MockUpstream::start("mirror").await;
+    let yaml = |shadow_url: &str, extra: &str| {
+        format!(
+            "usage:\n  dir: ./usage\nprices:\n  \"*\": {{ input: 1000, output: 1000 }}\ncallers:\n  - {{ name: app, token: app-token-0123456789, limits: {{ rpm: 3 }} }}\nshadow:\n  - {{ client: candidate, percent: 100, models: [\"m*\"]{extra} }}\nopenai_clients:\n{}{}",
+            client_yaml("main", &main.url(), &["k1"], "model_match: { type: exact, value: [m, other] }"),
+            client_yaml("candidate", shadow_url, &["k2"], "priority: 500\nmodel_match: { type: exact, value: [candidate-only] }"),
+        )
+    };
+    let auth = [("authorization", "Bearer app-token-0123456789")];
+    // A hanging shadow client: the caller's answers come all the same.
+    let gw = Gateway::start(&yaml(&hanging.url(), "")).await;
+    for _ in 0..3 {
+        let r = post_with(&gw.url("/v1/chat/completions"), chat("m"), &auth).await;
+        assert_eq!(r.status, 200);
+        assert!(r.text().contains("hello from main"));
+    }
+    assert!(
+        eventually(std::time::Duration::from_secs(3), || hanging.count() == 3).await,
+        "each request was mirrored after its answer"
+    );
+    // Mirrors count against no caller limit: rpm 3 spent by the 3 originals.
+    let r = post_with(&gw.url("/v1/chat/completions"), chat("m"), &auth).await;
+    assert_eq!(r.status, 429);
+    // Streams and other models are not mirrored.
+    gw.stop().await;
+    assert_eq!(hanging.count(), 3);
+
+    // A working shadow client: rows paired by request id, capped per day.
+    // One mirror of this request costs 18 tokens at $1000/M = $0.018.
+    let gw = Gateway::start(&yaml(&mirror.url(), ", max_usd_per_day: 0.03")).await;
+    for model in ["m", "m", "m"] {
+        let r = post_with(&gw.url("/v1/chat/completions"), chat(model), &auth).await;
+        assert_eq!(r.status, 200);
+    }
+    assert!(eventually(std::time::Duration::from_secs(3), || mirror.count() >= 2).await);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // $0.018 + $0.018 > $0.03: the third is not mirrored.
+    assert_eq!(mirror.count(), 2);
+    let metrics = get(&gw.url("/metrics"), &auth).await.text();
+    assert!(
+        metrics
+            .contains("gptbalance_shadow_requests_total{client=\"candidate\",result=\"sent\"} 2"),
+        "{metrics}"
+    );
+    let dir = gw.stop().await;
+    let db = rusqlite::Connection::open(dir.path().join("usage").join(format!(
+        "usage-{}.sqlite",
+        &humantime::format_rfc3339(std::time::SystemTime::now()).to_string()[..7]
+    )))
+    .unwrap();
+    let paired: i64 = db
+        .query_row(
+            "SELECT count(*) FROM requests s JOIN requests o ON o.request_id = s.request_id AND o.shadow = 0 WHERE s.shadow = 1 AND s.client = 'candidate' AND o.client = 'main'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(paired, 2);
+    std::fs::write(dir.path().join("config.yaml"), yaml(&mirror.url(), "")).unwrap();
+    let (code, out, err) = run(
+        &[
+            "usage",
+            "--config",
+            dir.path().join("config.yaml").to_str().unwrap(),
+            "--shadow",
+            "--format",
+            "json",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["client"], "main");
+    assert_eq!(v[0]["shadow_client"], "candidate");
+    assert_eq!(v[0]["pairs"], 2);
+    assert_eq!(v[0]["same_status"], 2);
+    assert_eq!(v[0]["shadow_tokens"], 36);
+}

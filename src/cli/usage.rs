@@ -36,6 +36,9 @@ pub struct Args {
     /// prices (the files are read only)
     #[arg(long)]
     pub reprice: bool,
+    /// Compare mirrored requests (`shadow`) with their originals, per client pair
+    #[arg(long, conflicts_with = "reprice")]
+    pub shadow: bool,
 }
 
 pub fn parse_month(s: &str) -> Result<String, String> {
@@ -81,6 +84,9 @@ pub fn run(args: Args) -> ExitCode {
         }
     }
     let paths: Vec<&std::path::Path> = files.iter().map(PathBuf::as_path).collect();
+    if args.shadow {
+        return shadow(&paths, args.format);
+    }
     let reprice = |client: Option<&str>, model: Option<&str>, prompt, cached, completion| {
         let cfg = config.as_ref()?;
         let c = cfg
@@ -138,6 +144,67 @@ pub fn run(args: Args) -> ExitCode {
                 "P99_MS".into(),
             ];
             let head: Vec<&str> = head.iter().map(String::as_str).collect();
+            print!("{}", super::table(&head, &rows));
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// `usage --shadow`: each client pair's mirrored requests against their
+/// originals.
+fn shadow(paths: &[&std::path::Path], format: Format) -> ExitCode {
+    let pairs = match report::shadow_pairs(paths) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rows: Vec<Vec<String>> = pairs
+        .iter()
+        .map(|p| {
+            vec![
+                p.client.clone(),
+                p.shadow_client.clone(),
+                p.pairs.to_string(),
+                p.same_status.to_string(),
+                format!("{}/{}", p.client_errors, p.shadow_errors),
+                format!(
+                    "{:.0}/{:.0}",
+                    p.client_latency_ms_avg, p.shadow_latency_ms_avg
+                ),
+                format!("{}/{}", p.client_tokens, p.shadow_tokens),
+                format!("{:.6}/{:.6}", p.client_cost_usd, p.shadow_cost_usd),
+            ]
+        })
+        .collect();
+    match format {
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&pairs).unwrap_or_default()
+        ),
+        Format::Csv => {
+            println!(
+                "client,shadow_client,pairs,same_status,errors,latency_ms_avg,tokens,cost_usd"
+            );
+            for r in &rows {
+                println!(
+                    "{}",
+                    r.iter().map(|v| csv_field(v)).collect::<Vec<_>>().join(",")
+                );
+            }
+        }
+        Format::Table => {
+            let head = [
+                "CLIENT",
+                "SHADOW",
+                "PAIRS",
+                "SAME_STATUS",
+                "ERRORS",
+                "LATENCY_MS_AVG",
+                "TOKENS",
+                "COST_USD",
+            ];
             print!("{}", super::table(&head, &rows));
         }
     }

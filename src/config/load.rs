@@ -204,6 +204,17 @@ fn read_sections(doc: Value, map: &SourceMap, diags: &mut Diags) -> Option<Secti
             "usage" => sections.usage = optional_section(value, &key, map, diags),
             "logging" => sections.logging = optional_section(value, &key, map, diags),
             "prices" => sections.prices = optional_section(value, &key, map, diags),
+            "shadow" => match value {
+                Value::Sequence(items) => {
+                    for (i, item) in items.into_iter().enumerate() {
+                        let path = format!("shadow[{i}]");
+                        let entry: Option<schema::ShadowSection> = section(item, &path, map, diags);
+                        sections.shadow.push((path, entry));
+                    }
+                }
+                Value::Null => {}
+                _ => diags.error_at(map.value("shadow"), "`shadow` must be a list"),
+            },
             "callers" => match value {
                 Value::Sequence(items) => {
                     for (i, item) in items.into_iter().enumerate() {

@@ -37,7 +37,29 @@ pub struct Config {
     pub callers: Vec<CallerConfig>,
     /// The top-level `prices`.
     pub prices: PriceTable,
+    /// Requests mirrored to other clients.
+    pub shadow: Vec<ShadowConfig>,
     pub clients: Vec<ClientConfig>,
+}
+
+/// Mirror `percent` of the matching non-stream requests to `client`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowConfig {
+    pub client: String,
+    /// 0 to 100.
+    pub percent: f64,
+    /// `*` globs; `None`: every model.
+    pub models: Option<Vec<String>>,
+    /// Mirroring stops for the UTC day once this is spent (nano-dollars).
+    pub max_nanos_per_day: Option<i64>,
+}
+
+impl ShadowConfig {
+    pub fn matches(&self, model: &str) -> bool {
+        self.models
+            .as_ref()
+            .is_none_or(|globs| globs.iter().any(|g| prices::glob_match(g, model)))
+    }
 }
 
 /// An application allowed to use the gateway: who it is, what it may use,

@@ -20,6 +20,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "logging",
     "callers",
     "prices",
+    "shadow",
     "openai_clients",
 ];
 
@@ -258,6 +259,19 @@ impl Per {
             Per::Month => "month",
         }
     }
+}
+
+/// One `shadow` entry: mirror a share of matching requests to a client.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowSection {
+    pub client: String,
+    #[serde(deserialize_with = "lenient::number")]
+    pub percent: f64,
+    #[serde(default, deserialize_with = "lenient::opt_string_list")]
+    pub models: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "lenient::opt_number")]
+    pub max_usd_per_day: Option<f64>,
 }
 
 /// USD per million tokens.

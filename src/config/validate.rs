@@ -36,6 +36,8 @@ pub struct Sections {
     pub prices: Option<BTreeMap<String, schema::PriceSection>>,
     /// `(path, caller)` per list item.
     pub callers: Vec<(String, Option<schema::CallerSection>)>,
+    /// `(path, entry)` per `shadow` item.
+    pub shadow: Vec<(String, Option<schema::ShadowSection>)>,
     /// `(path, client)` per list item.
     pub clients: Vec<(String, Option<ClientSection>)>,
 }
@@ -49,6 +51,7 @@ impl Default for Sections {
             logging: Some(Default::default()),
             prices: Some(Default::default()),
             callers: Vec::new(),
+            shadow: Vec::new(),
             clients: Vec::new(),
         }
     }
@@ -79,7 +82,8 @@ pub fn validate(
         || s.usage.is_none()
         || s.logging.is_none()
         || s.prices.is_none()
-        || s.callers.iter().any(|(_, c)| c.is_none());
+        || s.callers.iter().any(|(_, c)| c.is_none())
+        || s.shadow.iter().any(|(_, c)| c.is_none());
     let prices = price_table(
         s.prices.as_ref().unwrap_or(&Default::default()),
         "prices",
@@ -140,6 +144,7 @@ pub fn validate(
     let callers = callers(
         &s.callers, &server, &clients, &prices, all_valid, map, diags,
     );
+    let shadow = shadow(&s.shadow, &clients, map, diags);
     if !callers.is_empty() || server.listen.ip().is_loopback() {
         // Auth is on, or only this machine can connect.
     } else {
@@ -161,8 +166,59 @@ pub fn validate(
         logging,
         callers,
         prices,
+        shadow,
         clients: clients.into_iter().map(|(_, c)| c).collect(),
     })
+}
+
+/// `shadow`: each names a client of the config, a share from 0 to 100
+/// and a daily cap of at least 0.
+fn shadow(
+    entries: &[(String, Option<schema::ShadowSection>)],
+    clients: &[(String, ClientConfig)],
+    map: &SourceMap,
+    diags: &mut Diags,
+) -> Vec<super::ShadowConfig> {
+    let mut out = Vec::new();
+    for (path, e) in entries {
+        let Some(e) = e else { continue };
+        let mut ok = true;
+        if !clients.iter().any(|(_, c)| c.name == e.client) {
+            diags.error_at(
+                map.value(&format!("{path}.client")),
+                format!("{path}.client: no client named `{}`", e.client),
+            );
+            ok = false;
+        }
+        if !(e.percent > 0.0 && e.percent <= 100.0) {
+            diags.error_at(
+                map.value(&format!("{path}.percent")),
+                format!(
+                    "{path}.percent must be more than 0 and at most 100, got {}",
+                    e.percent
+                ),
+            );
+            ok = false;
+        }
+        if e.max_usd_per_day.is_some_and(|m| m < 0.0) {
+            diags.error_at(
+                map.value(&format!("{path}.max_usd_per_day")),
+                format!("{path}.max_usd_per_day cannot be negative"),
+            );
+            ok = false;
+        }
+        if ok {
+            out.push(super::ShadowConfig {
+                client: e.client.clone(),
+                percent: e.percent,
+                models: e.models.clone(),
+                max_nanos_per_day: e
+                    .max_usd_per_day
+                    .map(|m| (m * NANOS_PER_USD).min(i64::MAX as f64) as i64),
+            });
+        }
+    }
+    out
 }
 
 /// A `prices` table (top-level or a client's): every price a finite number

@@ -145,6 +145,7 @@ pub struct Metrics {
     caller_spend: Family<CallerLabels, Counter<f64, AtomicU64>>,
     client_cost: Family<ClientLabels, Counter<f64, AtomicU64>>,
     auth_failures: Family<ReasonLabels, Counter>,
+    shadow: Family<AttemptLabels, Counter>,
     /// Label values are shared, not copied: the per-request path allocates
     /// no label strings.
     models_seen: RwLock<HashSet<Arc<str>>>,
@@ -181,6 +182,7 @@ impl Metrics {
             caller_spend: Family::default(),
             client_cost: Family::default(),
             auth_failures: Family::default(),
+            shadow: Family::default(),
             models_seen: RwLock::new(HashSet::new()),
             empty: Arc::from(""),
             other: Arc::from("other"),
@@ -272,6 +274,11 @@ impl Metrics {
             "auth_failures",
             "Requests refused for a missing or invalid bearer token, by reason",
             m.auth_failures.clone(),
+        );
+        registry.register(
+            "shadow_requests",
+            "Mirrored requests by shadow client and result (sent, failed, dropped, no_key)",
+            m.shadow.clone(),
         );
         registry.register(
             "build",
@@ -377,6 +384,16 @@ impl Metrics {
             }
         }
         true
+    }
+
+    /// A mirrored request to `client`, by `result`.
+    pub fn shadow(&self, client: &Arc<str>, result: &'static str) {
+        self.shadow
+            .get_or_create(&AttemptLabels {
+                client: client.clone(),
+                result,
+            })
+            .inc();
     }
 
     /// A request refused for a missing or invalid token (`reason`).

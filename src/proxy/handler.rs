@@ -23,6 +23,7 @@ use super::endpoints;
 use super::plain::RelayedHeaders;
 use super::relay::{Filter, JsonSniffer, PrefixBuffer, Relay};
 use super::report::{Admission, Completion};
+use super::shadow;
 use super::sse::{PrefixSlot, SseFilter};
 use super::transform::{self, Changes, EndpointKind, RequestBody};
 use super::upstream;
@@ -589,6 +590,20 @@ async fn proxy_admitted<B: RequestBodyStream>(
             Ok(h) => *headroom = h,
             Err(e) => return fail(done, e, request_id),
         }
+    }
+
+    if let Some(rule) = shadow::choose(table, model, peek.stream, (state.clock)()) {
+        done.mirror = Some(Box::new(shadow::Mirror {
+            table: table.clone(),
+            rule,
+            method: parts.method.clone(),
+            endpoint: endpoint.to_owned(),
+            query: parts.uri.query().map(str::to_owned),
+            body: bytes.clone(),
+            request_id: request_id.to_owned(),
+            caller: caller.map(|c| c.name.clone()),
+            model: peek.model.clone(),
+        }));
     }
 
     let kind = EndpointKind::of(endpoint);

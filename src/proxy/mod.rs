@@ -15,6 +15,7 @@ pub mod plain;
 pub mod relay;
 pub mod report;
 pub mod server;
+pub mod shadow;
 pub mod sse;
 pub mod transform;
 pub mod upstream;

@@ -39,6 +39,8 @@ pub struct Completion {
     pub admission: Option<Admission>,
     /// The price of the model the answering client was sent, if priced.
     pub price: Option<Price>,
+    /// Sent to a shadow client once this request has ended.
+    pub mirror: Option<Box<super::shadow::Mirror>>,
 }
 
 impl Completion {
@@ -52,6 +54,7 @@ impl Completion {
             client_metrics: None,
             admission: None,
             price: None,
+            mirror: None,
         }
     }
 
@@ -133,6 +136,12 @@ impl Completion {
             );
         }
         state.usage.send(&r);
+        if let Some(m) = self.mirror.take() {
+            // After the caller's last byte: a mirror never delays it.
+            if r.status != CALLER_CLOSED {
+                super::shadow::spawn(state.clone(), *m);
+            }
+        }
     }
 }
 

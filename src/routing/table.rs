@@ -78,6 +78,8 @@ pub struct RoutingTable {
     cache: RwLock<HashMap<Box<str>, Arc<Candidates>>>,
     /// Every caller (`callers`, then `auth_tokens`); empty: no auth.
     pub callers: Vec<CallerRoute>,
+    /// `shadow` rules, with their clients resolved.
+    pub shadows: Vec<crate::proxy::shadow::ShadowRoute>,
     /// Callers by the SHA-256 of their token: a request's token is hashed
     /// once and looked up, never compared with each token in turn.
     by_token: HashMap<[u8; 32], usize, BuildHasherDefault<Fnv>>,
@@ -222,8 +224,29 @@ impl RoutingTable {
         for (i, c) in callers.iter().enumerate() {
             by_token.entry(c.cfg.token_sha256).or_insert(i);
         }
+        let shadows = config
+            .shadow
+            .iter()
+            .filter_map(|cfg| {
+                let client = clients.iter().position(|c| c.cfg.name == cfg.client)?;
+                let spent = previous
+                    .and_then(|p| {
+                        p.shadows
+                            .iter()
+                            .find(|s| s.cfg.client == cfg.client)
+                            .map(|s| s.spent.clone())
+                    })
+                    .unwrap_or_default();
+                Some(crate::proxy::shadow::ShadowRoute {
+                    cfg: cfg.clone(),
+                    client,
+                    spent,
+                })
+            })
+            .collect();
         let mut table = RoutingTable {
             generation: previous.map_or(1, |p| p.generation + 1),
+            shadows,
             config: Arc::new(config),
             clients,
             by_name,

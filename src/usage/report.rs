@@ -295,3 +295,89 @@ pub fn models_since(dirs: &[&Path], since: std::time::SystemTime) -> Vec<String>
     }
     out.into_iter().collect()
 }
+
+/// Mirrored requests compared with their originals, per (original client,
+/// shadow client).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ShadowPairs {
+    pub client: String,
+    pub shadow_client: String,
+    pub pairs: u64,
+    /// Pairs whose two statuses are equal.
+    pub same_status: u64,
+    pub client_errors: u64,
+    pub shadow_errors: u64,
+    pub client_latency_ms_avg: f64,
+    pub shadow_latency_ms_avg: f64,
+    pub client_tokens: u64,
+    pub shadow_tokens: u64,
+    pub client_cost_usd: f64,
+    pub shadow_cost_usd: f64,
+}
+
+/// Pairs each mirrored row (`shadow = 1`) of `files` with its original
+/// (same `request_id`) and adds them up by client pair.
+pub fn shadow_pairs(files: &[&Path]) -> Result<Vec<ShadowPairs>, StoreError> {
+    let mut out: BTreeMap<(String, String), ShadowPairs> = BTreeMap::new();
+    for path in files {
+        let conn = store::open_for_read(path)?;
+        let err = |source| StoreError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
+        if !store::columns(&conn)
+            .map_err(err)?
+            .iter()
+            .any(|c| c == "shadow")
+        {
+            continue;
+        }
+        let mut stmt = conn
+            .prepare(
+                "SELECT o.client, s.client, o.status, s.status, o.latency_ms, s.latency_ms, \
+                 coalesce(o.total_tokens, 0), coalesce(s.total_tokens, 0), \
+                 coalesce(o.cost_usd, 0), coalesce(s.cost_usd, 0) \
+                 FROM requests s JOIN requests o ON o.request_id = s.request_id AND o.shadow = 0 \
+                 WHERE s.shadow = 1",
+            )
+            .map_err(err)?;
+        let mut rows = stmt.query([]).map_err(err)?;
+        while let Some(r) = rows.next().map_err(err)? {
+            let name = |i: usize| -> Result<String, StoreError> {
+                let v: Option<String> = r.get(i).map_err(err)?;
+                Ok(v.unwrap_or_else(|| "(none)".to_owned()))
+            };
+            let (a, b) = (name(0)?, name(1)?);
+            let (sa, sb): (i64, i64) = (r.get(2).map_err(err)?, r.get(3).map_err(err)?);
+            let (la, lb): (i64, i64) = (r.get(4).map_err(err)?, r.get(5).map_err(err)?);
+            let (ta, tb): (i64, i64) = (r.get(6).map_err(err)?, r.get(7).map_err(err)?);
+            let (ca, cb): (f64, f64) = (r.get(8).map_err(err)?, r.get(9).map_err(err)?);
+            let p = out
+                .entry((a.clone(), b.clone()))
+                .or_insert_with(|| ShadowPairs {
+                    client: a,
+                    shadow_client: b,
+                    ..ShadowPairs::default()
+                });
+            p.pairs += 1;
+            p.same_status += u64::from(sa == sb);
+            p.client_errors += u64::from(sa >= 400);
+            p.shadow_errors += u64::from(sb >= 400);
+            // Running sums; turned into averages below.
+            p.client_latency_ms_avg += la as f64;
+            p.shadow_latency_ms_avg += lb as f64;
+            p.client_tokens += ta.max(0) as u64;
+            p.shadow_tokens += tb.max(0) as u64;
+            p.client_cost_usd += ca;
+            p.shadow_cost_usd += cb;
+        }
+    }
+    Ok(out
+        .into_values()
+        .map(|mut p| {
+            p.client_latency_ms_avg /= p.pairs as f64;
+            p.shadow_latency_ms_avg /= p.pairs as f64;
+            p
+        })
+        .collect())
+}
