@@ -431,3 +431,109 @@ fn help_and_version() {
         assert!(out.stdout.contains(cmd), "{}", out.stdout);
     }
 }
+
+/// Runs a `serve` that must fail to start; one that starts instead is
+/// killed after 20 s rather than hanging the test.
+fn serve_fails(config: &str, listen: &str, dir: &Path) -> Out {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", config, "--listen", listen])
+        .current_dir(dir)
+        .env("RUST_LOG", "info")
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[tokio::test]
+async fn a_second_serve_on_a_used_address_or_usage_dir_exits_2_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = "  - { name: a, base_url: \"http://127.0.0.1:9/v1\", api_key: k, model_match: { type: exact, value: [m] } }\n";
+    let first = write(
+        dir.path(),
+        "first.yaml",
+        &format!("usage:\n  dir: ./usage\nopenai_clients:\n{client}"),
+    );
+    let (mut child, addr, _logs) = spawn_serve(&first, dir.path());
+
+    // Another instance on the same address, with a usage dir of its own:
+    // SO_REUSEPORT must not let it share the port.
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let second = write(
+        &other,
+        "second.yaml",
+        &format!("usage:\n  dir: ./usage\nopenai_clients:\n{client}"),
+    );
+    let out = serve_fails(&second, &addr, &other);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains(&format!("cannot listen on {addr}: address already in use")),
+        "{}",
+        out.stderr
+    );
+    // The first instance still answers every connection.
+    for _ in 0..8 {
+        let r = common::get(&format!("http://{addr}/healthz"), &[]).await;
+        assert_eq!(r.status, 200);
+    }
+
+    // Another instance on another port but the same usage dir.
+    let out = serve_fails(&first, "127.0.0.1:0", dir.path());
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    let usage = dir.path().join("usage");
+    assert!(
+        out.stderr.contains(&format!(
+            "usage.dir {} is in use by another running gptbalance (process {})",
+            usage.display(),
+            child.id()
+        )),
+        "{}",
+        out.stderr
+    );
+
+    // The lock goes with the process: a restart after SIGTERM gets it.
+    sigterm(&child);
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let (mut again, _, _logs) = spawn_serve(&first, dir.path());
+    let _ = again.kill();
+    let _ = again.wait();
+    let (mut after_kill, _, _logs) = spawn_serve(&first, dir.path());
+    sigterm(&after_kill);
+    assert_eq!(after_kill.wait().unwrap().code(), Some(0));
+}
+
+#[test]
+fn serve_refuses_an_address_a_plain_listener_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap().to_string();
+    let path = write(
+        dir.path(),
+        "config.yaml",
+        "usage:\n  enabled: false\nopenai_clients:\n  - { name: a, base_url: \"http://127.0.0.1:9/v1\", api_key: k, model_match: { type: exact, value: [m] } }\n",
+    );
+    let out = serve_fails(&path, &addr, dir.path());
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!("cannot listen on {addr}")),
+        "{}",
+        out.stderr
+    );
+}

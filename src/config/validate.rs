@@ -303,12 +303,23 @@ fn logging(
     }
 }
 
+/// `p` against the config file's directory, without `.` components, so
+/// that messages name `/etc/gptbalance/data`, not `/etc/gptbalance/./data`.
 fn resolve(base_dir: &Path, p: &str) -> PathBuf {
     let p = Path::new(p);
-    if p.is_absolute() {
+    let joined = if p.is_absolute() {
         p.to_path_buf()
     } else {
         base_dir.join(p)
+    };
+    let clean: PathBuf = joined
+        .components()
+        .filter(|c| *c != std::path::Component::CurDir)
+        .collect();
+    if clean.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        clean
     }
 }
 
