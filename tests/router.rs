@@ -1239,22 +1239,26 @@ async fn h2c_prior_knowledge_is_served() {
     assert_eq!(resp.status(), 200);
 }
 
-/// The official OpenAI Python SDK against the gateway, when it is installed
-/// (`.ci/run` installs it and sets GPTBALANCE_REQUIRE_SDK=1).
+/// The official OpenAI Python SDK against the gateway. The test never
+/// passes without running: it finds a Python with the `openai` package
+/// (`$GPTBALANCE_PYTHON`, else `python3`, else a venv under `target/`
+/// that it makes and installs the package into once) or fails saying how
+/// to get one.
 #[tokio::test]
 async fn the_official_openai_python_sdk_works_end_to_end() {
-    let has_sdk = std::process::Command::new("python3")
-        .args(["-c", "import openai"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !has_sdk {
-        assert!(
-            std::env::var_os("GPTBALANCE_REQUIRE_SDK").is_none(),
-            "the openai package is required"
-        );
-        eprintln!("skipped: python3 has no `openai` package (pip install openai)");
-        return;
-    }
+    let chosen = std::env::var_os("GPTBALANCE_PYTHON");
+    let python = match tokio::task::spawn_blocking(move || python_with_openai(chosen))
+        .await
+        .unwrap()
+    {
+        Ok(p) => p,
+        Err(why) => panic!(
+            "this test drives the official OpenAI Python SDK and found no Python with the \
+             `openai` package: {why}\nInstall it (`pip install openai`), point \
+             GPTBALANCE_PYTHON at a python that has it, or leave this one test out: \
+             cargo test --locked -- --skip the_official_openai_python_sdk"
+        ),
+    };
     let up = MockUpstream::start("sdk").await;
     let stream = |usage: bool| Reply::Sse {
         events: [
@@ -1294,7 +1298,7 @@ async fn the_official_openai_python_sdk_works_end_to_end() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/openai_sdk_check.py");
     let base = gw.url("/v1");
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
+        std::process::Command::new(python)
             .args([script, &base, "sdk-token"])
             .output()
             .unwrap()
@@ -1314,4 +1318,90 @@ async fn the_official_openai_python_sdk_works_end_to_end() {
         .to_str()
         .unwrap()
         .starts_with("OpenAI/Python"));
+}
+
+/// Whether `python` can import the `openai` package.
+fn imports_openai(python: &std::path::Path) -> bool {
+    std::process::Command::new(python)
+        .args(["-c", "import openai"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A Python that can import `openai`: `chosen` (from `$GPTBALANCE_PYTHON`)
+/// when given, else `python3`, else `target/tmp/openai-sdk-venv`, made
+/// and filled with `pip install openai` the first time (which needs the
+/// network). `Err` says what was tried.
+fn python_with_openai(chosen: Option<std::ffi::OsString>) -> Result<std::path::PathBuf, String> {
+    use std::path::PathBuf;
+    if let Some(p) = chosen {
+        let p = PathBuf::from(p);
+        return if imports_openai(&p) {
+            Ok(p)
+        } else {
+            Err(format!(
+                "GPTBALANCE_PYTHON={} cannot import openai",
+                p.display()
+            ))
+        };
+    }
+    if imports_openai(std::path::Path::new("python3")) {
+        return Ok(PathBuf::from("python3"));
+    }
+    let venv = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("openai-sdk-venv");
+    let python = venv.join("bin").join("python");
+    if imports_openai(&python) {
+        return Ok(python);
+    }
+    let run = |cmd: &mut std::process::Command, what: &str| -> Result<(), String> {
+        match cmd.output() {
+            Ok(out) if out.status.success() => Ok(()),
+            Ok(out) => Err(format!(
+                "{what} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+            Err(e) => Err(format!("{what} failed: {e}")),
+        }
+    };
+    if !python.exists() {
+        run(
+            std::process::Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&venv),
+            &format!("python3 -m venv {}", venv.display()),
+        )?;
+    }
+    run(
+        std::process::Command::new(&python).args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "openai",
+        ]),
+        &format!("{} -m pip install openai", python.display()),
+    )?;
+    if imports_openai(&python) {
+        Ok(python)
+    } else {
+        Err(format!(
+            "{} cannot import openai after installing it",
+            python.display()
+        ))
+    }
+}
+
+#[test]
+fn a_python_without_the_sdk_is_an_error_not_a_skip() {
+    let missing = tempfile::tempdir().unwrap().path().join("python");
+    let err = python_with_openai(Some(missing.clone().into())).unwrap_err();
+    assert_eq!(
+        err,
+        format!(
+            "GPTBALANCE_PYTHON={} cannot import openai",
+            missing.display()
+        )
+    );
 }
