@@ -155,6 +155,100 @@ fn validate_config_formats_and_strict_warnings() {
 }
 
 #[test]
+fn placeholder_and_short_tokens_warn_and_fail_strict() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "server:
+  auth_tokens:
+    - \"change-me\"
+    - { name: app, token: \"Sk-Replace-Me\" }
+    - \"xxxxxxxxxxxxxxxxxxxxxxxx\"
+    - \"short-but-real\"
+    - \"3f9a0c1e7b2d4a6f8e0c2b4d\"
+  admin_token: \"${ADMIN:-your-api-key-here}\"
+openai_clients:
+  - { name: a, base_url: \"http://h/v1\", api_key: k, model_match: { type: exact, value: [m] } }
+";
+    let path = write(dir.path(), "c.yaml", text);
+    let out = run(&["validate-config", "--config", &path], &[], dir.path());
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    let placeholder =
+        "a well-known placeholder value; set a random token of at least 16 characters";
+    let warnings: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("warning:"))
+        .collect();
+    assert_eq!(
+        warnings,
+        [
+            format!("{path}:3:7: warning: server.auth_tokens[0]: {placeholder} (e.g. `openssl rand -hex 24`)"),
+            format!("{path}:4:27: warning: server.auth_tokens[1].token: {placeholder} (e.g. `openssl rand -hex 24`)"),
+            format!("{path}:5:7: warning: server.auth_tokens[2]: {placeholder} (e.g. `openssl rand -hex 24`)"),
+            format!("{path}:6:7: warning: server.auth_tokens[3]: only 14 characters; use a random token of at least 16 (e.g. `openssl rand -hex 24`)"),
+            format!("{path}:8:16: warning: server.admin_token: {placeholder} (e.g. `openssl rand -hex 24`)"),
+        ],
+        "{}",
+        out.stderr
+    );
+    for token in [
+        "change-me",
+        "Sk-Replace-Me",
+        "short-but-real",
+        "your-api-key",
+    ] {
+        assert!(
+            !out.stderr.contains(&format!("`{token}`")),
+            "{}",
+            out.stderr
+        );
+    }
+    let out = run(
+        &["validate-config", "--config", &path, "--strict"],
+        &[],
+        dir.path(),
+    );
+    assert_eq!(out.code, 1);
+    assert_eq!(out.stdout.lines().count(), 5, "{}", out.stdout);
+
+    // A real admin token from the environment silences its warning.
+    let out = run(
+        &["validate-config", "--config", &path],
+        &[("ADMIN", "b7e1c94a0d2f6e83a5c7")],
+        dir.path(),
+    );
+    assert_eq!(out.stderr.matches("warning:").count(), 4, "{}", out.stderr);
+
+    // The image's default config passes, warning about its placeholders;
+    // --strict refuses it until real tokens are set.
+    let docker = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/docker/config.yaml");
+    let docker = docker.to_str().unwrap();
+    let out = run(&["validate-config", "--config", docker], &[], dir.path());
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert_eq!(
+        out.stderr.matches("placeholder").count(),
+        2,
+        "{}",
+        out.stderr
+    );
+    let out = run(
+        &["validate-config", "--config", docker, "--strict"],
+        &[],
+        dir.path(),
+    );
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    let tokens = [
+        ("GPTBALANCE_TOKEN", "5c0b8e2a9f4d71e6b3a8"),
+        ("GPTBALANCE_ADMIN_TOKEN", "e4a91f07c2d85b36a0f1"),
+    ];
+    let out = run(
+        &["validate-config", "--config", docker, "--strict"],
+        &tokens,
+        dir.path(),
+    );
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+}
+
+#[test]
 fn yaml_syntax_errors_and_duplicates_and_cycles_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     let path = write(
@@ -226,6 +320,7 @@ fn every_shipped_config_validates() {
     let mut files = vec![
         root.join("config/config.yaml"),
         root.join("examples/demo/config.yaml"),
+        root.join("examples/docker/config.yaml"),
     ];
     for e in std::fs::read_dir(root.join("examples")).unwrap() {
         let p = e.unwrap().path();

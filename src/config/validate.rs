@@ -152,15 +152,18 @@ fn server(s: &schema::ServerSection, map: &SourceMap, diags: &mut Diags) -> Serv
     let mut auth_tokens = Vec::new();
     for (i, entry) in s.auth_tokens.iter().flatten().enumerate() {
         let path = format!("server.auth_tokens[{i}]");
-        let (name, token) = match entry {
-            AuthTokenEntry::Bare(token) => (None, token),
-            AuthTokenEntry::Named { name, token } => (Some(name.clone()), token),
+        let (name, token, at) = match entry {
+            AuthTokenEntry::Bare(token) => (None, token, path.clone()),
+            AuthTokenEntry::Named { name, token } => {
+                (Some(name.clone()), token, format!("{path}.token"))
+            }
         };
         if token.is_empty() {
             diags.error_at(map.value(&path), format!("{path}: the token is empty"));
             continue;
         }
         check_no_control_chars(token, &path, map, diags);
+        warn_weak_token(token, &at, map, diags);
         auth_tokens.push(AuthToken {
             name,
             token: Secret::new(token.as_str()),
@@ -174,7 +177,10 @@ fn server(s: &schema::ServerSection, map: &SourceMap, diags: &mut Diags) -> Serv
             );
             None
         }
-        Some(t) => Some(Secret::new(t)),
+        Some(t) => {
+            warn_weak_token(t, "server.admin_token", map, diags);
+            Some(Secret::new(t))
+        }
         None => None,
     };
     let max_body_bytes = s.max_body_bytes.unwrap_or(32 * 1024 * 1024);
@@ -206,6 +212,54 @@ fn server(s: &schema::ServerSection, map: &SourceMap, diags: &mut Diags) -> Serv
         shutdown_grace: s.shutdown_grace.unwrap_or(Duration::from_secs(30)),
         header_read_timeout,
         max_connections,
+    }
+}
+
+/// Tokens shorter than this are warned about: a guessable token on a
+/// reachable address spends the operator's keys.
+const MIN_TOKEN_CHARS: usize = 16;
+
+/// Placeholder values as shipped in examples and tutorials, compared with
+/// the token lowercased and stripped to its letters and digits.
+const PLACEHOLDERS: &[&str] = &[
+    "admin", "apikey", "changeit", "default", "dummy", "example", "insecure", "letmein",
+    "password", "passw0rd", "secret", "skxxx", "test", "todo", "token", "yourkey",
+];
+/// Words that make any token containing them a placeholder.
+const PLACEHOLDER_WORDS: &[&str] = &[
+    "changeme",
+    "replaceme",
+    "yourapikey",
+    "yourtoken",
+    "yoursecret",
+    "placeholder",
+    "fixme",
+];
+
+/// Warns (an error under `--strict`) about an auth or admin token that
+/// is a well-known placeholder or shorter than [`MIN_TOKEN_CHARS`]. The
+/// message never repeats the token.
+fn warn_weak_token(token: &str, path: &str, map: &SourceMap, diags: &mut Diags) {
+    let plain: String = token
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    let first = plain.chars().next();
+    let placeholder = PLACEHOLDERS.contains(&plain.as_str())
+        || PLACEHOLDER_WORDS.iter().any(|w| plain.contains(w))
+        || first.is_some_and(|f| plain.len() >= 3 && plain.chars().all(|c| c == f));
+    let chars = token.chars().count();
+    if placeholder {
+        diags.warn_at(
+            map.value(path),
+            format!("{path}: a well-known placeholder value; set a random token of at least {MIN_TOKEN_CHARS} characters (e.g. `openssl rand -hex 24`)"),
+        );
+    } else if chars < MIN_TOKEN_CHARS {
+        diags.warn_at(
+            map.value(path),
+            format!("{path}: only {chars} characters; use a random token of at least {MIN_TOKEN_CHARS} (e.g. `openssl rand -hex 24`)"),
+        );
     }
 }
 
