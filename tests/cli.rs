@@ -249,6 +249,38 @@ openai_clients:
 }
 
 #[test]
+fn an_unknown_key_is_reported_alone_with_the_nearest_key_and_ok_goes_to_stdout() {
+    let dir = tempfile::tempdir().unwrap();
+    // With `b` unreadable, `n` falls to the keyword client `c`, whose
+    // fallback would close a cycle that `b`'s own fallback breaks.
+    let text = r#"openai_clients:
+  - { name: a, base_url: "http://h/v1", api_key: k, model_match: { type: exact, value: [m] }, fallback: n }
+  - name: b
+    base_url: "http://h/v1"
+    api_keyz: k
+    model_match: { type: exact, value: [n] }
+    fallback: x
+  - { name: c, base_url: "http://h/v1", api_key: k, model_match: { type: keyword, value: [n] }, fallback: m }
+  - { name: d, base_url: "http://h/v1", api_key: k, model_match: { type: exact, value: [x] } }
+"#;
+    let path = write(dir.path(), "c.yaml", text);
+    let out = run(&["validate-config", "--config", &path], &[], dir.path());
+    assert_eq!(out.code, 1);
+    assert_eq!(
+        out.stdout,
+        format!("{path}:5:5: unknown key `api_keyz` (did you mean `api_key`?)\n"),
+        "{}",
+        out.stderr
+    );
+    // Fixed, it is valid, and the verdict is a result: stdout.
+    let path = write(dir.path(), "c.yaml", &text.replace("api_keyz", "api_key"));
+    let out = run(&["validate-config", "--config", &path], &[], dir.path());
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert_eq!(out.stdout, format!("{path}: ok\n"));
+    assert_eq!(out.stderr, "");
+}
+
+#[test]
 fn yaml_syntax_errors_and_duplicates_and_cycles_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     let path = write(
@@ -448,7 +480,7 @@ async fn serve_routes_then_drains_on_sigterm_and_exits_0() {
         )
     );
     let path = write(dir.path(), "config.yaml", &cfg);
-    let (mut child, addr, _logs) = spawn_serve(&path, dir.path());
+    let (mut child, addr, logs) = spawn_serve(&path, dir.path());
     let r = common::post(
         &format!("http://{addr}/v1/chat/completions"),
         common::chat("m"),
@@ -464,6 +496,11 @@ async fn serve_routes_then_drains_on_sigterm_and_exits_0() {
         .await
         .unwrap();
     assert_eq!(status.code(), Some(0));
+    // One "draining" line for the process, however many workers it runs.
+    let lines: Vec<String> = logs.iter().collect();
+    let draining = lines.iter().filter(|l| l.contains("draining")).count();
+    assert_eq!(draining, 1, "{lines:#?}");
+    assert!(lines.iter().any(|l| l.contains("stopped")), "{lines:#?}");
     let files: Vec<_> = std::fs::read_dir(dir.path().join("usage"))
         .unwrap()
         .map(|e| e.unwrap().file_name())

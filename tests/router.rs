@@ -569,6 +569,21 @@ async fn request_errors_have_openais_shape_and_status() {
         assert!(e["message"].is_string() && e.get("type").is_some() && e.get("param").is_some());
         assert!(r.headers.contains_key("x-request-id"));
     }
+    // Broken JSON gets one kind of answer, whatever its first byte.
+    for body in ["not json", "{bad", "[1,"] {
+        let r = send(post_req(&url, body, &[])).await;
+        assert_eq!(r.status, 400);
+        let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(
+            message.starts_with("the request body is not valid JSON: "),
+            "{body}: {message}"
+        );
+    }
+    let r = send(post_req(&url, "[\"m\"]", &[])).await;
+    assert_eq!(
+        r.json()["error"]["message"],
+        "the request body must be a JSON object"
+    );
     assert_eq!(up.count(), 0);
 }
 

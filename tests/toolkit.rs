@@ -194,6 +194,24 @@ openai_clients:
     );
     assert!(out.contains("b — weight 1 (25% of this tier)"), "{out}");
     assert!(out.contains("sends model `gpt-x` upstream"), "{out}");
+    // Each candidate says which of its values matched.
+    let a = out.find("a — weight 3").unwrap();
+    assert_eq!(
+        out[a..].lines().nth(1),
+        Some("        matched by keyword `gpt`"),
+        "{out}"
+    );
+    let b = out.find("b — weight 1").unwrap();
+    assert_eq!(
+        out[b..].lines().nth(1),
+        Some("        matched by regex `gpt-.*`"),
+        "{out}"
+    );
+    let (_, exact, _) = run(&["route", "--config", p, "mini"], dir.path());
+    assert!(
+        exact.contains("        matched by exact `mini`\n"),
+        "{exact}"
+    );
     assert!(out.contains("-> mini (depth 1): m"), "{out}");
     assert!(out.contains("-> deep (depth 2): d"), "{out}");
     assert!(

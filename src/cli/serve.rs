@@ -142,8 +142,12 @@ async fn serve(
             Err(e) => tracing::error!(error = %e, "cannot start a worker thread"),
         }
     }
+    let stop_state = state.clone();
     tokio::spawn(async move {
         shutdown.await;
+        // Once for the process; each worker says more at debug.
+        let grace = stop_state.table.load().config.server.shutdown_grace;
+        tracing::info!(?grace, "draining");
         let _ = stop_tx.send(true);
     });
     match TcpListener::from_std(own) {

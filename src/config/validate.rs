@@ -111,9 +111,12 @@ pub fn validate(
             all_valid = false;
         }
     }
-    // With a client missing, a target might have been matched by it: only
-    // cycles among the valid clients are reported then.
-    check_fallbacks(&clients, all_valid, map, diags);
+    // With a client missing, a target might have been matched by it and a
+    // chain might have gone through it: fallbacks are checked once every
+    // client parses, so no error is a knock-on of another.
+    if all_valid {
+        check_fallbacks(&clients, map, diags);
+    }
     if all_valid {
         warn_unreachable_clients(&clients, map, diags);
     }
@@ -565,21 +568,13 @@ fn check_base_url(url: &str, path: &str, map: &SourceMap, diags: &mut Diags) {
 }
 
 /// Fallback targets must route somewhere, and fallback chains must not loop.
-fn check_fallbacks(
-    clients: &[(String, ClientConfig)],
-    complete: bool,
-    map: &SourceMap,
-    diags: &mut Diags,
-) {
+fn check_fallbacks(clients: &[(String, ClientConfig)], map: &SourceMap, diags: &mut Diags) {
     let configs: Vec<&ClientConfig> = clients.iter().map(|(_, c)| c).collect();
     let mut missing = HashSet::new();
     for (path, c) in clients {
         for (i, target) in c.fallback.iter().enumerate() {
             if matcher::candidates(&configs, target).is_empty() {
                 missing.insert(target.clone());
-                if !complete {
-                    continue;
-                }
                 let fpath = if c.fallback.len() == 1
                     && map.value(&format!("{path}.fallback[0]")) == map.value(path)
                 {
