@@ -669,3 +669,62 @@ fn serve_refuses_an_address_a_plain_listener_holds() {
         out.stderr
     );
 }
+
+#[tokio::test]
+async fn health_probes_readyz_of_a_real_gateway() {
+    let up = common::MockUpstream::start("up").await;
+    let gw = common::Gateway::start(&format!(
+        "server:\n  auth_tokens: [\"a-caller-token-of-some-length\"]\nusage:\n  enabled: false\nopenai_clients:\n{}",
+        common::one_client(&up, "")
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let health = |url: String| {
+        let dir = dir.path().to_owned();
+        async move {
+            tokio::task::spawn_blocking(move || run(&["health", "--url", &url], &[], &dir))
+                .await
+                .unwrap()
+        }
+    };
+    // Ready: 200, and /readyz needs no token.
+    let url = gw.url("/readyz");
+    let out = health(url.clone()).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.stdout, format!("{url}: 200\n"));
+
+    // Every key cooling down: /readyz answers 503, the probe says unhealthy.
+    up.push(common::Reply::Json(
+        401,
+        serde_json::json!({"error": {"message": "bad key"}}),
+    ));
+    let r = common::post_with(
+        &gw.url("/v1/chat/completions"),
+        common::chat("m"),
+        &[("authorization", "Bearer a-caller-token-of-some-length")],
+    )
+    .await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    let out = health(url.clone()).await;
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    assert_eq!(out.stderr, format!("unhealthy: {url} answered 503\n"));
+
+    // Nothing listening.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let out = health(format!("http://{closed}/readyz")).await;
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.starts_with("unhealthy: "), "{}", out.stderr);
+
+    // Usage errors: exit 2.
+    for bad in [
+        "https://example.com/readyz",
+        "localhost:8000",
+        "http:///readyz",
+    ] {
+        let out = health(bad.to_owned()).await;
+        assert_eq!(out.code, 2, "{bad}: {}", out.stderr);
+    }
+}

@@ -2,6 +2,7 @@
 //! checked thing is bad, 2 usage or I/O error.
 
 pub mod check_keys;
+pub mod health;
 pub mod route;
 pub mod serve;
 pub mod usage;
@@ -40,6 +41,8 @@ pub enum Command {
     Route(route::Args),
     /// Totals of requests, errors and tokens from the usage files
     Usage(usage::Args),
+    /// Probe a running gateway's /readyz: exit 0 on 200, 1 otherwise (for container health checks)
+    Health(health::Args),
 }
 
 /// `--config`, shared by every subcommand.
@@ -64,6 +67,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::CheckKeys(a) => check_keys::run(a),
         Command::Route(a) => route::run(a),
         Command::Usage(a) => usage::run(a),
+        Command::Health(a) => health::run(a),
     }
 }
 
