@@ -475,6 +475,29 @@ async fn the_dockerfile_checks_readyz_drains_on_sigterm_and_caches_dependencies(
     }
 }
 
+/// `./run.sh demo` builds the router exactly as `cargo build --release`
+/// does: the mock upstream, an example with dev-dependency features, is
+/// built in a cargo invocation of its own.
+#[test]
+fn the_demo_builds_the_router_apart_from_its_example() {
+    let script =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("run.sh")).unwrap();
+    let demo = script
+        .split("  demo)")
+        .nth(1)
+        .and_then(|rest| rest.split(";;").next())
+        .expect("a demo) case");
+    let builds: Vec<&str> = demo
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("build "))
+        .collect();
+    assert_eq!(
+        builds,
+        ["build --bin gptbalance", "build --example mock_upstream"]
+    );
+}
+
 /// Every key of the schema has its row in the README's config reference.
 #[test]
 fn the_readme_documents_every_config_key() {
