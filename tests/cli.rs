@@ -728,3 +728,38 @@ async fn health_probes_readyz_of_a_real_gateway() {
         assert_eq!(out.code, 2, "{bad}: {}", out.stderr);
     }
 }
+
+#[test]
+fn cors_origins_must_be_origins() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = "  - { name: a, base_url: \"http://h/v1\", api_key: k, model_match: { type: exact, value: [m] } }\n";
+    let text = format!(
+        "server:\n  cors:\n    allow_origins: [\"https://app.example.com/\", \"app.example.com\", \"*\"]\n    allow_headers: [\"x ok\"]\nopenai_clients:\n{client}"
+    );
+    let path = write(dir.path(), "c.yaml", &text);
+    let out = run(&["validate-config", "--config", &path], &[], dir.path());
+    assert_eq!(out.code, 1);
+    let origin = "is not an origin such as \"https://app.example.com\" (scheme, host and port, no path) or \"*\"";
+    assert_eq!(
+        out.stdout.lines().collect::<Vec<_>>(),
+        [
+            format!(
+                "{path}:3:21: server.cors.allow_origins[0]: `https://app.example.com/` {origin}"
+            ),
+            format!("{path}:3:49: server.cors.allow_origins[1]: `app.example.com` {origin}"),
+            format!("{path}:4:21: server.cors.allow_headers[0]: `x ok` is not a header name"),
+        ]
+    );
+    let path = write(
+        dir.path(),
+        "c.yaml",
+        &format!("server:\n  cors: {{ allow_origins: [] }}\nopenai_clients:\n{client}"),
+    );
+    let out = run(&["validate-config", "--config", &path], &[], dir.path());
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stdout.contains("server.cors.allow_origins is empty"),
+        "{}",
+        out.stdout
+    );
+}

@@ -1420,3 +1420,117 @@ fn a_python_without_the_sdk_is_an_error_not_a_skip() {
         )
     );
 }
+
+/// `OPTIONS` with the headers a browser sends before a cross-origin call.
+async fn preflight(url: &str, origin: &str, request_headers: &str) -> Reply2 {
+    let req = http::Request::builder()
+        .method("OPTIONS")
+        .uri(url)
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", request_headers)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    send(req).await
+}
+
+#[tokio::test]
+async fn cors_answers_preflights_and_marks_responses_for_allowed_origins_only() {
+    let up = MockUpstream::start("up").await;
+    let token = "a-browser-app-token-0123";
+    let gw = Gateway::start(&config(
+        &[one_client(&up, "")],
+        &format!(
+            "server:\n  auth_tokens: [\"{token}\"]\n  cors:\n    allow_origins: [\"https://app.example.com\", \"http://localhost:5173\"]\n"
+        ),
+    ))
+    .await;
+    let url = gw.url("/v1/chat/completions");
+    let app = "https://app.example.com";
+    let asked = "authorization, content-type, x-stainless-os";
+
+    // A preflight carries no token and is answered before auth.
+    let r = preflight(&url, app, asked).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    let h = |r: &Reply2, name: &str| -> Vec<String> {
+        r.headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(h(&r, "access-control-allow-origin"), [app]);
+    assert_eq!(
+        h(&r, "access-control-allow-methods"),
+        ["GET, POST, OPTIONS"]
+    );
+    assert_eq!(h(&r, "access-control-allow-headers"), [asked]);
+    assert_eq!(h(&r, "access-control-max-age"), ["600"]);
+    assert!(
+        h(&r, "vary").contains(&"origin".to_owned()),
+        "{:?}",
+        r.headers
+    );
+
+    // The real request, and an error, are readable by the page.
+    let auth = format!("Bearer {token}");
+    let r = post_with(
+        &url,
+        chat("m"),
+        &[("origin", app), ("authorization", &auth)],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(h(&r, "access-control-allow-origin"), [app]);
+    assert_eq!(
+        h(&r, "access-control-expose-headers"),
+        ["x-request-id, retry-after"]
+    );
+    let r = post_with(&url, chat("m"), &[("origin", "http://localhost:5173")]).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        h(&r, "access-control-allow-origin"),
+        ["http://localhost:5173"]
+    );
+
+    // Another origin, or none: no CORS header, and OPTIONS is not served.
+    let r = preflight(&url, "https://evil.example", asked).await;
+    assert_ne!(r.status, 204);
+    assert!(h(&r, "access-control-allow-origin").is_empty());
+    let r = post_with(
+        &url,
+        chat("m"),
+        &[("origin", "https://evil.example"), ("authorization", &auth)],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(h(&r, "access-control-allow-origin").is_empty());
+    let r = post_with(&url, chat("m"), &[("authorization", &auth)]).await;
+    assert!(h(&r, "access-control-allow-origin").is_empty());
+
+    // Listed headers are the only ones allowed; without server.cors,
+    // nothing changes.
+    let yaml = std::fs::read_to_string(gw.config_path()).unwrap().replace(
+        "    allow_origins:",
+        "    allow_headers: [Authorization, Content-Type]\n    allow_origins:",
+    );
+    std::fs::write(gw.config_path(), yaml).unwrap();
+    assert!(gw.wait_generation(2).await);
+    let r = preflight(&url, app, asked).await;
+    assert_eq!(
+        h(&r, "access-control-allow-headers"),
+        ["authorization, content-type"]
+    );
+    let plain = Gateway::start(&config(&[one_client(&up, "")], "")).await;
+    let r = preflight(&plain.url("/v1/chat/completions"), app, asked).await;
+    assert_eq!(r.status, 405);
+    assert!(h(&r, "access-control-allow-origin").is_empty());
+    let r = post_with(
+        &plain.url("/v1/chat/completions"),
+        chat("m"),
+        &[("origin", app)],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(h(&r, "access-control-allow-origin").is_empty());
+}

@@ -41,6 +41,18 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     pub header_read_timeout: Duration,
     pub max_connections: usize,
+    /// `None`: no CORS headers, and `OPTIONS` gets 405.
+    pub cors: Option<Cors>,
+}
+
+/// `server.cors`, checked: origins as browsers send them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cors {
+    /// `scheme://host[:port]`, lowercased; `*` allows any origin.
+    pub allow_origins: Vec<String>,
+    /// Request headers a browser may send, lowercased; `None`: whatever
+    /// the preflight asks for.
+    pub allow_headers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone)]

@@ -30,6 +30,15 @@ pub struct ServerSection {
     pub header_read_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "lenient::opt_num")]
     pub max_connections: Option<usize>,
+    pub cors: Option<CorsSection>,
+}
+
+/// `server.cors`: which browser origins may call the gateway.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsSection {
+    pub allow_origins: Option<Vec<String>>,
+    pub allow_headers: Option<Vec<String>>,
 }
 
 /// `- "token"` or `- { name: "batch-jobs", token: "..." }`.

@@ -215,6 +215,55 @@ fn server(s: &schema::ServerSection, map: &SourceMap, diags: &mut Diags) -> Serv
         shutdown_grace: s.shutdown_grace.unwrap_or(Duration::from_secs(30)),
         header_read_timeout,
         max_connections,
+        cors: s.cors.as_ref().map(|c| cors(c, map, diags)),
+    }
+}
+
+/// `server.cors`: each origin `scheme://host[:port]` with no path (what a
+/// browser sends in `Origin`) or `*`; header names as HTTP allows them.
+fn cors(c: &schema::CorsSection, map: &SourceMap, diags: &mut Diags) -> crate::config::Cors {
+    let mut allow_origins = Vec::new();
+    for (i, origin) in c.allow_origins.iter().flatten().enumerate() {
+        let path = format!("server.cors.allow_origins[{i}]");
+        let shape_ok = origin == "*"
+            || origin.split_once("://").is_some_and(|(scheme, rest)| {
+                matches!(scheme, "http" | "https")
+                    && !rest.is_empty()
+                    && !rest.contains(['/', '?', '#', ' '])
+            });
+        if shape_ok {
+            allow_origins.push(origin.to_ascii_lowercase());
+        } else {
+            diags.error_at(
+                map.value(&path),
+                format!("{path}: `{origin}` is not an origin such as \"https://app.example.com\" (scheme, host and port, no path) or \"*\""),
+            );
+        }
+    }
+    if c.allow_origins.as_ref().is_none_or(Vec::is_empty) {
+        diags.error_at(
+            map.value("server.cors"),
+            "server.cors.allow_origins is empty: list the origins browsers may call from, or remove server.cors",
+        );
+    }
+    let allow_headers = c.allow_headers.as_ref().map(|names| {
+        let mut out = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_ok() {
+                out.push(name.to_ascii_lowercase());
+            } else {
+                let path = format!("server.cors.allow_headers[{i}]");
+                diags.error_at(
+                    map.value(&path),
+                    format!("{path}: `{name}` is not a header name"),
+                );
+            }
+        }
+        out
+    });
+    crate::config::Cors {
+        allow_origins,
+        allow_headers,
     }
 }
 

@@ -17,6 +17,7 @@ use smallvec::{smallvec, SmallVec};
 use super::api_error::{ApiError, X_REQUEST_ID};
 use super::attempt::{self, Outcome, UpstreamError};
 use super::body::{BoxError, ResponseBody};
+use super::cors;
 use super::endpoints;
 use super::plain::RelayedHeaders;
 use super::relay::{Filter, JsonSniffer, PrefixBuffer, Relay};
@@ -195,11 +196,15 @@ pub async fn handle<B: RequestBodyStream>(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return Ok(resp);
     }
+    let cors = cors::allowed_origin(&state, req.headers());
     let mut resp = match dispatch(&state, req, request_id).await {
         Ok(resp) => resp,
         Err(e) => e.into_response(None),
     };
     resp.headers_mut().insert(X_REQUEST_ID, rid_header);
+    if let Some(origin) = cors {
+        cors::mark(resp.headers_mut(), origin);
+    }
     Ok(resp)
 }
 
@@ -214,6 +219,9 @@ async fn dispatch<B: RequestBodyStream>(
     let (parts, body) = req.into_parts();
     let path = parts.uri.path();
     let method = &parts.method;
+    if let Some(preflight) = cors::preflight(&table, method, &parts.headers) {
+        return Ok(preflight);
+    }
     match route(path) {
         Route::Healthz => Ok(endpoints::text(StatusCode::OK, "ok\n")),
         Route::Readyz => Ok(endpoints::readyz(&table)),

@@ -6,6 +6,7 @@
 pub mod api_error;
 pub mod attempt;
 pub mod body;
+pub mod cors;
 pub mod endpoints;
 pub mod fast;
 pub mod framing;
