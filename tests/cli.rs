@@ -763,3 +763,104 @@ fn cors_origins_must_be_origins() {
         out.stdout
     );
 }
+
+/// The next log line that contains every one of `parts` (10 s at most).
+fn log_line(logs: &std::sync::mpsc::Receiver<String>, parts: &[&str]) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match logs.recv_timeout(left) {
+            Ok(line) if parts.iter().all(|p| line.contains(p)) => return line,
+            Ok(line) => seen.push(line),
+            Err(_) => break,
+        }
+    }
+    panic!("no log line with {parts:?}; saw {seen:#?}");
+}
+
+#[tokio::test]
+async fn the_access_log_has_a_line_per_request_with_the_callers_address() {
+    let up = common::MockUpstream::start("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = common::client_yaml(
+        "c",
+        &up.url(),
+        &["k"],
+        "model_match: { type: exact, value: [m] }",
+    );
+    let start = |top: &str| {
+        let path = write(
+            dir.path(),
+            "config.yaml",
+            &format!("{top}usage:\n  enabled: false\nopenai_clients:\n{client}"),
+        );
+        spawn_serve(&path, dir.path())
+    };
+    let chat_from = |addr: &str, xff: &'static str| {
+        let url = format!("http://{addr}/v1/chat/completions");
+        async move { common::post_with(&url, common::chat("m"), &[("x-forwarded-for", xff)]).await }
+    };
+
+    // Behind a trusted proxy: the caller is the rightmost untrusted hop.
+    let (mut child, addr, logs) = start("server:\n  trusted_proxies: [\"127.0.0.0/8\"]\n");
+    assert_eq!(
+        chat_from(&addr, "198.51.100.1, 203.0.113.7").await.status,
+        200
+    );
+    let line = log_line(&logs, &["request", "method=POST"]);
+    for part in [
+        "remote_addr=203.0.113.7 peer=127.0.0.1:",
+        "method=POST path=/v1/chat/completions",
+        "client=\"c\"",
+        "status=200",
+        "latency_ms=",
+    ] {
+        assert!(line.contains(part), "{part}: {line}");
+    }
+    // Requests answered locally have their line too.
+    let r = common::get(&format!("http://{addr}/healthz"), &[]).await;
+    assert_eq!(r.status, 200);
+    let line = log_line(&logs, &["request", "path=/healthz"]);
+    assert!(
+        line.contains("remote_addr=127.0.0.1 peer=127.0.0.1:"),
+        "{line}"
+    );
+    assert!(
+        line.contains("method=GET path=/healthz status=200"),
+        "{line}"
+    );
+    let r = common::get(&format!("http://{addr}/nothing-here?x=1"), &[]).await;
+    assert_eq!(r.status, 404);
+    let line = log_line(&logs, &["path=/nothing-here status=404"]);
+    assert!(!line.contains("x=1"), "the query is not logged: {line}");
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // An untrusted peer's X-Forwarded-For is not believed.
+    let (mut child, addr, logs) = start("");
+    assert_eq!(chat_from(&addr, "203.0.113.7").await.status, 200);
+    let line = log_line(&logs, &["request", "method=POST"]);
+    assert!(
+        line.contains("remote_addr=127.0.0.1 peer=127.0.0.1:"),
+        "{line}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // logging.access: false: no line for requests that went well.
+    let (child, addr, logs) = start("logging:\n  access: false\n");
+    assert_eq!(chat_from(&addr, "203.0.113.7").await.status, 200);
+    let r = common::get(&format!("http://{addr}/healthz"), &[]).await;
+    assert_eq!(r.status, 200);
+    sigterm(&child);
+    let lines: Vec<String> = logs.iter().collect();
+    assert!(lines.iter().any(|l| l.contains("stopped")), "{lines:#?}");
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains(" request ") || l.contains("method=")),
+        "{lines:#?}"
+    );
+    let mut child = child;
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}

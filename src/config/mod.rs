@@ -43,6 +43,55 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// `None`: no CORS headers, and `OPTIONS` gets 405.
     pub cors: Option<Cors>,
+    /// Peers whose `X-Forwarded-For` names the caller (access log only).
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// An address block: `10.0.0.0/8`, or one address (`/32`, `/128`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl IpNet {
+    /// `a.b.c.d`, `a.b.c.d/n`, an IPv6 address, or one with `/n`.
+    pub fn parse(text: &str) -> Option<IpNet> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let addr: std::net::IpAddr = addr.parse().ok()?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.parse().ok().filter(|p| *p <= max)?,
+            None => max,
+        };
+        Some(IpNet { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        // An IPv4 caller on a dual-stack socket shows as ::ffff:a.b.c.d.
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (std::net::IpAddr::V4(net), std::net::IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (std::net::IpAddr::V6(net), std::net::IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
 }
 
 /// `server.cors`, checked: origins as browsers send them.
@@ -124,6 +173,8 @@ pub struct LoggingConfig {
     pub level: String,
     pub dir: Option<PathBuf>,
     pub format: LogFormat,
+    /// One `info` line per request (`logging.access`).
+    pub access: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -31,6 +31,7 @@ pub struct ServerSection {
     #[serde(default, deserialize_with = "lenient::opt_num")]
     pub max_connections: Option<usize>,
     pub cors: Option<CorsSection>,
+    pub trusted_proxies: Option<Vec<String>>,
 }
 
 /// `server.cors`: which browser origins may call the gateway.
@@ -132,6 +133,8 @@ pub struct LoggingSection {
     pub level: Option<String>,
     pub dir: Option<String>,
     pub format: Option<LogFormat>,
+    #[serde(default, deserialize_with = "lenient::opt_bool")]
+    pub access: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]

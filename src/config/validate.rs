@@ -15,7 +15,7 @@ use super::load::Diags;
 use super::schema::{self, AuthTokenEntry, ClientSection, MatchKind};
 use super::source_map::SourceMap;
 use super::{
-    AuthToken, ClientConfig, Config, LoggingConfig, MatchRule, RoutingPolicy, ServerConfig,
+    AuthToken, ClientConfig, Config, IpNet, LoggingConfig, MatchRule, RoutingPolicy, ServerConfig,
     UsageConfig,
 };
 use crate::routing::matcher;
@@ -216,7 +216,29 @@ fn server(s: &schema::ServerSection, map: &SourceMap, diags: &mut Diags) -> Serv
         header_read_timeout,
         max_connections,
         cors: s.cors.as_ref().map(|c| cors(c, map, diags)),
+        trusted_proxies: trusted_proxies(
+            s.trusted_proxies.as_deref().unwrap_or_default(),
+            map,
+            diags,
+        ),
     }
+}
+
+fn trusted_proxies(list: &[String], map: &SourceMap, diags: &mut Diags) -> Vec<IpNet> {
+    let mut out = Vec::new();
+    for (i, text) in list.iter().enumerate() {
+        match IpNet::parse(text.trim()) {
+            Some(net) => out.push(net),
+            None => {
+                let path = format!("server.trusted_proxies[{i}]");
+                diags.error_at(
+                    map.value(&path),
+                    format!("{path}: `{text}` is not an address or block such as \"10.0.0.0/8\" or \"::1\""),
+                );
+            }
+        }
+    }
+    out
 }
 
 /// `server.cors`: each origin `scheme://host[:port]` with no path (what a
@@ -406,6 +428,7 @@ fn logging(
             .filter(|d| !d.is_empty())
             .map(|d| resolve(base_dir, d)),
         format: l.format.unwrap_or_default(),
+        access: l.access.unwrap_or(true),
     }
 }
 

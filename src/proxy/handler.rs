@@ -14,6 +14,7 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode
 use http_body_util::BodyExt;
 use smallvec::{smallvec, SmallVec};
 
+use super::access;
 use super::api_error::{ApiError, X_REQUEST_ID};
 use super::attempt::{self, Outcome, UpstreamError};
 use super::body::{BoxError, ResponseBody};
@@ -197,7 +198,8 @@ pub async fn handle<B: RequestBodyStream>(
         return Ok(resp);
     }
     let cors = cors::allowed_origin(&state, req.headers());
-    let mut resp = match dispatch(&state, req, request_id).await {
+    let logged = access::Request::begin(&state, &req);
+    let mut resp = match access::within(logged, dispatch(&state, req, request_id)).await {
         Ok(resp) => resp,
         Err(e) => e.into_response(None),
     };

@@ -2,10 +2,14 @@
 //!
 //! A [`Completion`] is made when a proxied request starts and reports
 //! exactly once: when finished, or when dropped because the caller went away.
+//! Its line is the request's access log line (`access`): `info` when the
+//! request went well and `logging.access` is on, `warn` when it failed
+//! whatever that setting.
 
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::access;
 use super::sse::Usage;
 use super::AppState;
 use crate::ops::metrics::ClientMetrics;
@@ -27,6 +31,8 @@ pub struct Completion {
     pub in_flight: Option<InFlight>,
     /// The answering client's metric handles.
     pub client_metrics: Option<Arc<ClientMetrics>>,
+    /// Caller's address, method and path; `None` with `logging.access` off.
+    access: Option<Arc<access::Request>>,
 }
 
 impl Completion {
@@ -38,6 +44,7 @@ impl Completion {
             started,
             in_flight: None,
             client_metrics: None,
+            access: access::claim(),
         }
     }
 
@@ -75,15 +82,22 @@ impl Completion {
         state
             .metrics
             .request_finished(&r, self.client_metrics.as_deref());
+        let a = self.access.as_deref();
+        let remote_addr = a.and_then(|a| a.remote).map(tracing::field::display);
+        let peer = a.and_then(|a| a.peer).map(tracing::field::display);
+        let method = a.map(|a| tracing::field::display(&a.method));
+        let path = a.map(|a| tracing::field::display(a.path()));
         if r.status >= 500 || r.status == CALLER_CLOSED || (r.error.is_some() && r.status < 400) {
             tracing::warn!(
+                remote_addr, peer, method, path,
                 request_id = %r.request_id, caller = r.caller.as_deref(), model = r.model.as_deref(),
                 client = r.client.as_deref(), key = r.key_id.as_deref(), status = r.status,
                 attempts = r.attempts, latency_ms = r.latency_ms, ttft_ms = r.ttft_ms,
                 error = r.error.as_deref(), "request"
             );
-        } else {
+        } else if a.is_some() {
             tracing::info!(
+                remote_addr, peer, method, path,
                 request_id = %r.request_id, caller = r.caller.as_deref(), model = r.model.as_deref(),
                 client = r.client.as_deref(), key = r.key_id.as_deref(), status = r.status,
                 attempts = r.attempts, latency_ms = r.latency_ms, ttft_ms = r.ttft_ms,

@@ -4,6 +4,7 @@
 //! and know the address before the first request.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use super::access;
 use super::fast;
 use super::framing::Watched;
 use super::handler;
@@ -53,7 +55,7 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
             },
             _ = &mut shutdown => break,
         };
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
@@ -70,7 +72,11 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
         let builder = builder.clone();
         let draining = draining_rx.clone();
         tokio::spawn(async move {
-            serve_connection(stream, state, &builder, draining).await;
+            access::with_peer(
+                peer,
+                serve_connection(stream, peer, state, &builder, draining),
+            )
+            .await;
             drop(permit);
         });
     }
@@ -94,6 +100,7 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
 /// One connection: the fast path first, then hyper if a request needs it.
 async fn serve_connection(
     stream: TcpStream,
+    peer: SocketAddr,
     state: Arc<AppState>,
     builder: &auto::Builder<TokioExecutor>,
     mut draining: watch::Receiver<bool>,
@@ -105,7 +112,8 @@ async fn serve_connection(
     let (io, framing) = Watched::new(TokioIo::new(io));
     let service = service_fn(move |req| {
         let conflicting = framing.next_request_conflicts();
-        let answer = handler::handle(state.clone(), req, conflicting);
+        // HTTP/2 streams run on tasks of their own: they get the peer too.
+        let answer = access::with_peer(peer, handler::handle(state.clone(), req, conflicting));
         async move {
             let (mut parts, body) = answer.await?.into_parts();
             // hyper writes only the header map.
