@@ -1534,3 +1534,120 @@ async fn cors_answers_preflights_and_marks_responses_for_allowed_origins_only() 
     assert_eq!(r.status, 200);
     assert!(h(&r, "access-control-allow-origin").is_empty());
 }
+
+/// The ids `GET /v1/models` lists, with their owners.
+async fn listed_models(gw: &Gateway) -> Vec<(String, String)> {
+    let list = get(&gw.url("/v1/models"), &[]).await.json();
+    list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_str().unwrap().to_owned(),
+                m["owned_by"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Polls `/v1/models` until it lists `id` (5 s at most).
+async fn wait_listed(gw: &Gateway, id: &str) -> Vec<(String, String)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let listed = listed_models(gw).await;
+        if listed.iter().any(|(m, _)| m == id) || tokio::time::Instant::now() > deadline {
+            return listed;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn discovered_models_are_listed_when_they_route_and_every_routed_name_resolves() {
+    let pool = MockUpstream::start("pool").await;
+    let exact = MockUpstream::start("exact").await;
+    let list = |ids: &[&str]| {
+        let data: Vec<_> = ids
+            .iter()
+            .map(|id| json!({"id": id, "object": "model", "owned_by": "upstream"}))
+            .collect();
+        Reply::Json(200, json!({"object": "list", "data": data}))
+    };
+    pool.push(list(&[
+        "gpt-4o",
+        "gpt-4o-mini",
+        "whisper-1",
+        "text-embedding-3-small",
+    ]));
+    let yaml = |pool_extra: &str| {
+        config(
+            &[
+                client_yaml(
+                    "exact",
+                    &exact.url(),
+                    &["k-exact"],
+                    "model_match: { type: exact, value: [gpt-4o] }",
+                ),
+                client_yaml(
+                    "pool",
+                    &pool.url(),
+                    &["k-pool-1", "k-pool-2"],
+                    &format!("discover_models: true\n{pool_extra}model_match: {{ type: keyword, value: [gpt] }}"),
+                ),
+            ],
+            "",
+        )
+    };
+    let gw = Gateway::start(&yaml("")).await;
+
+    // Exact names first; then what the upstream lists and the client's own
+    // rule matches (not whisper-1 or the embedding model), each once.
+    let listed = wait_listed(&gw, "gpt-4o-mini").await;
+    let pair = |a: &str, b: &str| (a.to_owned(), b.to_owned());
+    assert_eq!(
+        listed,
+        [pair("gpt-4o", "exact"), pair("gpt-4o-mini", "pool")]
+    );
+    let asked = pool.requests();
+    assert_eq!(asked.len(), 1);
+    assert_eq!(
+        (asked[0].method.as_str(), asked[0].uri.as_str()),
+        ("GET", "/v1/models")
+    );
+    assert_eq!(asked[0].auth(), "Bearer k-pool-1");
+    assert_eq!(
+        exact.count(),
+        0,
+        "clients without discover_models are not asked"
+    );
+
+    // Every name that routes resolves, listed or not; others do not.
+    for (id, owner) in [
+        ("gpt-4o-mini", "pool"),
+        ("gpt-anything", "pool"),
+        ("gpt-4o", "exact"),
+    ] {
+        let one = get(&gw.url(&format!("/v1/models/{id}")), &[]).await;
+        assert_eq!(one.status, 200, "{id}");
+        assert_eq!(one.json()["owned_by"], owner, "{id}");
+    }
+    assert_eq!(get(&gw.url("/v1/models/whisper-1"), &[]).await.status, 404);
+
+    // A reload fetches again.
+    pool.push(list(&["gpt-5", "dall-e-3"]));
+    std::fs::write(gw.config_path(), yaml("priority: 5\n")).unwrap();
+    assert!(gw.wait_generation(2).await);
+    let listed = wait_listed(&gw, "gpt-5").await;
+    assert_eq!(listed, [pair("gpt-4o", "exact"), pair("gpt-5", "pool")]);
+
+    // A failed fetch keeps the last list.
+    pool.push(Reply::Json(500, json!({"error": {"message": "down"}})));
+    std::fs::write(gw.config_path(), yaml("priority: 6\n")).unwrap();
+    assert!(gw.wait_generation(3).await);
+    assert!(eventually(Duration::from_secs(5), || pool.count() == 3).await);
+    assert_eq!(
+        listed_models(&gw).await,
+        [pair("gpt-4o", "exact"), pair("gpt-5", "pool")]
+    );
+}

@@ -9,7 +9,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use super::ConfigArg;
 use crate::config::validate::parse_listen;
 use crate::ops::metrics::Metrics;
-use crate::ops::{logging, reload, systemd};
+use crate::ops::{discovery, logging, reload, systemd};
 use crate::proxy::{server, AppState};
 use crate::routing::RoutingTable;
 use crate::usage::{UsageSink, UsageWriter};
@@ -94,6 +94,7 @@ async fn serve(
     let table = RoutingTable::build(cfg, None);
     let clients = table.clients.len();
     let state = Arc::new(AppState::new(table, sink, metrics, Some(path.clone())));
+    discovery::refresh(&state);
     let _watcher = match reload::watch(state.clone(), &path) {
         Ok(w) => Some(w),
         Err(e) => {

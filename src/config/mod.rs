@@ -196,6 +196,9 @@ pub struct ClientConfig {
     pub extra_body: serde_json::Map<String, serde_json::Value>,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub policy: RoutingPolicy,
+    /// List the upstream's own model names that `model_match` matches
+    /// in `/v1/models` (fetched at start and on reload).
+    pub discover_models: bool,
 }
 
 /// A client's `model_match`, with regexes compiled and anchored to the whole name.

@@ -187,6 +187,8 @@ pub struct ClientSection {
     #[serde(default, deserialize_with = "lenient::opt_duration")]
     pub cooldown: Option<Duration>,
     pub key_strategy: Option<KeyStrategy>,
+    #[serde(default, deserialize_with = "lenient::opt_bool")]
+    pub discover_models: Option<bool>,
 }
 
 impl ClientSection {

@@ -605,6 +605,7 @@ fn client(
         extra_body: c.extra_body.clone().unwrap_or_default(),
         headers,
         policy,
+        discover_models: c.discover_models.unwrap_or(false),
     })
 }
 

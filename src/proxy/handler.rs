@@ -233,7 +233,7 @@ async fn dispatch<B: RequestBodyStream>(
             let caller = authenticate(&table, &parts.headers)?;
             match route {
                 Route::Metrics => Ok(endpoints::metrics(state, &table)),
-                Route::Models if method == Method::GET => Ok(endpoints::models(&table)),
+                Route::Models if method == Method::GET => Ok(endpoints::models(state, &table)),
                 Route::Model(id) if method == Method::GET => endpoints::model(&table, &id),
                 Route::Proxy { client, endpoint } => {
                     if client.is_none() && method != Method::POST {

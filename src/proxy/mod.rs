@@ -58,6 +58,8 @@ pub struct AppState {
     pub reload_lock: tokio::sync::Mutex<()>,
     /// `server.max_connections`, shared by every worker's accept loop.
     pub connection_slots: Arc<tokio::sync::Semaphore>,
+    /// Upstreams' own model lists (`discover_models`), for `/v1/models`.
+    pub discovered: crate::ops::discovery::DiscoveredModels,
 }
 
 impl AppState {
@@ -85,6 +87,7 @@ impl AppState {
             }),
             reload_lock: tokio::sync::Mutex::new(()),
             connection_slots: slots,
+            discovered: Default::default(),
         }
     }
 
