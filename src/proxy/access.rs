@@ -1,15 +1,12 @@
 //! The access log: one `info` line per request with who called, what, and
 //! how it ended, the fields an nginx user greps (`logging.access`).
 //!
-//! The caller's socket address is known only to the accept loop:
-//! `server` runs each connection (and each HTTP/2 stream) inside
-//! [`with_peer`], and any code on the request's path reads it with
-//! [`peer`]. `handler::handle` opens a [`Request`] scope (address, method,
-//! path, start) around the request. A proxied request's `Completion`
-//! claims it and logs the line when the request ends, after its last body
-//! byte, with client, model and tokens; `handle` logs every other request
-//! (health, models, metrics, admin, refusals before routing) when its
-//! response is ready. `X-Forwarded-For` names the caller only when the
+//! `handler::handle`, given the connection's peer by the accept loop,
+//! opens a [`Request`] scope (address, method, path, start) around the
+//! request. A proxied request's `Completion` claims it and logs the line
+//! when the request ends, after its last body byte, with client, model
+//! and tokens; `within` logs every other request (health, models,
+//! metrics, admin, refusals before routing) when its response is ready. `X-Forwarded-For` names the caller only when the
 //! peer is in `server.trusted_proxies`: anyone can send the header.
 
 use std::future::Future;
@@ -22,23 +19,11 @@ use http::{HeaderMap, Method, Response, Uri};
 
 use super::api_error::ApiError;
 use super::body::ResponseBody;
-
 use super::AppState;
 use crate::config::IpNet;
 
 tokio::task_local! {
-    static PEER: SocketAddr;
     static REQUEST: Arc<Request>;
-}
-
-/// Runs `f` (a connection, or an HTTP/2 stream) with `peer` as its caller.
-pub async fn with_peer<F: Future>(peer: SocketAddr, f: F) -> F::Output {
-    PEER.scope(peer, f).await
-}
-
-/// The socket address of the connection this task serves, if known.
-pub fn peer() -> Option<SocketAddr> {
-    PEER.try_with(|p| *p).ok()
 }
 
 /// One request as the access log sees it.
@@ -58,12 +43,15 @@ pub struct Request {
 
 impl Request {
     /// The request's scope, or `None` when `logging.access` is off.
-    pub fn begin<B>(state: &AppState, req: &http::Request<B>) -> Option<Arc<Request>> {
+    pub fn begin<B>(
+        state: &AppState,
+        req: &http::Request<B>,
+        peer: Option<SocketAddr>,
+    ) -> Option<Arc<Request>> {
         let table = state.table.load();
         if !table.config.logging.access {
             return None;
         }
-        let peer = peer();
         let remote = peer
             .map(|p| caller_address(p.ip(), &table.config.server.trusted_proxies, req.headers()));
         Some(Arc::new(Request {

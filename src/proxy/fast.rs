@@ -60,7 +60,12 @@ pub enum Exit {
 
 /// Serves requests on `io` until the connection ends, the server drains
 /// (`draining` turns true), or a request needs hyper.
-pub async fn serve(io: TcpStream, state: Arc<AppState>, draining: watch::Receiver<bool>) -> Exit {
+pub async fn serve(
+    io: TcpStream,
+    peer: Option<std::net::SocketAddr>,
+    state: Arc<AppState>,
+    draining: watch::Receiver<bool>,
+) -> Exit {
     // Made once per connection, not per wait for a request: it registers
     // with the drain signal on its first wait and stays registered, where
     // a new one per wait would register and deregister (two locks) each
@@ -118,7 +123,7 @@ pub async fn serve(io: TcpStream, state: Arc<AppState>, draining: watch::Receive
         let resp = tokio::select! {
             // In order: no random draw per request.
             biased;
-            resp = handler::handle(state.clone(), req, false) => match resp {
+            resp = handler::handle(state.clone(), req, false, peer) => match resp {
                 Ok(resp) => resp,
                 Err(never) => match never {},
             },

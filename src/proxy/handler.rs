@@ -6,6 +6,7 @@
 
 use std::borrow::Cow;
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -185,6 +186,7 @@ pub async fn handle<B: RequestBodyStream>(
     state: Arc<AppState>,
     req: Request<B>,
     conflicting_framing: bool,
+    peer: Option<SocketAddr>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let id = new_request_id();
     // ASCII by construction: never the empty default.
@@ -198,7 +200,7 @@ pub async fn handle<B: RequestBodyStream>(
         return Ok(resp);
     }
     let cors = cors::allowed_origin(&state, req.headers());
-    let logged = access::Request::begin(&state, &req);
+    let logged = access::Request::begin(&state, &req, peer);
     let mut resp = match access::within(logged, dispatch(&state, req, request_id)).await {
         Ok(resp) => resp,
         Err(e) => e.into_response(None),

@@ -4,7 +4,6 @@
 //! and know the address before the first request.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +13,6 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use super::access;
 use super::fast;
 use super::framing::Watched;
 use super::handler;
@@ -72,11 +70,7 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
         let builder = builder.clone();
         let draining = draining_rx.clone();
         tokio::spawn(async move {
-            access::with_peer(
-                peer,
-                serve_connection(stream, peer, state, &builder, draining),
-            )
-            .await;
+            serve_connection(stream, peer, state, &builder, draining).await;
             drop(permit);
         });
     }
@@ -100,20 +94,19 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
 /// One connection: the fast path first, then hyper if a request needs it.
 async fn serve_connection(
     stream: TcpStream,
-    peer: SocketAddr,
+    peer: std::net::SocketAddr,
     state: Arc<AppState>,
     builder: &auto::Builder<TokioExecutor>,
     mut draining: watch::Receiver<bool>,
 ) {
-    let io = match fast::serve(stream, state.clone(), draining.clone()).await {
+    let io = match fast::serve(stream, Some(peer), state.clone(), draining.clone()).await {
         fast::Exit::Closed => return,
         fast::Exit::HandOff(io) => io,
     };
     let (io, framing) = Watched::new(TokioIo::new(io));
     let service = service_fn(move |req| {
         let conflicting = framing.next_request_conflicts();
-        // HTTP/2 streams run on tasks of their own: they get the peer too.
-        let answer = access::with_peer(peer, handler::handle(state.clone(), req, conflicting));
+        let answer = handler::handle(state.clone(), req, conflicting, Some(peer));
         async move {
             let (mut parts, body) = answer.await?.into_parts();
             // hyper writes only the header map.
