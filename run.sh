@@ -13,7 +13,12 @@ build() {
 
 case "${1:-serve}" in
   demo)
-    build --bin gptbalance --example mock_upstream
+    # Two builds, not one: an example gets the dev-dependencies' features
+    # (tokio's test-util), and built in one go with the router it would give
+    # the router other dependency builds than `cargo build --release` has,
+    # which would then rebuild everything.
+    build --bin gptbalance
+    build --example mock_upstream
     pids=()
     cleanup() { kill "${pids[@]}" 2>/dev/null || true; }
     trap cleanup EXIT INT TERM

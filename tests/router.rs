@@ -569,6 +569,21 @@ async fn request_errors_have_openais_shape_and_status() {
         assert!(e["message"].is_string() && e.get("type").is_some() && e.get("param").is_some());
         assert!(r.headers.contains_key("x-request-id"));
     }
+    // Broken JSON gets one kind of answer, whatever its first byte.
+    for body in ["not json", "{bad", "[1,"] {
+        let r = send(post_req(&url, body, &[])).await;
+        assert_eq!(r.status, 400);
+        let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(
+            message.starts_with("the request body is not valid JSON: "),
+            "{body}: {message}"
+        );
+    }
+    let r = send(post_req(&url, "[\"m\"]", &[])).await;
+    assert_eq!(
+        r.json()["error"]["message"],
+        "the request body must be a JSON object"
+    );
     assert_eq!(up.count(), 0);
 }
 
@@ -1239,22 +1254,26 @@ async fn h2c_prior_knowledge_is_served() {
     assert_eq!(resp.status(), 200);
 }
 
-/// The official OpenAI Python SDK against the gateway, when it is installed
-/// (`.ci/run` installs it and sets GPTBALANCE_REQUIRE_SDK=1).
+/// The official OpenAI Python SDK against the gateway. The test never
+/// passes without running: it finds a Python with the `openai` package
+/// (`$GPTBALANCE_PYTHON`, else `python3`, else a venv under `target/`
+/// that it makes and installs the package into once) or fails saying how
+/// to get one.
 #[tokio::test]
 async fn the_official_openai_python_sdk_works_end_to_end() {
-    let has_sdk = std::process::Command::new("python3")
-        .args(["-c", "import openai"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !has_sdk {
-        assert!(
-            std::env::var_os("GPTBALANCE_REQUIRE_SDK").is_none(),
-            "the openai package is required"
-        );
-        eprintln!("skipped: python3 has no `openai` package (pip install openai)");
-        return;
-    }
+    let chosen = std::env::var_os("GPTBALANCE_PYTHON");
+    let python = match tokio::task::spawn_blocking(move || python_with_openai(chosen))
+        .await
+        .unwrap()
+    {
+        Ok(p) => p,
+        Err(why) => panic!(
+            "this test drives the official OpenAI Python SDK and found no Python with the \
+             `openai` package: {why}\nInstall it (`pip install openai`), point \
+             GPTBALANCE_PYTHON at a python that has it, or leave this one test out: \
+             cargo test --locked -- --skip the_official_openai_python_sdk"
+        ),
+    };
     let up = MockUpstream::start("sdk").await;
     let stream = |usage: bool| Reply::Sse {
         events: [
@@ -1294,7 +1313,7 @@ async fn the_official_openai_python_sdk_works_end_to_end() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/openai_sdk_check.py");
     let base = gw.url("/v1");
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
+        std::process::Command::new(python)
             .args([script, &base, "sdk-token"])
             .output()
             .unwrap()
@@ -1314,4 +1333,321 @@ async fn the_official_openai_python_sdk_works_end_to_end() {
         .to_str()
         .unwrap()
         .starts_with("OpenAI/Python"));
+}
+
+/// Whether `python` can import the `openai` package.
+fn imports_openai(python: &std::path::Path) -> bool {
+    std::process::Command::new(python)
+        .args(["-c", "import openai"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A Python that can import `openai`: `chosen` (from `$GPTBALANCE_PYTHON`)
+/// when given, else `python3`, else `target/tmp/openai-sdk-venv`, made
+/// and filled with `pip install openai` the first time (which needs the
+/// network). `Err` says what was tried.
+fn python_with_openai(chosen: Option<std::ffi::OsString>) -> Result<std::path::PathBuf, String> {
+    use std::path::PathBuf;
+    if let Some(p) = chosen {
+        let p = PathBuf::from(p);
+        return if imports_openai(&p) {
+            Ok(p)
+        } else {
+            Err(format!(
+                "GPTBALANCE_PYTHON={} cannot import openai",
+                p.display()
+            ))
+        };
+    }
+    if imports_openai(std::path::Path::new("python3")) {
+        return Ok(PathBuf::from("python3"));
+    }
+    let venv = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("openai-sdk-venv");
+    let python = venv.join("bin").join("python");
+    if imports_openai(&python) {
+        return Ok(python);
+    }
+    let run = |cmd: &mut std::process::Command, what: &str| -> Result<(), String> {
+        match cmd.output() {
+            Ok(out) if out.status.success() => Ok(()),
+            Ok(out) => Err(format!(
+                "{what} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+            Err(e) => Err(format!("{what} failed: {e}")),
+        }
+    };
+    if !python.exists() {
+        run(
+            std::process::Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&venv),
+            &format!("python3 -m venv {}", venv.display()),
+        )?;
+    }
+    run(
+        std::process::Command::new(&python).args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "openai",
+        ]),
+        &format!("{} -m pip install openai", python.display()),
+    )?;
+    if imports_openai(&python) {
+        Ok(python)
+    } else {
+        Err(format!(
+            "{} cannot import openai after installing it",
+            python.display()
+        ))
+    }
+}
+
+#[test]
+fn a_python_without_the_sdk_is_an_error_not_a_skip() {
+    let missing = tempfile::tempdir().unwrap().path().join("python");
+    let err = python_with_openai(Some(missing.clone().into())).unwrap_err();
+    assert_eq!(
+        err,
+        format!(
+            "GPTBALANCE_PYTHON={} cannot import openai",
+            missing.display()
+        )
+    );
+}
+
+/// `OPTIONS` with the headers a browser sends before a cross-origin call.
+async fn preflight(url: &str, origin: &str, request_headers: &str) -> Reply2 {
+    let req = http::Request::builder()
+        .method("OPTIONS")
+        .uri(url)
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", request_headers)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    send(req).await
+}
+
+#[tokio::test]
+async fn cors_answers_preflights_and_marks_responses_for_allowed_origins_only() {
+    let up = MockUpstream::start("up").await;
+    let token = "a-browser-app-token-0123";
+    let gw = Gateway::start(&config(
+        &[one_client(&up, "")],
+        &format!(
+            "server:\n  auth_tokens: [\"{token}\"]\n  cors:\n    allow_origins: [\"https://app.example.com\", \"http://localhost:5173\"]\n"
+        ),
+    ))
+    .await;
+    let url = gw.url("/v1/chat/completions");
+    let app = "https://app.example.com";
+    let asked = "authorization, content-type, x-stainless-os";
+
+    // A preflight carries no token and is answered before auth.
+    let r = preflight(&url, app, asked).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    let h = |r: &Reply2, name: &str| -> Vec<String> {
+        r.headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(h(&r, "access-control-allow-origin"), [app]);
+    assert_eq!(
+        h(&r, "access-control-allow-methods"),
+        ["GET, POST, OPTIONS"]
+    );
+    assert_eq!(h(&r, "access-control-allow-headers"), [asked]);
+    assert_eq!(h(&r, "access-control-max-age"), ["600"]);
+    assert!(
+        h(&r, "vary").contains(&"origin".to_owned()),
+        "{:?}",
+        r.headers
+    );
+
+    // The real request, and an error, are readable by the page.
+    let auth = format!("Bearer {token}");
+    let r = post_with(
+        &url,
+        chat("m"),
+        &[("origin", app), ("authorization", &auth)],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(h(&r, "access-control-allow-origin"), [app]);
+    assert_eq!(
+        h(&r, "access-control-expose-headers"),
+        ["x-request-id, retry-after"]
+    );
+    let r = post_with(&url, chat("m"), &[("origin", "http://localhost:5173")]).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        h(&r, "access-control-allow-origin"),
+        ["http://localhost:5173"]
+    );
+
+    // Another origin, or none: no CORS header, and OPTIONS is not served.
+    let r = preflight(&url, "https://evil.example", asked).await;
+    assert_ne!(r.status, 204);
+    assert!(h(&r, "access-control-allow-origin").is_empty());
+    let r = post_with(
+        &url,
+        chat("m"),
+        &[("origin", "https://evil.example"), ("authorization", &auth)],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(h(&r, "access-control-allow-origin").is_empty());
+    let r = post_with(&url, chat("m"), &[("authorization", &auth)]).await;
+    assert!(h(&r, "access-control-allow-origin").is_empty());
+
+    // Listed headers are the only ones allowed; without server.cors,
+    // nothing changes.
+    let yaml = std::fs::read_to_string(gw.config_path()).unwrap().replace(
+        "    allow_origins:",
+        "    allow_headers: [Authorization, Content-Type]\n    allow_origins:",
+    );
+    std::fs::write(gw.config_path(), yaml).unwrap();
+    assert!(gw.wait_generation(2).await);
+    let r = preflight(&url, app, asked).await;
+    assert_eq!(
+        h(&r, "access-control-allow-headers"),
+        ["authorization, content-type"]
+    );
+    let plain = Gateway::start(&config(&[one_client(&up, "")], "")).await;
+    let r = preflight(&plain.url("/v1/chat/completions"), app, asked).await;
+    assert_eq!(r.status, 405);
+    assert!(h(&r, "access-control-allow-origin").is_empty());
+    let r = post_with(
+        &plain.url("/v1/chat/completions"),
+        chat("m"),
+        &[("origin", app)],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(h(&r, "access-control-allow-origin").is_empty());
+}
+
+/// The ids `GET /v1/models` lists, with their owners.
+async fn listed_models(gw: &Gateway) -> Vec<(String, String)> {
+    let list = get(&gw.url("/v1/models"), &[]).await.json();
+    list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_str().unwrap().to_owned(),
+                m["owned_by"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Polls `/v1/models` until it lists `id` (5 s at most).
+async fn wait_listed(gw: &Gateway, id: &str) -> Vec<(String, String)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let listed = listed_models(gw).await;
+        if listed.iter().any(|(m, _)| m == id) || tokio::time::Instant::now() > deadline {
+            return listed;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn discovered_models_are_listed_when_they_route_and_every_routed_name_resolves() {
+    let pool = MockUpstream::start("pool").await;
+    let exact = MockUpstream::start("exact").await;
+    let list = |ids: &[&str]| {
+        let data: Vec<_> = ids
+            .iter()
+            .map(|id| json!({"id": id, "object": "model", "owned_by": "upstream"}))
+            .collect();
+        Reply::Json(200, json!({"object": "list", "data": data}))
+    };
+    pool.push(list(&[
+        "gpt-4o",
+        "gpt-4o-mini",
+        "whisper-1",
+        "text-embedding-3-small",
+    ]));
+    let yaml = |pool_extra: &str| {
+        config(
+            &[
+                client_yaml(
+                    "exact",
+                    &exact.url(),
+                    &["k-exact"],
+                    "model_match: { type: exact, value: [gpt-4o] }",
+                ),
+                client_yaml(
+                    "pool",
+                    &pool.url(),
+                    &["k-pool-1", "k-pool-2"],
+                    &format!("discover_models: true\n{pool_extra}model_match: {{ type: keyword, value: [gpt] }}"),
+                ),
+            ],
+            "",
+        )
+    };
+    let gw = Gateway::start(&yaml("")).await;
+
+    // Exact names first; then what the upstream lists and the client's own
+    // rule matches (not whisper-1 or the embedding model), each once.
+    let listed = wait_listed(&gw, "gpt-4o-mini").await;
+    let pair = |a: &str, b: &str| (a.to_owned(), b.to_owned());
+    assert_eq!(
+        listed,
+        [pair("gpt-4o", "exact"), pair("gpt-4o-mini", "pool")]
+    );
+    let asked = pool.requests();
+    assert_eq!(asked.len(), 1);
+    assert_eq!(
+        (asked[0].method.as_str(), asked[0].uri.as_str()),
+        ("GET", "/v1/models")
+    );
+    assert_eq!(asked[0].auth(), "Bearer k-pool-1");
+    assert_eq!(
+        exact.count(),
+        0,
+        "clients without discover_models are not asked"
+    );
+
+    // Every name that routes resolves, listed or not; others do not.
+    for (id, owner) in [
+        ("gpt-4o-mini", "pool"),
+        ("gpt-anything", "pool"),
+        ("gpt-4o", "exact"),
+    ] {
+        let one = get(&gw.url(&format!("/v1/models/{id}")), &[]).await;
+        assert_eq!(one.status, 200, "{id}");
+        assert_eq!(one.json()["owned_by"], owner, "{id}");
+    }
+    assert_eq!(get(&gw.url("/v1/models/whisper-1"), &[]).await.status, 404);
+
+    // A reload fetches again.
+    pool.push(list(&["gpt-5", "dall-e-3"]));
+    std::fs::write(gw.config_path(), yaml("priority: 5\n")).unwrap();
+    assert!(gw.wait_generation(2).await);
+    let listed = wait_listed(&gw, "gpt-5").await;
+    assert_eq!(listed, [pair("gpt-4o", "exact"), pair("gpt-5", "pool")]);
+
+    // A failed fetch keeps the last list.
+    pool.push(Reply::Json(500, json!({"error": {"message": "down"}})));
+    std::fs::write(gw.config_path(), yaml("priority: 6\n")).unwrap();
+    assert!(gw.wait_generation(3).await);
+    assert!(eventually(Duration::from_secs(5), || pool.count() == 3).await);
+    assert_eq!(
+        listed_models(&gw).await,
+        [pair("gpt-4o", "exact"), pair("gpt-5", "pool")]
+    );
 }

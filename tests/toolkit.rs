@@ -194,6 +194,24 @@ openai_clients:
     );
     assert!(out.contains("b — weight 1 (25% of this tier)"), "{out}");
     assert!(out.contains("sends model `gpt-x` upstream"), "{out}");
+    // Each candidate says which of its values matched.
+    let a = out.find("a — weight 3").unwrap();
+    assert_eq!(
+        out[a..].lines().nth(1),
+        Some("        matched by keyword `gpt`"),
+        "{out}"
+    );
+    let b = out.find("b — weight 1").unwrap();
+    assert_eq!(
+        out[b..].lines().nth(1),
+        Some("        matched by regex `gpt-.*`"),
+        "{out}"
+    );
+    let (_, exact, _) = run(&["route", "--config", p, "mini"], dir.path());
+    assert!(
+        exact.contains("        matched by exact `mini`\n"),
+        "{exact}"
+    );
     assert!(out.contains("-> mini (depth 1): m"), "{out}");
     assert!(out.contains("-> deep (depth 2): d"), "{out}");
     assert!(
@@ -360,6 +378,126 @@ fn the_systemd_unit_verifies() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The Dockerfile, read as text (no Docker engine runs the tests): its
+/// health check runs the real `health` subcommand, with the very flags it
+/// names, against a real gateway; the build caches dependencies; the
+/// build context leaves `target/` out but keeps what the build copies.
+#[tokio::test]
+async fn the_dockerfile_checks_readyz_drains_on_sigterm_and_caches_dependencies() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let file = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    // Instructions, with continuation lines joined.
+    let joined = file.replace("\\\n", " ");
+    let instructions: Vec<&str> = joined
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    let find = |prefix: &str| -> Vec<&str> {
+        instructions
+            .iter()
+            .copied()
+            .filter(|l| l.starts_with(prefix))
+            .collect()
+    };
+    assert_eq!(find("STOPSIGNAL"), ["STOPSIGNAL SIGTERM"]);
+
+    let health = find("HEALTHCHECK");
+    assert_eq!(health.len(), 1, "{health:?}");
+    let exec = health[0]
+        .split_once(" CMD ")
+        .expect("HEALTHCHECK ... CMD [...]")
+        .1;
+    let args: Vec<String> = serde_json::from_str(exec.trim()).expect("exec form");
+    assert_eq!(args[..2], ["gptbalance", "health"], "{args:?}");
+    let url_at = args.iter().position(|a| a == "--url").expect("--url") + 1;
+    assert_eq!(args[url_at], "http://127.0.0.1:8000/readyz");
+    let up = MockUpstream::start("up").await;
+    let gw = Gateway::start(&format!(
+        "usage:\n  enabled: false\nopenai_clients:\n{}",
+        one_client(&up, "")
+    ))
+    .await;
+    let mut probe = args[1..].to_vec();
+    probe[url_at - 1] = gw.url("/readyz");
+    let (code, out, err) = run_async(probe.clone(), root.to_owned()).await;
+    assert_eq!(code, 0, "{probe:?}: {out}{err}");
+    drop(gw);
+
+    // Cargo.toml and Cargo.lock are copied, and dependencies built, before
+    // src/: the dependency layer survives a source change.
+    let position = |needle: &str| {
+        instructions
+            .iter()
+            .position(|l| l.starts_with(needle))
+            .unwrap_or_else(|| panic!("no `{needle}` in the Dockerfile"))
+    };
+    let manifests = position("COPY Cargo.toml Cargo.lock");
+    let sources = position("COPY src src");
+    assert!(
+        instructions[manifests..sources]
+            .iter()
+            .any(|l| l.starts_with("RUN") && l.contains("cargo build --release --locked")),
+        "{instructions:#?}"
+    );
+    assert!(instructions[sources..]
+        .iter()
+        .any(|l| l.starts_with("RUN") && l.contains("cargo build --release --locked")));
+
+    // The build context: target/ out, every copied path in.
+    let ignore = std::fs::read_to_string(root.join(".dockerignore")).unwrap();
+    let ignored: Vec<&str> = ignore
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    assert!(ignored.contains(&"target/"), "{ignored:?}");
+    for copy in find("COPY ").iter().filter(|l| !l.contains("--from")) {
+        let parts: Vec<&str> = copy.split_whitespace().collect();
+        for source in &parts[1..parts.len() - 1] {
+            assert!(root.join(source).exists(), "{source}");
+            assert!(
+                !ignored
+                    .iter()
+                    .any(|i| source.starts_with(i.trim_end_matches('/'))),
+                "{source} is copied but .dockerignore leaves it out"
+            );
+        }
+    }
+
+    // The config directory is mounted, not the file (a rename-save would
+    // never reach the container), and the stop timeout is documented.
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    for text in [&file, &readme] {
+        assert!(text.contains(":/etc/gptbalance:ro"));
+        assert!(!text.contains(":/etc/gptbalance/config.yaml"));
+        assert!(text.contains("--stop-timeout"));
+    }
+}
+
+/// `./run.sh demo` builds the router exactly as `cargo build --release`
+/// does: the mock upstream, an example with dev-dependency features, is
+/// built in a cargo invocation of its own.
+#[test]
+fn the_demo_builds_the_router_apart_from_its_example() {
+    let script =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("run.sh")).unwrap();
+    let demo = script
+        .split("  demo)")
+        .nth(1)
+        .and_then(|rest| rest.split(";;").next())
+        .expect("a demo) case");
+    let builds: Vec<&str> = demo
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("build "))
+        .collect();
+    assert_eq!(
+        builds,
+        ["build --bin gptbalance", "build --example mock_upstream"]
     );
 }
 

@@ -3,6 +3,7 @@
 
 pub mod check_keys;
 pub mod diff;
+pub mod health;
 pub mod replay;
 pub mod route;
 pub mod serve;
@@ -46,6 +47,8 @@ pub enum Command {
     Diff(diff::Args),
     /// Re-decide the recorded requests under a config: shares, refusals, cost
     Replay(replay::Args),
+    /// Probe a running gateway's /readyz: exit 0 on 200, 1 otherwise (for container health checks)
+    Health(health::Args),
 }
 
 /// `--config`, shared by every subcommand.
@@ -72,6 +75,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Usage(a) => usage::run(a),
         Command::Diff(a) => diff::run(a),
         Command::Replay(a) => replay::run(a),
+        Command::Health(a) => health::run(a),
     }
 }
 

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use super::ConfigArg;
 use crate::config::load::did_you_mean;
-use crate::config::MatchKind;
+use crate::config::{MatchKind, MatchRule};
 use crate::routing::RoutingTable;
 
 #[derive(Debug, clap::Args)]
@@ -85,6 +85,10 @@ pub fn explain(table: &RoutingTable, model: &str) -> Result<String, String> {
                 c.cfg.policy.key_strategy.as_str(),
                 c.cfg.base_url,
             ));
+            out.push_str(&format!(
+                "        {}\n",
+                matched_by(&c.cfg.model_match, model)
+            ));
             for t in transforms(&c.cfg) {
                 out.push_str(&format!("        {t}\n"));
             }
@@ -92,6 +96,29 @@ pub fn explain(table: &RoutingTable, model: &str) -> Result<String, String> {
     }
     out.push_str(&fallback_chain(table, model));
     Ok(out)
+}
+
+/// Which of the client's `model_match` values matched `model`: the first,
+/// as the router checks them in order.
+fn matched_by(rule: &MatchRule, model: &str) -> String {
+    let value = match rule.kind {
+        MatchKind::Exact => rule.values.iter().find(|v| *v == model),
+        MatchKind::Keyword => rule.values.iter().find(|v| model.contains(v.as_str())),
+        MatchKind::Regex => rule
+            .regexes
+            .iter()
+            .position(|r| r.is_match(model))
+            .and_then(|i| rule.values.get(i)),
+    };
+    let kind = match rule.kind {
+        MatchKind::Exact => "exact",
+        MatchKind::Keyword => "keyword",
+        MatchKind::Regex => "regex",
+    };
+    match value {
+        Some(v) => format!("matched by {kind} `{v}`"),
+        None => format!("matched by {kind}"),
+    }
 }
 
 fn transforms(c: &crate::config::ClientConfig) -> Vec<String> {

@@ -9,7 +9,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use super::ConfigArg;
 use crate::config::validate::parse_listen;
 use crate::ops::metrics::Metrics;
-use crate::ops::{logging, reload, systemd};
+use crate::ops::{discovery, logging, reload, systemd};
 use crate::proxy::{server, AppState};
 use crate::routing::RoutingTable;
 use crate::usage::{UsageSink, UsageWriter};
@@ -96,6 +96,7 @@ async fn serve(
     restore_spend(&table, &usage_dir);
     let clients = table.clients.len();
     let state = Arc::new(AppState::new(table, sink, metrics, Some(path.clone())));
+    discovery::refresh(&state);
     let _watcher = match reload::watch(state.clone(), &path) {
         Ok(w) => Some(w),
         Err(e) => {
@@ -106,6 +107,9 @@ async fn serve(
     if let Err(e) = reload::on_sighup(state.clone()) {
         tracing::warn!(error = %e, "cannot handle SIGHUP");
     }
+    // Handlers go in before the line that tells the world we listen: a
+    // SIGTERM right after it must drain, not kill.
+    let shutdown = shutdown_signal();
     tracing::info!(listen = %bound, clients, config = %path.display(), version = env!("CARGO_PKG_VERSION"), "gptbalance listening");
     systemd::ready();
     systemd::spawn_watchdog();
@@ -141,8 +145,12 @@ async fn serve(
             Err(e) => tracing::error!(error = %e, "cannot start a worker thread"),
         }
     }
+    let stop_state = state.clone();
     tokio::spawn(async move {
-        shutdown_signal().await;
+        shutdown.await;
+        // Once for the process; each worker says more at debug.
+        let grace = stop_state.table.load().config.server.shutdown_grace;
+        tracing::info!(?grace, "draining");
         let _ = stop_tx.send(true);
     });
     match TcpListener::from_std(own) {
@@ -185,39 +193,71 @@ pub fn restore_spend(table: &RoutingTable, dir: &std::path::Path) {
 }
 
 /// `count` listeners on one address with SO_REUSEPORT, so the kernel
-/// spreads new connections across the worker threads. Port 0 is resolved
-/// by the first bind and reused by the others.
-fn bind_listeners(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
-    let mut out: Vec<std::net::TcpListener> = Vec::with_capacity(count);
-    let mut at = addr;
-    for _ in 0..count.max(1) {
-        let socket = if at.is_ipv4() {
-            TcpSocket::new_v4()?
+/// spreads new connections across the worker threads.
+///
+/// SO_REUSEPORT alone would also let this process share the port with
+/// another gptbalance (or anything of the same user that set it), which
+/// then takes half the traffic. So a plain socket binds first: with
+/// SO_REUSEADDR but not SO_REUSEPORT, its bind fails while any other
+/// socket listens on the address. It stays bound, never listening, until
+/// the workers' sockets listen: it fixes port 0's port for them, and the
+/// kernel lets sockets that set SO_REUSEADDR share a port with one that
+/// does not listen.
+fn bind_listeners(addr: SocketAddr, count: usize) -> Result<Vec<std::net::TcpListener>, BindError> {
+    let new_socket = || {
+        if addr.is_ipv4() {
+            TcpSocket::new_v4()
         } else {
-            TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        socket.set_reuseport(true)?;
-        socket.bind(at)?;
-        let std_listener = socket.listen(4096)?.into_std()?;
-        at = std_listener.local_addr()?;
-        out.push(std_listener);
+            TcpSocket::new_v6()
+        }
+    };
+    let guard = new_socket().map_err(BindError::Io)?;
+    guard.set_reuseaddr(true).map_err(BindError::Io)?;
+    guard.bind(addr).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AddrInUse => BindError::InUse,
+        _ => BindError::Io(e),
+    })?;
+    let at = guard.local_addr().map_err(BindError::Io)?;
+    let mut out: Vec<std::net::TcpListener> = Vec::with_capacity(count);
+    for _ in 0..count.max(1) {
+        let listener = (|| {
+            let socket = new_socket()?;
+            socket.set_reuseaddr(true)?;
+            socket.set_reuseport(true)?;
+            socket.bind(at)?;
+            socket.listen(4096)?.into_std()
+        })()
+        .map_err(BindError::Io)?;
+        out.push(listener);
     }
+    drop(guard);
     Ok(out)
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Why `serve` could not listen.
+#[derive(Debug, thiserror::Error)]
+enum BindError {
+    #[error("address already in use (another process listens on it)")]
+    InUse,
+    #[error(transparent)]
+    Io(std::io::Error),
+}
+
+/// Registers for SIGTERM and SIGINT at once; the future resolves on either.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        let (Ok(mut term), Ok(mut int)) = (term, int) else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
+        }
+        systemd::stopping();
     }
-    systemd::stopping();
 }
 
 /// Raises the open-files soft limit to the hard limit: every connection

@@ -57,7 +57,7 @@ pub fn run(args: Args) -> ExitCode {
                 }
             }
             if !failed {
-                eprintln!("{}: ok", path.display());
+                println!("{}: ok", path.display());
             }
         }
         Format::Json => {

@@ -96,6 +96,7 @@ fn client(c: &ClientConfig) -> Value {
         "special_prefix": c.special_prefix,
         "stop": c.stop,
         "max_tokens": c.max_tokens,
+        "discover_models": c.discover_models,
         "extra_body": c.extra_body,
         "headers": headers,
         "prices": prices(&c.prices),
@@ -114,6 +115,15 @@ pub fn to_json(cfg: &Config) -> Value {
             "shutdown_grace": duration(s.shutdown_grace),
             "header_read_timeout": duration(s.header_read_timeout),
             "keepalive_timeout": duration(s.keepalive_timeout),
+            "cors": s.cors.as_ref().map(|c| json!({
+                "allow_origins": c.allow_origins,
+                "allow_headers": c.allow_headers,
+            })),
+            "trusted_proxies": s
+                .trusted_proxies
+                .iter()
+                .map(|n| format!("{}/{}", n.addr, n.prefix))
+                .collect::<Vec<_>>(),
             "max_connections": s.max_connections,
         },
         "routing": policy(&cfg.routing),
@@ -122,6 +132,7 @@ pub fn to_json(cfg: &Config) -> Value {
             "level": cfg.logging.level,
             "dir": cfg.logging.dir.as_ref().map(|d| d.display().to_string()),
             "format": format!("{:?}", cfg.logging.format).to_lowercase(),
+            "access": cfg.logging.access,
         },
         "prices": prices(&cfg.prices),
         "callers": cfg.callers.iter().map(caller).collect::<Vec<_>>(),

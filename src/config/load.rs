@@ -321,7 +321,11 @@ pub fn unknown_key_message<S: AsRef<str>>(key: &str, expected: &[S]) -> String {
     }
 }
 
-/// The candidate closest to `word` by edit distance, if close enough to be a typo.
+/// The candidate closest to `word` by edit distance, if close enough to be
+/// a typo. Ties go to the candidate needing fewest insertions and
+/// deletions (`api_keyz` is `api_key` with a stray letter rather than
+/// `api_keys` with a wrong one), then to the first in order, so the answer
+/// never depends on how the candidates are listed.
 pub fn did_you_mean<'a>(
     word: &str,
     candidates: impl IntoIterator<Item = &'a str>,
@@ -330,8 +334,27 @@ pub fn did_you_mean<'a>(
         .into_iter()
         .map(|c| (edit_distance(word, c), c))
         .filter(|(d, c)| *d <= 2.max(c.len() / 3))
-        .min_by_key(|(d, _)| *d)
+        .min_by_key(|&(d, c)| (d, indel_distance(word, c), c))
         .map(|(_, c)| c)
+}
+
+/// Edits when only insertions and deletions are allowed: the lengths
+/// less twice their longest common subsequence.
+fn indel_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut prev = vec![0usize; b.len() + 1];
+    for ca in &a {
+        let mut cur = vec![0usize; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = if ca == cb {
+                prev[j] + 1
+            } else {
+                prev[j + 1].max(cur[j])
+            };
+        }
+        prev = cur;
+    }
+    a.len() + b.len() - 2 * prev[b.len()]
 }
 
 /// Levenshtein distance over chars.
@@ -360,6 +383,13 @@ mod tests {
             Some("priority")
         );
         assert_eq!(did_you_mean("zzzz", ["priority", "weight"]), None);
+        for order in [["api_keys", "api_key"], ["api_key", "api_keys"]] {
+            assert_eq!(did_you_mean("api_keyz", order), Some("api_key"));
+        }
+        assert_eq!(
+            did_you_mean("api_key", ["api_keys", "api_key"]),
+            Some("api_key")
+        );
         assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 

@@ -123,6 +123,67 @@ pub struct ServerConfig {
     /// How long an idle keep-alive connection waits for its next request.
     pub keepalive_timeout: Duration,
     pub max_connections: usize,
+    /// `None`: no CORS headers, and `OPTIONS` gets 405.
+    pub cors: Option<Cors>,
+    /// Peers whose `X-Forwarded-For` names the caller (access log only).
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// An address block: `10.0.0.0/8`, or one address (`/32`, `/128`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl IpNet {
+    /// `a.b.c.d`, `a.b.c.d/n`, an IPv6 address, or one with `/n`.
+    pub fn parse(text: &str) -> Option<IpNet> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let addr: std::net::IpAddr = addr.parse().ok()?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.parse().ok().filter(|p| *p <= max)?,
+            None => max,
+        };
+        Some(IpNet { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        // An IPv4 caller on a dual-stack socket shows as ::ffff:a.b.c.d.
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (std::net::IpAddr::V4(net), std::net::IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (std::net::IpAddr::V6(net), std::net::IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// `server.cors`, checked: origins as browsers send them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cors {
+    /// `scheme://host[:port]`, lowercased; `*` allows any origin.
+    pub allow_origins: Vec<String>,
+    /// Request headers a browser may send, lowercased; `None`: whatever
+    /// the preflight asks for.
+    pub allow_headers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -195,6 +256,8 @@ pub struct LoggingConfig {
     pub level: String,
     pub dir: Option<PathBuf>,
     pub format: LogFormat,
+    /// One `info` line per request (`logging.access`).
+    pub access: bool,
 }
 
 /// Default: a client of no name matching nothing, for building one from
@@ -220,6 +283,9 @@ pub struct ClientConfig {
     /// This client's own prices, looked up before the top-level table.
     pub prices: PriceTable,
     pub policy: RoutingPolicy,
+    /// List the upstream's own model names that `model_match` matches
+    /// in `/v1/models` (fetched at start and on reload).
+    pub discover_models: bool,
 }
 
 /// A client's `model_match`, with regexes compiled and anchored to the whole name.

@@ -41,6 +41,16 @@ pub struct ServerSection {
     pub keepalive_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "lenient::opt_num")]
     pub max_connections: Option<usize>,
+    pub cors: Option<CorsSection>,
+    pub trusted_proxies: Option<Vec<String>>,
+}
+
+/// `server.cors`: which browser origins may call the gateway.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsSection {
+    pub allow_origins: Option<Vec<String>>,
+    pub allow_headers: Option<Vec<String>>,
 }
 
 /// `- "token"` or `- { name: "batch-jobs", token: "..." }`.
@@ -134,6 +144,8 @@ pub struct LoggingSection {
     pub level: Option<String>,
     pub dir: Option<String>,
     pub format: Option<LogFormat>,
+    #[serde(default, deserialize_with = "lenient::opt_bool")]
+    pub access: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -188,6 +200,8 @@ pub struct ClientSection {
     #[serde(default, deserialize_with = "lenient::opt_duration")]
     pub cooldown: Option<Duration>,
     pub key_strategy: Option<KeyStrategy>,
+    #[serde(default, deserialize_with = "lenient::opt_bool")]
+    pub discover_models: Option<bool>,
 }
 
 impl ClientSection {

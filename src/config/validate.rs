@@ -16,8 +16,8 @@ use super::prices::{glob_match, Price, PriceTable, NANOS_PER_USD};
 use super::schema::{self, AuthTokenEntry, ClientSection, MatchKind};
 use super::source_map::SourceMap;
 use super::{
-    AuthToken, Budget, CallerConfig, CallerLimits, ClientConfig, Config, LoggingConfig, MatchRule,
-    RoutingPolicy, ServerConfig, UsageConfig,
+    AuthToken, Budget, CallerConfig, CallerLimits, ClientConfig, Config, IpNet, LoggingConfig,
+    MatchRule, RoutingPolicy, ServerConfig, UsageConfig,
 };
 use crate::routing::matcher;
 use crate::secret::{self, Secret};
@@ -135,9 +135,12 @@ pub fn validate(
             all_valid = false;
         }
     }
-    // With a client missing, a target might have been matched by it: only
-    // cycles among the valid clients are reported then.
-    check_fallbacks(&clients, all_valid, map, diags);
+    // With a client missing, a target might have been matched by it and a
+    // chain might have gone through it: fallbacks are checked once every
+    // client parses, so no error is a knock-on of another.
+    if all_valid {
+        check_fallbacks(&clients, map, diags);
+    }
     if all_valid {
         warn_unreachable_clients(&clients, map, diags);
     }
@@ -356,8 +359,11 @@ fn callers(
                 );
                 None
             }
-            (Some(t), None) => check_no_control_chars(t, &at("token"), map, diags)
-                .then(|| secret::sha256(t.as_bytes())),
+            (Some(t), None) => {
+                warn_weak_token(t, &at("token"), map, diags);
+                check_no_control_chars(t, &at("token"), map, diags)
+                    .then(|| secret::sha256(t.as_bytes()))
+            }
             (None, Some(h)) => match parse_sha256(h) {
                 Some(d) => Some(d),
                 None => {
@@ -621,17 +627,20 @@ fn server(s: &schema::ServerSection, map: &SourceMap, diags: &mut Diags) -> Serv
     let mut auth_tokens = Vec::new();
     for (i, entry) in s.auth_tokens.iter().flatten().enumerate() {
         let path = format!("server.auth_tokens[{i}]");
-        let (name, token) = match entry {
-            AuthTokenEntry::Bare(token) => {
-                (secret::token_name(&secret::sha256(token.as_bytes())), token)
-            }
-            AuthTokenEntry::Named { name, token } => (name.clone(), token),
+        let (name, token, at) = match entry {
+            AuthTokenEntry::Bare(token) => (
+                secret::token_name(&secret::sha256(token.as_bytes())),
+                token,
+                path.clone(),
+            ),
+            AuthTokenEntry::Named { name, token } => (name.clone(), token, format!("{path}.token")),
         };
         if token.is_empty() {
             diags.error_at(map.value(&path), format!("{path}: the token is empty"));
             continue;
         }
         check_no_control_chars(token, &path, map, diags);
+        warn_weak_token(token, &at, map, diags);
         auth_tokens.push(AuthToken {
             name,
             token: Secret::new(token.as_str()),
@@ -645,7 +654,10 @@ fn server(s: &schema::ServerSection, map: &SourceMap, diags: &mut Diags) -> Serv
             );
             None
         }
-        Some(t) => Some(Secret::new(t)),
+        Some(t) => {
+            warn_weak_token(t, "server.admin_token", map, diags);
+            Some(Secret::new(t))
+        }
         None => None,
     };
     let max_body_bytes = s.max_body_bytes.unwrap_or(32 * 1024 * 1024);
@@ -685,6 +697,125 @@ fn server(s: &schema::ServerSection, map: &SourceMap, diags: &mut Diags) -> Serv
         header_read_timeout,
         keepalive_timeout,
         max_connections,
+        cors: s.cors.as_ref().map(|c| cors(c, map, diags)),
+        trusted_proxies: trusted_proxies(
+            s.trusted_proxies.as_deref().unwrap_or_default(),
+            map,
+            diags,
+        ),
+    }
+}
+
+fn trusted_proxies(list: &[String], map: &SourceMap, diags: &mut Diags) -> Vec<IpNet> {
+    let mut out = Vec::new();
+    for (i, text) in list.iter().enumerate() {
+        match IpNet::parse(text.trim()) {
+            Some(net) => out.push(net),
+            None => {
+                let path = format!("server.trusted_proxies[{i}]");
+                diags.error_at(
+                    map.value(&path),
+                    format!("{path}: `{text}` is not an address or block such as \"10.0.0.0/8\" or \"::1\""),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// `server.cors`: each origin `scheme://host[:port]` with no path (what a
+/// browser sends in `Origin`) or `*`; header names as HTTP allows them.
+fn cors(c: &schema::CorsSection, map: &SourceMap, diags: &mut Diags) -> crate::config::Cors {
+    let mut allow_origins = Vec::new();
+    for (i, origin) in c.allow_origins.iter().flatten().enumerate() {
+        let path = format!("server.cors.allow_origins[{i}]");
+        let shape_ok = origin == "*"
+            || origin.split_once("://").is_some_and(|(scheme, rest)| {
+                matches!(scheme, "http" | "https")
+                    && !rest.is_empty()
+                    && !rest.contains(['/', '?', '#', ' '])
+            });
+        if shape_ok {
+            allow_origins.push(origin.to_ascii_lowercase());
+        } else {
+            diags.error_at(
+                map.value(&path),
+                format!("{path}: `{origin}` is not an origin such as \"https://app.example.com\" (scheme, host and port, no path) or \"*\""),
+            );
+        }
+    }
+    if c.allow_origins.as_ref().is_none_or(Vec::is_empty) {
+        diags.error_at(
+            map.value("server.cors"),
+            "server.cors.allow_origins is empty: list the origins browsers may call from, or remove server.cors",
+        );
+    }
+    let allow_headers = c.allow_headers.as_ref().map(|names| {
+        let mut out = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_ok() {
+                out.push(name.to_ascii_lowercase());
+            } else {
+                let path = format!("server.cors.allow_headers[{i}]");
+                diags.error_at(
+                    map.value(&path),
+                    format!("{path}: `{name}` is not a header name"),
+                );
+            }
+        }
+        out
+    });
+    crate::config::Cors {
+        allow_origins,
+        allow_headers,
+    }
+}
+
+/// Tokens shorter than this are warned about: a guessable token on a
+/// reachable address spends the operator's keys.
+const MIN_TOKEN_CHARS: usize = 16;
+
+/// Placeholder values as shipped in examples and tutorials, compared with
+/// the token lowercased and stripped to its letters and digits.
+const PLACEHOLDERS: &[&str] = &[
+    "admin", "apikey", "changeit", "default", "dummy", "example", "insecure", "letmein",
+    "password", "passw0rd", "secret", "skxxx", "test", "todo", "token", "yourkey",
+];
+/// Words that make any token containing them a placeholder.
+const PLACEHOLDER_WORDS: &[&str] = &[
+    "changeme",
+    "replaceme",
+    "yourapikey",
+    "yourtoken",
+    "yoursecret",
+    "placeholder",
+    "fixme",
+];
+
+/// Warns (an error under `--strict`) about an auth or admin token that
+/// is a well-known placeholder or shorter than [`MIN_TOKEN_CHARS`]. The
+/// message never repeats the token.
+fn warn_weak_token(token: &str, path: &str, map: &SourceMap, diags: &mut Diags) {
+    let plain: String = token
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    let first = plain.chars().next();
+    let placeholder = PLACEHOLDERS.contains(&plain.as_str())
+        || PLACEHOLDER_WORDS.iter().any(|w| plain.contains(w))
+        || first.is_some_and(|f| plain.len() >= 3 && plain.chars().all(|c| c == f));
+    let chars = token.chars().count();
+    if placeholder {
+        diags.warn_at(
+            map.value(path),
+            format!("{path}: a well-known placeholder value; set a random token of at least {MIN_TOKEN_CHARS} characters (e.g. `openssl rand -hex 24`)"),
+        );
+    } else if chars < MIN_TOKEN_CHARS {
+        diags.warn_at(
+            map.value(path),
+            format!("{path}: only {chars} characters; use a random token of at least {MIN_TOKEN_CHARS} (e.g. `openssl rand -hex 24`)"),
+        );
     }
 }
 
@@ -779,15 +910,27 @@ fn logging(
             .filter(|d| !d.is_empty())
             .map(|d| resolve(base_dir, d)),
         format: l.format.unwrap_or_default(),
+        access: l.access.unwrap_or(true),
     }
 }
 
+/// `p` against the config file's directory, without `.` components, so
+/// that messages name `/etc/gptbalance/data`, not `/etc/gptbalance/./data`.
 fn resolve(base_dir: &Path, p: &str) -> PathBuf {
     let p = Path::new(p);
-    if p.is_absolute() {
+    let joined = if p.is_absolute() {
         p.to_path_buf()
     } else {
         base_dir.join(p)
+    };
+    let clean: PathBuf = joined
+        .components()
+        .filter(|c| *c != std::path::Component::CurDir)
+        .collect();
+    if clean.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        clean
     }
 }
 
@@ -950,6 +1093,7 @@ fn client(
             diags,
         ),
         policy,
+        discover_models: c.discover_models.unwrap_or(false),
     })
 }
 
@@ -985,21 +1129,13 @@ fn check_base_url(url: &str, path: &str, map: &SourceMap, diags: &mut Diags) {
 }
 
 /// Fallback targets must route somewhere, and fallback chains must not loop.
-fn check_fallbacks(
-    clients: &[(String, ClientConfig)],
-    complete: bool,
-    map: &SourceMap,
-    diags: &mut Diags,
-) {
+fn check_fallbacks(clients: &[(String, ClientConfig)], map: &SourceMap, diags: &mut Diags) {
     let configs: Vec<&ClientConfig> = clients.iter().map(|(_, c)| c).collect();
     let mut missing = HashSet::new();
     for (path, c) in clients {
         for (i, target) in c.fallback.iter().enumerate() {
             if matcher::candidates(&configs, target).is_empty() {
                 missing.insert(target.clone());
-                if !complete {
-                    continue;
-                }
                 let fpath = if c.fallback.len() == 1
                     && map.value(&format!("{path}.fallback[0]")) == map.value(path)
                 {

@@ -52,6 +52,7 @@ pub async fn reload_now(state: &Arc<AppState>, trigger: &str) -> ReloadStatus {
             state.table.store(Arc::new(table));
             state.metrics.reload(true, generation);
             tracing::info!(trigger, generation, "config reloaded");
+            super::discovery::refresh(state);
             ReloadStatus {
                 ok: true,
                 at: SystemTime::now(),

@@ -58,29 +58,51 @@ fn model_json(id: &str, owner: &str) -> serde_json::Value {
     json!({ "id": id, "object": "model", "created": 0, "owned_by": owner })
 }
 
-/// Every exact model name the caller may use, in OpenAI's list format.
-pub fn models(table: &RoutingTable, caller: Option<&CallerConfig>) -> Response<ResponseBody> {
-    let data: Vec<_> = table
-        .models()
-        .into_iter()
-        .filter(|(id, _)| caller.is_none_or(|c| c.allows(id)))
-        .map(|(id, owner)| model_json(id, owner))
-        .collect();
+/// Every exact model name, then the names upstreams listed for clients
+/// with `discover_models` (`ops::discovery`), in OpenAI's list format;
+/// only those the caller's `models` allow.
+pub fn models(
+    state: &AppState,
+    table: &RoutingTable,
+    caller: Option<&CallerConfig>,
+) -> Response<ResponseBody> {
+    let exact = table.models();
+    let discovered = state.discovered.listed(table);
+    let allowed = |id: &str| caller.is_none_or(|c| c.allows(id));
+    let mut seen = std::collections::HashSet::new();
+    let mut data = Vec::with_capacity(exact.len() + discovered.len());
+    for (id, owner) in exact {
+        if seen.insert(id) && allowed(id) {
+            data.push(model_json(id, owner));
+        }
+    }
+    for (id, _) in &discovered {
+        if seen.insert(id.as_str()) && allowed(id) {
+            // Owned by the client a request for it tries first.
+            let owner = first_candidate(table, id).unwrap_or_default();
+            data.push(model_json(id, owner));
+        }
+    }
     json_response(StatusCode::OK, &json!({ "object": "list", "data": data }))
 }
 
+/// Any model name that routes (and the caller may use), whether or not a
+/// list shows it.
 pub fn model(
     table: &RoutingTable,
     id: &str,
     caller: Option<&CallerConfig>,
 ) -> Result<Response<ResponseBody>, ApiError> {
-    table
-        .models()
-        .into_iter()
-        .filter(|(id, _)| caller.is_none_or(|c| c.allows(id)))
-        .find(|(m, _)| *m == id)
-        .map(|(m, owner)| json_response(StatusCode::OK, &model_json(m, owner)))
+    first_candidate(table, id)
+        .filter(|_| caller.is_none_or(|c| c.allows(id)))
+        .map(|owner| json_response(StatusCode::OK, &model_json(id, owner)))
         .ok_or_else(|| ApiError::ModelNotFound(format!("the model `{id}` does not exist")))
+}
+
+/// The client a request for `model` would try first.
+fn first_candidate<'t>(table: &'t RoutingTable, model: &str) -> Option<&'t str> {
+    let first = table.candidates(model).order().into_iter().next()?;
+    Some(table.clients[first].cfg.name.as_str())
 }
 
 /// `/admin/status` and `POST /admin/reload`, behind `admin_token`; 404 when

@@ -16,9 +16,11 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response
 use http_body_util::BodyExt;
 use smallvec::{smallvec, SmallVec};
 
+use super::access;
 use super::api_error::{ApiError, X_REQUEST_ID};
 use super::attempt::{self, Outcome, UpstreamError};
 use super::body::{BoxError, ResponseBody};
+use super::cors;
 use super::endpoints;
 use super::plain::RelayedHeaders;
 use super::relay::{Filter, JsonSniffer, PrefixBuffer, Relay};
@@ -202,11 +204,16 @@ pub async fn handle<B: RequestBodyStream>(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return Ok(resp);
     }
-    let mut resp = match dispatch(&state, req, request_id, peer).await {
+    let cors = cors::allowed_origin(&state, req.headers());
+    let logged = access::Request::begin(&state, &req, peer);
+    let mut resp = match access::within(logged, dispatch(&state, req, request_id, peer)).await {
         Ok(resp) => resp,
         Err(e) => e.into_response(None),
     };
     resp.headers_mut().insert(X_REQUEST_ID, rid_header);
+    if let Some(origin) = cors {
+        cors::mark(resp.headers_mut(), origin);
+    }
     Ok(resp)
 }
 
@@ -222,6 +229,9 @@ async fn dispatch<B: RequestBodyStream>(
     let (parts, body) = req.into_parts();
     let path = parts.uri.path();
     let method = &parts.method;
+    if let Some(preflight) = cors::preflight(&table, method, &parts.headers) {
+        return Ok(preflight);
+    }
     match route(path) {
         Route::Healthz => Ok(endpoints::text(StatusCode::OK, "ok\n")),
         Route::Readyz => Ok(endpoints::readyz(&table)),
@@ -242,6 +252,7 @@ async fn dispatch<B: RequestBodyStream>(
             match route {
                 Route::Metrics => Ok(endpoints::metrics(state, &table)),
                 Route::Models if method == Method::GET => Ok(endpoints::models(
+                    state,
                     &table,
                     caller.map(|i| &table.callers[i].cfg),
                 )),
@@ -388,9 +399,12 @@ pub fn refuse_before_body(
         Route::Healthz | Route::Readyz | Route::Admin(_) | Route::NotFound => None,
         _ => {
             let table = state.table.load();
-            authenticate(state, &table, headers, peer)
-                .err()
-                .map(|e| e.into_response(None))
+            let refused = authenticate(state, &table, headers, peer).err()?;
+            let mut resp = refused.into_response(None);
+            if let Some(origin) = cors::allowed_origin(state, headers) {
+                cors::mark(resp.headers_mut(), origin);
+            }
+            Some(resp)
         }
     }
 }

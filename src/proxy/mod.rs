@@ -3,9 +3,11 @@
 //! Parses no YAML; reads the current `RoutingTable` once per request from
 //! [`AppState::table`] and keeps it for the request's life.
 
+pub mod access;
 pub mod api_error;
 pub mod attempt;
 pub mod body;
+pub mod cors;
 pub mod endpoints;
 pub mod fast;
 pub mod framing;
@@ -57,6 +59,8 @@ pub struct AppState {
     pub reload_lock: tokio::sync::Mutex<()>,
     /// `server.max_connections`, shared by every worker's accept loop.
     pub connection_slots: Arc<tokio::sync::Semaphore>,
+    /// Upstreams' own model lists (`discover_models`), for `/v1/models`.
+    pub discovered: crate::ops::discovery::DiscoveredModels,
 }
 
 impl AppState {
@@ -84,6 +88,7 @@ impl AppState {
             }),
             reload_lock: tokio::sync::Mutex::new(()),
             connection_slots: slots,
+            discovered: Default::default(),
         }
     }
 

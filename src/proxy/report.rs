@@ -2,10 +2,14 @@
 //!
 //! A [`Completion`] is made when a proxied request starts and reports
 //! exactly once: when finished, or when dropped because the caller went away.
+//! Its line is the request's access log line (`access`): `info` when the
+//! request went well and `logging.access` is on, `warn` when it failed
+//! whatever that setting.
 
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::access;
 use super::sse::Usage;
 use super::AppState;
 use crate::config::prices::{self, Price, Tokens};
@@ -41,6 +45,8 @@ pub struct Completion {
     pub price: Option<Price>,
     /// Sent to a shadow client once this request has ended.
     pub mirror: Option<Box<super::shadow::Mirror>>,
+    /// Caller's address, method and path; `None` with `logging.access` off.
+    access: Option<Arc<access::Request>>,
 }
 
 impl Completion {
@@ -55,6 +61,7 @@ impl Completion {
             admission: None,
             price: None,
             mirror: None,
+            access: access::claim(),
         }
     }
 
@@ -120,15 +127,22 @@ impl Completion {
         state
             .metrics
             .request_finished(&r, self.client_metrics.as_deref());
+        let a = self.access.as_deref();
+        let remote_addr = a.and_then(|a| a.remote).map(tracing::field::display);
+        let peer = a.and_then(|a| a.peer).map(tracing::field::display);
+        let method = a.map(|a| tracing::field::display(&a.method));
+        let path = a.map(|a| tracing::field::display(a.path()));
         if r.status >= 500 || r.status == CALLER_CLOSED || (r.error.is_some() && r.status < 400) {
             tracing::warn!(
+                remote_addr, peer, method, path,
                 request_id = %r.request_id, caller = r.caller.as_deref(), model = r.model.as_deref(),
                 client = r.client.as_deref(), key = r.key_id.as_deref(), status = r.status,
                 attempts = r.attempts, latency_ms = r.latency_ms, ttft_ms = r.ttft_ms,
                 error = r.error.as_deref(), "request"
             );
-        } else {
+        } else if a.is_some() {
             tracing::info!(
+                remote_addr, peer, method, path,
                 request_id = %r.request_id, caller = r.caller.as_deref(), model = r.model.as_deref(),
                 client = r.client.as_deref(), key = r.key_id.as_deref(), status = r.status,
                 attempts = r.attempts, latency_ms = r.latency_ms, ttft_ms = r.ttft_ms,

@@ -85,10 +85,10 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
     drop(draining_rx);
     let _ = draining_tx.send(true);
     let grace = state.table.load().config.server.shutdown_grace;
-    tracing::info!(
+    tracing::debug!(
         open_connections = draining_tx.receiver_count(),
         ?grace,
-        "draining"
+        "worker draining"
     );
     if tokio::time::timeout(grace, draining_tx.closed())
         .await

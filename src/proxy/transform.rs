@@ -99,12 +99,14 @@ fn usable_model(m: &str) -> Result<Arc<str>, String> {
 }
 
 fn peek_with_serde(body: &[u8]) -> Result<Peek, String> {
+    let not_json = |e: serde_json::Error| format!("the request body is not valid JSON: {e}");
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if first != Some(&b'{') {
+        // Broken JSON gets the same answer whatever its first byte.
+        serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(not_json)?;
         return Err("the request body must be a JSON object".to_owned());
     }
-    let doc: PeekDoc = serde_json::from_slice(body)
-        .map_err(|e| format!("the request body is not valid JSON: {e}"))?;
+    let doc: PeekDoc = serde_json::from_slice(body).map_err(not_json)?;
     let model = match doc.model {
         None | Some(Value::Null) => None,
         Some(Value::String(m)) => Some(usable_model(&m)?),
@@ -254,7 +256,14 @@ mod tests {
         assert_eq!(peek(b"{}").unwrap().model, None);
         assert!(peek(b"[\"gpt-4\"]").is_err());
         assert!(peek(b"{\"model\": 5}").is_err());
-        assert!(peek(b"not json").is_err());
+        for broken in [&b"not json"[..], b"{bad", b"", b"[1,"] {
+            let e = peek(broken).err().unwrap();
+            assert!(e.starts_with("the request body is not valid JSON: "), "{e}");
+        }
+        for not_object in [&b"[1]"[..], b" \"gpt-4\"", b"5"] {
+            let e = peek(not_object).err().unwrap();
+            assert_eq!(e, "the request body must be a JSON object");
+        }
         let huge = format!("{{\"model\":\"{}\"}}", "m".repeat(MAX_MODEL_LEN + 1));
         assert!(peek(huge.as_bytes()).is_err());
     }

@@ -100,12 +100,16 @@ impl UsageSink {
 pub struct UsageWriter {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    /// Held for the writer's life: no other instance writes this dir.
+    _lock: DirLock,
 }
 
 impl UsageWriter {
-    /// Creates `dir` if needed, checks it is writable, and starts the writer.
+    /// Creates `dir` if needed, checks it is writable, takes its lock (so
+    /// that no other running instance writes it), and starts the writer.
     pub fn start(dir: &Path, metrics: Arc<Metrics>) -> std::io::Result<(UsageWriter, UsageSink)> {
         check_writable(dir)?;
+        let lock = DirLock::take(dir)?;
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending {
                 rows: RowBuf::default(),
@@ -128,6 +132,7 @@ impl UsageWriter {
             UsageWriter {
                 shared,
                 thread: Some(thread),
+                _lock: lock,
             },
             sink,
         ))
@@ -152,6 +157,58 @@ pub fn check_writable(dir: &Path) -> std::io::Result<()> {
     let probe = dir.join(format!(".gptbalance-write-test-{}", std::process::id()));
     std::fs::write(&probe, b"").map_err(wrap)?;
     std::fs::remove_file(&probe).map_err(wrap)
+}
+
+/// An exclusive `flock` on `usage.dir/.gptbalance.lock`, released when
+/// dropped or when the process ends however it ends (the kernel drops
+/// the lock with the file), so a crashed instance leaves nothing stale.
+/// The file holds the owner's process id, for the message of the next.
+struct DirLock {
+    _file: std::fs::File,
+}
+
+/// The lock file's name inside `usage.dir`.
+pub const LOCK_FILE: &str = ".gptbalance.lock";
+
+impl DirLock {
+    fn take(dir: &Path) -> std::io::Result<DirLock> {
+        use std::io::Write;
+        let path = dir.join(LOCK_FILE);
+        let wrap = |e: std::io::Error| {
+            std::io::Error::new(e.kind(), format!("usage.dir {}: {e}", dir.display()))
+        };
+        // Not truncated on open: that would erase the holder's id.
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(wrap)?;
+        // fs4's flock, not std's `File::try_lock`: that needs Rust 1.89.
+        match fs4::FileExt::try_lock(&file) {
+            Ok(()) => {}
+            Err(fs4::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let holder = match holder.trim() {
+                    "" => String::new(),
+                    pid => format!(" (process {pid})"),
+                };
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!(
+                        "usage.dir {} is in use by another running gptbalance{holder}; \
+                         give each instance its own usage.dir",
+                        dir.display()
+                    ),
+                ));
+            }
+            Err(fs4::TryLockError::Error(e)) => return Err(wrap(e)),
+        }
+        file.set_len(0).map_err(wrap)?;
+        writeln!(file, "{}", std::process::id()).map_err(wrap)?;
+        Ok(DirLock { _file: file })
+    }
 }
 
 fn write_loop(shared: &Shared, dir: PathBuf, metrics: Arc<Metrics>) {

@@ -500,6 +500,8 @@ impl Gateway {
             state = state.with_clock(c);
         }
         let state = Arc::new(state);
+        // As `serve` does: clients with discover_models fetch their lists.
+        gptbalance::ops::discovery::refresh(&state);
         let watcher =
             gptbalance::ops::reload::watch(state.clone(), &state.config_path.clone().unwrap())
                 .unwrap();
