@@ -140,6 +140,9 @@ pub fn status_json(state: &AppState) -> serde_json::Value {
                         "cooldown_until": k.health.cooldown_until().map(rfc3339),
                         "requests": k.health.requests(),
                         "failures": k.health.failures(),
+                        "awaiting_probe": k.health.awaiting_probe(),
+                        "probes": k.health.probes(),
+                        "last_probe": k.health.last_probe().map(|r| r.as_str()),
                     })
                 })
                 .collect();

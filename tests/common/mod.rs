@@ -351,6 +351,7 @@ impl Gateway {
             state = state.with_clock(c);
         }
         let state = Arc::new(state);
+        gptbalance::ops::probe::spawn(&state);
         let watcher =
             gptbalance::ops::reload::watch(state.clone(), &state.config_path.clone().unwrap())
                 .unwrap();
