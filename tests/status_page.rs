@@ -117,3 +117,421 @@ async fn without_probing_a_refused_key_returns_when_its_cooldown_ends() {
         "no probe expected"
     );
 }
+
+/// A gateway with usage on, two clients (three keys), a named caller and
+/// an admin token; none of the secrets may reach the page.
+async fn gateway_with_traffic(
+    a: &MockUpstream,
+    b: &MockUpstream,
+    usage: &std::path::Path,
+) -> Gateway {
+    let gw = Gateway::start(&format!(
+        "usage:\n  dir: \"{}\"\nserver:\n  admin_token: adm-SECRET-token\n  auth_tokens:\n    - {{ name: team-alpha, token: tok-SECRET-alpha }}\nopenai_clients:\n{}{}",
+        usage.display(),
+        client_yaml("primary-east", &a.url(), &["sk-SECRET-1", "sk-SECRET-2"], "model_match: { type: exact, value: [m] }"),
+        client_yaml("backup-west", &b.url(), &["sk-SECRET-3"], "model_match: { type: exact, value: [n] }"),
+    ))
+    .await;
+    let caller = [("authorization", "Bearer tok-SECRET-alpha")];
+    for model in ["m", "m", "n", "m"] {
+        let r = post_with(&gw.url("/v1/chat/completions"), chat(model), &caller).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let r = post_with(
+        &gw.url("/v1/chat/completions"),
+        chat("unknown-model"),
+        &caller,
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    gw
+}
+
+fn admin_token() -> [(&'static str, &'static str); 1] {
+    [("authorization", "Bearer adm-SECRET-token")]
+}
+
+/// Waits until the usage writer has flushed `n` rows for this month.
+async fn wait_rows(gw: &Gateway, n: u64) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let u = get(&gw.url("/admin/usage"), &admin_token()).await.json();
+        if u["total"]["requests"] == n || tokio::time::Instant::now() > deadline {
+            return u;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn admin_usage_adds_a_per_day_series_and_the_latest_errors_to_the_report() {
+    let (a, b) = (
+        MockUpstream::start("a").await,
+        MockUpstream::start("b").await,
+    );
+    let usage = tempfile::tempdir().unwrap();
+    let gw = gateway_with_traffic(&a, &b, usage.path()).await;
+    let u = wait_rows(&gw, 5).await;
+    assert_eq!(u["total"]["requests"], 5, "{u}");
+    assert_eq!(u["by"], "client");
+    let days = u["days"].as_array().unwrap();
+    assert_eq!(days.len(), 1, "{u}");
+    assert_eq!(days[0]["requests"], 5);
+    assert_eq!(days[0]["errors"], 1);
+    assert_eq!(days[0]["total_tokens"], u["total"]["total_tokens"]);
+    assert_eq!(days[0]["cost_usd"], 0.0);
+    let groups: Vec<_> = u["days_by"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["group"].as_str().unwrap(),
+                d["requests"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        groups,
+        [("(none)", 1), ("backup-west", 1), ("primary-east", 3)]
+    );
+    let errors = u["latest_errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1);
+    assert_eq!(
+        (errors[0]["status"].as_u64(), errors[0]["model"].as_str()),
+        (Some(404), Some("unknown-model"))
+    );
+
+    let r = get(&gw.url("/admin/usage?by=caller"), &admin_token()).await;
+    assert_eq!(r.headers["cache-control"], "no-store");
+    assert_eq!(r.json()["days_by"][0]["group"], "team-alpha");
+    assert_eq!(r.json()["groups"][0]["group"], "team-alpha");
+
+    // A month without a file: an empty report and a note, not an error.
+    let r = get(&gw.url("/admin/usage?month=2001-01"), &admin_token()).await;
+    assert_eq!(r.status, 200);
+    let empty = r.json();
+    assert_eq!(
+        (
+            empty["days"].as_array().map(Vec::len),
+            empty["total"]["requests"].as_u64()
+        ),
+        (Some(0), Some(0))
+    );
+    assert!(
+        empty["note"]
+            .as_str()
+            .unwrap()
+            .contains("no usage file for 2001-01"),
+        "{empty}"
+    );
+
+    // A foreign file in its place is said, and left untouched.
+    let foreign = usage.path().join("usage-2001-02.sqlite");
+    std::fs::write(&foreign, "not a database").unwrap();
+    let r = get(&gw.url("/admin/usage?month=2001-02"), &admin_token()).await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.json()["unavailable"]
+            .as_str()
+            .unwrap()
+            .contains("not a gptbalance usage database"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(std::fs::read(&foreign).unwrap(), b"not a database");
+
+    for (query, status) in [("?month=2026-13", 400), ("?by=colour", 400)] {
+        let r = get(&gw.url(&format!("/admin/usage{query}")), &admin_token()).await;
+        assert_eq!(r.status, status, "{query}: {}", r.text());
+    }
+    assert_eq!(get(&gw.url("/admin/usage"), &[]).await.status, 401);
+    assert_eq!(
+        get(
+            &gw.url("/admin/usage"),
+            &[("authorization", "Bearer wrong")]
+        )
+        .await
+        .status,
+        401
+    );
+    let status = get(&gw.url("/admin/status"), &admin_token()).await;
+    assert_eq!(status.headers["cache-control"], "no-store");
+}
+
+#[tokio::test]
+async fn the_page_is_served_without_the_token_under_a_same_origin_policy() {
+    let up = MockUpstream::start("up").await;
+    let gw = Gateway::start(&format!(
+        "usage:\n  enabled: false\nserver:\n  admin_token: adm\nopenai_clients:\n{}",
+        one_client(&up, "")
+    ))
+    .await;
+    for (path, kind) in [
+        ("/admin/ui", "text/html"),
+        ("/admin/ui/app.js", "text/javascript"),
+        ("/admin/ui/style.css", "text/css"),
+    ] {
+        let r = get(&gw.url(path), &[]).await;
+        assert_eq!(r.status, 200, "{path}");
+        assert!(
+            r.headers["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with(kind),
+            "{path}"
+        );
+        assert_eq!(r.headers["content-security-policy"], "default-src 'self'");
+        assert_eq!(r.headers["cache-control"], "no-store");
+    }
+    assert_eq!(get(&gw.url("/admin/ui/nope.js"), &[]).await.status, 404);
+    // Without an admin token configured there is no page either.
+    let off = Gateway::start(&format!(
+        "usage:\n  enabled: false\nopenai_clients:\n{}",
+        one_client(&up, "")
+    ))
+    .await;
+    assert_eq!(get(&off.url("/admin/ui"), &[]).await.status, 404);
+}
+
+/// `chromium --headless --dump-dom` of `url`: the DOM after the page's
+/// scripts ran for five seconds of virtual time.
+async fn browser_dom(url: String) -> String {
+    let Some(chromium) = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|c| {
+            std::process::Command::new(c)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+    else {
+        panic!(
+            "the status page test needs a headless Chromium: install the `chromium` package \
+             (apt-get install -y chromium; .ci/run does), or set GPTBALANCE_SKIP_BROWSER=1 to skip it"
+        );
+    };
+    tokio::task::spawn_blocking(move || {
+        let profile = tempfile::tempdir().unwrap();
+        let out = tempfile::NamedTempFile::new().unwrap();
+        let mut child = std::process::Command::new(chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--virtual-time-budget=5000",
+                "--dump-dom",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(&url)
+            .stdout(out.reopen().unwrap())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("chromium did not finish within 90 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::fs::read_to_string(out.path()).unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+fn skip_browser() -> bool {
+    let skip = std::env::var_os("GPTBALANCE_SKIP_BROWSER").is_some_and(|v| v == "1");
+    if skip {
+        eprintln!("skipped: GPTBALANCE_SKIP_BROWSER=1");
+    }
+    skip
+}
+
+#[tokio::test]
+async fn the_status_page_in_a_real_browser_shows_clients_keys_and_a_chart_and_no_secret() {
+    if skip_browser() {
+        return;
+    }
+    let (a, b) = (
+        MockUpstream::start("a").await,
+        MockUpstream::start("b").await,
+    );
+    let usage = tempfile::tempdir().unwrap();
+    let gw = gateway_with_traffic(&a, &b, usage.path()).await;
+    assert_eq!(wait_rows(&gw, 5).await["total"]["requests"], 5);
+    let status = get(&gw.url("/admin/status"), &admin_token()).await.json();
+
+    let dom = browser_dom(gw.url("/admin/ui#token=adm-SECRET-token")).await;
+    assert!(
+        dom.contains("<table id=\"keys\""),
+        "the page did not load:\n{dom}"
+    );
+    for client in status["clients"].as_array().unwrap() {
+        let name = client["name"].as_str().unwrap();
+        assert!(
+            dom.contains(&format!("<td>{name}</td>")),
+            "client {name} missing:\n{dom}"
+        );
+        for key in client["keys"].as_array().unwrap() {
+            let id = key["id"].as_str().unwrap();
+            assert!(dom.contains(id), "key {id} missing:\n{dom}");
+        }
+    }
+    // Callers are listed when the status carries them.
+    match status["callers"].as_array() {
+        Some(callers) => {
+            for c in callers {
+                let name = c["name"].as_str().unwrap();
+                assert!(
+                    dom.contains(&format!("<td>{name}</td>")),
+                    "caller {name} missing:\n{dom}"
+                );
+            }
+        }
+        None => assert!(
+            dom.contains("<section id=\"callers-section\" hidden"),
+            "{dom}"
+        ),
+    }
+    // One day of traffic drawn as bars, with a legend of the clients.
+    assert!(
+        dom.contains("<svg") && dom.contains("data-days=\"1\""),
+        "no chart:\n{dom}"
+    );
+    assert!(
+        dom.contains("class=\"bar s0\""),
+        "the chart has no bar:\n{dom}"
+    );
+    assert!(dom.contains("<li class=\"s0\">primary-east</li>"), "{dom}");
+    assert!(
+        dom.contains("unknown-model"),
+        "the latest error is missing:\n{dom}"
+    );
+    assert!(
+        !dom.contains("SECRET"),
+        "a key or token reached the page:\n{dom}"
+    );
+
+    // A wrong token: a clear message and the form, never a blank page.
+    let dom = browser_dom(gw.url("/admin/ui#token=wrong")).await;
+    assert!(dom.contains("The admin token was refused"), "{dom}");
+    assert!(
+        dom.contains("<form id=\"login\">"),
+        "the form is not shown:\n{dom}"
+    );
+    // No token at all: the form asks for it.
+    let dom = browser_dom(gw.url("/admin/ui")).await;
+    assert!(dom.contains("Enter the admin token"), "{dom}");
+}
+
+/// Not a check: the time of `/admin/usage` on a month of a million rows,
+/// for `bench/README.md`. Run with
+/// `cargo test --release --test status_page -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore]
+async fn measure_admin_usage_on_a_million_row_month() {
+    use gptbalance::usage::report::GroupBy;
+    use gptbalance::usage::store::{self, UsageFile};
+    use gptbalance::usage::UsageRecord;
+    use std::sync::Arc;
+    use std::time::{Instant, SystemTime};
+
+    const ROWS: u64 = 1_000_000;
+    let usage = tempfile::tempdir().unwrap();
+    let now = SystemTime::now();
+    let month = store::month_of(now);
+    let path = store::path_for(usage.path(), &month);
+    // Rows spread over 30 days from the start of this month (UTC), three
+    // clients, four models, one error in fifty.
+    let day: u64 = humantime::format_rfc3339_seconds(now).to_string()[8..10]
+        .parse()
+        .unwrap();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let start =
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs - secs % 86_400 - (day - 1) * 86_400);
+    let span: u64 = 30 * 86_400_000;
+    let (clients, models) = (
+        ["east", "west", "backup"].map(Arc::<str>::from),
+        ["gpt-4o", "gpt-4o-mini", "o3", "embed"].map(Arc::<str>::from),
+    );
+    let started = Instant::now();
+    let mut f = UsageFile::open(&path).unwrap();
+    let mut batch = Vec::with_capacity(10_000);
+    for i in 0..ROWS {
+        let status = if i % 50 == 0 { 502 } else { 200 };
+        batch.push(UsageRecord {
+            ts: Some(start + Duration::from_millis(i * span / ROWS)),
+            request_id: format!("req_{i:016x}"),
+            endpoint: "chat/completions".into(),
+            model: Some(models[(i % 4) as usize].clone()),
+            client: Some(clients[(i % 3) as usize].clone()),
+            key_id: Some(Arc::from("key-0123abcd")),
+            status,
+            attempts: 1,
+            latency_ms: 100 + i % 900,
+            prompt_tokens: Some(50),
+            completion_tokens: Some(20),
+            total_tokens: Some(70),
+            error: (status >= 400).then(|| "upstream answered 502".to_owned()),
+            ..UsageRecord::default()
+        });
+        if batch.len() == 10_000 {
+            f.insert_batch(&batch.iter().collect::<Vec<_>>()).unwrap();
+            batch.clear();
+        }
+    }
+    drop(f);
+    let size = std::fs::metadata(&path).unwrap().len();
+    println!(
+        "wrote {ROWS} rows ({} MB) in {:?}",
+        size / 1_000_000,
+        started.elapsed()
+    );
+
+    for _ in 0..2 {
+        let t = Instant::now();
+        gptbalance::usage::report::build(&[&path], &month, GroupBy::Client).unwrap();
+        let totals = t.elapsed();
+        let t = Instant::now();
+        gptbalance::usage::daily::build(&[&path], GroupBy::Client).unwrap();
+        println!("report::build {totals:?}, daily::build {:?}", t.elapsed());
+    }
+    let gw = Gateway::start(&format!(
+        "usage:\n  dir: \"{}\"\nserver:\n  admin_token: adm\nopenai_clients:\n{}",
+        usage.path().display(),
+        client_yaml(
+            "east",
+            "http://127.0.0.1:9/v1",
+            &["k"],
+            "model_match: { type: exact, value: [m] }"
+        ),
+    ))
+    .await;
+    for by in ["client", "model", "client", "model"] {
+        let t = Instant::now();
+        let r = get(&gw.url(&format!("/admin/usage?by={by}")), &admin()).await;
+        let took = t.elapsed();
+        let u = r.json();
+        assert_eq!(u["total"]["requests"], ROWS, "{}", r.text());
+        println!(
+            "GET /admin/usage?by={by}: {took:?} ({} days, {} bytes)",
+            u["days"].as_array().unwrap().len(),
+            r.body.len()
+        );
+    }
+}

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 use serde_json::json;
 
+use super::admin_ui;
 use super::api_error::ApiError;
 use super::body::ResponseBody;
 use super::{AppState, ReloadStatus};
@@ -75,13 +76,14 @@ pub fn model(table: &RoutingTable, id: &str) -> Result<Response<ResponseBody>, A
         .ok_or_else(|| ApiError::ModelNotFound(format!("the model `{id}` does not exist")))
 }
 
-/// `/admin/status` and `POST /admin/reload`, behind `admin_token`; 404 when
-/// no admin token is configured.
+/// `/admin/status`, `/admin/usage` and `POST /admin/reload`, behind
+/// `admin_token`, and the status page; 404 when no admin token is configured.
 pub async fn admin(
     state: &Arc<AppState>,
     table: &RoutingTable,
     method: &Method,
     what: &str,
+    query: Option<&str>,
     headers: &HeaderMap,
 ) -> Result<Response<ResponseBody>, ApiError> {
     let Some(admin) = &table.config.server.admin_token else {
@@ -89,6 +91,11 @@ pub async fn admin(
             "/admin is disabled: set server.admin_token".to_owned(),
         ));
     };
+    // The page's files hold no data: the script asks for the token.
+    if method == Method::GET && (what == "ui" || what.starts_with("ui/")) {
+        return admin_ui::asset(what)
+            .ok_or_else(|| ApiError::NotFound(format!("no admin endpoint /admin/{what}")));
+    }
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -100,12 +107,13 @@ pub async fn admin(
         ));
     }
     match (method, what) {
-        (&Method::GET, "status") => Ok(json_response(StatusCode::OK, &status_json(state))),
+        (&Method::GET, "status") => Ok(admin_ui::json_ok(&status_json(state))),
+        (&Method::GET, "usage") => Ok(admin_ui::json_ok(&admin_ui::usage(state, query).await?)),
         (&Method::POST, "reload") => {
             crate::ops::reload::reload_now(state, "admin").await;
-            Ok(json_response(StatusCode::OK, &status_json(state)))
+            Ok(admin_ui::json_ok(&status_json(state)))
         }
-        (_, "status" | "reload") => Err(ApiError::MethodNotAllowed(format!(
+        (_, "status" | "reload" | "usage") => Err(ApiError::MethodNotAllowed(format!(
             "{method} is not allowed on /admin/{what}"
         ))),
         _ => Err(ApiError::NotFound(format!(

@@ -217,7 +217,17 @@ async fn dispatch<B: RequestBodyStream>(
     match route(path) {
         Route::Healthz => Ok(endpoints::text(StatusCode::OK, "ok\n")),
         Route::Readyz => Ok(endpoints::readyz(&table)),
-        Route::Admin(what) => endpoints::admin(state, &table, method, what, &parts.headers).await,
+        Route::Admin(what) => {
+            endpoints::admin(
+                state,
+                &table,
+                method,
+                what,
+                parts.uri.query(),
+                &parts.headers,
+            )
+            .await
+        }
         Route::NotFound => Err(ApiError::NotFound(format!("no route for {method} {path}"))),
         route => {
             let caller = authenticate(&table, &parts.headers)?;
