@@ -535,3 +535,117 @@ async fn measure_admin_usage_on_a_million_row_month() {
         );
     }
 }
+
+/// Serves the page's own files and fixed `/admin/status` and
+/// `/admin/usage` answers carrying what later builds add (callers with a
+/// budget, a quota reading, a key waiting for its probe, costs), so the
+/// page is shown to draw them before any gateway sends them.
+async fn fake_admin(status: Value, usage: Value) -> std::net::SocketAddr {
+    use gptbalance::proxy::admin_ui;
+    use gptbalance::proxy::body::ResponseBody;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (status, usage) = (status.clone(), usage.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let path = req.uri().path().trim_start_matches("/admin/").to_owned();
+                    let authorized = req
+                        .headers()
+                        .get("authorization")
+                        .is_some_and(|v| v == "Bearer adm");
+                    let resp = match (path.as_str(), authorized) {
+                        ("status", true) => admin_ui::json_ok(&status),
+                        ("usage", true) => admin_ui::json_ok(&usage),
+                        ("status" | "usage", false) => {
+                            let mut r = http::Response::new(ResponseBody::full("{}"));
+                            *r.status_mut() = http::StatusCode::UNAUTHORIZED;
+                            r
+                        }
+                        (what, _) => admin_ui::asset(what).unwrap_or_else(|| {
+                            let mut r = http::Response::new(ResponseBody::full(""));
+                            *r.status_mut() = http::StatusCode::NOT_FOUND;
+                            r
+                        }),
+                    };
+                    async move { Ok::<_, std::convert::Infallible>(resp) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn the_page_draws_callers_budgets_quotas_probes_and_a_missing_usage_file() {
+    if skip_browser() {
+        return;
+    }
+    let status = json!({
+        "generation": 7,
+        "last_reload": {"ok": false, "at": "2026-12-03T08:00:00.000Z", "errors": ["config.yaml:4:3: unknown field `cooldwn`"]},
+        "clients": [{"name": "east", "keys": [
+            {"id": "key-00000001", "healthy": true, "cooldown_until": null, "requests": 10, "failures": 0,
+             "quota": {"remaining_requests": 4999, "remaining_tokens": 880000}},
+            {"id": "key-00000002", "healthy": false, "cooldown_until": "2026-12-03T08:05:00.000Z", "requests": 3,
+             "failures": 1, "awaiting_probe": true, "probes": 2, "last_probe": "invalid"}
+        ]}],
+        "callers": [
+            {"name": "team-alpha", "in_flight": 2, "rpm_used": 30, "tpm_used": 9000, "spent_usd": 1.5,
+             "spent_tokens": 120000, "reserved_usd": 0.02, "period": "2026-12", "budget_usd": 10.0},
+            {"name": "batch-jobs", "in_flight": 0, "rpm_used": 0, "tpm_used": 0, "spent_usd": 0.25,
+             "spent_tokens": 900, "reserved_usd": 0.0, "period": "2026-12"}
+        ]
+    });
+    let usage = json!({
+        "month": "2026-12", "by": "client", "files": [], "groups": [],
+        "total": {"group": "TOTAL", "requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                  "total_tokens": 0, "latency_p50_ms": 0, "latency_p95_ms": 0, "latency_p99_ms": 0},
+        "days": [], "days_by": [], "latest_errors": [],
+        "unavailable": "/var/lib/gptbalance/usage-2026-12.sqlite is not a gptbalance usage database; it was left untouched"
+    });
+    let addr = fake_admin(status, usage).await;
+    let dom = browser_dom(format!("http://{addr}/admin/ui#token=adm")).await;
+    assert!(
+        dom.contains("<td>team-alpha</td>") && dom.contains("<td>batch-jobs</td>"),
+        "callers missing:\n{dom}"
+    );
+    assert!(
+        !dom.contains("<section id=\"callers-section\" hidden"),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("$1.50 of $10.00"),
+        "spend against budget missing:\n{dom}"
+    );
+    assert!(
+        dom.contains("remaining_requests 4999"),
+        "quota reading missing:\n{dom}"
+    );
+    assert!(
+        dom.contains("refused, probing") && dom.contains("2 (last invalid)"),
+        "probe state missing:\n{dom}"
+    );
+    assert!(
+        dom.contains("unknown field `cooldwn`"),
+        "reload error missing:\n{dom}"
+    );
+    assert!(dom.contains("Usage cannot be read: /var/lib/gptbalance/usage-2026-12.sqlite is not a gptbalance usage database"), "{dom}");
+    assert!(
+        dom.contains("No requests recorded in 2026-12 yet"),
+        "the empty month is not said:\n{dom}"
+    );
+    // The key table still works beside the usage problem, worst health first.
+    let probing = dom.find("key-00000002").unwrap();
+    assert!(
+        probing < dom.find("key-00000001").unwrap(),
+        "not sorted by health:\n{dom}"
+    );
+}
