@@ -285,6 +285,8 @@ async fn the_page_is_served_without_the_token_under_a_same_origin_policy() {
         assert_eq!(r.headers["cache-control"], "no-store");
     }
     assert_eq!(get(&gw.url("/admin/ui/nope.js"), &[]).await.status, 404);
+    let u = get(&gw.url("/admin/usage"), &admin()).await.json();
+    assert_eq!(u["note"], "usage recording is off (usage.enabled: false)");
     // Without an admin token configured there is no page either.
     let off = Gateway::start(&format!(
         "usage:\n  enabled: false\nopenai_clients:\n{}",

@@ -101,10 +101,18 @@ fn parse_query(query: Option<&str>) -> Result<(Option<String>, GroupBy), ApiErro
 pub async fn usage(state: &Arc<AppState>, query: Option<&str>) -> Result<Value, ApiError> {
     let (month, by) = parse_query(query)?;
     let month = month.unwrap_or_else(|| store::month_of((state.clock)()));
-    let dir = state.table.load().config.usage.dir.clone();
-    let answer = tokio::task::spawn_blocking(move || read_month(&dir, &month, by))
+    let usage = state.table.load().config.usage.clone();
+    let mut answer = tokio::task::spawn_blocking(move || read_month(&usage.dir, &month, by))
         .await
         .unwrap_or_else(|e| json!({ "unavailable": format!("the usage report failed: {e}") }));
+    if !state.table.load().config.usage.enabled {
+        if let Some(o) = answer.as_object_mut() {
+            o.insert(
+                "note".into(),
+                json!("usage recording is off (usage.enabled: false)"),
+            );
+        }
+    }
     Ok(answer)
 }
 
