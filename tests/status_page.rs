@@ -297,7 +297,8 @@ async fn the_page_is_served_without_the_token_under_a_same_origin_policy() {
 }
 
 /// `chromium --headless --dump-dom` of `url`: the DOM after the page's
-/// scripts ran for five seconds of virtual time.
+/// scripts ran for five seconds of virtual time. Fails on a script error
+/// or anything the Content-Security-Policy refused (from the console).
 async fn browser_dom(url: String) -> String {
     let Some(chromium) = ["chromium", "chromium-browser", "google-chrome"]
         .into_iter()
@@ -316,6 +317,7 @@ async fn browser_dom(url: String) -> String {
     tokio::task::spawn_blocking(move || {
         let profile = tempfile::tempdir().unwrap();
         let out = tempfile::NamedTempFile::new().unwrap();
+        let console = tempfile::NamedTempFile::new().unwrap();
         let mut child = std::process::Command::new(chromium)
             .args([
                 "--headless",
@@ -327,12 +329,14 @@ async fn browser_dom(url: String) -> String {
                 "--disable-component-update",
                 "--disable-sync",
                 "--virtual-time-budget=5000",
+                "--enable-logging=stderr",
+                "--v=0",
                 "--dump-dom",
             ])
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg(&url)
             .stdout(out.reopen().unwrap())
-            .stderr(std::process::Stdio::null())
+            .stderr(console.reopen().unwrap())
             .spawn()
             .unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(90);
@@ -346,6 +350,13 @@ async fn browser_dom(url: String) -> String {
                 panic!("chromium did not finish within 90 s");
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+        let console = std::fs::read_to_string(console.path()).unwrap_or_default();
+        for line in console.lines().filter(|l| l.contains("CONSOLE")) {
+            assert!(
+                !line.contains("Content Security Policy") && !line.contains("Uncaught"),
+                "the page failed in the browser: {line}"
+            );
         }
         std::fs::read_to_string(out.path()).unwrap()
     })
