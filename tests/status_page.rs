@@ -612,9 +612,11 @@ async fn the_page_draws_callers_budgets_quotas_probes_and_a_missing_usage_file()
         ]}],
         "callers": [
             {"name": "team-alpha", "in_flight": 2, "rpm_used": 30, "tpm_used": 9000, "spent_usd": 1.5,
-             "spent_tokens": 120000, "reserved_usd": 0.02, "period": "2026-12", "budget_usd": 10.0},
+             "spent_tokens": 120000, "reserved_usd": 0.02, "period": "month",
+             "limits": {"rpm": 60, "tpm": null, "concurrency": 4, "budget_usd": 10.0, "budget_tokens": null}},
             {"name": "batch-jobs", "in_flight": 0, "rpm_used": 0, "tpm_used": 0, "spent_usd": 0.25,
-             "spent_tokens": 900, "reserved_usd": 0.0, "period": "2026-12"}
+             "spent_tokens": 900, "reserved_usd": 0.0, "period": "day",
+             "limits": {"rpm": null, "tpm": null, "concurrency": null, "budget_usd": null, "budget_tokens": 5000}}
         ]
     });
     let usage = json!({

@@ -194,28 +194,40 @@
       const cb = $("callers").tBodies[0];
       cb.replaceChildren();
       for (const c of callers) cb.appendChild(row([
-        td(c.name), td(n(c.in_flight), "num"), td(n(c.rpm_used), "num"), td(n(c.tpm_used), "num"),
+        td(c.name), td(used(c.in_flight, (c.limits || {}).concurrency), "num"),
+        td(used(c.rpm_used, (c.limits || {}).rpm), "num"), td(used(c.tpm_used, (c.limits || {}).tpm), "num"),
         td(spend(c)), td(usd(c.reserved_usd), "num"), td(c.period || "–"),
       ]));
       if (!callers.length) cb.appendChild(row([td("No callers are configured.")]));
     }
   }
 
-  // Spend, against the budget when the JSON carries one.
+  // Spend, against the budget when the caller has one (`limits.budget_usd`
+  // or `limits.budget_tokens`).
   function spend(c) {
     const wrap = el("span");
-    const budget = typeof c.budget_usd === "number" ? c.budget_usd : null;
-    if (budget && budget > 0) {
-      const frac = Math.min(1, (c.spent_usd || 0) / budget);
+    const limits = c.limits || {};
+    const usdBudget = typeof limits.budget_usd === "number" ? limits.budget_usd : null;
+    const tokenBudget = typeof limits.budget_tokens === "number" ? limits.budget_tokens : null;
+    const frac = usdBudget > 0 ? (c.spent_usd || 0) / usdBudget
+      : tokenBudget > 0 ? (c.spent_tokens || 0) / tokenBudget : null;
+    if (frac !== null) {
+      const f = Math.min(1, Math.max(0, frac));
       const bar = svg("svg", { width: 80, height: 8, viewBox: "0 0 80 8", class: "budget-bar" });
       bar.appendChild(svg("rect", { width: 80, height: 8, rx: 4, fill: "#dde1e8" }));
-      bar.appendChild(svg("rect", { width: Math.round(80 * frac), height: 8, rx: 4, fill: frac >= 0.9 ? "#c62828" : "#1a7f37" }));
+      bar.appendChild(svg("rect", { width: Math.round(80 * f), height: 8, rx: 4, fill: f >= 0.9 ? "#c62828" : "#1a7f37" }));
       wrap.appendChild(bar);
-      wrap.appendChild(document.createTextNode(" " + usd(c.spent_usd) + " of " + usd(budget)));
-    } else {
-      wrap.textContent = usd(c.spent_usd) + (typeof c.spent_tokens === "number" ? " · " + n(c.spent_tokens) + " tokens" : "");
     }
+    const text = usdBudget > 0 ? usd(c.spent_usd) + " of " + usd(usdBudget)
+      : tokenBudget > 0 ? n(c.spent_tokens) + " of " + n(tokenBudget) + " tokens"
+      : usd(c.spent_usd) + (typeof c.spent_tokens === "number" ? " · " + n(c.spent_tokens) + " tokens" : "");
+    wrap.appendChild(document.createTextNode((frac !== null ? " " : "") + text));
     return wrap;
+  }
+
+  // "used / limit" when the caller has that limit.
+  function used(v, limit) {
+    return n(v) + (typeof limit === "number" ? " / " + n(limit) : "");
   }
 
   // ---- usage: totals, per-day chart, groups, latest errors
@@ -233,7 +245,7 @@
 
     const metric = $("metric").value;
     const t = u.total || {};
-    const cost = (u.days || []).reduce((s, d) => s + (d.cost_usd || 0), 0);
+    const cost = typeof t.cost_usd === "number" ? t.cost_usd : (u.days || []).reduce((s, d) => s + (d.cost_usd || 0), 0);
     const dl = $("usage-totals");
     dl.replaceChildren();
     fact(dl, "Requests", n(t.requests));
@@ -249,7 +261,7 @@
     gb.replaceChildren();
     for (const g of u.groups || []) gb.appendChild(row([
       td(g.group, "wrap"), td(n(g.requests), "num"), td(n(g.errors), "num"), td(n(g.total_tokens), "num"),
-      td(n(g.latency_p50_ms), "num"), td(n(g.latency_p95_ms), "num"),
+      td(usd(g.cost_usd), "num"), td(n(g.latency_p50_ms), "num"), td(n(g.latency_p95_ms), "num"),
     ]));
 
     const eb = $("latest-errors").tBodies[0];
