@@ -35,6 +35,10 @@ the router on http://127.0.0.1:8000. No keys, no network. Try:
        -d '{"model":"demo","stream":true,"messages":[{"role":"user","content":"hi"}]}'
   curl -s http://127.0.0.1:8000/metrics | grep gptbalance_requests
 
+The status page (keys, usage per day, latest errors; admin token in the fragment):
+
+  http://127.0.0.1:8000/admin/ui#token=demo-admin
+
 or with the OpenAI SDK (pip install openai):
 
   from openai import OpenAI

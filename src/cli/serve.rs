@@ -104,6 +104,7 @@ async fn serve(
             None
         }
     };
+    crate::ops::probe::spawn(&state);
     if let Err(e) = reload::on_sighup(state.clone()) {
         tracing::warn!(error = %e, "cannot handle SIGHUP");
     }

@@ -55,6 +55,7 @@ pub fn policy(p: &RoutingPolicy) -> Value {
         "max_failures": p.max_failures,
         "cooldown": duration(p.cooldown),
         "key_strategy": p.key_strategy.as_str(),
+        "probe_keys": p.probe_keys,
     })
 }
 

@@ -206,6 +206,8 @@ pub struct RoutingPolicy {
     pub max_failures: u32,
     pub cooldown: Duration,
     pub key_strategy: KeyStrategy,
+    /// Keys cooled by 401/403 come back after a background probe succeeds.
+    pub probe_keys: bool,
 }
 
 impl Default for RoutingPolicy {
@@ -220,6 +222,7 @@ impl Default for RoutingPolicy {
             max_failures: 3,
             cooldown: Duration::from_secs(60),
             key_strategy: KeyStrategy::RoundRobin,
+            probe_keys: true,
         }
     }
 }
@@ -237,6 +240,7 @@ impl RoutingPolicy {
             max_failures: o.max_failures.unwrap_or(self.max_failures),
             cooldown: o.cooldown.unwrap_or(self.cooldown),
             key_strategy: o.key_strategy.unwrap_or(self.key_strategy),
+            probe_keys: o.probe_keys.unwrap_or(self.probe_keys),
         }
     }
 

@@ -108,6 +108,9 @@ pub struct RoutingSection {
     #[serde(default, deserialize_with = "lenient::opt_duration")]
     pub cooldown: Option<Duration>,
     pub key_strategy: Option<KeyStrategy>,
+    /// Global only: a client cannot repeat it.
+    #[serde(default, deserialize_with = "lenient::opt_bool")]
+    pub probe_keys: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -217,6 +220,7 @@ impl ClientSection {
             max_failures: self.max_failures,
             cooldown: self.cooldown,
             key_strategy: self.key_strategy,
+            probe_keys: None,
         }
     }
 }

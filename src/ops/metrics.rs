@@ -136,6 +136,7 @@ pub struct Metrics {
     key_cooldown: Family<KeyLabels, Gauge<f64, AtomicU64>>,
     key_requests: Family<KeyLabels, Gauge>,
     reloads: Family<ResultLabels, Counter>,
+    key_probes: Family<AttemptLabels, Counter>,
     generation: Gauge,
     usage_rows: Family<ResultLabels, Counter>,
     in_flight: Gauge,
@@ -173,6 +174,7 @@ impl Metrics {
             key_cooldown: Family::default(),
             key_requests: Family::default(),
             reloads: Family::default(),
+            key_probes: Family::default(),
             generation: Gauge::default(),
             usage_rows: Family::default(),
             in_flight: Gauge::default(),
@@ -230,6 +232,11 @@ impl Metrics {
             m.key_requests.clone(),
         );
         registry.register("reloads", "Config reloads by result", m.reloads.clone());
+        registry.register(
+            "key_probes",
+            "Background probes of keys refused with 401/403, by client and result",
+            m.key_probes.clone(),
+        );
         registry.register(
             "config_generation",
             "Generation of the routing table in use",
@@ -503,6 +510,15 @@ impl Metrics {
 
     pub fn attempt(&self, client: &Arc<str>, result: &'static str) {
         self.attempts
+            .get_or_create(&AttemptLabels {
+                client: client.clone(),
+                result,
+            })
+            .inc();
+    }
+
+    pub fn key_probe(&self, client: &Arc<str>, result: &'static str) {
+        self.key_probes
             .get_or_create(&AttemptLabels {
                 client: client.clone(),
                 result,

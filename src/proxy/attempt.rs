@@ -107,7 +107,8 @@ pub async fn run(
     match status {
         // The key itself is refused: cool it down and try another, always.
         401 | 403 => {
-            key.health.record_rejection(policy.cooldown);
+            key.health
+                .record_auth_rejection(policy.cooldown, policy.probe_keys);
             Outcome::FailOver(UpstreamError::Status(status))
         }
         429 => {

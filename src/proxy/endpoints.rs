@@ -5,6 +5,7 @@ use std::sync::Arc;
 use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 use serde_json::json;
 
+use super::admin_ui;
 use super::api_error::ApiError;
 use super::body::ResponseBody;
 use super::{AppState, ReloadStatus};
@@ -105,8 +106,8 @@ fn first_candidate<'t>(table: &'t RoutingTable, model: &str) -> Option<&'t str> 
     Some(table.clients[first].cfg.name.as_str())
 }
 
-/// `/admin/status` and `POST /admin/reload`, behind `admin_token`; 404 when
-/// no admin token is configured.
+/// `/admin/status`, `/admin/usage` and `POST /admin/reload`, behind
+/// `admin_token`, and the status page; 404 when no admin token is configured.
 pub async fn admin(
     state: &Arc<AppState>,
     table: &RoutingTable,
@@ -120,6 +121,11 @@ pub async fn admin(
             "/admin is disabled: set server.admin_token".to_owned(),
         ));
     };
+    // The page's files hold no data: the script asks for the token.
+    if method == Method::GET && (what == "ui" || what.starts_with("ui/")) {
+        return admin_ui::asset(what)
+            .ok_or_else(|| ApiError::NotFound(format!("no admin endpoint /admin/{what}")));
+    }
     let presented = super::handler::bearer_token(headers).unwrap_or("");
     if !constant_time_eq(presented.as_bytes(), admin.expose().as_bytes()) {
         return Err(ApiError::Unauthorized(
@@ -131,20 +137,19 @@ pub async fn admin(
         .flat_map(|q| q.split('&'))
         .any(|p| matches!(p, "dry_run=1" | "dry_run=true" | "dry_run"));
     match (method, what) {
-        (&Method::GET, "status") => Ok(json_response(StatusCode::OK, &status_json(state))),
-        (&Method::GET, "config") => Ok(json_response(
-            StatusCode::OK,
-            &crate::config::effective::to_json(&table.config),
-        )),
-        (&Method::POST, "reload") if dry_run => Ok(json_response(
-            StatusCode::OK,
-            &crate::ops::reload::dry_run(state).await,
-        )),
+        (&Method::GET, "status") => Ok(admin_ui::json_ok(&status_json(state))),
+        (&Method::GET, "usage") => Ok(admin_ui::json_ok(&admin_ui::usage(state, query).await?)),
+        (&Method::GET, "config") => Ok(admin_ui::json_ok(&crate::config::effective::to_json(
+            &table.config,
+        ))),
+        (&Method::POST, "reload") if dry_run => {
+            Ok(admin_ui::json_ok(&crate::ops::reload::dry_run(state).await))
+        }
         (&Method::POST, "reload") => {
             crate::ops::reload::reload_now(state, "admin").await;
-            Ok(json_response(StatusCode::OK, &status_json(state)))
+            Ok(admin_ui::json_ok(&status_json(state)))
         }
-        (_, "status" | "reload" | "config") => Err(ApiError::MethodNotAllowed(format!(
+        (_, "status" | "reload" | "config" | "usage") => Err(ApiError::MethodNotAllowed(format!(
             "{method} is not allowed on /admin/{what}"
         ))),
         _ => Err(ApiError::NotFound(format!(
@@ -179,6 +184,9 @@ pub fn status_json(state: &AppState) -> serde_json::Value {
                         "cooldown_until": k.health.cooldown_until().map(rfc3339),
                         "requests": k.health.requests(),
                         "failures": k.health.failures(),
+                        "awaiting_probe": k.health.awaiting_probe(),
+                        "probes": k.health.probes(),
+                        "last_probe": k.health.last_probe().map(|r| r.as_str()),
                     })
                 })
                 .collect();

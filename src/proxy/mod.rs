@@ -4,6 +4,7 @@
 //! [`AppState::table`] and keeps it for the request's life.
 
 pub mod access;
+pub mod admin_ui;
 pub mod api_error;
 pub mod attempt;
 pub mod body;

@@ -3,7 +3,7 @@
 //! Lock-free (atomics only) because every attempt touches it. Shared by
 //! `Arc` across routing-table generations, so it survives reloads.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
@@ -11,6 +11,40 @@ use tokio::time::Instant;
 
 /// The longest cooldown a `Retry-After` can ask for.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// What a key waiting for a probe reports as its time left once its
+/// cooldown has run out: the probe is due, and comes within about this.
+const PROBE_DUE: Duration = Duration::from_secs(1);
+
+/// The result of the last background probe of a key (`ops::probe`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeResult {
+    Ok,
+    Invalid,
+    RateLimited,
+    UpstreamError,
+    Unreachable,
+}
+
+impl ProbeResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProbeResult::Ok => "ok",
+            ProbeResult::Invalid => "invalid",
+            ProbeResult::RateLimited => "rate_limited",
+            ProbeResult::UpstreamError => "upstream_error",
+            ProbeResult::Unreachable => "unreachable",
+        }
+    }
+
+    const ALL: [ProbeResult; 5] = [
+        ProbeResult::Ok,
+        ProbeResult::Invalid,
+        ProbeResult::RateLimited,
+        ProbeResult::UpstreamError,
+        ProbeResult::Unreachable,
+    ];
+}
 
 fn clock_base() -> Instant {
     static BASE: OnceLock<Instant> = OnceLock::new();
@@ -30,6 +64,12 @@ pub struct KeyHealth {
     requests: AtomicU64,
     failures: AtomicU64,
     in_flight: AtomicU32,
+    /// Set by a 401/403 when probing is on: the key stays out of rotation
+    /// past its cooldown until a background probe succeeds.
+    awaiting_probe: AtomicBool,
+    probes: AtomicU64,
+    /// 1 + index into [`ProbeResult::ALL`]; 0 when never probed.
+    last_probe: AtomicU8,
 }
 
 impl KeyHealth {
@@ -37,7 +77,12 @@ impl KeyHealth {
     pub fn cooling_for(&self) -> Option<Duration> {
         let until = self.cooldown_until.load(Ordering::Relaxed);
         let now = now_ms();
-        (until > now).then(|| Duration::from_millis(until - now))
+        if until > now {
+            return Some(Duration::from_millis(until - now));
+        }
+        self.awaiting_probe
+            .load(Ordering::Relaxed)
+            .then_some(PROBE_DUE)
     }
 
     pub fn is_available(&self) -> bool {
@@ -72,6 +117,58 @@ impl KeyHealth {
     pub fn record_rejection(&self, cooldown: Duration) {
         self.failures.fetch_add(1, Ordering::Relaxed);
         self.cool_down(cooldown);
+    }
+
+    /// A 401/403: cools the key down, and with `probe` keeps it out of
+    /// rotation after the cooldown until a background probe succeeds, so
+    /// no caller's request is the one to find out whether it was fixed.
+    pub fn record_auth_rejection(&self, cooldown: Duration, probe: bool) {
+        self.record_rejection(cooldown);
+        if probe {
+            self.awaiting_probe.store(true, Ordering::Relaxed);
+        }
+    }
+
+    pub fn awaiting_probe(&self) -> bool {
+        self.awaiting_probe.load(Ordering::Relaxed)
+    }
+
+    /// True when the key waits for a probe and its cooldown has run out.
+    pub fn probe_due(&self) -> bool {
+        self.awaiting_probe() && self.cooldown_until.load(Ordering::Relaxed) <= now_ms()
+    }
+
+    /// Records a probe: success puts the key back in rotation, anything
+    /// else waits another `cooldown` for the next probe.
+    pub fn record_probe(&self, result: ProbeResult, cooldown: Duration) {
+        self.probes.fetch_add(1, Ordering::Relaxed);
+        let i = ProbeResult::ALL
+            .iter()
+            .position(|r| *r == result)
+            .unwrap_or(0);
+        self.last_probe.store(i as u8 + 1, Ordering::Relaxed);
+        if result == ProbeResult::Ok {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+            self.awaiting_probe.store(false, Ordering::Relaxed);
+        } else {
+            self.cool_down(cooldown);
+        }
+    }
+
+    /// Lets a key waiting for a probe back without one (probing turned off).
+    pub fn stop_awaiting_probe(&self) {
+        self.awaiting_probe.store(false, Ordering::Relaxed);
+    }
+
+    pub fn probes(&self) -> u64 {
+        self.probes.load(Ordering::Relaxed)
+    }
+
+    pub fn last_probe(&self) -> Option<ProbeResult> {
+        let i = self.last_probe.load(Ordering::Relaxed);
+        ProbeResult::ALL
+            .get(usize::from(i).checked_sub(1)?)
+            .copied()
     }
 
     pub fn record_success(&self) {
@@ -137,6 +234,33 @@ mod tests {
         h.cool_down(Duration::from_secs(5));
         let left = h.cooling_for().unwrap();
         assert!(left > Duration::from_secs(590), "{left:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_auth_rejection_waits_for_a_probe_past_its_cooldown() {
+        let cd = Duration::from_secs(60);
+        let h = KeyHealth::default();
+        h.record_auth_rejection(cd, true);
+        assert!(!h.probe_due());
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(!h.is_available(), "no caller may find out");
+        assert!(h.probe_due());
+        h.record_probe(ProbeResult::Invalid, cd);
+        assert!(!h.probe_due(), "the next probe waits one cooldown");
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(h.probe_due());
+        h.record_probe(ProbeResult::Ok, cd);
+        assert!(h.is_available());
+        assert_eq!((h.probes(), h.last_probe()), (2, Some(ProbeResult::Ok)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_probing_an_auth_rejection_ends_with_its_cooldown() {
+        let h = KeyHealth::default();
+        h.record_auth_rejection(Duration::from_secs(60), false);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(h.is_available());
+        assert!(!h.probe_due());
     }
 
     #[test]

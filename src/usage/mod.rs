@@ -4,6 +4,7 @@
 //! No request waits on SQLite: the proxy hands a [`UsageRecord`] to
 //! [`UsageSink::send`], which packs it into the writer's buffer.
 
+pub mod daily;
 pub mod replay;
 pub mod report;
 pub mod rows;

@@ -502,6 +502,7 @@ impl Gateway {
         let state = Arc::new(state);
         // As `serve` does: clients with discover_models fetch their lists.
         gptbalance::ops::discovery::refresh(&state);
+        gptbalance::ops::probe::spawn(&state);
         let watcher =
             gptbalance::ops::reload::watch(state.clone(), &state.config_path.clone().unwrap())
                 .unwrap();
