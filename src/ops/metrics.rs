@@ -145,6 +145,9 @@ pub struct Metrics {
     caller_spend: Family<CallerLabels, Counter<f64, AtomicU64>>,
     client_cost: Family<ClientLabels, Counter<f64, AtomicU64>>,
     auth_failures: Family<ReasonLabels, Counter>,
+    affinity: Family<ResultLabels, Counter>,
+    key_remaining_requests: Family<KeyLabels, Gauge>,
+    key_remaining_tokens: Family<KeyLabels, Gauge>,
     /// Label values are shared, not copied: the per-request path allocates
     /// no label strings.
     models_seen: RwLock<HashSet<Arc<str>>>,
@@ -181,6 +184,9 @@ impl Metrics {
             caller_spend: Family::default(),
             client_cost: Family::default(),
             auth_failures: Family::default(),
+            affinity: Family::default(),
+            key_remaining_requests: Family::default(),
+            key_remaining_tokens: Family::default(),
             models_seen: RwLock::new(HashSet::new()),
             empty: Arc::from(""),
             other: Arc::from("other"),
@@ -272,6 +278,21 @@ impl Metrics {
             "auth_failures",
             "Requests refused for a missing or invalid bearer token, by reason",
             m.auth_failures.clone(),
+        );
+        registry.register(
+            "affinity_requests",
+            "Requests routed where affinity applies: with a value (hit) or without (none)",
+            m.affinity.clone(),
+        );
+        registry.register(
+            "key_remaining_requests",
+            "Requests left by the key's last quota reading, while it holds",
+            m.key_remaining_requests.clone(),
+        );
+        registry.register(
+            "key_remaining_tokens",
+            "Tokens left by the key's last quota reading, while it holds",
+            m.key_remaining_tokens.clone(),
         );
         registry.register(
             "build",
@@ -493,6 +514,11 @@ impl Metrics {
             .inc();
     }
 
+    /// A request where affinity applies: `hit` (it had a value) or `none`.
+    pub fn affinity(&self, result: &'static str) {
+        self.affinity.get_or_create(&ResultLabels { result }).inc();
+    }
+
     pub fn reload(&self, ok: bool, generation: u64) {
         let result = if ok { "ok" } else { "failed" };
         self.reloads.get_or_create(&ResultLabels { result }).inc();
@@ -520,6 +546,8 @@ impl Metrics {
         self.key_healthy.clear();
         self.key_cooldown.clear();
         self.key_requests.clear();
+        self.key_remaining_requests.clear();
+        self.key_remaining_tokens.clear();
         for c in &table.clients {
             for k in &c.keys {
                 let labels = KeyLabels {
@@ -536,6 +564,17 @@ impl Metrics {
                 self.key_requests
                     .get_or_create(&labels)
                     .set(k.health.requests() as i64);
+                let quota = k.health.quota();
+                if let Some(r) = quota.requests {
+                    self.key_remaining_requests
+                        .get_or_create(&labels)
+                        .set(r.left.min(i64::MAX as u64) as i64);
+                }
+                if let Some(t) = quota.tokens {
+                    self.key_remaining_tokens
+                        .get_or_create(&labels)
+                        .set(t.left.min(i64::MAX as u64) as i64);
+                }
             }
         }
         let mut out = String::new();

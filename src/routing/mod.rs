@@ -4,6 +4,7 @@
 //! Knows no HTTP and parses no YAML: built from a validated `Config`, asked
 //! by the proxy for a plan, told by the proxy how each attempt went.
 
+pub mod affinity;
 pub mod key_health;
 pub mod matcher;
 pub mod selector;
@@ -11,4 +12,4 @@ pub mod table;
 
 pub use key_health::KeyHealth;
 pub use selector::Candidates;
-pub use table::{CallerRoute, ClientRoute, KeyPick, KeyRoute, RoutingTable};
+pub use table::{CallerRoute, ClientRoute, KeyAsk, KeyPick, KeyRoute, RoutingTable};
