@@ -607,24 +607,60 @@ async fn affinity_takes_a_ten_kilobyte_value_a_missing_one_and_body_fields() {
     assert!(keys.iter().all(|k| *k == keys[0]), "{keys:?}");
 }
 
+/// `gptbalance` run in `dir`: exit code and stdout.
+fn gptbalance(args: &[&str], dir: &std::path::Path) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gptbalance"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("GPTBALANCE_CONFIG")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
 #[test]
 fn validate_config_rejects_an_unknown_affinity_form() {
-    let yaml = "routing:\n  affinity: { from: \"cookie:sid\" }\nopenai_clients:\n  - name: a\n    base_url: http://h\n    api_key: k\n    affinity: { from: \"header:bad header\" }\n    model_match: { type: exact, value: [m] }\n";
-    let err = match gptbalance::config::load_str(yaml, std::path::Path::new("t.yaml"), &|_| None) {
-        Err(d) => d,
-        Ok(_) => panic!("an unknown affinity form must be refused"),
-    };
-    let text: Vec<String> = err.iter().map(|d| d.to_string()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "routing:\n  affinity: { from: \"cookie:sid\" }\nopenai_clients:\n  - name: a\n    base_url: http://h\n    api_key: k\n    affinity: { from: \"header:bad header\" }\n    first_token_timeout: 0s\n    model_match: { type: exact, value: [m] }\n";
+    std::fs::write(dir.path().join("c.yaml"), yaml).unwrap();
+    let (code, out) = gptbalance(&["validate-config", "--config", "c.yaml"], dir.path());
+    assert_eq!(code, 1, "{out}");
     assert!(
-        text.iter()
-            .any(|l| l.starts_with("t.yaml:2:") && l.contains("unknown form `cookie:sid`")),
-        "{text:?}"
+        out.lines()
+            .any(|l| l.starts_with("c.yaml:2:") && l.contains("unknown form `cookie:sid`")),
+        "{out}"
     );
     assert!(
-        text.iter()
-            .any(|l| l.contains("`bad header` is not a valid header name")),
-        "{text:?}"
+        out.contains("`bad header` is not a valid header name"),
+        "{out}"
     );
+    assert!(
+        out.contains("first_token_timeout must be more than 0"),
+        "{out}"
+    );
+}
+
+#[test]
+fn route_explains_the_selection_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "routing:\n  deadline: 45s\n  affinity: { from: \"header:x-session-id\" }\nopenai_clients:\n  - name: a\n    base_url: http://h\n    api_keys: [k1, k2]\n    key_strategy: headroom\n    balance: latency\n    first_token_timeout: 20s\n    model_match: { type: exact, value: [m] }\n";
+    std::fs::write(dir.path().join("c.yaml"), yaml).unwrap();
+    let (code, out) = gptbalance(&["route", "--config", "c.yaml", "m"], dir.path());
+    assert_eq!(code, 0, "{out}");
+    for want in [
+        "[headroom]",
+        "affinity from header:x-session-id",
+        "balance: latency",
+        "first_token_timeout 20s",
+        "quota: no reading yet",
+        "deadline: 45s",
+    ] {
+        assert!(out.contains(want), "{want}: {out}");
+    }
 }
 
 #[tokio::test]

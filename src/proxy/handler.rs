@@ -597,7 +597,7 @@ async fn proxy_admitted<B: RequestBodyStream>(
         reserve_tokens: reserved_tokens(request_bytes, peek.max_tokens, caller),
         user_hash: peek.user_hash,
         prompt_cache_key_hash: peek.prompt_cache_key_hash,
-        caller_hash: caller.map(|c| crate::routing::affinity::hash_value(c.name.as_bytes())),
+        caller_name: caller.map(|c| &*c.name),
     };
     let mut run = Run::default();
     let plan = Plan {
@@ -913,7 +913,7 @@ struct Prepared<'a> {
     /// Hashes of the affinity values the request carries (never the values).
     user_hash: Option<u64>,
     prompt_cache_key_hash: Option<u64>,
-    caller_hash: Option<u64>,
+    caller_name: Option<&'a str>,
 }
 
 impl Prepared<'_> {
@@ -928,7 +928,9 @@ impl Prepared<'_> {
                 .map(|v| crate::routing::affinity::hash_value(v.as_bytes())),
             Affinity::BodyUser => self.user_hash,
             Affinity::BodyPromptCacheKey => self.prompt_cache_key_hash,
-            Affinity::Caller => self.caller_hash,
+            Affinity::Caller => self
+                .caller_name
+                .map(|c| crate::routing::affinity::hash_value(c.as_bytes())),
         }
     }
 }
