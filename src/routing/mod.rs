@@ -4,11 +4,13 @@
 //! Knows no HTTP and parses no YAML: built from a validated `Config`, asked
 //! by the proxy for a plan, told by the proxy how each attempt went.
 
-pub mod affinity;
 pub mod key_health;
 pub mod matcher;
 pub mod selector;
 pub mod table;
+
+// Selection beyond round robin (SPEC §11): sessions kept on one key.
+pub mod affinity;
 
 pub use key_health::KeyHealth;
 pub use selector::Candidates;
