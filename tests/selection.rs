@@ -605,6 +605,46 @@ async fn affinity_takes_a_ten_kilobyte_value_a_missing_one_and_body_fields() {
     }
     let keys = up.keys();
     assert!(keys.iter().all(|k| *k == keys[0]), "{keys:?}");
+
+    // From `prompt_cache_key`, and from the caller's name: one key each.
+    let up = KeyedMock::start(|_, _| Answer::Ok(vec![])).await;
+    let gw = affinity_gateway(&up, "", "affinity: { from: \"body:prompt_cache_key\" }\n").await;
+    for _ in 0..30 {
+        let r = post(
+            &gw.url("/v1/chat/completions"),
+            json!({"model": "m", "prompt_cache_key": "conv-9", "messages": []}),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+    }
+    let keys = up.keys();
+    assert!(keys.iter().all(|k| *k == keys[0]), "{keys:?}");
+    let up = KeyedMock::start(|_, _| Answer::Ok(vec![])).await;
+    let yaml = config(
+        "  affinity: { from: caller }\n",
+        &[client_yaml(
+            "c",
+            &up.url(),
+            &TEN_KEYS,
+            "model_match: { type: exact, value: [m] }",
+        )],
+    )
+    .replace(
+        "server:\n",
+        "server:\n  auth_tokens: [{ name: app, token: tok-app }]\n",
+    );
+    let gw = Gateway::start(&yaml).await;
+    for _ in 0..30 {
+        let r = post_with(
+            &gw.url("/v1/chat/completions"),
+            chat("m"),
+            &[("authorization", "Bearer tok-app")],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let keys = up.keys();
+    assert!(keys.iter().all(|k| *k == keys[0]), "{keys:?}");
 }
 
 /// `gptbalance` run in `dir`: exit code and stdout.

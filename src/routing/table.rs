@@ -691,6 +691,10 @@ openai_clients:
             t2.clients[0].keys[1].health.is_available(),
             "k3 starts fresh"
         );
+        assert!(
+            Arc::ptr_eq(&t1.clients[0].ttfb, &t2.clients[0].ttfb),
+            "the client keeps its latency average"
+        );
     }
 
     #[test]
