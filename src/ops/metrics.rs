@@ -135,6 +135,9 @@ pub struct Metrics {
     key_healthy: Family<KeyLabels, Gauge>,
     key_cooldown: Family<KeyLabels, Gauge<f64, AtomicU64>>,
     key_requests: Family<KeyLabels, Gauge>,
+    affinity: Family<ResultLabels, Counter>,
+    key_remaining_requests: Family<KeyLabels, Gauge>,
+    key_remaining_tokens: Family<KeyLabels, Gauge>,
     reloads: Family<ResultLabels, Counter>,
     generation: Gauge,
     usage_rows: Family<ResultLabels, Counter>,
@@ -145,9 +148,6 @@ pub struct Metrics {
     caller_spend: Family<CallerLabels, Counter<f64, AtomicU64>>,
     client_cost: Family<ClientLabels, Counter<f64, AtomicU64>>,
     auth_failures: Family<ReasonLabels, Counter>,
-    affinity: Family<ResultLabels, Counter>,
-    key_remaining_requests: Family<KeyLabels, Gauge>,
-    key_remaining_tokens: Family<KeyLabels, Gauge>,
     /// Label values are shared, not copied: the per-request path allocates
     /// no label strings.
     models_seen: RwLock<HashSet<Arc<str>>>,
@@ -174,6 +174,9 @@ impl Metrics {
             key_healthy: Family::default(),
             key_cooldown: Family::default(),
             key_requests: Family::default(),
+            affinity: Family::default(),
+            key_remaining_requests: Family::default(),
+            key_remaining_tokens: Family::default(),
             reloads: Family::default(),
             generation: Gauge::default(),
             usage_rows: Family::default(),
@@ -184,9 +187,6 @@ impl Metrics {
             caller_spend: Family::default(),
             client_cost: Family::default(),
             auth_failures: Family::default(),
-            affinity: Family::default(),
-            key_remaining_requests: Family::default(),
-            key_remaining_tokens: Family::default(),
             models_seen: RwLock::new(HashSet::new()),
             empty: Arc::from(""),
             other: Arc::from("other"),
@@ -233,6 +233,21 @@ impl Metrics {
             "Attempts made with the key since start",
             m.key_requests.clone(),
         );
+        registry.register(
+            "affinity_requests",
+            "Requests routed where affinity applies: with a value (hit) or without (none)",
+            m.affinity.clone(),
+        );
+        registry.register(
+            "key_remaining_requests",
+            "Requests left by the key's last quota reading, while it holds",
+            m.key_remaining_requests.clone(),
+        );
+        registry.register(
+            "key_remaining_tokens",
+            "Tokens left by the key's last quota reading, while it holds",
+            m.key_remaining_tokens.clone(),
+        );
         registry.register("reloads", "Config reloads by result", m.reloads.clone());
         registry.register(
             "config_generation",
@@ -278,21 +293,6 @@ impl Metrics {
             "auth_failures",
             "Requests refused for a missing or invalid bearer token, by reason",
             m.auth_failures.clone(),
-        );
-        registry.register(
-            "affinity_requests",
-            "Requests routed where affinity applies: with a value (hit) or without (none)",
-            m.affinity.clone(),
-        );
-        registry.register(
-            "key_remaining_requests",
-            "Requests left by the key's last quota reading, while it holds",
-            m.key_remaining_requests.clone(),
-        );
-        registry.register(
-            "key_remaining_tokens",
-            "Tokens left by the key's last quota reading, while it holds",
-            m.key_remaining_tokens.clone(),
         );
         registry.register(
             "build",
