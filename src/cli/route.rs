@@ -85,7 +85,10 @@ pub fn explain(table: &RoutingTable, model: &str) -> Result<String, String> {
                 c.cfg.policy.key_strategy.as_str(),
                 c.cfg.base_url,
             ));
-            for t in transforms(&c.cfg).into_iter().chain(selection(c)) {
+            for t in transforms(&c.cfg) {
+                out.push_str(&format!("        {t}\n"));
+            }
+            for t in selection(c) {
                 out.push_str(&format!("        {t}\n"));
             }
         }

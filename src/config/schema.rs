@@ -210,6 +210,10 @@ pub struct ClientSection {
     #[serde(default, deserialize_with = "lenient::opt_duration")]
     pub request_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "lenient::opt_duration")]
+    pub first_token_timeout: Option<Duration>,
+    pub affinity: Option<AffinitySection>,
+    pub balance: Option<Balance>,
+    #[serde(default, deserialize_with = "lenient::opt_duration")]
     pub idle_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "lenient::opt_num")]
     pub max_attempts: Option<u32>,
@@ -222,10 +226,6 @@ pub struct ClientSection {
     #[serde(default, deserialize_with = "lenient::opt_duration")]
     pub cooldown: Option<Duration>,
     pub key_strategy: Option<KeyStrategy>,
-    #[serde(default, deserialize_with = "lenient::opt_duration")]
-    pub first_token_timeout: Option<Duration>,
-    pub affinity: Option<AffinitySection>,
-    pub balance: Option<Balance>,
 }
 
 impl ClientSection {
