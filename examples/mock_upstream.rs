@@ -11,7 +11,9 @@
 //! 503, to watch failover. `--stamp-chunks` adds `"x_sent_us"` (Unix time in
 //! microseconds when the chunk was handed to the connection) to every stream
 //! chunk, so a client on the same machine can tell how long each chunk took
-//! to reach it (`examples/bench_client.rs` uses it).
+//! to reach it (`examples/bench_client.rs` uses it). `--ratelimit-headers`
+//! adds OpenAI's four `x-ratelimit-remaining-*` / `-reset-*` headers, with
+//! large remaining figures, to every non-streaming answer.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -35,6 +37,7 @@ struct Opts {
     delay: Duration,
     fail_every: u64,
     stamp: bool,
+    ratelimit: bool,
     seen: Arc<AtomicU64>,
     /// The words of every answer (the same for every request), and their
     /// concatenation as a JSON string for non-streaming answers.
@@ -117,6 +120,7 @@ async fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0),
         stamp: args.iter().any(|a| a == "--stamp-chunks"),
+        ratelimit: args.iter().any(|a| a == "--ratelimit-headers"),
         seen: Arc::new(AtomicU64::new(0)),
         words: words.into(),
         text_json: text_json.into(),
@@ -224,6 +228,19 @@ async fn answer(o: Opts, req: Request<Incoming>) -> Result<Response<Body>, Infal
             http::header::CONTENT_TYPE,
             http::HeaderValue::from_static("application/json"),
         );
+        if o.ratelimit {
+            for (name, value) in [
+                ("x-ratelimit-remaining-requests", "9999"),
+                ("x-ratelimit-remaining-tokens", "1999000"),
+                ("x-ratelimit-reset-requests", "6ms"),
+                ("x-ratelimit-reset-tokens", "1m0s"),
+            ] {
+                r.headers_mut().insert(
+                    http::HeaderName::from_static(name),
+                    http::HeaderValue::from_static(value),
+                );
+            }
+        }
         return Ok(r);
     }
     let usage = serde_json::json!({"prompt_tokens": 9, "completion_tokens": o.chunks, "total_tokens": 9 + o.chunks});

@@ -92,7 +92,21 @@ pub fn explain(table: &RoutingTable, model: &str) -> Result<String, String> {
             for t in transforms(&c.cfg) {
                 out.push_str(&format!("        {t}\n"));
             }
+            for t in selection(c) {
+                out.push_str(&format!("        {t}\n"));
+            }
         }
+    }
+    if let Some(d) = table.config.routing.deadline {
+        out.push_str(&format!(
+            "deadline: {d:?} for all attempts and fallbacks before response headers (then 504)\n"
+        ));
+    }
+    if let Some(a) = &table.config.routing.affinity {
+        out.push_str(&format!(
+            "affinity from {}: the same value goes to the same (client, key) while it is healthy\n",
+            a.describe()
+        ));
     }
     out.push_str(&fallback_chain(table, model));
     Ok(out)
@@ -142,6 +156,47 @@ fn transforms(c: &crate::config::ClientConfig) -> Vec<String> {
     if !c.headers.is_empty() {
         let names: Vec<&str> = c.headers.iter().map(|(n, _)| n.as_str()).collect();
         t.push(format!("extra headers: {}", names.join(", ")));
+    }
+    t
+}
+
+/// How the client's keys and its tier are chosen beyond the strategy,
+/// and each key's quota reading when this table has one.
+fn selection(c: &crate::routing::ClientRoute) -> Vec<String> {
+    let p = &c.cfg.policy;
+    let mut t = Vec::new();
+    if let Some(a) = &p.affinity {
+        t.push(format!("affinity from {}", a.describe()));
+    }
+    if p.balance == crate::config::Balance::Latency {
+        t.push("balance: latency (two choices by time to first byte)".to_owned());
+    }
+    if let Some(d) = p.first_token_timeout {
+        t.push(format!("first_token_timeout {d:?} for streams"));
+    }
+    let mut read = false;
+    for k in &c.keys {
+        let q = k.health.quota();
+        let fig = |r: Option<crate::routing::key_health::Remaining>| {
+            r.map_or("-".to_owned(), |r| {
+                format!("{} (resets in {:?})", r.left, r.resets_in)
+            })
+        };
+        if q.requests.is_some() || q.tokens.is_some() {
+            read = true;
+            t.push(format!(
+                "quota of {}: requests {}, tokens {}",
+                k.id,
+                fig(q.requests),
+                fig(q.tokens)
+            ));
+        }
+    }
+    if !read && p.key_strategy == crate::config::KeyStrategy::Headroom {
+        t.push(
+            "quota: no reading yet (read from upstream responses; a running gateway shows them in /admin/status)"
+                .to_owned(),
+        );
     }
     t
 }

@@ -56,6 +56,10 @@ pub fn policy(p: &RoutingPolicy) -> Value {
         "cooldown": duration(p.cooldown),
         "key_strategy": p.key_strategy.as_str(),
         "probe_keys": p.probe_keys,
+        "deadline": p.deadline.map(duration),
+        "first_token_timeout": p.first_token_timeout.map(duration),
+        "affinity": p.affinity.as_ref().map(|a| a.describe()),
+        "balance": p.balance.as_str(),
     })
 }
 

@@ -21,7 +21,7 @@ use regex::Regex;
 
 pub use load::{load, load_str, LoadError, Loaded};
 pub use prices::{Price, PriceTable};
-pub use schema::{KeyStrategy, LogFormat, MatchKind, Per};
+pub use schema::{Balance, KeyStrategy, LogFormat, MatchKind, Per};
 
 use crate::secret::Secret;
 
@@ -208,6 +208,49 @@ pub struct RoutingPolicy {
     pub key_strategy: KeyStrategy,
     /// Keys cooled by 401/403 come back after a background probe succeeds.
     pub probe_keys: bool,
+    /// Bounds all attempts, fallbacks and waits before response headers.
+    pub deadline: Option<Duration>,
+    /// Bounds a stream's wait for its first body byte after its headers.
+    pub first_token_timeout: Option<Duration>,
+    pub affinity: Option<Affinity>,
+    pub balance: Balance,
+}
+
+/// Where a request's affinity value comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Affinity {
+    Header(HeaderName),
+    BodyUser,
+    BodyPromptCacheKey,
+    Caller,
+}
+
+impl Affinity {
+    /// `header:NAME`, `body:user`, `body:prompt_cache_key` or `caller`.
+    pub fn parse(text: &str) -> Result<Affinity, String> {
+        let shapes = "expected `header:NAME`, `body:user`, `body:prompt_cache_key` or `caller`";
+        match text.trim() {
+            "body:user" => Ok(Affinity::BodyUser),
+            "body:prompt_cache_key" => Ok(Affinity::BodyPromptCacheKey),
+            "caller" => Ok(Affinity::Caller),
+            t => match t.strip_prefix("header:") {
+                Some(name) => HeaderName::from_bytes(name.trim().as_bytes())
+                    .map(Affinity::Header)
+                    .map_err(|_| format!("affinity.from: `{name}` is not a valid header name")),
+                None => Err(format!("affinity.from: unknown form `{t}`: {shapes}")),
+            },
+        }
+    }
+
+    /// The form as written in the config.
+    pub fn describe(&self) -> String {
+        match self {
+            Affinity::Header(n) => format!("header:{n}"),
+            Affinity::BodyUser => "body:user".to_owned(),
+            Affinity::BodyPromptCacheKey => "body:prompt_cache_key".to_owned(),
+            Affinity::Caller => "caller".to_owned(),
+        }
+    }
 }
 
 impl Default for RoutingPolicy {
@@ -223,6 +266,10 @@ impl Default for RoutingPolicy {
             cooldown: Duration::from_secs(60),
             key_strategy: KeyStrategy::RoundRobin,
             probe_keys: true,
+            deadline: None,
+            first_token_timeout: None,
+            affinity: None,
+            balance: Balance::WeightedRoundRobin,
         }
     }
 }
@@ -241,6 +288,14 @@ impl RoutingPolicy {
             cooldown: o.cooldown.unwrap_or(self.cooldown),
             key_strategy: o.key_strategy.unwrap_or(self.key_strategy),
             probe_keys: o.probe_keys.unwrap_or(self.probe_keys),
+            deadline: o.deadline.or(self.deadline),
+            first_token_timeout: o.first_token_timeout.or(self.first_token_timeout),
+            // An unknown form is reported by validation, which rejects the file.
+            affinity: match &o.affinity {
+                Some(a) => Affinity::parse(&a.from).ok(),
+                None => self.affinity.clone(),
+            },
+            balance: o.balance.unwrap_or(self.balance),
         }
     }
 

@@ -111,6 +111,13 @@ pub struct RoutingSection {
     /// Global only: a client cannot repeat it.
     #[serde(default, deserialize_with = "lenient::opt_bool")]
     pub probe_keys: Option<bool>,
+    /// The whole request before response headers; routing-level only.
+    #[serde(default, deserialize_with = "lenient::opt_duration")]
+    pub deadline: Option<Duration>,
+    #[serde(default, deserialize_with = "lenient::opt_duration")]
+    pub first_token_timeout: Option<Duration>,
+    pub affinity: Option<AffinitySection>,
+    pub balance: Option<Balance>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -120,6 +127,35 @@ pub enum KeyStrategy {
     RoundRobin,
     Random,
     LeastUsed,
+    /// The key with the most quota left by its upstream's last reading.
+    Headroom,
+}
+
+/// `affinity: { from: ... }`; the form of `from` is checked by validation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AffinitySection {
+    pub from: String,
+}
+
+/// How clients of one priority share traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Smooth weighted round robin.
+    #[default]
+    WeightedRoundRobin,
+    /// Power of two choices on a decaying average of time to first byte.
+    Latency,
+}
+
+impl Balance {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::WeightedRoundRobin => "weighted_round_robin",
+            Balance::Latency => "latency",
+        }
+    }
 }
 
 impl KeyStrategy {
@@ -129,6 +165,7 @@ impl KeyStrategy {
             KeyStrategy::RoundRobin => "round_robin",
             KeyStrategy::Random => "random",
             KeyStrategy::LeastUsed => "least_used",
+            KeyStrategy::Headroom => "headroom",
         }
     }
 }
@@ -191,6 +228,10 @@ pub struct ClientSection {
     #[serde(default, deserialize_with = "lenient::opt_duration")]
     pub request_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "lenient::opt_duration")]
+    pub first_token_timeout: Option<Duration>,
+    pub affinity: Option<AffinitySection>,
+    pub balance: Option<Balance>,
+    #[serde(default, deserialize_with = "lenient::opt_duration")]
     pub idle_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "lenient::opt_num")]
     pub max_attempts: Option<u32>,
@@ -221,6 +262,11 @@ impl ClientSection {
             cooldown: self.cooldown,
             key_strategy: self.key_strategy,
             probe_keys: None,
+            // One deadline per request, across clients: not per client.
+            deadline: None,
+            first_token_timeout: self.first_token_timeout,
+            affinity: self.affinity.clone(),
+            balance: self.balance,
         }
     }
 }

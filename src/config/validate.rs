@@ -836,6 +836,7 @@ fn routing(
 ) -> RoutingPolicy {
     let policy = RoutingPolicy::default().merged(r);
     check_policy(&policy, r, path, map, diags);
+    check_selection(r, path, map, diags);
     policy
 }
 
@@ -878,6 +879,27 @@ fn check_policy(
                     format!("retry_on: {code} is not an HTTP status code (100-599)"),
                 );
             }
+        }
+    }
+}
+
+/// The selection keys (SPEC §11): durations above 0, an `affinity.from`
+/// of a known form.
+fn check_selection(set: &schema::RoutingSection, path: &str, map: &SourceMap, diags: &mut Diags) {
+    for (key, d) in [
+        ("deadline", set.deadline),
+        ("first_token_timeout", set.first_token_timeout),
+    ] {
+        if d.is_some_and(|d| d.is_zero()) {
+            diags.error_at(
+                map.value(&format!("{path}.{key}")),
+                format!("{key} must be more than 0"),
+            );
+        }
+    }
+    if let Some(a) = &set.affinity {
+        if let Err(e) = super::Affinity::parse(&a.from) {
+            diags.error_at(map.value(&format!("{path}.affinity.from")), e);
         }
     }
 }
@@ -1062,6 +1084,7 @@ fn client(
     let overrides = c.routing_overrides();
     let policy = global.merged(&overrides);
     check_policy(&policy, &overrides, path, map, diags);
+    check_selection(&overrides, path, map, diags);
 
     // Other problems are reported but still leave a client whose matching
     // can be checked (fallback targets, cycles); the config is rejected anyway.

@@ -135,6 +135,9 @@ pub struct Metrics {
     key_healthy: Family<KeyLabels, Gauge>,
     key_cooldown: Family<KeyLabels, Gauge<f64, AtomicU64>>,
     key_requests: Family<KeyLabels, Gauge>,
+    affinity: Family<ResultLabels, Counter>,
+    key_remaining_requests: Family<KeyLabels, Gauge>,
+    key_remaining_tokens: Family<KeyLabels, Gauge>,
     reloads: Family<ResultLabels, Counter>,
     key_probes: Family<AttemptLabels, Counter>,
     generation: Gauge,
@@ -173,6 +176,9 @@ impl Metrics {
             key_healthy: Family::default(),
             key_cooldown: Family::default(),
             key_requests: Family::default(),
+            affinity: Family::default(),
+            key_remaining_requests: Family::default(),
+            key_remaining_tokens: Family::default(),
             reloads: Family::default(),
             key_probes: Family::default(),
             generation: Gauge::default(),
@@ -230,6 +236,21 @@ impl Metrics {
             "key_requests",
             "Attempts made with the key since start",
             m.key_requests.clone(),
+        );
+        registry.register(
+            "affinity_requests",
+            "Requests routed where affinity applies: with a value (hit) or without (none)",
+            m.affinity.clone(),
+        );
+        registry.register(
+            "key_remaining_requests",
+            "Requests left by the key's last quota reading, while it holds",
+            m.key_remaining_requests.clone(),
+        );
+        registry.register(
+            "key_remaining_tokens",
+            "Tokens left by the key's last quota reading, while it holds",
+            m.key_remaining_tokens.clone(),
         );
         registry.register("reloads", "Config reloads by result", m.reloads.clone());
         registry.register(
@@ -526,6 +547,11 @@ impl Metrics {
             .inc();
     }
 
+    /// A request where affinity applies: `hit` (it had a value) or `none`.
+    pub fn affinity(&self, result: &'static str) {
+        self.affinity.get_or_create(&ResultLabels { result }).inc();
+    }
+
     pub fn reload(&self, ok: bool, generation: u64) {
         let result = if ok { "ok" } else { "failed" };
         self.reloads.get_or_create(&ResultLabels { result }).inc();
@@ -553,6 +579,8 @@ impl Metrics {
         self.key_healthy.clear();
         self.key_cooldown.clear();
         self.key_requests.clear();
+        self.key_remaining_requests.clear();
+        self.key_remaining_tokens.clear();
         for c in &table.clients {
             for k in &c.keys {
                 let labels = KeyLabels {
@@ -569,6 +597,17 @@ impl Metrics {
                 self.key_requests
                     .get_or_create(&labels)
                     .set(k.health.requests() as i64);
+                let quota = k.health.quota();
+                if let Some(r) = quota.requests {
+                    self.key_remaining_requests
+                        .get_or_create(&labels)
+                        .set(r.left.min(i64::MAX as u64) as i64);
+                }
+                if let Some(t) = quota.tokens {
+                    self.key_remaining_tokens
+                        .get_or_create(&labels)
+                        .set(t.left.min(i64::MAX as u64) as i64);
+                }
             }
         }
         let mut out = String::new();

@@ -3,7 +3,10 @@
 //!
 //! For a 2xx response the headers are held until the first body byte, so an
 //! upstream that answers and then dies before sending anything is failed
-//! over like a connect error. `request_timeout` runs until that byte.
+//! over like a connect error. `request_timeout` runs until that byte, or,
+//! for a stream with `first_token_timeout`, until the response headers, and
+//! `first_token_timeout` from there to that byte. Every response's quota
+//! headers go to the key's reading.
 
 use std::time::Duration;
 
@@ -22,6 +25,8 @@ pub enum UpstreamError {
     Connect(String),
     #[error("no response within {0:?} (request_timeout)")]
     HeadersTimeout(Duration),
+    #[error("no first body byte within {0:?} of the response headers (first_token_timeout)")]
+    FirstTokenTimeout(Duration),
     #[error("the response ended before its first body byte")]
     EmptyResponse,
     #[error("upstream answered {0}")]
@@ -30,7 +35,10 @@ pub enum UpstreamError {
 
 impl UpstreamError {
     pub fn is_timeout(&self) -> bool {
-        matches!(self, UpstreamError::HeadersTimeout(_))
+        matches!(
+            self,
+            UpstreamError::HeadersTimeout(_) | UpstreamError::FirstTokenTimeout(_)
+        )
     }
 }
 
@@ -56,6 +64,7 @@ pub async fn run(
     policy: &RoutingPolicy,
     key: &KeyRoute,
     started: std::time::Instant,
+    stream: bool,
 ) -> Outcome {
     let deadline = Instant::now() + policy.request_timeout;
     let head_request = req.method == http::Method::HEAD;
@@ -70,12 +79,23 @@ pub async fn run(
             Ok(Err(e)) => return failed(UpstreamError::Connect(describe(&e))),
             Ok(Ok(resp)) => resp,
         };
+    key.health.record_quota(&super::quota::read(
+        resp.headers(),
+        resp.extensions().get::<super::plain::RelayedHeaders>(),
+    ));
     let status = resp.status().as_u16();
     if resp.status().is_success() {
         let (parts, mut body) = resp.into_parts();
+        let (first_byte_by, late) = match policy.first_token_timeout.filter(|_| stream) {
+            Some(t) => (Instant::now() + t, UpstreamError::FirstTokenTimeout(t)),
+            None => (
+                deadline,
+                UpstreamError::HeadersTimeout(policy.request_timeout),
+            ),
+        };
         loop {
-            match tokio::time::timeout_at(deadline, body.frame()).await {
-                Err(_) => return failed(UpstreamError::HeadersTimeout(policy.request_timeout)),
+            match tokio::time::timeout_at(first_byte_by, body.frame()).await {
+                Err(_) => return failed(late),
                 Ok(Some(Err(e))) => return failed(UpstreamError::Connect(describe(&e))),
                 Ok(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) if !data.is_empty() => {

@@ -162,6 +162,23 @@ fn rfc3339(t: std::time::SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+/// A key's last quota reading while some figure of it holds, else null;
+/// resets as wall-clock times.
+fn quota_json(q: &crate::routing::key_health::QuotaReading) -> serde_json::Value {
+    if q.requests.is_none() && q.tokens.is_none() {
+        return serde_json::Value::Null;
+    }
+    let at = |r: Option<crate::routing::key_health::Remaining>| {
+        r.map(|r| rfc3339(std::time::SystemTime::now() + r.resets_in))
+    };
+    json!({
+        "remaining_requests": q.requests.map(|r| r.left),
+        "remaining_tokens": q.tokens.map(|r| r.left),
+        "reset_requests": at(q.requests),
+        "reset_tokens": at(q.tokens),
+    })
+}
+
 /// The status document: generation, last reload, key health per client.
 pub fn status_json(state: &AppState) -> serde_json::Value {
     let table = state.table.load();
@@ -187,10 +204,15 @@ pub fn status_json(state: &AppState) -> serde_json::Value {
                         "awaiting_probe": k.health.awaiting_probe(),
                         "probes": k.health.probes(),
                         "last_probe": k.health.last_probe().map(|r| r.as_str()),
+                        "quota": quota_json(&k.health.quota()),
                     })
                 })
                 .collect();
-            json!({ "name": c.cfg.name, "keys": keys })
+            json!({
+                "name": c.cfg.name,
+                "keys": keys,
+                "ttfb_ms": c.ttfb.get().map(|d| d.as_millis() as u64),
+            })
         })
         .collect();
     let now = (state.clock)();

@@ -31,10 +31,10 @@ use super::transform::{self, Changes, EndpointKind, RequestBody};
 use super::upstream;
 use super::AppState;
 use crate::config::prices::{self, Tokens};
-use crate::config::Per;
+use crate::config::{Affinity, Per};
 use crate::limits::{Cost, Headroom, Refusal};
 use crate::routing::table::USUAL_ENDPOINTS;
-use crate::routing::{CallerRoute, KeyPick, RoutingTable};
+use crate::routing::{CallerRoute, KeyAsk, KeyPick, RoutingTable};
 use crate::secret::sha256;
 use crate::usage::UsageRecord;
 
@@ -621,6 +621,7 @@ async fn proxy_admitted<B: RequestBodyStream>(
     }
 
     let kind = EndpointKind::of(endpoint);
+    let request_bytes = bytes.len();
     let request = Prepared {
         method: &parts.method,
         endpoint,
@@ -631,66 +632,131 @@ async fn proxy_admitted<B: RequestBodyStream>(
         requested_model: peek.model.as_ref(),
         include_usage: peek.stream && kind.is_text_generation() && !peek.include_usage,
         started,
+        stream: peek.stream,
+        reserve_tokens: reserved_tokens(request_bytes, peek.max_tokens, caller),
+        user_hash: peek.user_hash,
+        prompt_cache_key_hash: peek.prompt_cache_key_hash,
+        caller_name: caller.map(|c| &*c.name),
     };
     let mut run = Run::default();
-    match pinned {
-        Some(ci) => {
-            match try_client(&state, table, &request, ci, model, &mut run, request_id).await {
-                Ok(Some(answer)) => return respond(done, answer, table, &request, &run),
-                Ok(None) => {}
-                Err(e) => return fail(done, e, request_id),
+    let plan = Plan {
+        model,
+        pinned,
+        first_candidates,
+    };
+    let all = attempts(&state, table, &request, plan, &mut run, request_id);
+    let found = match table.config.routing.deadline {
+        None => all.await,
+        Some(limit) => match tokio::time::timeout_at((started + limit).into(), all).await {
+            Ok(found) => found,
+            Err(_) => Err(run.past_deadline(table, model.unwrap_or_default(), limit)),
+        },
+    };
+    match found {
+        Ok(Some(answer)) => respond(done, answer, table, &request, &run),
+        Ok(None) => {
+            let e = run.exhausted(table, model.unwrap_or_default());
+            done.record().attempts = run.attempts;
+            fail(done, e, request_id)
+        }
+        Err(e) => {
+            done.record().attempts = run.attempts;
+            fail(done, e, request_id)
+        }
+    }
+}
+
+/// Where a request may go: its model's candidates (already looked up for
+/// the first round) and fallbacks, or the one client its path names.
+struct Plan<'t> {
+    model: Option<&'t str>,
+    pinned: Option<usize>,
+    first_candidates: Option<crate::routing::table::CandidatesRef<'t>>,
+}
+
+/// Every attempt of one request, across keys, clients and fallbacks, until
+/// one answers (`Ok(Some)`) or nothing is left (`Ok(None)`).
+async fn attempts(
+    state: &Arc<AppState>,
+    table: &RoutingTable,
+    request: &Prepared<'_>,
+    plan: Plan<'_>,
+    run: &mut Run,
+    request_id: &str,
+) -> Result<Option<Answer>, ApiError> {
+    let Plan {
+        model,
+        pinned,
+        mut first_candidates,
+    } = plan;
+    if let Some(ci) = pinned {
+        return try_client(state, table, request, ci, model, run, request_id).await;
+    }
+    // Model names borrow from the request and the table: none is
+    // copied per request.
+    // Inline, like the lists below: a request that fails over
+    // to more than a few models or clients is rare.
+    let mut stack: SmallVec<[(&str, u32); 4]> = smallvec![(model.unwrap_or_default(), 0)];
+    let mut models_tried: SmallVec<[&str; 4]> = SmallVec::new();
+    let max_depth = table.config.routing.max_fallback_depth;
+    let lead = table
+        .config
+        .routing
+        .affinity
+        .as_ref()
+        .and_then(|from| request.affinity_value(from));
+    while let Some((m, depth)) = stack.pop() {
+        if models_tried.contains(&m) {
+            continue;
+        }
+        models_tried.push(m);
+        let candidates = match first_candidates.take() {
+            Some(c) if depth == 0 => c,
+            _ => table.candidates(m),
+        };
+        for ci in table.order(&candidates, lead, request.reserve_tokens) {
+            if let Some(answer) =
+                try_client(state, table, request, ci, Some(m), run, request_id).await?
+            {
+                return Ok(Some(answer));
             }
         }
-        None => {
-            // Model names borrow from the request and the table: none is
-            // copied per request.
-            // Inline, like the lists below: a request that fails over
-            // to more than a few models or clients is rare.
-            let mut stack: SmallVec<[(&str, u32); 4]> = smallvec![(model.unwrap_or_default(), 0)];
-            let mut models_tried: SmallVec<[&str; 4]> = SmallVec::new();
-            let max_depth = table.config.routing.max_fallback_depth;
-            while let Some((m, depth)) = stack.pop() {
-                if models_tried.contains(&m) {
-                    continue;
-                }
-                models_tried.push(m);
-                let candidates = match first_candidates.take() {
-                    Some(c) if depth == 0 => c,
-                    _ => table.candidates(m),
-                };
-                for ci in candidates.order() {
-                    match try_client(&state, table, &request, ci, Some(m), &mut run, request_id)
-                        .await
-                    {
-                        Ok(Some(answer)) => return respond(done, answer, table, &request, &run),
-                        Ok(None) => {}
-                        Err(e) => return fail(done, e, request_id),
-                    }
-                }
-                let fallback = table.fallback_of(&candidates);
-                let limit = candidates
-                    .in_priority_order()
-                    .find(|&i| !table.clients[i].cfg.fallback.is_empty())
-                    .map_or(max_depth, |i| {
-                        table.clients[i]
-                            .cfg
-                            .policy
-                            .max_fallback_depth
-                            .min(max_depth)
-                    });
-                if depth < limit {
-                    for f in fallback.iter().rev() {
-                        if !models_tried.contains(&f.as_str()) {
-                            stack.push((f, depth + 1));
-                        }
-                    }
+        let fallback = table.fallback_of(&candidates);
+        let limit = candidates
+            .in_priority_order()
+            .find(|&i| !table.clients[i].cfg.fallback.is_empty())
+            .map_or(max_depth, |i| {
+                table.clients[i]
+                    .cfg
+                    .policy
+                    .max_fallback_depth
+                    .min(max_depth)
+            });
+        if depth < limit {
+            for f in fallback.iter().rev() {
+                if !models_tried.contains(&f.as_str()) {
+                    stack.push((f, depth + 1));
                 }
             }
         }
     }
-    let e = run.exhausted(table, model.unwrap_or_default());
-    done.record().attempts = run.attempts;
-    fail(done, e, request_id)
+    Ok(None)
+}
+
+/// Tokens a request reserves: the same estimate as a caller's admission
+/// (`admit`): the body's bytes / 3 for the prompt, plus the completion cap
+/// it names or the caller's default.
+fn reserved_tokens(
+    body_bytes: usize,
+    max_tokens: Option<u64>,
+    caller: Option<&CallerRoute>,
+) -> u64 {
+    let completion = max_tokens.unwrap_or(
+        caller.map_or(crate::config::validate::MAX_TOKENS_DEFAULT, |c| {
+            c.cfg.max_tokens_default
+        }),
+    );
+    (body_bytes as u64).div_ceil(3).saturating_add(completion)
 }
 
 /// What a request is expected to cost, before any upstream is asked.
@@ -880,6 +946,32 @@ struct Prepared<'a> {
     /// When the request arrived: `ttft_ms`, like `latency_ms`, counts
     /// from here, across failovers.
     started: Instant,
+    stream: bool,
+    /// Tokens the request is expected to use, for keys' quota readings.
+    reserve_tokens: u64,
+    /// Hashes of the affinity values the request carries (never the values).
+    user_hash: Option<u64>,
+    prompt_cache_key_hash: Option<u64>,
+    caller_name: Option<&'a str>,
+}
+
+impl Prepared<'_> {
+    /// The hash of the request's value for `from`; `None` when it has none
+    /// (an empty header counts as none).
+    fn affinity_value(&self, from: &Affinity) -> Option<u64> {
+        match from {
+            Affinity::Header(name) => self
+                .headers
+                .get(name)
+                .filter(|v| !v.is_empty())
+                .map(|v| crate::routing::affinity::hash_value(v.as_bytes())),
+            Affinity::BodyUser => self.user_hash,
+            Affinity::BodyPromptCacheKey => self.prompt_cache_key_hash,
+            Affinity::Caller => self
+                .caller_name
+                .map(|c| crate::routing::affinity::hash_value(c.as_bytes())),
+        }
+    }
 }
 
 /// What the attempts of one request have done so far.
@@ -890,9 +982,23 @@ struct Run {
     clients_tried: SmallVec<[usize; 4]>,
     soonest_free: Option<Duration>,
     last_error: Option<UpstreamError>,
+    /// Whether the request was counted in the affinity metric.
+    affinity_counted: bool,
 }
 
 impl Run {
+    fn past_deadline(&self, table: &RoutingTable, model: &str, limit: Duration) -> ApiError {
+        let tried: Vec<&str> = self
+            .clients_tried
+            .iter()
+            .map(|&ci| table.clients[ci].cfg.name.as_str())
+            .collect();
+        ApiError::UpstreamTimeout(format!(
+            "no upstream answered model `{model}` within {limit:?} (routing.deadline); clients tried: {}",
+            if tried.is_empty() { "none".to_owned() } else { tried.join(", ") }
+        ))
+    }
+
     fn exhausted(&self, table: &RoutingTable, model: &str) -> ApiError {
         if self.attempts == 0 {
             if let Some(wait) = self.soonest_free {
@@ -965,10 +1071,25 @@ async fn try_client(
         model: routed.filter(|r| Some(*r) != request.requested_model.map(|m| &**m)),
         include_usage: request.include_usage,
     };
+    let affinity = policy
+        .affinity
+        .as_ref()
+        .map(|from| request.affinity_value(from));
+    if let Some(value) = affinity {
+        if !std::mem::replace(&mut run.affinity_counted, true) {
+            state
+                .metrics
+                .affinity(if value.is_some() { "hit" } else { "none" });
+        }
+    }
+    let ask = KeyAsk {
+        tokens: request.reserve_tokens,
+        affinity: affinity.flatten(),
+    };
     let mut tried: SmallVec<[usize; 4]> = SmallVec::new();
     let mut client_attempts = 0;
     while run.attempts < max_attempts && client_attempts < policy.max_attempts {
-        let ki = match client.pick_key(&tried) {
+        let ki = match client.pick_key_for(&tried, &ask) {
             KeyPick::Key(i) => i,
             KeyPick::Cooling(left) => {
                 run.soonest_free = Some(run.soonest_free.map_or(left, |s| s.min(left)));
@@ -995,6 +1116,8 @@ async fn try_client(
         )
         .map_err(|e| ApiError::InvalidRequest(format!("cannot build the upstream request: {e}")))?;
         let in_flight = key.health.begin();
+        key.health.spend_quota(ask.tokens);
+        let sent = Instant::now();
         // Boxed: the attempt's future is most of a request's state, and
         // every future that awaits it inline grows by its size and is
         // moved (copied) whole at each level.
@@ -1004,9 +1127,13 @@ async fn try_client(
             policy,
             key,
             request.started,
+            request.stream,
         ));
         match attempt.await {
             Outcome::FailOver(e) => {
+                if e.is_timeout() {
+                    client.ttfb.record(sent.elapsed());
+                }
                 state.metrics.attempt(&client.name, failover_label(&e));
                 tracing::warn!(
                     request_id, client = %client.cfg.name, key = %key.id,
@@ -1020,6 +1147,7 @@ async fn try_client(
                 first,
                 ttft,
             } => {
+                client.ttfb.record(sent.elapsed());
                 client.metrics(&state.metrics).attempt_ok();
                 return Ok(Some(Answer {
                     parts,
@@ -1044,6 +1172,7 @@ fn failover_label(e: &UpstreamError) -> &'static str {
     match e {
         UpstreamError::Connect(_) => "connect_error",
         UpstreamError::HeadersTimeout(_) => "timeout",
+        UpstreamError::FirstTokenTimeout(_) => "first_token_timeout",
         UpstreamError::EmptyResponse => "empty_response",
         UpstreamError::Status(401 | 403) => "key_rejected",
         UpstreamError::Status(429) => "rate_limited",

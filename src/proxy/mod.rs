@@ -15,6 +15,7 @@ pub mod framing;
 pub mod handler;
 mod peek_json;
 pub mod plain;
+pub mod quota;
 pub mod relay;
 pub mod report;
 pub mod server;

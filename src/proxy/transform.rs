@@ -50,6 +50,10 @@ pub struct Peek {
     /// The completion cap the request names: `max_completion_tokens`,
     /// else `max_tokens`.
     pub max_tokens: Option<u64>,
+    /// The hash of `user` (a string), for affinity; the value is not kept.
+    pub user_hash: Option<u64>,
+    /// The hash of `prompt_cache_key` (a string), likewise.
+    pub prompt_cache_key_hash: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -64,6 +68,10 @@ struct PeekDoc {
     max_tokens: Option<Value>,
     #[serde(default)]
     max_completion_tokens: Option<Value>,
+    #[serde(default)]
+    user: Option<Value>,
+    #[serde(default)]
+    prompt_cache_key: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -83,9 +91,15 @@ pub fn peek(body: &[u8]) -> Result<Peek, String> {
             stream: f.stream,
             include_usage: f.include_usage,
             max_tokens: f.max_completion_tokens.or(f.max_tokens),
+            user_hash: f.user.map(affinity_hash),
+            prompt_cache_key_hash: f.prompt_cache_key.map(affinity_hash),
         });
     }
     peek_with_serde(body)
+}
+
+fn affinity_hash(v: &str) -> u64 {
+    crate::routing::affinity::hash_value(v.as_bytes())
 }
 
 fn usable_model(m: &str) -> Result<Arc<str>, String> {
@@ -129,6 +143,12 @@ fn peek_with_serde(body: &[u8]) -> Result<Peek, String> {
             .as_ref()
             .and_then(Value::as_u64)
             .or_else(|| doc.max_tokens.as_ref().and_then(Value::as_u64)),
+        user_hash: doc.user.as_ref().and_then(Value::as_str).map(affinity_hash),
+        prompt_cache_key_hash: doc
+            .prompt_cache_key
+            .as_ref()
+            .and_then(Value::as_str)
+            .map(affinity_hash),
     })
 }
 
@@ -323,6 +343,8 @@ mod tests {
             Just("\"include_usage\"".to_owned()),
             Just("\"max_tokens\"".to_owned()),
             Just("\"max_completion_tokens\"".to_owned()),
+            Just("\"user\"".to_owned()),
+            Just("\"prompt_cache_key\"".to_owned()),
             Just("\"messages\"".to_owned()),
             Just("\"mod\\u0065l\"".to_owned()),
             string,
@@ -442,6 +464,8 @@ mod tests {
             br#"{"model":"a","stream":true,"stream":false}"#,
             br#"{"model":"a","stream_options":null,"stream_options":{}}"#,
             br#"{"model":"a","stream_options":{"include_usage":true,"include_usage":true}}"#,
+            br#"{"model":"a","user":"u","user":"v"}"#,
+            br#"{"model":"a","prompt_cache_key":"k","prompt_cache_key":null}"#,
         ] {
             assert_eq!(crate::proxy::peek_json::scan(body), None);
             assert!(peek(body).unwrap_err().contains("duplicate field"));
@@ -454,6 +478,8 @@ mod tests {
             &br#"{"model":"bench-model","messages":[{"role":"user","content":"hello"}]}"#[..],
             br#"{"messages":[{"role":"system","content":"Be brief.\nOK"},{"role":"user","content":"caf\u00e9 \"x\""}],"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},"temperature":0.7,"max_tokens":100}"#,
             " { \"model\" : \"m\" , \"input\" : [ 1 , 2.5 , -3 ] } \n".as_bytes(),
+            br#"{"model":"m","user":"alice","prompt_cache_key":"conv-7","messages":[]}"#,
+            br#"{"model":"m","user":42,"prompt_cache_key":null}"#,
         ] {
             let fast = crate::proxy::peek_json::scan(body).expect("fast path");
             let slow = peek_with_serde(body).unwrap();
@@ -463,7 +489,18 @@ mod tests {
                 fast.max_completion_tokens.or(fast.max_tokens),
                 slow.max_tokens
             );
+            assert_eq!(fast.user.map(affinity_hash), slow.user_hash);
+            assert_eq!(
+                fast.prompt_cache_key.map(affinity_hash),
+                slow.prompt_cache_key_hash
+            );
         }
+        let p = peek(br#"{"model":"m","user":"alice","prompt_cache_key":"conv-7"}"#).unwrap();
+        assert_eq!(p.user_hash, Some(affinity_hash("alice")));
+        assert_eq!(p.prompt_cache_key_hash, Some(affinity_hash("conv-7")));
+        // An escaped value is decoded before it is hashed.
+        let p = peek(br#"{"model":"m","user":"al\u0069ce"}"#).unwrap();
+        assert_eq!(p.user_hash, Some(affinity_hash("alice")));
     }
 
     fn client(extra: &str) -> ClientConfig {

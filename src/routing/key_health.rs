@@ -1,7 +1,13 @@
-//! Health of one (client, key) pair: consecutive failures, cooldown, counters.
+//! Health of one (client, key) pair: consecutive failures, cooldown,
+//! counters, and the key's last quota reading from its upstream.
 //!
 //! Lock-free (atomics only) because every attempt touches it. Shared by
 //! `Arc` across routing-table generations, so it survives reloads.
+//!
+//! A quota reading (remaining requests or tokens, and when they reset)
+//! replaces the last one of its kind and lapses at its reset; between
+//! readings each attempt takes its share from it, so concurrent requests do
+//! not all spend the same last request.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::OnceLock;
@@ -56,6 +62,63 @@ fn now_ms() -> u64 {
     clock_base().elapsed().as_millis() as u64 + 1
 }
 
+/// What an upstream's headers said about a key's quota; `None` where a
+/// figure or its reset was missing or unreadable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QuotaReading {
+    pub requests: Option<Remaining>,
+    pub tokens: Option<Remaining>,
+}
+
+/// One figure of a quota reading: how many are left, and for how long
+/// that holds (already capped at [`MAX_RETRY_AFTER`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Remaining {
+    pub left: u64,
+    pub resets_in: Duration,
+}
+
+/// One figure of a reading as stored: the count, and the `now_ms()` at
+/// which it lapses (0: no reading).
+#[derive(Debug, Default)]
+struct QuotaCell {
+    left: AtomicU64,
+    until: AtomicU64,
+}
+
+impl QuotaCell {
+    fn record(&self, r: Option<Remaining>) {
+        let Some(r) = r else { return };
+        let resets_in = r.resets_in.min(MAX_RETRY_AFTER);
+        // The count first: a reader that sees the new lapse time sees a
+        // count at least as new (a torn read only errs for one request).
+        self.left.store(r.left, Ordering::Relaxed);
+        self.until.store(
+            now_ms().saturating_add(resets_in.as_millis() as u64),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The reading while it holds.
+    fn get(&self, now: u64) -> Option<Remaining> {
+        let until = self.until.load(Ordering::Relaxed);
+        (until > now).then(|| Remaining {
+            left: self.left.load(Ordering::Relaxed),
+            resets_in: Duration::from_millis(until - now),
+        })
+    }
+
+    fn take(&self, n: u64, now: u64) {
+        if self.until.load(Ordering::Relaxed) > now {
+            let _ = self
+                .left
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+                    Some(l.saturating_sub(n))
+                });
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct KeyHealth {
     consecutive_failures: AtomicU32,
@@ -70,6 +133,8 @@ pub struct KeyHealth {
     probes: AtomicU64,
     /// 1 + index into [`ProbeResult::ALL`]; 0 when never probed.
     last_probe: AtomicU8,
+    quota_requests: QuotaCell,
+    quota_tokens: QuotaCell,
 }
 
 impl KeyHealth {
@@ -193,6 +258,54 @@ impl KeyHealth {
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
     }
+
+    /// Keeps the figures `r` has; the others stay as they were.
+    pub fn record_quota(&self, r: &QuotaReading) {
+        self.quota_requests.record(r.requests);
+        self.quota_tokens.record(r.tokens);
+    }
+
+    /// The last reading, with the figures that still hold.
+    pub fn quota(&self) -> QuotaReading {
+        let now = now_ms();
+        QuotaReading {
+            requests: self.quota_requests.get(now),
+            tokens: self.quota_tokens.get(now),
+        }
+    }
+
+    /// How long until the key has quota for a request of `tokens` again;
+    /// `None` when it has (or nothing says it has not). A short key is
+    /// skipped, not failed.
+    pub fn quota_short(&self, tokens: u64) -> Option<Duration> {
+        let now = now_ms();
+        let requests = self.quota_requests.get(now).filter(|r| r.left == 0);
+        let tokens = self.quota_tokens.get(now).filter(|r| r.left < tokens);
+        match (requests, tokens) {
+            (Some(r), Some(t)) => Some(r.resets_in.max(t.resets_in)),
+            (r, t) => r.or(t).map(|r| r.resets_in),
+        }
+    }
+
+    /// How many more requests of `tokens` the last reading leaves room
+    /// for; `u64::MAX` when nothing is known.
+    pub fn headroom(&self, tokens: u64) -> u64 {
+        let now = now_ms();
+        let requests = self.quota_requests.get(now).map_or(u64::MAX, |r| r.left);
+        let by_tokens = self
+            .quota_tokens
+            .get(now)
+            .map_or(u64::MAX, |t| t.left / tokens.max(1));
+        requests.min(by_tokens)
+    }
+
+    /// Takes one request and `tokens` from the reading, until the next
+    /// reading replaces it.
+    pub fn spend_quota(&self, tokens: u64) {
+        let now = now_ms();
+        self.quota_requests.take(1, now);
+        self.quota_tokens.take(tokens, now);
+    }
 }
 
 /// Holds a key's in-flight count up while an attempt or its response body lives.
@@ -261,6 +374,63 @@ mod tests {
         tokio::time::advance(Duration::from_secs(61)).await;
         assert!(h.is_available());
         assert!(!h.probe_due());
+    }
+
+    fn reading(requests: Option<(u64, u64)>, tokens: Option<(u64, u64)>) -> QuotaReading {
+        let r = |(left, secs): (u64, u64)| Remaining {
+            left,
+            resets_in: Duration::from_secs(secs),
+        };
+        QuotaReading {
+            requests: requests.map(r),
+            tokens: tokens.map(r),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_short_key_is_skipped_until_its_reset_without_a_failure() {
+        let h = KeyHealth::default();
+        assert_eq!(h.quota_short(1000), None, "no reading: not short");
+        h.record_quota(&reading(Some((0, 10)), Some((5000, 20))));
+        assert!(h
+            .quota_short(1)
+            .is_some_and(|d| d <= Duration::from_secs(10)));
+        assert!(h.is_available() && h.failures() == 0);
+        // A response without figures leaves the reading as it was.
+        h.record_quota(&QuotaReading::default());
+        assert!(h.quota_short(1).is_some());
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(h.quota_short(1000), None, "requests reset, tokens enough");
+        assert_eq!(h.quota_short(6000).map(|d| d.as_secs()), Some(9));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(h.quota(), QuotaReading::default(), "every figure lapsed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reset_far_away_is_capped_at_an_hour() {
+        let h = KeyHealth::default();
+        h.record_quota(&reading(Some((0, 1_000_000)), None));
+        let left = h.quota().requests.unwrap().resets_in;
+        assert!(left <= MAX_RETRY_AFTER, "{left:?}");
+        tokio::time::advance(MAX_RETRY_AFTER + Duration::from_secs(1)).await;
+        assert_eq!(h.quota_short(1), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn headroom_counts_requests_of_this_size_and_spending_lowers_it() {
+        let h = KeyHealth::default();
+        assert_eq!(h.headroom(100), u64::MAX);
+        h.record_quota(&reading(Some((50, 60)), Some((1000, 60))));
+        assert_eq!(h.headroom(100), 10);
+        assert_eq!(h.headroom(10), 50);
+        h.spend_quota(100);
+        assert_eq!(h.quota().requests.unwrap().left, 49);
+        assert_eq!(h.headroom(100), 9);
+        for _ in 0..100 {
+            h.spend_quota(100);
+        }
+        assert_eq!(h.quota().tokens.unwrap().left, 0, "never below zero");
+        assert!(h.quota_short(1).is_some());
     }
 
     #[test]

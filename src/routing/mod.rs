@@ -10,6 +10,9 @@ pub mod matcher;
 pub mod selector;
 pub mod table;
 
+// Selection beyond round robin (SPEC §11): sessions kept on one key.
+pub mod affinity;
+
 pub use key_health::KeyHealth;
 pub use selector::Candidates;
-pub use table::{CallerRoute, ClientRoute, KeyPick, KeyRoute, RoutingTable};
+pub use table::{CallerRoute, ClientRoute, KeyAsk, KeyPick, KeyRoute, RoutingTable};

@@ -1,7 +1,11 @@
 //! Candidate order for one request: priority tiers, smooth weighted round
-//! robin inside a tier, the others of the tier as its failovers.
+//! robin (or, with `balance: latency`, the better of two weighted random
+//! picks by time to first byte) inside a tier, the others of the tier as
+//! its failovers.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
 
 use smallvec::SmallVec;
 
@@ -62,9 +66,22 @@ impl Candidates {
     /// Inline for up to four: most models have one or two clients, and the
     /// list is made for every request.
     pub fn order(&self) -> Order {
+        self.order_with(|_| None)
+    }
+
+    /// As [`Candidates::order`], but `first` may choose the member (its
+    /// position in the tier) that leads a tier; `None` keeps smooth WRR.
+    pub fn order_with(&self, mut first: impl FnMut(&Tier) -> Option<usize>) -> Order {
         let mut out = Order::new();
         for t in &self.tiers {
-            t.order_into(&mut out);
+            if t.members.len() == 1 {
+                out.push(t.members[0]);
+                continue;
+            }
+            let lead = first(t)
+                .filter(|&i| i < t.members.len())
+                .unwrap_or_else(|| t.pick());
+            t.order_into(lead, &mut out);
         }
         out
     }
@@ -76,12 +93,7 @@ impl Candidates {
 }
 
 impl Tier {
-    fn order_into(&self, out: &mut Order) {
-        if self.members.len() == 1 {
-            out.push(self.members[0]);
-            return;
-        }
-        let first = self.pick();
+    fn order_into(&self, first: usize, out: &mut Order) {
         out.push(self.members[first]);
         // The rest fail over in descending weight, file order among equals.
         let mut rest: Vec<usize> = (0..self.members.len()).filter(|&i| i != first).collect();
@@ -106,9 +118,120 @@ impl Tier {
     }
 }
 
+/// Of every (1 in this many) latency picks, one is a plain weighted draw,
+/// so that a slow client still gets a few requests and its average can
+/// come down again.
+const PROBE_ONE_IN: u32 = 20;
+
+/// Power of two choices: two members drawn by weight, the one whose `cost`
+/// is lower wins; one pick in [`PROBE_ONE_IN`] takes the first draw as it is.
+pub fn two_choices(weights: &[u32], cost: impl Fn(usize) -> f64) -> usize {
+    let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+    let draw = || {
+        let mut at = fastrand::u64(..total.max(1));
+        for (i, &w) in weights.iter().enumerate() {
+            if at < u64::from(w) {
+                return i;
+            }
+            at -= u64::from(w);
+        }
+        0
+    };
+    let a = draw();
+    if weights.len() < 2 || fastrand::u32(..PROBE_ONE_IN) == 0 {
+        return a;
+    }
+    // A second, different member: a few redraws, then the next one along.
+    let b = (0..4)
+        .map(|_| draw())
+        .find(|&b| b != a)
+        .unwrap_or((a + 1) % weights.len());
+    if cost(b) < cost(a) {
+        b
+    } else {
+        a
+    }
+}
+
+/// How fast the average forgets: a sample this old counts for 1/e.
+const DECAY: Duration = Duration::from_secs(10);
+
+fn clock_base() -> tokio::time::Instant {
+    static BASE: OnceLock<tokio::time::Instant> = OnceLock::new();
+    *BASE.get_or_init(tokio::time::Instant::now)
+}
+
+/// A client's decaying average of time to first byte on this instance
+/// (as linkerd's EWMA: older samples weigh less by their age, not by their
+/// count). Lock-free; a race between two samples loses one of them.
+#[derive(Debug, Default)]
+pub struct TtfbAverage {
+    /// Microseconds, as `f64` bits; 0 until the first sample.
+    micros: AtomicU64,
+    /// When the last sample came, in microseconds on the process clock.
+    at: AtomicU64,
+}
+
+impl TtfbAverage {
+    pub fn record(&self, sample: Duration) {
+        let now = clock_base().elapsed().as_micros() as u64 + 1;
+        let sample = sample.as_micros() as f64;
+        let last = self.at.swap(now, Ordering::Relaxed);
+        let old = f64::from_bits(self.micros.load(Ordering::Relaxed));
+        let value = if last == 0 {
+            sample
+        } else {
+            let age = now.saturating_sub(last) as f64;
+            let keep = (-age / DECAY.as_micros() as f64).exp();
+            old * keep + sample * (1.0 - keep)
+        };
+        self.micros.store(value.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The average; `None` before any sample.
+    pub fn get(&self) -> Option<Duration> {
+        if self.at.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let v = f64::from_bits(self.micros.load(Ordering::Relaxed));
+        Some(Duration::from_micros(v.max(0.0) as u64))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_choices_prefer_the_faster_yet_still_probe_the_slower() {
+        let cost = |i: usize| if i == 0 { 500.0 } else { 50.0 };
+        let picks: Vec<usize> = (0..10_000).map(|_| two_choices(&[1, 1], cost)).collect();
+        let slow = picks.iter().filter(|&&i| i == 0).count();
+        // Only probes reach the slow one: about half of one in twenty.
+        assert!(slow > 100 && slow < 600, "{slow}");
+        // Weights still count: 9 to 1 with equal costs.
+        let heavy = (0..10_000)
+            .filter(|_| two_choices(&[9, 1], |_| 1.0) == 0)
+            .count();
+        assert!(heavy > 8000, "{heavy}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_average_follows_recent_samples() {
+        let a = TtfbAverage::default();
+        assert_eq!(a.get(), None);
+        a.record(Duration::from_millis(1000));
+        assert_eq!(a.get(), Some(Duration::from_millis(1000)));
+        for _ in 0..20 {
+            tokio::time::advance(Duration::from_secs(5)).await;
+            a.record(Duration::from_millis(10));
+        }
+        assert!(
+            a.get().unwrap() < Duration::from_millis(20),
+            "{:?}",
+            a.get()
+        );
+    }
 
     #[test]
     fn smooth_wrr_shares_by_weight_and_interleaves() {

@@ -9,10 +9,13 @@ use std::time::Duration;
 
 use http::HeaderValue;
 
+use smallvec::SmallVec;
+
+use super::affinity;
 use super::key_health::KeyHealth;
 use super::matcher;
-use super::selector::Candidates;
-use crate::config::{CallerConfig, ClientConfig, Config, KeyStrategy, Price};
+use super::selector::{self, Candidates, Order, Tier, TtfbAverage};
+use crate::config::{Balance, CallerConfig, ClientConfig, Config, KeyStrategy, Price};
 use crate::limits::CallerState;
 use crate::ops::metrics::{ClientMetrics, Metrics};
 use crate::secret::{KeyId, Secret};
@@ -106,6 +109,9 @@ pub struct ClientRoute {
     cursor: AtomicUsize,
     /// This client's metric handles, looked up once instead of per request.
     metrics: OnceLock<Arc<ClientMetrics>>,
+    /// Time to first byte on this instance, for `balance: latency`; kept
+    /// across reloads by client name.
+    pub ttfb: Arc<TtfbAverage>,
 }
 
 /// The endpoints most requests go to.
@@ -146,6 +152,18 @@ pub struct KeyRoute {
     pub health: Arc<KeyHealth>,
     /// `Bearer <key>`, marked sensitive so hyper never logs it.
     pub authorization: HeaderValue,
+    /// This (client, key) pair in affinity's rendezvous hashing.
+    pub affinity_seed: u64,
+}
+
+/// What a request asks of a key beyond being healthy.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KeyAsk {
+    /// The request's reserved tokens: a key whose last reading has fewer
+    /// left is skipped until its reset.
+    pub tokens: u64,
+    /// The hash of the request's affinity value, for this client's source.
+    pub affinity: Option<u64>,
 }
 
 /// The outcome of asking a client for a key.
@@ -186,6 +204,7 @@ impl RoutingTable {
                             secret: secret.clone(),
                             health,
                             authorization,
+                            affinity_seed: affinity::pair_seed(&cfg.name, secret.key_id().as_str()),
                         }
                     })
                     .collect();
@@ -198,6 +217,7 @@ impl RoutingTable {
                     usual_uris,
                     name: Arc::from(cfg.name.as_str()),
                     metrics: OnceLock::new(),
+                    ttfb: old.map(|o| o.ttfb.clone()).unwrap_or_default(),
                     keys,
                     cursor: AtomicUsize::new(fastrand::usize(..cfg.keys.len().max(1))),
                 }
@@ -386,6 +406,44 @@ impl RoutingTable {
         out
     }
 
+    /// The candidates in the order to try them for one request: a tier is
+    /// led by the client of the best (client, key) pair for `affinity`
+    /// (`routing.affinity`'s value), else by latency when a member asks for
+    /// `balance: latency`, else by smooth weighted round robin.
+    pub fn order(&self, candidates: &Candidates, affinity: Option<u64>, tokens: u64) -> Order {
+        candidates.order_with(|tier| {
+            if let Some(value) = affinity {
+                let best = tier
+                    .members
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(pos, &ci)| {
+                        let c = &self.clients[ci];
+                        c.best_affinity_key(value, tokens, &[])
+                            .map(|(_, s)| (pos, s))
+                    })
+                    .max_by(|a, b| a.1.total_cmp(&b.1));
+                if let Some((pos, _)) = best {
+                    return Some(pos);
+                }
+            }
+            self.latency_lead(tier)
+        })
+    }
+
+    fn latency_lead(&self, tier: &Tier) -> Option<usize> {
+        let latency = tier
+            .members
+            .iter()
+            .any(|&ci| self.clients[ci].cfg.policy.balance == Balance::Latency);
+        latency.then(|| {
+            selector::two_choices(&tier.weights, |pos| {
+                let c = &self.clients[tier.members[pos]];
+                c.ttfb.get().map_or(0.0, |d| d.as_secs_f64())
+            })
+        })
+    }
+
     /// True when some key of some client is not cooling down.
     pub fn any_key_available(&self) -> bool {
         self.clients
@@ -399,41 +457,95 @@ impl ClientRoute {
     /// The next key to try by the client's strategy, skipping keys already
     /// tried in this request and keys in cooldown.
     pub fn pick_key(&self, tried: &[usize]) -> KeyPick {
+        self.pick_key_for(tried, &KeyAsk::default())
+    }
+
+    /// [`ClientRoute::pick_key`] for a request: keys whose last quota
+    /// reading is short of it are skipped while another key is not (when
+    /// every key left is short, they are tried as if no reading existed);
+    /// an affinity value picks its rendezvous key among the rest.
+    pub fn pick_key_for(&self, tried: &[usize], ask: &KeyAsk) -> KeyPick {
         let n = self.keys.len();
-        let untried = |i: &usize| !tried.contains(i);
         let mut soonest: Option<Duration> = None;
-        let mut available = |i: usize| match self.keys[i].health.cooling_for() {
-            None => true,
-            Some(left) => {
-                soonest = Some(soonest.map_or(left, |s| s.min(left)));
-                false
+        let mut open: SmallVec<[usize; 8]> = SmallVec::new();
+        let mut short: SmallVec<[usize; 8]> = SmallVec::new();
+        for (i, k) in self.keys.iter().enumerate() {
+            if tried.contains(&i) {
+                continue;
+            }
+            match k.health.cooling_for() {
+                Some(left) => soonest = Some(soonest.map_or(left, |s| s.min(left))),
+                None if k.health.quota_short(ask.tokens).is_some() => short.push(i),
+                None => open.push(i),
+            }
+        }
+        let pool = if open.is_empty() { &short } else { &open };
+        if pool.is_empty() {
+            return soonest.map_or(KeyPick::Exhausted, KeyPick::Cooling);
+        }
+        if let Some(value) = ask.affinity {
+            let best = pool
+                .iter()
+                .map(|&i| (i, self.affinity_score(value, i)))
+                .max_by(|a, b| a.1.total_cmp(&b.1));
+            if let Some((i, _)) = best {
+                return KeyPick::Key(i);
+            }
+        }
+        // Keys in turn from a rotating start: the first of the pool at or
+        // after it.
+        let start = match self.cfg.policy.key_strategy {
+            KeyStrategy::Random => fastrand::usize(..n),
+            KeyStrategy::LeastUsed => 0,
+            KeyStrategy::RoundRobin | KeyStrategy::Headroom => {
+                self.cursor.fetch_add(1, Ordering::Relaxed) % n
             }
         };
-        let pick =
-            match self.cfg.policy.key_strategy {
-                KeyStrategy::RoundRobin | KeyStrategy::Random => {
-                    let start = match self.cfg.policy.key_strategy {
-                        KeyStrategy::Random => fastrand::usize(..n),
-                        _ => self.cursor.fetch_add(1, Ordering::Relaxed) % n,
-                    };
-                    (0..n)
-                        .map(|o| (start + o) % n)
-                        .filter(untried)
-                        .find(|&i| available(i))
+        let split = pool.iter().position(|&i| i >= start).unwrap_or(0);
+        let rotated = pool[split..].iter().chain(&pool[..split]).copied();
+        let pick = match self.cfg.policy.key_strategy {
+            KeyStrategy::RoundRobin | KeyStrategy::Random => pool[split],
+            KeyStrategy::LeastUsed => pool
+                .iter()
+                .copied()
+                .min_by_key(|&i| {
+                    let h = &self.keys[i].health;
+                    (h.in_flight(), h.requests())
+                })
+                .unwrap_or(pool[0]),
+            // The most headroom; the first in turn among equals.
+            KeyStrategy::Headroom => {
+                let mut best = (pool[split], 0u64);
+                for (j, i) in rotated.enumerate() {
+                    let room = self.keys[i].health.headroom(ask.tokens);
+                    if j == 0 || room > best.1 {
+                        best = (i, room);
+                    }
                 }
-                KeyStrategy::LeastUsed => (0..n)
-                    .filter(untried)
-                    .filter(|&i| available(i))
-                    .min_by_key(|&i| {
-                        let h = &self.keys[i].health;
-                        (h.in_flight(), h.requests())
-                    }),
-            };
-        match (pick, soonest) {
-            (Some(i), _) => KeyPick::Key(i),
-            (None, Some(left)) => KeyPick::Cooling(left),
-            (None, None) => KeyPick::Exhausted,
-        }
+                best.0
+            }
+        };
+        KeyPick::Key(pick)
+    }
+
+    /// The key of this client that `value` goes to, and its score, among
+    /// keys not tried, not cooling and not short of quota.
+    fn best_affinity_key(&self, value: u64, tokens: u64, tried: &[usize]) -> Option<(usize, f64)> {
+        (0..self.keys.len())
+            .filter(|i| !tried.contains(i))
+            .filter(|&i| {
+                let h = &self.keys[i].health;
+                h.is_available() && h.quota_short(tokens).is_none()
+            })
+            .map(|i| (i, self.affinity_score(value, i)))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+    }
+
+    /// Key `i`'s rendezvous score: the client's weight shared by its keys,
+    /// so clients take sessions in proportion to their weight.
+    fn affinity_score(&self, value: u64, i: usize) -> f64 {
+        let weight = f64::from(self.cfg.weight) / self.keys.len().max(1) as f64;
+        affinity::score(value, self.keys[i].affinity_seed, weight)
     }
 }
 
@@ -488,6 +600,99 @@ openai_clients:
         assert!(matches!(c.pick_key(&[1]), KeyPick::Cooling(d) if d <= Duration::from_secs(30)));
     }
 
+    fn read(k: &KeyRoute, requests: u64, tokens: u64) {
+        use crate::routing::key_health::{QuotaReading, Remaining};
+        let r = |left| {
+            Some(Remaining {
+                left,
+                resets_in: Duration::from_secs(60),
+            })
+        };
+        k.health.record_quota(&QuotaReading {
+            requests: r(requests),
+            tokens: r(tokens),
+        });
+    }
+
+    const THREE_KEYS: &str = r#"
+openai_clients:
+  - name: a
+    base_url: "http://127.0.0.1:1"
+    api_keys: [k1, k2, k3]
+    key_strategy: headroom
+    model_match: { type: exact, value: [m] }
+"#;
+
+    #[test]
+    fn headroom_picks_the_most_room_and_rotates_among_equals() {
+        let t = table(THREE_KEYS);
+        let c = &t.clients[0];
+        let ask = KeyAsk {
+            tokens: 100,
+            affinity: None,
+        };
+        // No readings: all equal, so in turn.
+        let picks: Vec<KeyPick> = (0..3).map(|_| c.pick_key_for(&[], &ask)).collect();
+        for i in 0..3 {
+            assert!(picks.contains(&KeyPick::Key(i)), "{picks:?}");
+        }
+        read(&c.keys[0], 5, 100_000);
+        read(&c.keys[1], 50, 100_000);
+        read(&c.keys[2], 500, 1_000);
+        // Room for 5, 50 and 10 requests of 100 tokens.
+        assert_eq!(c.pick_key_for(&[], &ask), KeyPick::Key(1));
+        assert_eq!(c.pick_key_for(&[1], &ask), KeyPick::Key(2));
+    }
+
+    #[test]
+    fn keys_short_of_quota_are_skipped_unless_every_key_is() {
+        let t = table(&THREE_KEYS.replace("headroom", "round_robin"));
+        let c = &t.clients[0];
+        let ask = KeyAsk {
+            tokens: 5000,
+            affinity: None,
+        };
+        read(&c.keys[0], 0, 100_000);
+        read(&c.keys[1], 10, 4000);
+        for _ in 0..6 {
+            assert_eq!(c.pick_key_for(&[], &ask), KeyPick::Key(2));
+        }
+        assert_eq!(c.keys[0].health.failures(), 0, "skipping is no failure");
+        // Every key left is short: they are tried as if nothing was read.
+        read(&c.keys[2], 0, 100_000);
+        let picks: Vec<KeyPick> = (0..6).map(|_| c.pick_key_for(&[], &ask)).collect();
+        for i in 0..3 {
+            assert!(picks.contains(&KeyPick::Key(i)), "{picks:?}");
+        }
+        // Cooling still wins over quota: a cooling key is never tried.
+        c.keys[0].health.cool_down(Duration::from_secs(30));
+        assert!(matches!(c.pick_key_for(&[1, 2], &ask), KeyPick::Cooling(_)));
+    }
+
+    #[test]
+    fn affinity_keeps_a_value_on_one_key_and_moves_it_only_when_that_key_cools() {
+        let t = table(THREE_KEYS);
+        let c = &t.clients[0];
+        let value = crate::routing::affinity::hash_value(b"session-1");
+        let ask = KeyAsk {
+            tokens: 1,
+            affinity: Some(value),
+        };
+        let KeyPick::Key(home) = c.pick_key_for(&[], &ask) else {
+            panic!()
+        };
+        for _ in 0..20 {
+            assert_eq!(c.pick_key_for(&[], &ask), KeyPick::Key(home));
+        }
+        // The routing-level order agrees with the client's own pick.
+        assert_eq!(c.best_affinity_key(value, 1, &[]).map(|b| b.0), Some(home));
+        c.keys[home].health.cool_down(Duration::from_secs(30));
+        let KeyPick::Key(other) = c.pick_key_for(&[], &ask) else {
+            panic!()
+        };
+        assert_ne!(other, home);
+    }
+
     #[test]
     fn key_health_survives_a_rebuild_for_pairs_that_remain() {
         let t1 = table(TWO_KEYS);
@@ -508,6 +713,10 @@ openai_clients:
         assert!(
             t2.clients[0].keys[1].health.is_available(),
             "k3 starts fresh"
+        );
+        assert!(
+            Arc::ptr_eq(&t1.clients[0].ttfb, &t2.clients[0].ttfb),
+            "the client keeps its latency average"
         );
     }
 
