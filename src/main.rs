@@ -1,6 +1,8 @@
 //! `gptbalance`: parse the command line and run the subcommand; all the work
 //! lives in the library.
 
+#![deny(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -25,6 +27,7 @@ fn main() -> ExitCode {
 /// them idle RSS was 19 MiB instead of 11, and 65 MiB instead of 41 with
 /// 1,000 idle streams); this also keeps hosts whose kernel gives them
 /// without asking ("always") from doing so to this process.
+#[allow(unsafe_code)]
 fn no_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
     // SAFETY: PR_SET_THP_DISABLE only sets a flag on this process; it

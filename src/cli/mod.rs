@@ -6,6 +6,8 @@ pub mod diff;
 pub mod health;
 pub mod replay;
 pub mod route;
+// getrlimit/setrlimit to raise the open-files limit.
+#[allow(unsafe_code)]
 pub mod serve;
 pub mod usage;
 pub mod validate_config;

@@ -10,10 +10,16 @@ pub mod attempt;
 pub mod body;
 pub mod cors;
 pub mod endpoints;
+// Header values httparse accepted, taken unchecked (wire_names::value).
+#[allow(unsafe_code)]
 pub mod fast;
+// Reads straight into hyper's buffer cursor, with no copy.
+#[allow(unsafe_code)]
 pub mod framing;
 pub mod handler;
 mod peek_json;
+// Reads into spare buffer capacity; header values taken unchecked.
+#[allow(unsafe_code)]
 pub mod plain;
 pub mod quota;
 pub mod relay;
@@ -23,6 +29,8 @@ pub mod shadow;
 pub mod sse;
 pub mod transform;
 pub mod upstream;
+// `value`: a header value httparse accepted, not checked again.
+#[allow(unsafe_code)]
 mod wire_names;
 
 use std::path::PathBuf;

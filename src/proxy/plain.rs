@@ -290,25 +290,12 @@ async fn open(addr: SocketAddr) -> io::Result<TcpStream> {
     Ok(io)
 }
 
-/// The idle time before the first keepalive probe (the default is hours).
-#[cfg(target_os = "linux")]
-fn keepalive_after(io: &TcpStream, secs: libc::c_int) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a valid open socket and a c_int option value that outlives
-    // the call; a failure only leaves the system default.
-    unsafe {
-        libc::setsockopt(
-            io.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_KEEPIDLE,
-            (&secs as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+/// The idle time before the first keepalive probe (the default is hours);
+/// a failure only leaves the system default.
+fn keepalive_after(io: &TcpStream, secs: u64) {
+    let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(secs));
+    let _ = socket2::SockRef::from(io).set_tcp_keepalive(&keepalive);
 }
-
-#[cfg(not(target_os = "linux"))]
-fn keepalive_after(_io: &TcpStream, _secs: i32) {}
 
 /// The request line, `Host`, the request's headers and `Content-Length`.
 /// `host` is used unless the request carries its own `Host`.

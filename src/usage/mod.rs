@@ -8,6 +8,8 @@ pub mod daily;
 pub mod replay;
 pub mod report;
 pub mod rows;
+// The insert engine binds text in place through SQLite's C API.
+#[allow(unsafe_code)]
 pub mod store;
 pub mod writer;
 
