@@ -285,8 +285,11 @@ fn usage_adds_up_several_instances_by_any_column_in_every_format() {
     );
     assert_eq!(code, 0);
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines[0], "caller,requests,errors,prompt_tokens,completion_tokens,total_tokens,latency_p50_ms,latency_p95_ms,latency_p99_ms");
-    assert!(lines.contains(&"app,10,0,100,50,150,50,100,100"), "{out}");
+    assert_eq!(lines[0], "caller,requests,errors,prompt_tokens,completion_tokens,total_tokens,cost_usd,latency_p50_ms,latency_p95_ms,latency_p99_ms");
+    assert!(
+        lines.contains(&"app,10,0,100,50,150,0.000000,50,100,100"),
+        "{out}"
+    );
     assert!(lines.iter().any(|l| l.starts_with("(none),1,1,")));
     assert!(lines.last().unwrap().starts_with("TOTAL,12,1,"));
 
@@ -392,6 +395,7 @@ fn the_readme_documents_every_config_key() {
     all.extend(fields::<LimitsSection>());
     all.extend(fields::<BudgetSection>());
     all.extend(fields::<PriceSection>());
+    all.extend(fields::<SharedStateSection>());
     all.extend(TOP_LEVEL_KEYS.iter().map(|k| k.to_string()));
     assert!(all.len() > 40, "{all:?}");
     for key in all {

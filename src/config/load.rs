@@ -204,6 +204,13 @@ fn read_sections(doc: Value, map: &SourceMap, diags: &mut Diags) -> Option<Secti
             "usage" => sections.usage = optional_section(value, &key, map, diags),
             "logging" => sections.logging = optional_section(value, &key, map, diags),
             "prices" => sections.prices = optional_section(value, &key, map, diags),
+            "shared_state" => {
+                sections.shared_state = if value.is_null() {
+                    Some(None)
+                } else {
+                    section(value, &key, map, diags).map(Some)
+                }
+            }
             "callers" => match value {
                 Value::Sequence(items) => {
                     for (i, item) in items.into_iter().enumerate() {

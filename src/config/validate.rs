@@ -17,7 +17,7 @@ use super::schema::{self, AuthTokenEntry, ClientSection, MatchKind};
 use super::source_map::SourceMap;
 use super::{
     AuthToken, Budget, CallerConfig, CallerLimits, ClientConfig, Config, LoggingConfig, MatchRule,
-    RoutingPolicy, ServerConfig, UsageConfig,
+    RoutingPolicy, ServerConfig, SharedStateConfig, UsageConfig,
 };
 use crate::routing::matcher;
 use crate::secret::{self, Secret};
@@ -34,6 +34,8 @@ pub struct Sections {
     pub usage: Option<schema::UsageSection>,
     pub logging: Option<schema::LoggingSection>,
     pub prices: Option<BTreeMap<String, schema::PriceSection>>,
+    /// `Some(None)`: no `shared_state`.
+    pub shared_state: Option<Option<schema::SharedStateSection>>,
     /// `(path, caller)` per list item.
     pub callers: Vec<(String, Option<schema::CallerSection>)>,
     /// `(path, client)` per list item.
@@ -48,6 +50,7 @@ impl Default for Sections {
             usage: Some(Default::default()),
             logging: Some(Default::default()),
             prices: Some(Default::default()),
+            shared_state: Some(None),
             callers: Vec::new(),
             clients: Vec::new(),
         }
@@ -79,6 +82,7 @@ pub fn validate(
         || s.usage.is_none()
         || s.logging.is_none()
         || s.prices.is_none()
+        || s.shared_state.is_none()
         || s.callers.iter().any(|(_, c)| c.is_none());
     let prices = price_table(
         s.prices.as_ref().unwrap_or(&Default::default()),
@@ -100,6 +104,12 @@ pub fn validate(
         map,
         diags,
     );
+
+    let shared_state = s
+        .shared_state
+        .as_ref()
+        .and_then(|o| o.as_ref())
+        .and_then(|sec| shared_state(sec, map, diags));
 
     if s.clients.is_empty() && !diags.has_errors() {
         diags.error_at(
@@ -162,6 +172,122 @@ pub fn validate(
         callers,
         prices,
         clients: clients.into_iter().map(|(_, c)| c).collect(),
+        shared_state,
+    })
+}
+
+/// `shared_state`: a `redis://` URL with a host and port, a timeout above
+/// zero, at least one replica.
+fn shared_state(
+    s: &schema::SharedStateSection,
+    map: &SourceMap,
+    diags: &mut Diags,
+) -> Option<SharedStateConfig> {
+    let Some(url) = s.url.as_deref() else {
+        diags.error_at(
+            map.value("shared_state"),
+            "shared_state.url is required, e.g. \"redis://127.0.0.1:6379/0\"",
+        );
+        return None;
+    };
+    let address = match parse_redis_url(url) {
+        Ok(a) => a,
+        Err(problem) => {
+            // The URL may hold a password: the message shows its form only.
+            diags.error_at(
+                map.value("shared_state.url"),
+                format!("shared_state.url {problem}"),
+            );
+            return None;
+        }
+    };
+    let timeout = s.timeout.unwrap_or(Duration::from_millis(50));
+    if timeout.is_zero() {
+        diags.error_at(
+            map.value("shared_state.timeout"),
+            "shared_state.timeout must be more than 0",
+        );
+    }
+    let replicas = s.replicas.unwrap_or(1);
+    if !(1..=u32::MAX as i64).contains(&replicas) {
+        diags.error_at(
+            map.value("shared_state.replicas"),
+            format!("shared_state.replicas must be at least 1, not {replicas}"),
+        );
+    }
+    let on_outage = s.on_outage.unwrap_or_default();
+    if on_outage == schema::OnOutage::LocalShare && s.replicas.is_none() {
+        diags.warn_at(
+            map.value("shared_state"),
+            "shared_state.on_outage is local_share but shared_state.replicas is not set: during an outage each instance enforces the whole limit",
+        );
+    }
+    let instance = match s.instance.as_deref() {
+        Some(i) if i.is_empty() || i.chars().any(|c| c.is_control() || c.is_whitespace()) => {
+            diags.error_at(
+                map.value("shared_state.instance"),
+                "shared_state.instance must be a non-empty name without spaces",
+            );
+            None
+        }
+        other => other.map(str::to_owned),
+    };
+    Some(SharedStateConfig {
+        url: Secret::new(url),
+        address,
+        timeout,
+        on_outage,
+        replicas: replicas.clamp(1, u32::MAX as i64) as u32,
+        instance,
+    })
+}
+
+/// The `host:port` of a `redis://[user:password@]host[:port][/db]` URL, or
+/// what is wrong with it (never quoting it: it may hold a password).
+pub fn parse_redis_url(url: &str) -> Result<String, String> {
+    let rest = if let Some(r) = url.strip_prefix("redis://") {
+        r
+    } else if url.starts_with("rediss://") {
+        return Err(
+            "uses rediss:// (TLS), which this build does not support yet: use redis:// on a trusted network, or a TLS tunnel such as stunnel".to_owned(),
+        );
+    } else {
+        return Err("must start with redis://".to_owned());
+    };
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+        match v6.split_once(']') {
+            Some((h, p)) => (h, p.strip_prefix(':')),
+            None => return Err("has an unclosed [ in its host".to_owned()),
+        }
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        }
+    };
+    if host.is_empty() {
+        return Err("has no host".to_owned());
+    }
+    let port: u16 = match port {
+        None => 6379,
+        Some(p) => match p.parse() {
+            Ok(n) if n > 0 => n,
+            _ => return Err("has a port that is not a number from 1 to 65535".to_owned()),
+        },
+    };
+    let db = path.split('?').next().unwrap_or("");
+    if !db.is_empty() && db.parse::<u32>().is_err() {
+        return Err("has a database that is not a number (redis://host:port/0)".to_owned());
+    }
+    if path.contains('?') {
+        return Err("must not have a query string".to_owned());
+    }
+    Ok(if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
     })
 }
 

@@ -10,7 +10,14 @@
 //!
 //! A caller's state lives as long as its name: a reload that edits its
 //! limits keeps what it has spent and reserved.
+//!
+//! Two backends, one interface: without `shared_state` every admission is
+//! [`CallerState::admit`] here (no allocation, one short lock); with it,
+//! [`shared::SharedState::admit`] reserves in Redis, and this state keeps
+//! only the instance's own spend (which it publishes) and, during an
+//! outage under `local_share`, the in-process share of each limit.
 
+pub mod shared;
 pub mod window;
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -293,6 +300,41 @@ impl CallerState {
         let m = c.month.at(p.month);
         m.tokens = m.tokens.saturating_add(month.tokens);
         m.nanos = m.nanos.saturating_add(month.nanos);
+    }
+
+    /// Counts spend settled through the shared backend: this instance's
+    /// own, in the periods the request started in.
+    pub fn record_spend(&self, at: Periods, actual: Cost) {
+        let mut guard = self.lock();
+        let c = &mut *guard;
+        for (spend, period) in [(&mut c.day, at.day), (&mut c.month, at.month)] {
+            if spend.period == period {
+                spend.tokens = spend.tokens.saturating_add(actual.tokens);
+                spend.nanos = spend.nanos.saturating_add(actual.nanos);
+            }
+        }
+    }
+
+    /// This instance's settled spend of the current day and month.
+    pub fn own_spend(&self, now: SystemTime) -> (Spend, Spend) {
+        let p = Periods::of(now);
+        let mut c = self.lock();
+        (*c.day.at(p.day), *c.month.at(p.month))
+    }
+
+    /// The requests and tokens counted in the last minute, per second, and
+    /// the windows emptied: what was admitted in process during an outage,
+    /// handed to the shared windows once they answer again.
+    pub fn take_window(&self, now: SystemTime) -> Vec<(u64, u64, u64)> {
+        let s = Periods::of(now).second;
+        let mut c = self.lock();
+        let out = (s.saturating_sub(window::SPAN - 1)..=s)
+            .map(|sec| (sec, c.requests.at(sec), c.tokens.at(sec)))
+            .filter(|&(_, r, t)| r > 0 || t > 0)
+            .collect();
+        c.requests = Window::default();
+        c.tokens = Window::default();
+        out
     }
 
     /// What the caller has used, with budgets counted per `per`.

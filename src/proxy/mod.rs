@@ -56,6 +56,9 @@ pub struct AppState {
     pub reload_lock: tokio::sync::Mutex<()>,
     /// `server.max_connections`, shared by every worker's accept loop.
     pub connection_slots: Arc<tokio::sync::Semaphore>,
+    /// Callers' limits and key cooldowns shared with other instances;
+    /// `None` without `shared_state`.
+    pub shared: Option<Arc<crate::limits::shared::SharedState>>,
 }
 
 impl AppState {
@@ -83,6 +86,7 @@ impl AppState {
             }),
             reload_lock: tokio::sync::Mutex::new(()),
             connection_slots: slots,
+            shared: None,
         }
     }
 

@@ -9,6 +9,7 @@ use std::time::Instant;
 use super::sse::Usage;
 use super::AppState;
 use crate::config::prices::{self, Price, Tokens};
+use crate::limits::shared::{SharedState, SharedTicket};
 use crate::limits::{CallerState, Cost, Ticket};
 use crate::ops::metrics::ClientMetrics;
 use crate::routing::key_health::InFlight;
@@ -16,9 +17,40 @@ use crate::routing::ClientRoute;
 use crate::usage::UsageRecord;
 
 /// A caller's reservation for this request, settled when it reports.
-pub struct Admission {
-    pub state: Arc<CallerState>,
-    pub ticket: Ticket,
+pub enum Admission {
+    /// Held in process.
+    Local {
+        state: Arc<CallerState>,
+        ticket: Ticket,
+    },
+    /// Held in the shared state; `state` counts this instance's spend.
+    Shared {
+        shared: Arc<SharedState>,
+        caller: Arc<str>,
+        state: Arc<CallerState>,
+        ticket: SharedTicket,
+    },
+}
+
+impl Admission {
+    fn reserved(&self) -> Cost {
+        match self {
+            Admission::Local { ticket, .. } => ticket.reserved,
+            Admission::Shared { ticket, .. } => ticket.reserved,
+        }
+    }
+
+    fn settle(self, actual: Cost) {
+        match self {
+            Admission::Local { state, ticket } => state.settle(ticket, actual),
+            Admission::Shared {
+                shared,
+                caller,
+                state,
+                ticket,
+            } => shared.settle(caller, &state, ticket, actual),
+        }
+    }
 }
 
 /// Status recorded for a request whose caller left before any response.
@@ -108,9 +140,9 @@ impl Completion {
                 }
             } else {
                 r.error.get_or_insert_with(|| "usage unknown".to_owned());
-                a.ticket.reserved
+                a.reserved()
             };
-            a.state.settle(a.ticket, actual);
+            a.settle(actual);
         }
         let state = &self.state;
         state.metrics.in_flight().dec();

@@ -348,11 +348,14 @@ impl Gateway {
         let usage_dir = loaded.config.usage.dir.clone();
         let table = RoutingTable::build(loaded.config, None);
         gptbalance::cli::serve::restore_spend(&table, &usage_dir);
+        let shared = table.config.shared_state.clone();
         let mut state = AppState::new(table, sink, metrics, Some(path));
         if let Some(c) = clock {
             state = state.with_clock(c);
         }
+        state.shared = shared.map(|c| Arc::new(gptbalance::limits::shared::SharedState::new(c)));
         let state = Arc::new(state);
+        gptbalance::cli::serve::share_state(&state);
         let watcher =
             gptbalance::ops::reload::watch(state.clone(), &state.config_path.clone().unwrap())
                 .unwrap();
