@@ -137,6 +137,7 @@ impl Drop for Redis {
 }
 
 const TOKEN: &str = "tok-app-0123456789";
+const LOAD: &str = "tok-load-0123456789";
 
 fn shared_yaml(redis: &Redis, instance: &str, on_outage: &str, extra: &str) -> String {
     format!(
@@ -192,6 +193,10 @@ async fn three_instances_admit_exactly_the_shared_rpm_limit() {
         gws.push(start_shared(&config(&up, &redis, name, "deny", "{ rpm: 20 }")).await);
     }
     let urls: Vec<String> = gws.iter().map(|g| g.url("/v1/chat/completions")).collect();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query(&mut redis.conn())
+        .unwrap();
     let tasks: Vec<_> = (0..90)
         .map(|i| {
             let url = urls[i % 3].clone();
@@ -206,6 +211,29 @@ async fn three_instances_admit_exactly_the_shared_rpm_limit() {
     let limited = statuses.iter().filter(|&&s| s == 429).count();
     println!("shared rpm: {admitted} admitted of 90 against a limit of 20 across 3 instances");
     assert_eq!((admitted, limited), (20, 70), "{statuses:?}");
+    // Round trips: one script per admission, one per settle, plus each
+    // instance's heartbeat once a second.
+    let calls = |cmd: &str| -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut redis.conn())
+            .unwrap();
+        info.lines()
+            .find(|l| l.starts_with(&format!("cmdstat_{cmd}:")))
+            .and_then(|l| l.split("calls=").nth(1))
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || calls("evalsha") >= 110).await,
+        "90 admissions and 20 settles are 110 scripts"
+    );
+    let scripts = calls("evalsha") + calls("eval");
+    println!(
+        "Redis scripts: {scripts} for 90 admissions and 20 settles ({:.2} per request)",
+        scripts as f64 / 90.0
+    );
     assert_eq!(up.count(), 20);
     // Every instance answered some of each: the limit is shared, not split.
     let r = call(&urls[1], body()).await;
@@ -509,12 +537,40 @@ async fn redis_killed_and_restarted_in_each_outage_mode() {
     let up = MockUpstream::start("up").await;
     let mut worst = Duration::ZERO;
     for mode in ["deny", "allow", "local_share"] {
-        let gw = start_shared(&config(&up, &redis, mode, mode, "{ rpm: 9 }")).await;
+        let yaml = config(&up, &redis, mode, mode, "{ rpm: 9 }").replace(
+            "openai_clients:",
+            &format!("  - name: load\n    token: {LOAD}\n    limits: {{ rpm: 1000000, concurrency: 1000 }}\nopenai_clients:"),
+        );
+        let gw = start_shared(&yaml).await;
         let url = gw.url("/v1/chat/completions");
         let st = gw.url("/admin/status");
         assert_eq!(status(&st).await["shared_state"]["mode"], "ok");
         let r = call(&url, body()).await;
         assert_eq!(r.status, 200, "{mode}: {}", r.text());
+        // Load from another caller all through the outage and the return.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let load: Vec<_> = (0..4)
+            .map(|_| {
+                let (url, stop) = (url.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let (mut worst, mut n) = (Duration::ZERO, 0);
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let t = Instant::now();
+                        let r = post_with(
+                            &url,
+                            body(),
+                            &[("authorization", &format!("Bearer {LOAD}"))],
+                        )
+                        .await;
+                        worst = worst.max(t.elapsed());
+                        assert!([200, 503].contains(&r.status), "{}", r.text());
+                        n += 1;
+                    }
+                    (worst, n)
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
         redis.kill();
         let mut statuses = Vec::new();
         for _ in 0..12 {
@@ -552,6 +608,12 @@ async fn redis_killed_and_restarted_in_each_outage_mode() {
             "{mode}: not back in shared mode within 5 s of Redis answering"
         );
         assert_eq!(status(&st).await["shared_state"]["mode"], "ok");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in load {
+            let (w, n) = t.await.unwrap();
+            assert!(n > 0);
+            worst = worst.max(w);
+        }
         if mode == "local_share" {
             // The 3 admitted in process now count in the shared window.
             let rpm: Vec<(u64, u64)> = redis::cmd("HGETALL")

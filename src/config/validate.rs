@@ -222,6 +222,12 @@ fn shared_state(
             "shared_state.on_outage is local_share but shared_state.replicas is not set: during an outage each instance enforces the whole limit",
         );
     }
+    if s.instance.is_none() {
+        diags.warn_at(
+            map.value("shared_state"),
+            "shared_state.instance is not set: each start publishes its budget spend under a new id (host name and pid), and the previous id's entry keeps counting until the period ends; set a stable id such as \"${HOSTNAME}\"",
+        );
+    }
     let instance = match s.instance.as_deref() {
         Some(i) if i.is_empty() || i.chars().any(|c| c.is_control() || c.is_whitespace()) => {
             diags.error_at(
@@ -1163,6 +1169,34 @@ fn warn_unreachable_clients(
                     c.name
                 ),
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_redis_url;
+
+    #[test]
+    fn redis_urls_give_host_and_port_and_never_echo_the_password() {
+        let ok = |u: &str| parse_redis_url(u).unwrap();
+        assert_eq!(ok("redis://127.0.0.1:6379/0"), "127.0.0.1:6379");
+        assert_eq!(ok("redis://cache"), "cache:6379");
+        assert_eq!(ok("redis://:pw@cache:7000/3"), "cache:7000");
+        assert_eq!(ok("redis://user:p@ss@cache:7000"), "cache:7000");
+        assert_eq!(ok("redis://[::1]:6380/1"), "[::1]:6380");
+        for (bad, says) in [
+            ("http://h:1", "must start with redis://"),
+            ("redis://:6379", "no host"),
+            ("redis://h:0", "port"),
+            ("redis://h:x", "port"),
+            ("redis://h:6379/db", "database"),
+            ("redis://h:6379/0?x=1", "query"),
+            ("rediss://:secret@h", "does not support yet"),
+        ] {
+            let e = parse_redis_url(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+            assert!(!e.contains("secret"), "{e}");
         }
     }
 }

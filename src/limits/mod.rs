@@ -308,9 +308,11 @@ impl CallerState {
         let mut guard = self.lock();
         let c = &mut *guard;
         for (spend, period) in [(&mut c.day, at.day), (&mut c.month, at.month)] {
-            if spend.period == period {
-                spend.tokens = spend.tokens.saturating_add(actual.tokens);
-                spend.nanos = spend.nanos.saturating_add(actual.nanos);
+            // A period not yet counted here starts now; one gone by is over.
+            if period >= spend.period {
+                let s = spend.at(period);
+                s.tokens = s.tokens.saturating_add(actual.tokens);
+                s.nanos = s.nanos.saturating_add(actual.nanos);
             }
         }
     }
@@ -503,6 +505,95 @@ mod tests {
             .map(|t| t.join().unwrap())
             .sum();
         assert_eq!(admitted, 10);
+    }
+
+    #[test]
+    fn a_share_divides_every_limit_by_the_replicas() {
+        let l = CallerLimits {
+            rpm: Some(10),
+            tpm: Some(1000),
+            concurrency: Some(2),
+            budget_usd: Some(Budget {
+                amount: 900,
+                per: Per::Day,
+            }),
+            budget_tokens: None,
+        };
+        let s = l.share(3);
+        assert_eq!((s.rpm, s.tpm, s.concurrency), (Some(3), Some(333), Some(1)));
+        assert_eq!(s.budget_usd.unwrap().amount, 300);
+        assert_eq!(l.share(1), l);
+    }
+
+    /// What was admitted in process during an outage is handed over once,
+    /// per second, and the windows start again from nothing.
+    #[test]
+    fn the_window_is_taken_once() {
+        let st = CallerState::default();
+        let l = CallerLimits {
+            rpm: Some(100),
+            ..Default::default()
+        };
+        let t0 = 1_800_000_000;
+        st.admit(
+            &l,
+            Cost {
+                tokens: 5,
+                nanos: 0,
+            },
+            at(t0),
+        )
+        .unwrap();
+        st.admit(
+            &l,
+            Cost {
+                tokens: 7,
+                nanos: 0,
+            },
+            at(t0),
+        )
+        .unwrap();
+        st.admit(
+            &l,
+            Cost {
+                tokens: 1,
+                nanos: 0,
+            },
+            at(t0 + 2),
+        )
+        .unwrap();
+        assert_eq!(st.take_window(at(t0 + 3)), [(t0, 2, 12), (t0 + 2, 1, 1)]);
+        assert!(st.take_window(at(t0 + 3)).is_empty());
+        assert_eq!(st.snapshot(at(t0 + 3), Per::Day).rpm_used, 0);
+    }
+
+    #[test]
+    fn own_spend_counts_what_was_settled_in_its_period() {
+        let st = CallerState::default();
+        let day1 = at(1_800_000_000);
+        let p = Periods::of(day1);
+        st.record_spend(
+            p,
+            Cost {
+                tokens: 10,
+                nanos: 20,
+            },
+        );
+        let (d, m) = st.own_spend(day1);
+        assert_eq!((d.tokens, d.nanos, m.tokens), (10, 20, 10));
+        // Next day: the day starts from nothing, the month goes on.
+        let day2 = at(1_800_000_000 + 86_400);
+        let (d, _) = st.own_spend(day2);
+        assert_eq!(d.tokens, 0);
+        // A ticket of yesterday settles into no current day.
+        st.record_spend(
+            p,
+            Cost {
+                tokens: 5,
+                nanos: 0,
+            },
+        );
+        assert_eq!(st.own_spend(day2).0.tokens, 0);
     }
 
     #[test]
