@@ -731,3 +731,56 @@ async fn validate_config_and_check_keys_know_shared_state() {
     assert_eq!(code2, Some(1), "an unreachable Redis fails check-keys");
     let _ = (code, out, err);
 }
+
+/// An instance starts while Redis is down, in outage mode, and turns to
+/// shared mode by itself once Redis answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_starts_with_redis_down_and_joins_when_it_answers() {
+    let mut redis = Redis::start();
+    redis.kill();
+    let up = MockUpstream::start("up").await;
+    let gw = Gateway::start(&config(&up, &redis, "early", "deny", "{ rpm: 5 }")).await;
+    let url = gw.url("/v1/chat/completions");
+    let t = Instant::now();
+    let r = call(&url, body()).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "shared_state_unavailable");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    let s = status(&gw.url("/admin/status")).await;
+    assert_eq!(s["shared_state"]["mode"], "outage", "{s}");
+    redis.restart();
+    let shared = gw.state.shared.clone().unwrap();
+    assert!(
+        eventually(Duration::from_secs(6), || shared.mode().ok).await,
+        "not in shared mode within 5 s of Redis answering"
+    );
+    let r = call(&url, body()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.headers["x-ratelimit-remaining-requests"], "4");
+}
+
+/// Tokens per minute across two instances: each admission reserves its
+/// estimate in the shared window and its settle turns it into what was
+/// used (18 a request), so `tpm: 100` admits five in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_is_reserved_and_settled_in_the_shared_window() {
+    let redis = Redis::start();
+    let up = MockUpstream::start("up").await;
+    let reserve = (body().to_string().len() as u64).div_ceil(3) + 1;
+    assert!((19..=28).contains(&reserve), "{reserve}");
+    let a = start_shared(&config(&up, &redis, "a", "deny", "{ tpm: 100 }")).await;
+    let b = start_shared(&config(&up, &redis, "b", "deny", "{ tpm: 100 }")).await;
+    let urls = [a.url("/v1/chat/completions"), b.url("/v1/chat/completions")];
+    let mut statuses = Vec::new();
+    for i in 0..7 {
+        let r = call(&urls[i % 2], body()).await;
+        statuses.push(r.status);
+        assert!(eventually(Duration::from_secs(5), || redis.open_tickets("app") == 0).await);
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429]);
+    let tpm: Vec<(u64, u64)> = redis::cmd("HGETALL")
+        .arg("gptbalance:caller:app:tpm")
+        .query(&mut redis.conn())
+        .unwrap();
+    assert_eq!(tpm.iter().map(|(_, n)| n).sum::<u64>(), 90, "{tpm:?}");
+}
