@@ -281,11 +281,9 @@ pub struct SharedTicket {
 pub enum Grant {
     /// Reserved in Redis.
     Shared(SharedTicket),
-    /// Redis is out and `on_outage: local_share`: reserved in process
-    /// against each limit / `replicas`.
+    /// Redis is out: reserved in process, against each limit / `replicas`
+    /// (`local_share`) or against none (`allow`).
     Local(Ticket),
-    /// Redis is out and `on_outage: allow`: nothing reserved.
-    Free,
 }
 
 /// Why an admission under shared state was not granted.
@@ -537,7 +535,12 @@ impl SharedState {
     ) -> Result<(Grant, Headroom), Denial> {
         match self.cfg.on_outage {
             OnOutage::Deny => Err(Denial::Unavailable),
-            OnOutage::Allow => Ok((Grant::Free, Headroom::default())),
+            // No limit applies, but the request is still counted in
+            // process: its spend and window counts reach Redis on return.
+            OnOutage::Allow => state
+                .admit(&CallerLimits::default(), cost, now)
+                .map(|(t, _)| (Grant::Local(t), Headroom::default()))
+                .map_err(Denial::Refused),
             OnOutage::LocalShare => {
                 let share = limits.share(self.cfg.replicas);
                 state

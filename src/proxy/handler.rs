@@ -803,7 +803,6 @@ async fn admit_shared(
                     state: caller.state.clone(),
                     ticket,
                 }),
-                Grant::Free => None,
             };
             Ok(Some(headroom).filter(|h| h.requests.is_some() || h.tokens.is_some()))
         }
