@@ -426,7 +426,12 @@ struct Daemon {
 
 impl Daemon {
     fn start(config: &Path) -> Daemon {
+        Self::start_with(config, &[])
+    }
+
+    fn start_with(config: &Path, env: &[(&str, &str)]) -> Daemon {
         let mut child = Command::new(BIN)
+            .envs(env.iter().copied())
             .args([
                 "serve",
                 "--config",
@@ -699,7 +704,6 @@ async fn validate_config_and_check_keys_know_shared_state() {
         ("redis://:6379/0", "has no host"),
         ("redis://h:99999", "port"),
         ("redis://h:6379/x", "database"),
-        ("rediss://h:6379", "does not support yet"),
     ] {
         let p = write("bad.yaml", url);
         let (code, out, err) = run(&["validate-config", "--config", p.to_str().unwrap()]);
@@ -787,4 +791,160 @@ async fn tpm_is_reserved_and_settled_in_the_shared_window() {
         .query(&mut redis.conn())
         .unwrap();
     assert_eq!(tpm.iter().map(|(_, n)| n).sum::<u64>(), 90, "{tpm:?}");
+}
+
+/// `rediss://`: TLS to a Redis whose certificate a CA of the test's own
+/// signs, trusted through `SSL_CERT_FILE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_connects_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .expect("openssl is installed");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "srv.key",
+        "-out",
+        "srv.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    std::fs::write(
+        d.join("ext"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "srv.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "srv.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+    ]);
+    let port = free_port();
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args([
+            "--tls-cert-file",
+            "srv.pem",
+            "--tls-key-file",
+            "srv.key",
+            "--tls-ca-cert-file",
+            "ca.pem",
+        ])
+        .args([
+            "--tls-auth-clients",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server is installed");
+    let _redis = Redis {
+        port,
+        child: Some(child),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "redis-server (TLS) did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let up = MockUpstream::start("up").await;
+    let path = d.join("config.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "usage:\n  dir: ./usage\nserver:\n  admin_token: adm\nshared_state:\n  url: \"rediss://localhost:{port}/0\"\n  on_outage: deny\n  replicas: 1\n  instance: tls\ncallers:\n  - name: app\n    token: {TOKEN}\n    limits: {{ rpm: 1 }}\nopenai_clients:\n{}",
+            one_client(&up, "")
+        ),
+    )
+    .unwrap();
+    let ca = d.join("ca.pem");
+    let check = |trust: bool| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["check-keys", "--config", path.to_str().unwrap()]);
+        if trust {
+            cmd.env("SSL_CERT_FILE", &ca);
+        } else {
+            cmd.env("SSL_CERT_FILE", d.join("srv.csr"));
+        }
+        String::from_utf8_lossy(&cmd.output().unwrap().stdout).into_owned()
+    };
+    assert!(
+        check(true).contains(&format!("shared_state localhost:{port} ok")),
+        "{}",
+        check(true)
+    );
+    assert!(
+        check(false).contains("unreachable"),
+        "an untrusted certificate is refused"
+    );
+    let daemon = Daemon::start_with(&path, &[("SSL_CERT_FILE", ca.to_str().unwrap())]);
+    let st = format!("http://{}/admin/status", daemon.addr);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status(&st).await["shared_state"]["mode"] != "ok" {
+        assert!(Instant::now() < deadline, "never in shared mode over TLS");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let url = format!("http://{}/v1/chat/completions", daemon.addr);
+    assert_eq!(call(&url, body()).await.status, 200);
+    assert_eq!(
+        call(&url, body()).await.status,
+        429,
+        "rpm 1, counted in Redis over TLS"
+    );
 }

@@ -176,7 +176,7 @@ pub fn validate(
     })
 }
 
-/// `shared_state`: a `redis://` URL with a host and port, a timeout above
+/// `shared_state`: a `redis://` or `rediss://` URL with a host and port, a timeout above
 /// zero, at least one replica.
 fn shared_state(
     s: &schema::SharedStateSection,
@@ -248,17 +248,14 @@ fn shared_state(
     })
 }
 
-/// The `host:port` of a `redis://[user:password@]host[:port][/db]` URL, or
+/// The `host:port` of a `redis[s]://[user:password@]host[:port][/db]` URL, or
 /// what is wrong with it (never quoting it: it may hold a password).
 pub fn parse_redis_url(url: &str) -> Result<String, String> {
-    let rest = if let Some(r) = url.strip_prefix("redis://") {
-        r
-    } else if url.starts_with("rediss://") {
-        return Err(
-            "uses rediss:// (TLS), which this build does not support yet: use redis:// on a trusted network, or a TLS tunnel such as stunnel".to_owned(),
-        );
-    } else {
-        return Err("must start with redis://".to_owned());
+    let Some(rest) = url
+        .strip_prefix("redis://")
+        .or_else(|| url.strip_prefix("rediss://"))
+    else {
+        return Err("must start with redis:// or rediss:// (TLS)".to_owned());
     };
     let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
     let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
@@ -1185,14 +1182,18 @@ mod tests {
         assert_eq!(ok("redis://:pw@cache:7000/3"), "cache:7000");
         assert_eq!(ok("redis://user:p@ss@cache:7000"), "cache:7000");
         assert_eq!(ok("redis://[::1]:6380/1"), "[::1]:6380");
+        assert_eq!(
+            ok("rediss://:pw@cache.example:6380/0"),
+            "cache.example:6380"
+        );
         for (bad, says) in [
             ("http://h:1", "must start with redis://"),
+            ("rediss://:secret@:1", "no host"),
             ("redis://:6379", "no host"),
             ("redis://h:0", "port"),
             ("redis://h:x", "port"),
             ("redis://h:6379/db", "database"),
             ("redis://h:6379/0?x=1", "query"),
-            ("rediss://:secret@h", "does not support yet"),
         ] {
             let e = parse_redis_url(bad).unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");

@@ -911,13 +911,13 @@ pub async fn ping(conn: &mut MultiplexedConnection, bound: Duration) -> Result<(
 
 /// Connects to `cfg` and pings it once, for `check-keys`: the round trip.
 pub async fn probe(cfg: &SharedStateConfig) -> Result<Duration, String> {
-    let client = redis::Client::open(cfg.url.expose()).map_err(|e| e.category().to_owned())?;
+    let client = redis::Client::open(cfg.url.expose()).map_err(|e| e.to_string())?;
     let bound = cfg.timeout.max(Duration::from_secs(2));
     let started = Instant::now();
     let mut conn = tokio::time::timeout(bound, client.get_multiplexed_async_connection())
         .await
         .map_err(|_| "connect timed out".to_owned())?
-        .map_err(|e| e.category().to_owned())?;
+        .map_err(|e| e.to_string())?;
     ping(&mut conn, bound).await?;
     Ok(started.elapsed())
 }
