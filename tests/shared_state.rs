@@ -283,6 +283,20 @@ async fn concurrency_and_budgets_hold_across_instances_and_a_flushall() {
     let r = call(&b.url("/v1/chat/completions"), body()).await;
     assert_eq!(r.status, 429, "{}", r.text());
     assert!(r.text().contains("limits.concurrency"), "{}", r.text());
+    // Held past a few heartbeats, the reservations' amounts are kept
+    // alive together with their tickets.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let pttl = |what: &str| -> i64 {
+        redis::cmd("PTTL")
+            .arg(format!("gptbalance:caller:app:{what}"))
+            .query(&mut redis.conn())
+            .unwrap()
+    };
+    let (tickets, amounts) = (pttl("tickets"), pttl("amounts"));
+    assert!(
+        tickets > 0 && (tickets - amounts).abs() < 500,
+        "tickets {tickets} ms, amounts {amounts} ms"
+    );
     gate.add_permits(100);
     assert_eq!(s1.await.unwrap().status, 200);
     assert_eq!(s2.await.unwrap().status, 200);

@@ -198,8 +198,8 @@ return known
 
 /// The heartbeat: pushes this instance's open tickets' deadlines forward,
 /// republishes its spend and adds what it admitted in process during an
-/// outage to the windows. Per caller, 6 KEYS (slots, tickets, spend:day,
-/// spend:month, rpm, tpm) and in ARGV: day tokens, day nanos, month
+/// outage to the windows. Per caller, 7 KEYS (slots, tickets, spend:day,
+/// spend:month, rpm, tpm, amounts) and in ARGV: day tokens, day nanos, month
 /// tokens, month nanos, n tickets, the tickets, m seconds, then m
 /// (second, requests, tokens). ARGV[1] is the lease in ms, ARGV[2] the
 /// instance.
@@ -213,7 +213,7 @@ local function hmax(key, field, v, ttl)
   if v > cur then redis.call('HSET', key, field, v) end
   redis.call('EXPIRE', key, ttl)
 end
-for k = 1, #KEYS, 6 do
+for k = 1, #KEYS, 7 do
   hmax(KEYS[k + 2], inst .. ':t', tonumber(ARGV[j]), 259200)
   hmax(KEYS[k + 2], inst .. ':n', tonumber(ARGV[j + 1]), 259200)
   hmax(KEYS[k + 3], inst .. ':t', tonumber(ARGV[j + 2]), 3456000)
@@ -225,8 +225,10 @@ for k = 1, #KEYS, 6 do
     redis.call('ZADD', KEYS[k + 1], 'XX', deadline, ARGV[j + i])
   end
   if n > 0 then
+    -- The reservations' amounts live as long as their tickets.
     redis.call('PEXPIRE', KEYS[k], tonumber(ARGV[1]) * 2)
     redis.call('PEXPIRE', KEYS[k + 1], tonumber(ARGV[1]) * 2)
+    redis.call('PEXPIRE', KEYS[k + 6], tonumber(ARGV[1]) * 2)
   end
   j = j + n
   local m = tonumber(ARGV[j])
@@ -807,7 +809,8 @@ impl SharedState {
                 .key(day_key)
                 .key(month_key)
                 .key(key(&c.name, "rpm"))
-                .key(key(&c.name, "tpm"));
+                .key(key(&c.name, "tpm"))
+                .key(key(&c.name, "amounts"));
             let (day, month) = c.state.own_spend(now);
             call.arg(day.tokens)
                 .arg(day.nanos)
