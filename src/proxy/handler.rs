@@ -22,7 +22,7 @@ use super::body::{BoxError, ResponseBody};
 use super::endpoints;
 use super::plain::RelayedHeaders;
 use super::relay::{Filter, JsonSniffer, PrefixBuffer, Relay};
-use super::report::{Admission, Completion};
+use super::report::{Admission, Completion, SharedAdmission};
 use super::sse::{PrefixSlot, SseFilter};
 use super::transform::{self, Changes, EndpointKind, RequestBody};
 use super::upstream;
@@ -793,12 +793,12 @@ async fn admit_shared(
         Ok((grant, headroom)) => {
             reserved(done, cost);
             done.admission = match grant {
-                Grant::Shared(ticket) => Some(Admission::Shared {
+                Grant::Shared(ticket) => Some(Admission::Shared(Box::new(SharedAdmission {
                     shared: shared.clone(),
                     caller: caller.name.clone(),
                     state: caller.state.clone(),
                     ticket,
-                }),
+                }))),
                 Grant::Local(ticket) => Some(Admission::Local {
                     state: caller.state.clone(),
                     ticket,

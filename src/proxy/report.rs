@@ -23,32 +23,39 @@ pub enum Admission {
         state: Arc<CallerState>,
         ticket: Ticket,
     },
-    /// Held in the shared state; `state` counts this instance's spend.
-    Shared {
-        shared: Arc<SharedState>,
-        caller: Arc<str>,
-        state: Arc<CallerState>,
-        ticket: SharedTicket,
-    },
+    /// Held in the shared state; boxed so that a request without shared
+    /// state carries no bigger `Completion` than before.
+    Shared(Box<SharedAdmission>),
+}
+
+/// A reservation in the shared state; `state` counts this instance's spend.
+pub struct SharedAdmission {
+    pub shared: Arc<SharedState>,
+    pub caller: Arc<str>,
+    pub state: Arc<CallerState>,
+    pub ticket: SharedTicket,
 }
 
 impl Admission {
     fn reserved(&self) -> Cost {
         match self {
             Admission::Local { ticket, .. } => ticket.reserved,
-            Admission::Shared { ticket, .. } => ticket.reserved,
+            Admission::Shared(a) => a.ticket.reserved,
         }
     }
 
     fn settle(self, actual: Cost) {
         match self {
             Admission::Local { state, ticket } => state.settle(ticket, actual),
-            Admission::Shared {
-                shared,
-                caller,
-                state,
-                ticket,
-            } => shared.settle(caller, &state, ticket, actual),
+            Admission::Shared(a) => {
+                let SharedAdmission {
+                    shared,
+                    caller,
+                    state,
+                    ticket,
+                } = *a;
+                shared.settle(caller, &state, ticket, actual)
+            }
         }
     }
 }
