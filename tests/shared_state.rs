@@ -139,9 +139,11 @@ impl Drop for Redis {
 const TOKEN: &str = "tok-app-0123456789";
 const LOAD: &str = "tok-load-0123456789";
 
+/// The tests of exactness give Redis a second, so that a busy machine
+/// cannot turn them into outage tests; those set [`fast`].
 fn shared_yaml(redis: &Redis, instance: &str, on_outage: &str, extra: &str) -> String {
     format!(
-        "shared_state:\n  url: \"{}\"\n  timeout: 50ms\n  on_outage: {on_outage}\n  replicas: 3\n  instance: {instance}\n{extra}",
+        "shared_state:\n  url: \"{}\"\n  timeout: 1s\n  on_outage: {on_outage}\n  replicas: 3\n  instance: {instance}\n{extra}",
         redis.url()
     )
 }
@@ -158,6 +160,11 @@ fn config(
         shared_yaml(redis, instance, on_outage, ""),
         one_client(up, "")
     )
+}
+
+/// `yaml` with the 50 ms timeout the outage tests measure against.
+fn fast(yaml: String) -> String {
+    yaml.replace("timeout: 1s", "timeout: 50ms")
 }
 
 async fn start_shared(yaml: &str) -> Gateway {
@@ -556,7 +563,7 @@ async fn redis_killed_and_restarted_in_each_outage_mode() {
     let up = MockUpstream::start("up").await;
     let mut worst = Duration::ZERO;
     for mode in ["deny", "allow", "local_share"] {
-        let yaml = config(&up, &redis, mode, mode, "{ rpm: 9 }").replace(
+        let yaml = fast(config(&up, &redis, mode, mode, "{ rpm: 9 }")).replace(
             "openai_clients:",
             &format!("  - name: load\n    token: {LOAD}\n    limits: {{ rpm: 1000000, concurrency: 1000 }}\nopenai_clients:"),
         );
@@ -658,7 +665,7 @@ async fn redis_killed_and_restarted_in_each_outage_mode() {
 async fn a_slow_redis_never_stalls_requests() {
     let redis = Redis::start();
     let up = MockUpstream::start("up").await;
-    let gw = start_shared(&config(&up, &redis, "slow", "allow", "{ rpm: 1000 }")).await;
+    let gw = start_shared(&fast(config(&up, &redis, "slow", "allow", "{ rpm: 1000 }"))).await;
     let url = gw.url("/v1/chat/completions");
     assert_eq!(call(&url, body()).await.status, 200);
     let port = redis.port;
@@ -761,7 +768,7 @@ async fn an_instance_starts_with_redis_down_and_joins_when_it_answers() {
     let mut redis = Redis::start();
     redis.kill();
     let up = MockUpstream::start("up").await;
-    let gw = Gateway::start(&config(&up, &redis, "early", "deny", "{ rpm: 5 }")).await;
+    let gw = Gateway::start(&fast(config(&up, &redis, "early", "deny", "{ rpm: 5 }"))).await;
     let url = gw.url("/v1/chat/completions");
     let t = Instant::now();
     let r = call(&url, body()).await;
@@ -922,7 +929,7 @@ async fn rediss_connects_over_tls() {
     std::fs::write(
         &path,
         format!(
-            "usage:\n  dir: ./usage\nserver:\n  admin_token: adm\nshared_state:\n  url: \"rediss://localhost:{port}/0\"\n  on_outage: deny\n  replicas: 1\n  instance: tls\ncallers:\n  - name: app\n    token: {TOKEN}\n    limits: {{ rpm: 1 }}\nopenai_clients:\n{}",
+            "usage:\n  dir: ./usage\nserver:\n  admin_token: adm\nshared_state:\n  url: \"rediss://localhost:{port}/0\"\n  timeout: 1s\n  on_outage: deny\n  replicas: 1\n  instance: tls\ncallers:\n  - name: app\n    token: {TOKEN}\n    limits: {{ rpm: 1 }}\nopenai_clients:\n{}",
             one_client(&up, "")
         ),
     )
