@@ -534,6 +534,7 @@ fn the_readme_documents_every_config_key() {
     all.extend(fields::<BudgetSection>());
     all.extend(fields::<PriceSection>());
     all.extend(fields::<ShadowSection>());
+    all.extend(fields::<SharedStateSection>());
     all.extend(TOP_LEVEL_KEYS.iter().map(|k| k.to_string()));
     assert!(all.len() > 40, "{all:?}");
     for key in all {

@@ -91,6 +91,7 @@ pub fn run(args: Args) -> ExitCode {
         Ok(l) => l,
         Err(code) => return code,
     };
+    let shared_cfg = loaded.config.shared_state.clone();
     let table = RoutingTable::build(loaded.config, None);
     if let Some(name) = &args.client {
         if table.client(name).is_none() {
@@ -141,7 +142,24 @@ pub fn run(args: Args) -> ExitCode {
             println!("{ok} of {} keys ok", probes.len());
         }
     }
-    if probes.iter().all(|p| p.verdict == Verdict::Ok) {
+    // `shared_state <host:port> ok|unreachable <latency>`: the address
+    // only, never the URL (it may hold a password). On stderr with
+    // `--format json`, so that stdout stays one JSON document.
+    let mut shared_ok = true;
+    if let Some(cfg) = &shared_cfg {
+        let line = match runtime.block_on(crate::limits::shared::probe(cfg)) {
+            Ok(d) => format!("shared_state {} ok {} ms", cfg.address, d.as_millis()),
+            Err(e) => {
+                shared_ok = false;
+                format!("shared_state {} unreachable - ({e})", cfg.address)
+            }
+        };
+        match args.format {
+            Format::Json => eprintln!("{line}"),
+            Format::Table => println!("{line}"),
+        }
+    }
+    if shared_ok && probes.iter().all(|p| p.verdict == Verdict::Ok) {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

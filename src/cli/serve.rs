@@ -8,6 +8,7 @@ use tokio::net::{TcpListener, TcpSocket};
 
 use super::ConfigArg;
 use crate::config::validate::parse_listen;
+use crate::limits::shared::{CallerEntry, SharedState};
 use crate::ops::metrics::Metrics;
 use crate::ops::{discovery, logging, reload, systemd};
 use crate::proxy::{server, AppState};
@@ -95,7 +96,11 @@ async fn serve(
     let table = RoutingTable::build(cfg, None);
     restore_spend(&table, &usage_dir);
     let clients = table.clients.len();
-    let state = Arc::new(AppState::new(table, sink, metrics, Some(path.clone())));
+    let shared_cfg = table.config.shared_state.clone();
+    let mut state = AppState::new(table, sink, metrics, Some(path.clone()));
+    state.shared = shared_cfg.map(|c| Arc::new(SharedState::new(c)));
+    let state = Arc::new(state);
+    share_state(&state);
     discovery::refresh(&state);
     let _watcher = match reload::watch(state.clone(), &path) {
         Ok(w) => Some(w),
@@ -191,6 +196,48 @@ pub fn restore_spend(table: &RoutingTable, dir: &std::path::Path) {
             tracing::error!(error = %e, "cannot read callers' spend from the usage file; budgets start from zero")
         }
     }
+}
+
+/// Starts the shared state's supervisor and cooldown follower, when
+/// `shared_state` is set: the instance serves at once, in outage mode
+/// until Redis answers.
+pub fn share_state(state: &Arc<AppState>) {
+    let Some(shared) = state.shared.clone() else {
+        return;
+    };
+    tracing::info!(
+        address = shared.address(),
+        instance = shared.instance(),
+        "shared state: connecting"
+    );
+    let weak = Arc::downgrade(state);
+    tokio::spawn(shared.clone().run(move || {
+        let Some(state) = weak.upgrade() else {
+            return Vec::new();
+        };
+        let table = state.table.load();
+        table
+            .callers
+            .iter()
+            .filter(|c| !c.cfg.limits.is_empty())
+            .map(|c| CallerEntry {
+                name: c.name.clone(),
+                state: c.state.clone(),
+            })
+            .collect()
+    }));
+    let weak = Arc::downgrade(state);
+    tokio::spawn(shared.follow_cooldowns(move |client, key, until| {
+        let Some(state) = weak.upgrade() else {
+            return;
+        };
+        let table = state.table.load();
+        if let Some(c) = table.client(client) {
+            for k in c.keys.iter().filter(|k| k.id.as_str() == key) {
+                k.health.cool_down_until(until);
+            }
+        }
+    }));
 }
 
 /// `count` listeners on one address with SO_REUSEPORT, so the kernel

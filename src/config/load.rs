@@ -215,6 +215,13 @@ fn read_sections(doc: Value, map: &SourceMap, diags: &mut Diags) -> Option<Secti
                 Value::Null => {}
                 _ => diags.error_at(map.value("shadow"), "`shadow` must be a list"),
             },
+            "shared_state" => {
+                sections.shared_state = if value.is_null() {
+                    Some(None)
+                } else {
+                    section(value, &key, map, diags).map(Some)
+                }
+            }
             "callers" => match value {
                 Value::Sequence(items) => {
                     for (i, item) in items.into_iter().enumerate() {

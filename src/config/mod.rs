@@ -21,7 +21,7 @@ use regex::Regex;
 
 pub use load::{load, load_str, LoadError, Loaded};
 pub use prices::{Price, PriceTable};
-pub use schema::{Balance, KeyStrategy, LogFormat, MatchKind, Per};
+pub use schema::{Balance, KeyStrategy, LogFormat, MatchKind, OnOutage, Per};
 
 use crate::secret::Secret;
 
@@ -40,6 +40,25 @@ pub struct Config {
     /// Requests mirrored to other clients.
     pub shadow: Vec<ShadowConfig>,
     pub clients: Vec<ClientConfig>,
+    /// `None`: this instance keeps its callers' state to itself.
+    pub shared_state: Option<SharedStateConfig>,
+}
+
+/// The Redis (or Valkey) several instances share callers' limits, budgets
+/// and key cooldowns through.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedStateConfig {
+    /// The whole URL, password included: only the connection sees it.
+    pub url: Secret,
+    /// `host:port`, for logs and `check-keys`.
+    pub address: String,
+    /// The longest any call to it may take.
+    pub timeout: Duration,
+    pub on_outage: OnOutage,
+    /// `local_share` enforces each limit divided by this.
+    pub replicas: u32,
+    /// This instance's id; `None`: host name and process id, chosen at start.
+    pub instance: Option<String>,
 }
 
 /// Mirror `percent` of the matching non-stream requests to `client`.
@@ -102,6 +121,24 @@ pub struct CallerLimits {
 impl CallerLimits {
     pub fn is_empty(&self) -> bool {
         *self == CallerLimits::default()
+    }
+
+    /// Each limit divided by `replicas` (rounded down, at least 1): this
+    /// instance's share while the shared state is out.
+    pub fn share(&self, replicas: u32) -> CallerLimits {
+        let n = u64::from(replicas.max(1));
+        let part = |v: u64| (v / n).max(1);
+        let budget = |b: Budget| Budget {
+            amount: (b.amount.max(0) as u64 / n) as i64,
+            per: b.per,
+        };
+        CallerLimits {
+            rpm: self.rpm.map(part),
+            tpm: self.tpm.map(part),
+            concurrency: self.concurrency.map(|c| (u64::from(c) / n).max(1) as u32),
+            budget_usd: self.budget_usd.map(budget),
+            budget_tokens: self.budget_tokens.map(budget),
+        }
     }
 }
 

@@ -21,6 +21,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "callers",
     "prices",
     "shadow",
+    "shared_state",
     "openai_clients",
 ];
 
@@ -267,6 +268,42 @@ impl ClientSection {
             first_token_timeout: self.first_token_timeout,
             affinity: self.affinity.clone(),
             balance: self.balance,
+        }
+    }
+}
+
+/// `shared_state`: the Redis (or Valkey) that several instances share.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedStateSection {
+    pub url: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_duration")]
+    pub timeout: Option<Duration>,
+    pub on_outage: Option<OnOutage>,
+    #[serde(default, deserialize_with = "lenient::opt_num")]
+    pub replicas: Option<i64>,
+    pub instance: Option<String>,
+}
+
+/// What an instance does while its shared state does not answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnOutage {
+    /// 503 `shared_state_unavailable` for every limited caller.
+    Deny,
+    /// Admit without limits.
+    Allow,
+    /// Enforce each limit divided by `replicas`, in process.
+    #[default]
+    LocalShare,
+}
+
+impl OnOutage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnOutage::Deny => "deny",
+            OnOutage::Allow => "allow",
+            OnOutage::LocalShare => "local_share",
         }
     }
 }

@@ -17,7 +17,7 @@ use super::schema::{self, AuthTokenEntry, ClientSection, MatchKind};
 use super::source_map::SourceMap;
 use super::{
     AuthToken, Budget, CallerConfig, CallerLimits, ClientConfig, Config, IpNet, LoggingConfig,
-    MatchRule, RoutingPolicy, ServerConfig, UsageConfig,
+    MatchRule, RoutingPolicy, ServerConfig, SharedStateConfig, UsageConfig,
 };
 use crate::routing::matcher;
 use crate::secret::{self, Secret};
@@ -34,6 +34,8 @@ pub struct Sections {
     pub usage: Option<schema::UsageSection>,
     pub logging: Option<schema::LoggingSection>,
     pub prices: Option<BTreeMap<String, schema::PriceSection>>,
+    /// `Some(None)`: no `shared_state`.
+    pub shared_state: Option<Option<schema::SharedStateSection>>,
     /// `(path, caller)` per list item.
     pub callers: Vec<(String, Option<schema::CallerSection>)>,
     /// `(path, entry)` per `shadow` item.
@@ -50,6 +52,7 @@ impl Default for Sections {
             usage: Some(Default::default()),
             logging: Some(Default::default()),
             prices: Some(Default::default()),
+            shared_state: Some(None),
             callers: Vec::new(),
             shadow: Vec::new(),
             clients: Vec::new(),
@@ -82,6 +85,7 @@ pub fn validate(
         || s.usage.is_none()
         || s.logging.is_none()
         || s.prices.is_none()
+        || s.shared_state.is_none()
         || s.callers.iter().any(|(_, c)| c.is_none())
         || s.shadow.iter().any(|(_, c)| c.is_none());
     let prices = price_table(
@@ -104,6 +108,12 @@ pub fn validate(
         map,
         diags,
     );
+
+    let shared_state = s
+        .shared_state
+        .as_ref()
+        .and_then(|o| o.as_ref())
+        .and_then(|sec| shared_state(sec, map, diags));
 
     if s.clients.is_empty() && !diags.has_errors() {
         diags.error_at(
@@ -171,6 +181,125 @@ pub fn validate(
         prices,
         shadow,
         clients: clients.into_iter().map(|(_, c)| c).collect(),
+        shared_state,
+    })
+}
+
+/// `shared_state`: a `redis://` or `rediss://` URL with a host and port, a timeout above
+/// zero, at least one replica.
+fn shared_state(
+    s: &schema::SharedStateSection,
+    map: &SourceMap,
+    diags: &mut Diags,
+) -> Option<SharedStateConfig> {
+    let Some(url) = s.url.as_deref() else {
+        diags.error_at(
+            map.value("shared_state"),
+            "shared_state.url is required, e.g. \"redis://127.0.0.1:6379/0\"",
+        );
+        return None;
+    };
+    let address = match parse_redis_url(url) {
+        Ok(a) => a,
+        Err(problem) => {
+            // The URL may hold a password: the message shows its form only.
+            diags.error_at(
+                map.value("shared_state.url"),
+                format!("shared_state.url {problem}"),
+            );
+            return None;
+        }
+    };
+    let timeout = s.timeout.unwrap_or(Duration::from_millis(50));
+    if timeout.is_zero() {
+        diags.error_at(
+            map.value("shared_state.timeout"),
+            "shared_state.timeout must be more than 0",
+        );
+    }
+    let replicas = s.replicas.unwrap_or(1);
+    if !(1..=u32::MAX as i64).contains(&replicas) {
+        diags.error_at(
+            map.value("shared_state.replicas"),
+            format!("shared_state.replicas must be at least 1, not {replicas}"),
+        );
+    }
+    let on_outage = s.on_outage.unwrap_or_default();
+    if on_outage == schema::OnOutage::LocalShare && s.replicas.is_none() {
+        diags.warn_at(
+            map.value("shared_state"),
+            "shared_state.on_outage is local_share but shared_state.replicas is not set: during an outage each instance enforces the whole limit",
+        );
+    }
+    if s.instance.is_none() {
+        diags.warn_at(
+            map.value("shared_state"),
+            "shared_state.instance is not set: each start publishes its budget spend under a new id (host name and pid), and the previous id's entry keeps counting until the period ends; set a stable id such as \"${HOSTNAME}\"",
+        );
+    }
+    let instance = match s.instance.as_deref() {
+        Some(i) if i.is_empty() || i.chars().any(|c| c.is_control() || c.is_whitespace()) => {
+            diags.error_at(
+                map.value("shared_state.instance"),
+                "shared_state.instance must be a non-empty name without spaces",
+            );
+            None
+        }
+        other => other.map(str::to_owned),
+    };
+    Some(SharedStateConfig {
+        url: Secret::new(url),
+        address,
+        timeout,
+        on_outage,
+        replicas: replicas.clamp(1, u32::MAX as i64) as u32,
+        instance,
+    })
+}
+
+/// The `host:port` of a `redis[s]://[user:password@]host[:port][/db]` URL, or
+/// what is wrong with it (never quoting it: it may hold a password).
+pub fn parse_redis_url(url: &str) -> Result<String, String> {
+    let Some(rest) = url
+        .strip_prefix("redis://")
+        .or_else(|| url.strip_prefix("rediss://"))
+    else {
+        return Err("must start with redis:// or rediss:// (TLS)".to_owned());
+    };
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+        match v6.split_once(']') {
+            Some((h, p)) => (h, p.strip_prefix(':')),
+            None => return Err("has an unclosed [ in its host".to_owned()),
+        }
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        }
+    };
+    if host.is_empty() {
+        return Err("has no host".to_owned());
+    }
+    let port: u16 = match port {
+        None => 6379,
+        Some(p) => match p.parse() {
+            Ok(n) if n > 0 => n,
+            _ => return Err("has a port that is not a number from 1 to 65535".to_owned()),
+        },
+    };
+    let db = path.split('?').next().unwrap_or("");
+    if !db.is_empty() && db.parse::<u32>().is_err() {
+        return Err("has a database that is not a number (redis://host:port/0)".to_owned());
+    }
+    if path.contains('?') {
+        return Err("must not have a query string".to_owned());
+    }
+    Ok(if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
     })
 }
 
@@ -1260,6 +1389,38 @@ fn warn_unreachable_clients(
                     c.name
                 ),
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_redis_url;
+
+    #[test]
+    fn redis_urls_give_host_and_port_and_never_echo_the_password() {
+        let ok = |u: &str| parse_redis_url(u).unwrap();
+        assert_eq!(ok("redis://127.0.0.1:6379/0"), "127.0.0.1:6379");
+        assert_eq!(ok("redis://cache"), "cache:6379");
+        assert_eq!(ok("redis://:pw@cache:7000/3"), "cache:7000");
+        assert_eq!(ok("redis://user:p@ss@cache:7000"), "cache:7000");
+        assert_eq!(ok("redis://[::1]:6380/1"), "[::1]:6380");
+        assert_eq!(
+            ok("rediss://:pw@cache.example:6380/0"),
+            "cache.example:6380"
+        );
+        for (bad, says) in [
+            ("http://h:1", "must start with redis://"),
+            ("rediss://:secret@:1", "no host"),
+            ("redis://:6379", "no host"),
+            ("redis://h:0", "port"),
+            ("redis://h:x", "port"),
+            ("redis://h:6379/db", "database"),
+            ("redis://h:6379/0?x=1", "query"),
+        ] {
+            let e = parse_redis_url(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+            assert!(!e.contains("secret"), "{e}");
         }
     }
 }

@@ -10,7 +10,14 @@
 //!
 //! A caller's state lives as long as its name: a reload that edits its
 //! limits keeps what it has spent and reserved.
+//!
+//! Two backends, one interface: without `shared_state` every admission is
+//! [`CallerState::admit`] here (no allocation, one short lock); with it,
+//! [`shared::SharedState::admit`] reserves in Redis, and this state keeps
+//! only the instance's own spend (which it publishes) and, during an
+//! outage under `local_share`, the in-process share of each limit.
 
+pub mod shared;
 pub mod window;
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -295,6 +302,43 @@ impl CallerState {
         m.nanos = m.nanos.saturating_add(month.nanos);
     }
 
+    /// Counts spend settled through the shared backend: this instance's
+    /// own, in the periods the request started in.
+    pub fn record_spend(&self, at: Periods, actual: Cost) {
+        let mut guard = self.lock();
+        let c = &mut *guard;
+        for (spend, period) in [(&mut c.day, at.day), (&mut c.month, at.month)] {
+            // A period not yet counted here starts now; one gone by is over.
+            if period >= spend.period {
+                let s = spend.at(period);
+                s.tokens = s.tokens.saturating_add(actual.tokens);
+                s.nanos = s.nanos.saturating_add(actual.nanos);
+            }
+        }
+    }
+
+    /// This instance's settled spend of the current day and month.
+    pub fn own_spend(&self, now: SystemTime) -> (Spend, Spend) {
+        let p = Periods::of(now);
+        let mut c = self.lock();
+        (*c.day.at(p.day), *c.month.at(p.month))
+    }
+
+    /// The requests and tokens counted in the last minute, per second, and
+    /// the windows emptied: what was admitted in process during an outage,
+    /// handed to the shared windows once they answer again.
+    pub fn take_window(&self, now: SystemTime) -> Vec<(u64, u64, u64)> {
+        let s = Periods::of(now).second;
+        let mut c = self.lock();
+        let out = (s.saturating_sub(window::SPAN - 1)..=s)
+            .map(|sec| (sec, c.requests.at(sec), c.tokens.at(sec)))
+            .filter(|&(_, r, t)| r > 0 || t > 0)
+            .collect();
+        c.requests = Window::default();
+        c.tokens = Window::default();
+        out
+    }
+
     /// What the caller has used, with budgets counted per `per`.
     pub fn snapshot(&self, now: SystemTime, per: Per) -> Snapshot {
         let p = Periods::of(now);
@@ -461,6 +505,95 @@ mod tests {
             .map(|t| t.join().unwrap())
             .sum();
         assert_eq!(admitted, 10);
+    }
+
+    #[test]
+    fn a_share_divides_every_limit_by_the_replicas() {
+        let l = CallerLimits {
+            rpm: Some(10),
+            tpm: Some(1000),
+            concurrency: Some(2),
+            budget_usd: Some(Budget {
+                amount: 900,
+                per: Per::Day,
+            }),
+            budget_tokens: None,
+        };
+        let s = l.share(3);
+        assert_eq!((s.rpm, s.tpm, s.concurrency), (Some(3), Some(333), Some(1)));
+        assert_eq!(s.budget_usd.unwrap().amount, 300);
+        assert_eq!(l.share(1), l);
+    }
+
+    /// What was admitted in process during an outage is handed over once,
+    /// per second, and the windows start again from nothing.
+    #[test]
+    fn the_window_is_taken_once() {
+        let st = CallerState::default();
+        let l = CallerLimits {
+            rpm: Some(100),
+            ..Default::default()
+        };
+        let t0 = 1_800_000_000;
+        st.admit(
+            &l,
+            Cost {
+                tokens: 5,
+                nanos: 0,
+            },
+            at(t0),
+        )
+        .unwrap();
+        st.admit(
+            &l,
+            Cost {
+                tokens: 7,
+                nanos: 0,
+            },
+            at(t0),
+        )
+        .unwrap();
+        st.admit(
+            &l,
+            Cost {
+                tokens: 1,
+                nanos: 0,
+            },
+            at(t0 + 2),
+        )
+        .unwrap();
+        assert_eq!(st.take_window(at(t0 + 3)), [(t0, 2, 12), (t0 + 2, 1, 1)]);
+        assert!(st.take_window(at(t0 + 3)).is_empty());
+        assert_eq!(st.snapshot(at(t0 + 3), Per::Day).rpm_used, 0);
+    }
+
+    #[test]
+    fn own_spend_counts_what_was_settled_in_its_period() {
+        let st = CallerState::default();
+        let day1 = at(1_800_000_000);
+        let p = Periods::of(day1);
+        st.record_spend(
+            p,
+            Cost {
+                tokens: 10,
+                nanos: 20,
+            },
+        );
+        let (d, m) = st.own_spend(day1);
+        assert_eq!((d.tokens, d.nanos, m.tokens), (10, 20, 10));
+        // Next day: the day starts from nothing, the month goes on.
+        let day2 = at(1_800_000_000 + 86_400);
+        let (d, _) = st.own_spend(day2);
+        assert_eq!(d.tokens, 0);
+        // A ticket of yesterday settles into no current day.
+        st.record_spend(
+            p,
+            Cost {
+                tokens: 5,
+                nanos: 0,
+            },
+        );
+        assert_eq!(st.own_spend(day2).0.tokens, 0);
     }
 
     #[test]

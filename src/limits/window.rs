@@ -38,6 +38,16 @@ impl Window {
             .fold(0u64, |acc, i| acc.saturating_add(self.amounts[i]))
     }
 
+    /// The amount counted at second `s` exactly (0 once it has left).
+    pub fn at(&self, s: u64) -> u64 {
+        let i = (s % SPAN) as usize;
+        if self.seconds[i] == s {
+            self.amounts[i]
+        } else {
+            0
+        }
+    }
+
     /// Counts `n` at second `now`.
     pub fn add(&mut self, now: u64, n: u64) {
         let i = (now % SPAN) as usize;

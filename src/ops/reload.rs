@@ -47,6 +47,9 @@ pub async fn reload_now(state: &Arc<AppState>, trigger: &str) -> ReloadStatus {
                     "server.listen changed; it takes effect after a restart"
                 );
             }
+            if loaded.config.shared_state != current.config.shared_state {
+                tracing::warn!("shared_state changed; it takes effect after a restart");
+            }
             let table = RoutingTable::build(loaded.config, Some(&current));
             let generation = table.generation;
             state.table.store(Arc::new(table));

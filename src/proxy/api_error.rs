@@ -56,6 +56,9 @@ pub enum ApiError {
     /// A budget is spent: retrying will not help before the period ends.
     #[error("{0}")]
     InsufficientQuota(String),
+    /// The shared state does not answer and `on_outage` is `deny`.
+    #[error("{0}")]
+    SharedStateUnavailable(String),
 }
 
 impl ApiError {
@@ -68,9 +71,9 @@ impl ApiError {
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
-            ApiError::NoHealthyUpstream { .. } | ApiError::Overloaded(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::NoHealthyUpstream { .. }
+            | ApiError::Overloaded(_)
+            | ApiError::SharedStateUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             ApiError::RateLimited { .. } | ApiError::InsufficientQuota(_) => {
@@ -96,6 +99,7 @@ impl ApiError {
             ApiError::ModelNotAllowed(_) => "model_not_allowed",
             ApiError::RateLimited { .. } => "rate_limit_exceeded",
             ApiError::InsufficientQuota(_) => "insufficient_quota",
+            ApiError::SharedStateUnavailable(_) => "shared_state_unavailable",
         }
     }
 

@@ -47,7 +47,21 @@ pub fn readyz(table: &RoutingTable) -> Response<ResponseBody> {
 }
 
 pub fn metrics(state: &AppState, table: &RoutingTable) -> Response<ResponseBody> {
-    let mut resp = Response::new(ResponseBody::full(state.metrics.render(table)));
+    let mut text = state.metrics.render(table);
+    if let Some(shared) = &state.shared {
+        // Only with `shared_state`: a 0 would read as an outage otherwise.
+        let up = u8::from(shared.mode().ok);
+        let at = text.rfind("# EOF").unwrap_or(text.len());
+        text.insert_str(
+            at,
+            &format!(
+                "# HELP gptbalance_shared_state_up 1 when the shared state answers, 0 during an outage\n\
+                 # TYPE gptbalance_shared_state_up gauge\n\
+                 gptbalance_shared_state_up {up}\n"
+            ),
+        );
+    }
+    let mut resp = Response::new(ResponseBody::full(text));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
@@ -250,5 +264,14 @@ pub fn status_json(state: &AppState) -> serde_json::Value {
         "last_reload": { "ok": last.ok, "at": rfc3339(last.at), "errors": last.errors },
         "clients": clients,
         "callers": callers,
+        "shared_state": state.shared.as_ref().map(|s| {
+            let mode = s.mode();
+            json!({
+                "mode": if mode.ok { "ok" } else { "outage" },
+                "since": rfc3339(mode.since),
+                "address": s.address(),
+                "instance": s.instance(),
+            })
+        }),
     })
 }

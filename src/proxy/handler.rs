@@ -24,7 +24,7 @@ use super::cors;
 use super::endpoints;
 use super::plain::RelayedHeaders;
 use super::relay::{Filter, JsonSniffer, PrefixBuffer, Relay};
-use super::report::{Admission, Completion};
+use super::report::{Admission, Completion, SharedAdmission};
 use super::shadow;
 use super::sse::{PrefixSlot, SseFilter};
 use super::transform::{self, Changes, EndpointKind, RequestBody};
@@ -32,6 +32,7 @@ use super::upstream;
 use super::AppState;
 use crate::config::prices::{self, Tokens};
 use crate::config::{Affinity, Per};
+use crate::limits::shared::{Denial, Grant, SharedState};
 use crate::limits::{Cost, Headroom, Refusal};
 use crate::routing::table::USUAL_ENDPOINTS;
 use crate::routing::{CallerRoute, KeyAsk, KeyPick, RoutingTable};
@@ -601,7 +602,14 @@ async fn proxy_admitted<B: RequestBodyStream>(
             clients: &priced,
         };
         match admit(&state, table, c, &estimate, &mut done) {
-            Ok(h) => *headroom = h,
+            Ok(Admitted::Done(h)) => *headroom = h,
+            // Boxed: only requests under shared state pay for its future.
+            Ok(Admitted::Shared(shared, cost)) => {
+                match Box::pin(admit_shared(&state, shared, c, cost, &mut done)).await {
+                    Ok(h) => *headroom = h,
+                    Err(e) => return fail(done, e, request_id),
+                }
+            }
             Err(e) => return fail(done, e, request_id),
         }
     }
@@ -769,16 +777,25 @@ struct Estimate<'a> {
     clients: &'a [usize],
 }
 
+/// What [`admit`] decided.
+enum Admitted<'a> {
+    /// Admitted in process (or no limit applies), with its headroom.
+    Done(Option<Headroom>),
+    /// To reserve this cost in the shared state.
+    Shared(&'a Arc<SharedState>, Cost),
+}
+
 /// Admits a caller's request: its model against the caller's allow-list,
 /// then one atomic reserve-and-check of its estimated cost against every
 /// limit. The reservation rides on `done` and is settled when it reports.
-fn admit(
-    state: &AppState,
+/// Under `shared_state` the reservation is left to [`admit_shared`].
+fn admit<'a>(
+    state: &'a AppState,
     table: &RoutingTable,
     caller: &CallerRoute,
     e: &Estimate<'_>,
     done: &mut Completion,
-) -> Result<Option<Headroom>, ApiError> {
+) -> Result<Admitted<'a>, ApiError> {
     let cfg = &caller.cfg;
     let name = &cfg.name;
     let refuse = |reason: &'static str, err: ApiError| {
@@ -804,7 +821,7 @@ fn admit(
     }
     let limits = &cfg.limits;
     if limits.is_empty() {
-        return Ok(None);
+        return Ok(Admitted::Done(None));
     }
     // Prompt tokens are guessed from the body (a token is about three bytes
     // of JSON or more); the completion is counted at its cap.
@@ -836,53 +853,118 @@ fn admit(
         tokens: prompt.saturating_add(completion),
         nanos: nanos.unwrap_or(0),
     };
+    if let Some(shared) = &state.shared {
+        return Ok(Admitted::Shared(shared, cost));
+    }
     match caller.state.admit(limits, cost, (state.clock)()) {
         Ok((ticket, headroom)) => {
-            let r = done.record();
-            r.reserved_tokens = Some(cost.tokens);
-            r.reserved_usd = Some(prices::usd(cost.nanos));
-            done.admission = Some(Admission {
+            reserved(done, cost);
+            done.admission = Some(Admission::Local {
                 state: caller.state.clone(),
                 ticket,
             });
-            Ok(Some(headroom))
+            Ok(Admitted::Done(Some(headroom)))
         }
         Err(refusal) => {
-            let per = |p: Per| p.as_str();
-            let err = match refusal {
-                Refusal::Concurrency => ApiError::RateLimited {
-                    message: format!(
-                        "caller `{name}` has {} requests in flight, its limit (limits.concurrency)",
-                        limits.concurrency.unwrap_or(0)
-                    ),
-                    retry_after: Duration::from_secs(1),
-                },
-                Refusal::Rpm { retry_after } => ApiError::RateLimited {
-                    message: format!(
-                        "caller `{name}` reached its limit of {} requests per minute (limits.rpm)",
-                        limits.rpm.unwrap_or(0)
-                    ),
-                    retry_after,
-                },
-                Refusal::Tpm { retry_after } => ApiError::RateLimited {
-                    message: format!(
-                        "caller `{name}` reached its limit of {} tokens per minute (limits.tpm); this request reserves {}",
-                        limits.tpm.unwrap_or(0),
-                        cost.tokens
-                    ),
-                    retry_after,
-                },
-                Refusal::BudgetUsd { per: p } => ApiError::InsufficientQuota(format!(
-                    "caller `{name}` has spent its budget in USD for this {} (limits.budget_usd)",
-                    per(p)
-                )),
-                Refusal::BudgetTokens { per: p } => ApiError::InsufficientQuota(format!(
-                    "caller `{name}` has spent its token budget for this {} (limits.budget_tokens)",
-                    per(p)
-                )),
-            };
-            refuse(refusal.reason(), err)
+            state
+                .metrics
+                .caller_rejected(&caller.name, refusal.reason());
+            Err(refusal_error(&caller.cfg, refusal, cost))
         }
+    }
+}
+
+fn reserved(done: &mut Completion, cost: Cost) {
+    let r = done.record();
+    r.reserved_tokens = Some(cost.tokens);
+    r.reserved_usd = Some(prices::usd(cost.nanos));
+}
+
+/// [`admit`]'s reservation in the shared state: one script in Redis, or
+/// `on_outage` at once when it does not answer within its timeout.
+async fn admit_shared(
+    state: &AppState,
+    shared: &Arc<SharedState>,
+    caller: &CallerRoute,
+    cost: Cost,
+    done: &mut Completion,
+) -> Result<Option<Headroom>, ApiError> {
+    let limits = &caller.cfg.limits;
+    let now = (state.clock)();
+    match shared
+        .admit(&caller.name, &caller.state, limits, cost, now)
+        .await
+    {
+        Ok((grant, headroom)) => {
+            reserved(done, cost);
+            done.admission = match grant {
+                Grant::Shared(ticket) => Some(Admission::Shared(Box::new(SharedAdmission {
+                    shared: shared.clone(),
+                    caller: caller.name.clone(),
+                    state: caller.state.clone(),
+                    ticket,
+                }))),
+                Grant::Local(ticket) => Some(Admission::Local {
+                    state: caller.state.clone(),
+                    ticket,
+                }),
+            };
+            Ok(Some(headroom).filter(|h| h.requests.is_some() || h.tokens.is_some()))
+        }
+        Err(Denial::Refused(refusal)) => {
+            state
+                .metrics
+                .caller_rejected(&caller.name, refusal.reason());
+            Err(refusal_error(&caller.cfg, refusal, cost))
+        }
+        Err(Denial::Unavailable) => {
+            state
+                .metrics
+                .caller_rejected(&caller.name, "shared_state_unavailable");
+            Err(ApiError::SharedStateUnavailable(format!(
+                "the shared state at {} does not answer and shared_state.on_outage is deny",
+                shared.address()
+            )))
+        }
+    }
+}
+
+/// The answer to a caller whose limits refused a request.
+fn refusal_error(cfg: &crate::config::CallerConfig, refusal: Refusal, cost: Cost) -> ApiError {
+    let name = &cfg.name;
+    let limits = &cfg.limits;
+    let per = |p: Per| p.as_str();
+    match refusal {
+        Refusal::Concurrency => ApiError::RateLimited {
+            message: format!(
+                "caller `{name}` has {} requests in flight, its limit (limits.concurrency)",
+                limits.concurrency.unwrap_or(0)
+            ),
+            retry_after: Duration::from_secs(1),
+        },
+        Refusal::Rpm { retry_after } => ApiError::RateLimited {
+            message: format!(
+                "caller `{name}` reached its limit of {} requests per minute (limits.rpm)",
+                limits.rpm.unwrap_or(0)
+            ),
+            retry_after,
+        },
+        Refusal::Tpm { retry_after } => ApiError::RateLimited {
+            message: format!(
+                "caller `{name}` reached its limit of {} tokens per minute (limits.tpm); this request reserves {}",
+                limits.tpm.unwrap_or(0),
+                cost.tokens
+            ),
+            retry_after,
+        },
+        Refusal::BudgetUsd { per: p } => ApiError::InsufficientQuota(format!(
+            "caller `{name}` has spent its budget in USD for this {} (limits.budget_usd)",
+            per(p)
+        )),
+        Refusal::BudgetTokens { per: p } => ApiError::InsufficientQuota(format!(
+            "caller `{name}` has spent its token budget for this {} (limits.budget_tokens)",
+            per(p)
+        )),
     }
 }
 
@@ -1121,6 +1203,7 @@ async fn try_client(
         // Boxed: the attempt's future is most of a request's state, and
         // every future that awaits it inline grows by its size and is
         // moved (copied) whole at each level.
+        let cooling_before = state.shared.as_ref().map(|_| key.health.cooldown_mark());
         let attempt = Box::pin(attempt::run(
             &state.upstream,
             up,
@@ -1129,7 +1212,16 @@ async fn try_client(
             request.started,
             request.stream,
         ));
-        match attempt.await {
+        let outcome = attempt.await;
+        // A cooldown this attempt started is shared with the other instances.
+        if let (Some(shared), Some(before)) = (&state.shared, cooling_before) {
+            if key.health.cooldown_mark() > before {
+                if let Some(until) = key.health.cooldown_until() {
+                    shared.publish_cooldown(&client.cfg.name, key.id.as_str(), until);
+                }
+            }
+        }
+        match outcome {
             Outcome::FailOver(e) => {
                 if e.is_timeout() {
                     client.ttfb.record(sent.elapsed());

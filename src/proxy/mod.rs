@@ -71,6 +71,9 @@ pub struct AppState {
     pub connection_slots: Arc<tokio::sync::Semaphore>,
     /// Upstreams' own model lists (`discover_models`), for `/v1/models`.
     pub discovered: crate::ops::discovery::DiscoveredModels,
+    /// Callers' limits and key cooldowns shared with other instances;
+    /// `None` without `shared_state`.
+    pub shared: Option<Arc<crate::limits::shared::SharedState>>,
 }
 
 impl AppState {
@@ -99,6 +102,7 @@ impl AppState {
             reload_lock: tokio::sync::Mutex::new(()),
             connection_slots: slots,
             discovered: Default::default(),
+            shared: None,
         }
     }
 

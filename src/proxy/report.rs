@@ -13,6 +13,7 @@ use super::access;
 use super::sse::Usage;
 use super::AppState;
 use crate::config::prices::{self, Price, Tokens};
+use crate::limits::shared::{SharedState, SharedTicket};
 use crate::limits::{CallerState, Cost, Ticket};
 use crate::ops::metrics::ClientMetrics;
 use crate::routing::key_health::InFlight;
@@ -20,9 +21,47 @@ use crate::routing::ClientRoute;
 use crate::usage::UsageRecord;
 
 /// A caller's reservation for this request, settled when it reports.
-pub struct Admission {
+pub enum Admission {
+    /// Held in process.
+    Local {
+        state: Arc<CallerState>,
+        ticket: Ticket,
+    },
+    /// Held in the shared state; boxed so that a request without shared
+    /// state carries no bigger `Completion` than before.
+    Shared(Box<SharedAdmission>),
+}
+
+/// A reservation in the shared state; `state` counts this instance's spend.
+pub struct SharedAdmission {
+    pub shared: Arc<SharedState>,
+    pub caller: Arc<str>,
     pub state: Arc<CallerState>,
-    pub ticket: Ticket,
+    pub ticket: SharedTicket,
+}
+
+impl Admission {
+    fn reserved(&self) -> Cost {
+        match self {
+            Admission::Local { ticket, .. } => ticket.reserved,
+            Admission::Shared(a) => a.ticket.reserved,
+        }
+    }
+
+    fn settle(self, actual: Cost) {
+        match self {
+            Admission::Local { state, ticket } => state.settle(ticket, actual),
+            Admission::Shared(a) => {
+                let SharedAdmission {
+                    shared,
+                    caller,
+                    state,
+                    ticket,
+                } = *a;
+                shared.settle(caller, &state, ticket, actual)
+            }
+        }
+    }
 }
 
 /// Status recorded for a request whose caller left before any response.
@@ -118,9 +157,9 @@ impl Completion {
                 }
             } else {
                 r.error.get_or_insert_with(|| "usage unknown".to_owned());
-                a.ticket.reserved
+                a.reserved()
             };
-            a.state.settle(a.ticket, actual);
+            a.settle(actual);
         }
         let state = &self.state;
         state.metrics.in_flight().dec();

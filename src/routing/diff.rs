@@ -50,8 +50,16 @@ pub struct Diff {
 /// the usage files).
 pub fn diff(before: &Value, after: &Value, seen: &[String]) -> Diff {
     let mut changes = Vec::new();
-    for section in ["server", "routing", "usage", "logging"] {
+    for section in ["server", "routing", "usage", "logging", "shared_state"] {
         settings(section, &before[section], &after[section], &mut changes);
+    }
+    if before["shadow"] != after["shadow"] {
+        changes.push(change(
+            "shadow",
+            "shadow",
+            Some(&before["shadow"]),
+            Some(&after["shadow"]),
+        ));
     }
     let empty = Map::new();
     let (pb, pa) = (

@@ -159,6 +159,24 @@ impl KeyHealth {
         self.cooling_for().map(|left| SystemTime::now() + left)
     }
 
+    /// Where the cooldown's end stands on this process's clock: it grows
+    /// each time a cooldown starts or is lengthened, so comparing two
+    /// readings tells whether one did in between.
+    pub fn cooldown_mark(&self) -> u64 {
+        self.cooldown_until.load(Ordering::Relaxed)
+    }
+
+    /// Starts a cooldown until `until` (wall clock), unless one already
+    /// running ends later: how another instance's cooldown is applied.
+    pub fn cool_down_until(&self, until: SystemTime) {
+        if let Ok(left) = until.duration_since(SystemTime::now()) {
+            if !left.is_zero() {
+                let until = now_ms().saturating_add(left.as_millis() as u64);
+                self.cooldown_until.fetch_max(until, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Starts a cooldown of `d`, unless one already running ends later.
     pub fn cool_down(&self, d: Duration) {
         let until = now_ms().saturating_add(d.as_millis() as u64);

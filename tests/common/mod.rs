@@ -491,6 +491,7 @@ impl Gateway {
         let usage_dir = loaded.config.usage.dir.clone();
         let table = RoutingTable::build(loaded.config, None);
         gptbalance::cli::serve::restore_spend(&table, &usage_dir);
+        let shared = table.config.shared_state.clone();
         let mut state = AppState::new(table, sink, metrics, Some(path));
         if let Some((cert, _)) = TEST_CERT.get() {
             state.upstream =
@@ -499,7 +500,9 @@ impl Gateway {
         if let Some(c) = clock {
             state = state.with_clock(c);
         }
+        state.shared = shared.map(|c| Arc::new(gptbalance::limits::shared::SharedState::new(c)));
         let state = Arc::new(state);
+        gptbalance::cli::serve::share_state(&state);
         // As `serve` does: clients with discover_models fetch their lists.
         gptbalance::ops::discovery::refresh(&state);
         gptbalance::ops::probe::spawn(&state);
