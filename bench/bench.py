@@ -38,10 +38,10 @@ SETTINGS = {
     # parts interleave finely (bench/README.md, "How far to trust a figure").
     "smoke": dict(parts=1, secs=1, warmup_secs=0, concs=[1, 64, 256], stream_chunks=10,
                   stream_delay_ms=10, stream_requests=128, idle_streams=200, rounds=1,
-                  round_secs=1, filler_clients=1000),
+                  round_secs=1, filler_clients=1000, limited_callers=1000),
     "full": dict(parts=6, secs=2, warmup_secs=1, concs=[1, 64, 256], stream_chunks=20,
                  stream_delay_ms=10, stream_requests=640, idle_streams=1000, rounds=16,
-                 round_secs=2, filler_clients=1000),
+                 round_secs=2, filler_clients=1000, limited_callers=1000),
 }
 
 TARGETS = {
@@ -53,6 +53,8 @@ TARGETS = {
     "idle_streams_rss_mib": 60.0,
     "usage_cost": 0.05,
     "config_ratio": 0.95,
+    "callers_ratio": 0.97,  # callers without limits >= 0.97x no callers
+    "limits_ratio": 0.90,   # 1,000 callers with every limit >= 0.9x callers without
 }
 
 
@@ -274,7 +276,7 @@ http {{
     return path
 
 
-def gateway_config(tmp, name, listen, upstream, usage=True, fillers=0):
+def gateway_config(tmp, name, listen, upstream, usage=True, fillers=0, callers=0, limits=False):
     usage_dir = os.path.join(tmp, f"usage-{name}")
     os.makedirs(usage_dir, exist_ok=True)
     lines = [
@@ -287,8 +289,21 @@ def gateway_config(tmp, name, listen, upstream, usage=True, fillers=0):
         f"  enabled: {'true' if usage else 'false'}",
         "logging:",
         "  level: warn",
-        "openai_clients:",
     ]
+    if callers:
+        # Tokens as bench/post_callers.lua sends them. With `limits`, every
+        # limit is set, far above what a run can reach: each request is
+        # admitted, reserved and settled, none refused.
+        every = ('limits: { rpm: 1000000000, tpm: 1000000000000, concurrency: 100000, '
+                 'budget_usd: { amount: 1000000000, per: month }, '
+                 'budget_tokens: { amount: 1000000000000000, per: month } }')
+        if limits:
+            lines += ["prices:", '  "*": { input: 0.15, output: 0.60 }']
+        lines.append("callers:")
+        for i in range(callers):
+            extra = f", {every}" if limits else ""
+            lines.append(f'  - {{ name: c{i}, token: "bench-token-{i:06d}-padding"{extra} }}')
+    lines.append("openai_clients:")
     base = f'"http://127.0.0.1:{upstream}/v1"'
     for i in range(fillers):
         # Half keyword, half regex rules; none matches the bench model.
@@ -334,10 +349,14 @@ def parse_wrk(text):
     }
 
 
-def wrk(url, conns, secs):
+def wrk(url, conns, secs, callers=0):
+    """`callers`: send as that many callers in turn (bench/post_callers.lua)."""
     threads = max(1, min(CORES, conns))
+    script = "bench/post_callers.lua" if callers else "bench/post.lua"
     args = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{secs}s", "--timeout", "10s", "--latency",
-            "-s", os.path.join(ROOT, "bench/post.lua"), url]
+            "-s", os.path.join(ROOT, script), url]
+    if callers:
+        args += ["--", str(callers)]
     try:
         out = subprocess.run(args, capture_output=True, text=True, timeout=secs + 60,
                              preexec_fn=_die_with_parent)
@@ -508,7 +527,8 @@ def machine():
 
 
 def run(procs, tmp, cfg, raw, gw_bin, mock_bin, client_bin):
-    ports = free_ports(["mock", "idle_mock", "nginx", "nginx_idle", "gw", "gw_on", "gw_off", "gw_many", "gw_idle"])
+    ports = free_ports(["mock", "idle_mock", "nginx", "nginx_idle", "gw", "gw_on", "gw_off", "gw_many",
+                        "gw_callers", "gw_limits", "gw_idle"])
     url = lambda port: f"http://127.0.0.1:{port}{PATH}"  # noqa: E731
 
     # The upstreams: one answering at once (streams: N chunks D ms apart,
@@ -581,23 +601,31 @@ def run(procs, tmp, cfg, raw, gw_bin, mock_bin, client_bin):
 
     # Usage on/off and 1 vs 1,001 clients, in rotating rounds with nginx, on
     # fresh processes (an empty usage file each).
-    log(f"usage on/off and config size: {cfg['rounds']} round(s) of nginx and 3 gptbalance variants, c=64")
+    log(f"usage on/off, config size, callers: {cfg['rounds']} round(s) of nginx and 5 gptbalance variants, c=64")
+    many = cfg["limited_callers"]
     variants = {
         "gw_on": start_gw("gw_on", ports["mock"]),
         "gw_off": start_gw("gw_off", ports["mock"], usage=False),
         "gw_many": start_gw("gw_many", ports["mock"], fillers=cfg["filler_clients"]),
+        "gw_callers": start_gw("gw_callers", ports["mock"], callers=1),
+        "gw_limits": start_gw("gw_limits", ports["mock"], callers=many, limits=True),
     }
+    # Requests as callers for the variants that need a token; the others
+    # get the same formatted-once requests without one (callers=0 keeps
+    # post.lua, whose single request wrk also formats once).
+    as_callers = {"gw_callers": 1, "gw_limits": many}
     rurls = {"nginx": url(ports["nginx"]), **{k: url(ports[k]) for k in variants}}
     for k in variants:
-        sanity(rurls[k], "gptbalance")
+        if k not in as_callers:
+            sanity(rurls[k], "gptbalance")
     names = list(rurls)
     if cfg["warmup_secs"]:
         for k in names:
-            wrk(rurls[k], 64, cfg["warmup_secs"])
+            wrk(rurls[k], 64, cfg["warmup_secs"], callers=as_callers.get(k, 0))
     rounds = {k: [] for k in names}
     for i in range(cfg["rounds"]):
         for k in interleave(names, i):
-            rounds[k].append(wrk(rurls[k], 64, cfg["round_secs"])["rps"])
+            rounds[k].append(wrk(rurls[k], 64, cfg["round_secs"], callers=as_callers.get(k, 0))["rps"])
             for p in list(variants.values()) + [nginx, mock]:
                 procs.check_alive(p)
     raw["rounds_c64_rps"] = rounds
@@ -737,6 +765,14 @@ def figures(raw, cfg):
     row(f"req/s {clients:,} clients", None, mean["nginx"], mean["gw_many"], "req/s", g_ratio=per_round("gw_many", "nginx"))
     cr = per_round("gw_many", "gw_on")
     row(f"{clients:,} clients / 1 client", None, None, cr, "x", f">= {TARGETS['config_ratio']:g}", cr >= TARGETS["config_ratio"], g_ratio=None)
+    if "gw_callers" in rr:
+        n = cfg["limited_callers"]
+        row("req/s 1 caller, no limits", None, mean["nginx"], mean["gw_callers"], "req/s", g_ratio=per_round("gw_callers", "nginx"))
+        row(f"req/s {n:,} callers, every limit", None, mean["nginx"], mean["gw_limits"], "req/s", g_ratio=per_round("gw_limits", "nginx"))
+        kr = per_round("gw_callers", "gw_on")
+        row("callers, no limits / no callers", None, None, kr, "x", f">= {TARGETS['callers_ratio']:g}", kr >= TARGETS["callers_ratio"], g_ratio=None)
+        lr = per_round("gw_limits", "gw_callers")
+        row(f"{n:,} callers every limit / no limits", None, None, lr, "x", f">= {TARGETS['limits_ratio']:g}", lr >= TARGETS["limits_ratio"], g_ratio=None)
     return rows, checks
 
 
