@@ -10,6 +10,7 @@ shared and noisy, so the ratios are the result, not the absolute numbers.
 Exit status: 0 when every phase ran and every request succeeded, whether or
 not the performance targets were met; 1 when something is broken.
 """
+import shutil
 import argparse
 import ctypes
 import json
@@ -55,6 +56,8 @@ TARGETS = {
     "config_ratio": 0.95,
     "callers_ratio": 0.97,  # callers without limits >= 0.97x no callers
     "limits_ratio": 0.90,   # 1,000 callers with every limit >= 0.9x callers without
+    "shared_ratio": 0.80,   # the same through Redis (shared_state) >= 0.8x in process
+    "shared_p99_ms": 1.0,   # and adds at most 1 ms of p99
 }
 
 
@@ -276,7 +279,7 @@ http {{
     return path
 
 
-def gateway_config(tmp, name, listen, upstream, usage=True, fillers=0, callers=0, limits=False):
+def gateway_config(tmp, name, listen, upstream, usage=True, fillers=0, callers=0, limits=False, redis=None):
     usage_dir = os.path.join(tmp, f"usage-{name}")
     os.makedirs(usage_dir, exist_ok=True)
     lines = [
@@ -299,6 +302,9 @@ def gateway_config(tmp, name, listen, upstream, usage=True, fillers=0, callers=0
                  'budget_tokens: { amount: 1000000000000000, per: month } }')
         if limits:
             lines += ["prices:", '  "*": { input: 0.15, output: 0.60 }']
+        if redis:
+            lines += ["shared_state:", f'  url: "redis://127.0.0.1:{redis}/0"', '  timeout: "50ms"',
+                      "  on_outage: deny", f'  instance: "bench-{name}"']
         lines.append("callers:")
         for i in range(callers):
             extra = f", {every}" if limits else ""
@@ -528,7 +534,7 @@ def machine():
 
 def run(procs, tmp, cfg, raw, gw_bin, mock_bin, client_bin):
     ports = free_ports(["mock", "idle_mock", "nginx", "nginx_idle", "gw", "gw_on", "gw_off", "gw_many",
-                        "gw_callers", "gw_limits", "gw_idle"])
+                        "gw_callers", "gw_limits", "gw_shared", "redis", "gw_idle"])
     url = lambda port: f"http://127.0.0.1:{port}{PATH}"  # noqa: E731
 
     # The upstreams: one answering at once (streams: N chunks D ms apart,
@@ -610,10 +616,17 @@ def run(procs, tmp, cfg, raw, gw_bin, mock_bin, client_bin):
         "gw_callers": start_gw("gw_callers", ports["mock"], callers=1),
         "gw_limits": start_gw("gw_limits", ports["mock"], callers=many, limits=True),
     }
+    redis = None
+    if shutil.which("redis-server"):
+        # The same callers and limits, shared through a local Redis.
+        redis = procs.start("redis", ["redis-server", "--port", str(ports["redis"]), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        wait_port(procs, redis, ports["redis"])
+        variants["gw_shared"] = start_gw("gw_shared", ports["mock"], callers=many, limits=True, redis=ports["redis"])
     # Requests as callers for the variants that need a token; the others
     # get the same formatted-once requests without one (callers=0 keeps
     # post.lua, whose single request wrk also formats once).
-    as_callers = {"gw_callers": 1, "gw_limits": many}
+    as_callers = {"gw_callers": 1, "gw_limits": many, "gw_shared": many}
     rurls = {"nginx": url(ports["nginx"]), **{k: url(ports[k]) for k in variants}}
     for k in variants:
         if k not in as_callers:
@@ -623,12 +636,25 @@ def run(procs, tmp, cfg, raw, gw_bin, mock_bin, client_bin):
         for k in names:
             wrk(rurls[k], 64, cfg["warmup_secs"], callers=as_callers.get(k, 0))
     rounds = {k: [] for k in names}
+    p99s = {k: [] for k in names}
+    sent = {k: 0 for k in names}
     for i in range(cfg["rounds"]):
         for k in interleave(names, i):
-            rounds[k].append(wrk(rurls[k], 64, cfg["round_secs"], callers=as_callers.get(k, 0))["rps"])
+            r = wrk(rurls[k], 64, cfg["round_secs"], callers=as_callers.get(k, 0))
+            rounds[k].append(r["rps"])
+            p99s[k].append(r["p99_ms"])
+            sent[k] += r["requests"]
             for p in list(variants.values()) + [nginx, mock]:
                 procs.check_alive(p)
     raw["rounds_c64_rps"] = rounds
+    raw["rounds_c64_p99_ms"] = p99s
+    if redis:
+        out = subprocess.run(["redis-cli", "-p", str(ports["redis"]), "INFO", "commandstats"],
+                             capture_output=True, text=True).stdout
+        calls = sum(int(m) for m in re.findall(r"cmdstat_evalsha:calls=(\d+)", out))
+        calls += sum(int(m) for m in re.findall(r"cmdstat_eval:calls=(\d+)", out))
+        raw["redis_calls_per_request"] = calls / max(1, sent["gw_shared"] + cfg["warmup_secs"])
+        procs.stop(redis)
     for p in variants.values():
         procs.stop(p)
 
@@ -773,6 +799,13 @@ def figures(raw, cfg):
         row("callers, no limits / no callers", None, None, kr, "x", f">= {TARGETS['callers_ratio']:g}", kr >= TARGETS["callers_ratio"], g_ratio=None)
         lr = per_round("gw_limits", "gw_callers")
         row(f"{n:,} callers every limit / no limits", None, None, lr, "x", f">= {TARGETS['limits_ratio']:g}", lr >= TARGETS["limits_ratio"], g_ratio=None)
+    if "gw_shared" in rr:
+        sr = per_round("gw_shared", "gw_limits")
+        row("shared_state (Redis) / in process, every limit", None, None, sr, "x", f">= {TARGETS['shared_ratio']:g}", sr >= TARGETS["shared_ratio"], g_ratio=None)
+        pp = raw["rounds_c64_p99_ms"]
+        added = statistics.median(a - b for a, b in zip(pp["gw_shared"], pp["gw_limits"]))
+        row("p99 added by shared_state", None, None, added, "ms", f"<= {TARGETS['shared_p99_ms']:g} ms", added <= TARGETS["shared_p99_ms"], g_ratio=None)
+        row("Redis calls per request", None, None, raw.get("redis_calls_per_request", 0.0), "", g_ratio=None)
     return rows, checks
 
 
