@@ -13,7 +13,7 @@ use regex::Regex;
 
 use super::load::Diags;
 use super::prices::{glob_match, Price, PriceTable, NANOS_PER_USD};
-use super::schema::{self, AuthTokenEntry, ClientSection, MatchKind};
+use super::schema::{self, Api, AuthStyle, AuthTokenEntry, ClientSection, MatchKind};
 use super::source_map::SourceMap;
 use super::{
     AuthToken, Budget, CallerConfig, CallerLimits, ClientConfig, Config, LoggingConfig, MatchRule,
@@ -53,6 +53,9 @@ impl Default for Sections {
         }
     }
 }
+
+/// The `anthropic-version` an `anthropic` client is sent unless it sets one.
+pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
 
 const HEADERS_NOT_SETTABLE: &[&str] = &[
     "host",
@@ -792,10 +795,32 @@ fn client(
             keys.push(secret);
         }
     }
+    let api = c.api.unwrap_or_default();
+    let auth = c.auth.unwrap_or(match api {
+        Api::OpenAi => AuthStyle::Bearer,
+        Api::Anthropic => AuthStyle::XApiKey,
+    });
+    let anthropic_version = c
+        .anthropic_version
+        .clone()
+        .unwrap_or_else(|| DEFAULT_ANTHROPIC_VERSION.to_owned());
+    if HeaderValue::from_str(&anthropic_version).is_err() || anthropic_version.is_empty() {
+        diags.error_at(
+            map.value(&at("anthropic_version")),
+            "anthropic_version must be a non-empty header value such as \"2023-06-01\"",
+        );
+    }
+    if auth == AuthStyle::None && keys.is_empty() {
+        // One placeholder, never sent: key health then counts the client.
+        keys.push(Secret::new(""));
+    }
     if keys.is_empty() {
         diags.error_at(
             map.key(path),
-            format!("client `{}` has no keys: set api_key or api_keys", c.name),
+            format!(
+                "client `{}` has no keys: set api_key, api_keys, api_key_file or api_keys_file (or auth: none)",
+                c.name
+            ),
         );
     }
 
@@ -872,6 +897,9 @@ fn client(
     Some(ClientConfig {
         name: c.name.clone(),
         base_url,
+        api,
+        auth,
+        anthropic_version,
         keys,
         priority: c.priority.unwrap_or(100),
         weight,

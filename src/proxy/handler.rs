@@ -16,6 +16,7 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response
 use http_body_util::BodyExt;
 use smallvec::{smallvec, SmallVec};
 
+use super::anthropic;
 use super::api_error::{ApiError, X_REQUEST_ID};
 use super::attempt::{self, Outcome, UpstreamError};
 use super::body::{BoxError, ResponseBody};
@@ -194,19 +195,24 @@ pub async fn handle<B: RequestBodyStream>(
     // ASCII by construction: never the empty default.
     let request_id = std::str::from_utf8(&id).unwrap_or_default();
     let rid_header = HeaderValue::from_str(request_id).expect("request ids are ASCII hex");
-    if conflicting_framing {
-        let msg = "the request has both Content-Length and Transfer-Encoding".to_owned();
-        let mut resp = ApiError::InvalidRequest(msg).into_response(Some(&rid_header));
-        resp.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return Ok(resp);
-    }
-    let mut resp = match dispatch(&state, req, request_id, peer).await {
-        Ok(resp) => resp,
-        Err(e) => e.into_response(None),
-    };
-    resp.headers_mut().insert(X_REQUEST_ID, rid_header);
-    Ok(resp)
+    let shape = anthropic::error_shape(req.uri().path());
+    shape
+        .scope(async move {
+            if conflicting_framing {
+                let msg = "the request has both Content-Length and Transfer-Encoding".to_owned();
+                let mut resp = ApiError::InvalidRequest(msg).into_response(Some(&rid_header));
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return Ok(resp);
+            }
+            let mut resp = match dispatch(&state, req, request_id, peer).await {
+                Ok(resp) => resp,
+                Err(e) => e.into_response(None),
+            };
+            resp.headers_mut().insert(X_REQUEST_ID, rid_header);
+            Ok(resp)
+        })
+        .await
 }
 
 async fn dispatch<B: RequestBodyStream>(
@@ -237,7 +243,7 @@ async fn dispatch<B: RequestBodyStream>(
         }
         Route::NotFound => Err(ApiError::NotFound(format!("no route for {method} {path}"))),
         route => {
-            let caller = authenticate(state, &table, &parts.headers, peer)?;
+            let caller = authenticate(state, &table, path, &parts.headers, peer)?;
             match route {
                 Route::Metrics => Ok(endpoints::metrics(state, &table)),
                 Route::Models if method == Method::GET => Ok(endpoints::models(
@@ -259,6 +265,11 @@ async fn dispatch<B: RequestBodyStream>(
                         })?),
                         None => None,
                     };
+                    if let Some(e) =
+                        pinned.and_then(|ci| anthropic::pinned_mismatch(&table, ci, endpoint))
+                    {
+                        return Err(e);
+                    }
                     let request = Caller {
                         parts: &parts,
                         endpoint,
@@ -308,13 +319,14 @@ impl AuthFailure {
 fn authenticate(
     state: &AppState,
     table: &RoutingTable,
+    path: &str,
     headers: &HeaderMap,
     peer: Option<SocketAddr>,
 ) -> Result<Option<usize>, ApiError> {
     if table.callers.is_empty() {
         return Ok(None);
     }
-    let failure = match bearer_token(headers) {
+    let failure = match anthropic::caller_token(path, headers) {
         None => AuthFailure::Missing,
         Some(token) => match table.caller_by_token(&sha256(token.as_bytes())) {
             Some(caller) => return Ok(Some(caller)),
@@ -387,9 +399,11 @@ pub fn refuse_before_body(
         Route::Healthz | Route::Readyz | Route::Admin(_) | Route::NotFound => None,
         _ => {
             let table = state.table.load();
-            authenticate(state, &table, headers, peer)
-                .err()
-                .map(|e| e.into_response(None))
+            anthropic::error_shape(path).sync_scope(|| {
+                authenticate(state, &table, path, headers, peer)
+                    .err()
+                    .map(|e| e.into_response(None))
+            })
         }
     }
 }
@@ -564,12 +578,12 @@ async fn proxy_admitted<B: RequestBodyStream>(
     // The requested model's candidates, looked up once: for the 404 here
     // and for the first round of attempts below.
     let mut first_candidates = None;
+    let api = anthropic::api_of(endpoint);
     if pinned.is_none() {
         let m = model.unwrap_or_default();
-        let candidates = table.candidates(m);
+        let candidates = table.candidates_of(api, m);
         if candidates.is_empty() {
-            let e = ApiError::ModelNotFound(format!("no client serves model `{m}`"));
-            return fail(done, e, request_id);
+            return fail(done, anthropic::model_not_found(table, api, m), request_id);
         }
         first_candidates = Some(candidates);
     }
@@ -627,7 +641,7 @@ async fn proxy_admitted<B: RequestBodyStream>(
                 models_tried.push(m);
                 let candidates = match first_candidates.take() {
                     Some(c) if depth == 0 => c,
-                    _ => table.candidates(m),
+                    _ => table.candidates_of(api, m),
                 };
                 for ci in candidates.order() {
                     match try_client(&state, table, &request, ci, Some(m), &mut run, request_id)

@@ -3,6 +3,7 @@
 //! Parses no YAML; reads the current `RoutingTable` once per request from
 //! [`AppState::table`] and keeps it for the request's life.
 
+pub mod anthropic;
 pub mod api_error;
 pub mod attempt;
 pub mod body;
