@@ -458,3 +458,94 @@ fn validate_config_reads_secret_files_from_the_credentials_directory() {
     assert!(out.contains("several lines"), "{out}");
     assert!(!out.contains("sk-a") && !out.contains("sk-b"), "{out}");
 }
+
+/// The official Anthropic Python SDK against the gateway and a mock
+/// Anthropic upstream, when it is installed (`.ci/run` installs it and
+/// sets GPTBALANCE_REQUIRE_SDK=1).
+#[tokio::test]
+async fn the_official_anthropic_python_sdk_works_end_to_end() {
+    let has_sdk = std::process::Command::new("python3")
+        .args(["-c", "import anthropic"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_sdk {
+        assert!(
+            std::env::var_os("GPTBALANCE_REQUIRE_SDK").is_none(),
+            "the anthropic package is required"
+        );
+        eprintln!("skipped: python3 has no `anthropic` package (pip install anthropic)");
+        return;
+    }
+    let openai = MockUpstream::start("o").await;
+    let up = MockUpstream::start("a").await;
+    up.push(Reply::Json(
+        200,
+        anthropic_message("claude-sonnet-4-5", "hello from the messages api"),
+    ));
+    for _ in 0..2 {
+        up.push(Reply::Sse {
+            events: anthropic_stream("claude-sonnet-4-5", &["Hello", " there"]),
+            gate: None,
+            abort_at_end: false,
+        });
+    }
+    let gw = Gateway::start(&format!(
+        "server:\n  auth_tokens: [\"sdk-token\"]\nusage:\n  dir: ./usage\nopenai_clients:\n{}{}",
+        client_yaml(
+            "o",
+            &openai.url(),
+            &["ko"],
+            "model_match: { type: exact, value: [gpt-4o] }"
+        ),
+        client_yaml(
+            "claude",
+            &up.url(),
+            &["sk-ant"],
+            "api: anthropic\nmodel_match: { type: keyword, value: [claude-] }"
+        ),
+    ))
+    .await;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/sdk/anthropic_sdk_check.py"
+    );
+    // The SDK appends /v1/messages itself.
+    let base = gw.url("");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .args([script, &base, "sdk-token"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reqs = up.requests();
+    assert_eq!(reqs.len(), 3);
+    for r in &reqs {
+        assert_eq!(r.uri, "/v1/messages");
+        assert_eq!(r.header("x-api-key"), "sk-ant");
+        assert_eq!(r.header("anthropic-version"), "2023-06-01");
+        assert!(r.header("user-agent").starts_with("Anthropic/Python"));
+    }
+    assert!(openai.requests().is_empty());
+    let dir = gw.stop().await;
+    let rows = rows(dir.path());
+    let served: Vec<_> = rows
+        .iter()
+        .filter(|r| r.1.as_deref() == Some("claude"))
+        .collect();
+    assert_eq!(served.len(), 3, "{rows:?}");
+    assert_eq!(
+        (served[0].2, served[0].3, served[0].4, served[0].5),
+        (Some(16), Some(4), Some(6), Some(22))
+    );
+    for s in &served[1..] {
+        assert_eq!((s.2, s.3, s.4, s.5), (Some(13), Some(3), Some(5), Some(18)));
+    }
+}
