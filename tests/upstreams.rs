@@ -549,3 +549,49 @@ async fn the_official_anthropic_python_sdk_works_end_to_end() {
         assert_eq!((s.2, s.3, s.4, s.5), (Some(13), Some(3), Some(5), Some(18)));
     }
 }
+
+#[tokio::test]
+async fn an_answer_in_the_other_format_passes_through_with_usage_unknown_and_noted() {
+    let openai = MockUpstream::start("o").await;
+    let anthropic = MockUpstream::start("a").await;
+    // The anthropic client answers like OpenAI, then the openai client like
+    // Anthropic, then a stream of OpenAI chunks reaches an Anthropic caller.
+    anthropic.push(Reply::Ok);
+    openai.push(Reply::Json(200, anthropic_message("m", "odd")));
+    anthropic.push(Reply::Sse {
+        events: vec![chat_chunk("x"), usage_chunk(2, 1), DONE.to_owned()],
+        gate: None,
+        abort_at_end: false,
+    });
+    let gw = Gateway::start(&both_kinds(&openai, &anthropic)).await;
+    let auth = [("authorization", "Bearer tok")];
+    let r = post_with(&gw.url("/v1/messages"), messages("m", false), &auth).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["object"], "chat.completion");
+    let r = post_with(&gw.url("/v1/chat/completions"), chat("m"), &auth).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json(), anthropic_message("m", "odd"));
+    let req = post_req(
+        &gw.url("/v1/messages"),
+        messages("m", true).to_string(),
+        &auth,
+    );
+    let mut resp = client().request(req).await.unwrap();
+    let body = read_all(resp.body_mut()).await.unwrap();
+    assert_eq!(
+        body,
+        format!("{}{}{}", chat_chunk("x"), usage_chunk(2, 1), DONE)
+    );
+
+    let dir = gw.stop().await;
+    let rows = rows(dir.path());
+    assert_eq!(rows.len(), 3);
+    for (row, note) in rows.iter().zip([
+        "upstream answered in OpenAI's format where Anthropic's was expected: usage unknown",
+        "upstream answered in Anthropic's format where OpenAI's was expected: usage unknown",
+        "upstream answered in OpenAI's format where Anthropic's was expected: usage unknown",
+    ]) {
+        assert_eq!((row.2, row.4, row.5), (None, None, None), "{row:?}");
+        assert_eq!(row.6.as_deref(), Some(note));
+    }
+}

@@ -967,7 +967,8 @@ fn check_fallbacks(
     let mut missing = HashSet::new();
     for (path, c) in clients {
         for (i, target) in c.fallback.iter().enumerate() {
-            if matcher::candidates(&configs, target).is_empty() {
+            // A fallback is routed among the clients of the same API.
+            if matcher::candidates_of(&configs, c.api, target).is_empty() {
                 missing.insert(target.clone());
                 if !complete {
                     continue;
@@ -982,8 +983,12 @@ fn check_fallbacks(
                 diags.error_at(
                     map.value(&fpath),
                     format!(
-                        "fallback target `{target}` of client `{}` is matched by no client",
-                        c.name
+                        "fallback target `{target}` of client `{}` is matched by no {}client",
+                        c.name,
+                        match c.api {
+                            Api::OpenAi => "",
+                            Api::Anthropic => "`anthropic` ",
+                        }
                     ),
                 );
             }

@@ -1075,11 +1075,13 @@ fn respond(
         let m = m.clone();
         done.price = table.price(answer.client, &m);
     }
+    let expect = anthropic::Expect::of(client.cfg.api, request.kind.is_text_generation());
     let filter = response_filter(
         media,
         answer.parts.status,
         request,
         client.cfg.special_prefix.as_deref(),
+        expect,
     );
     let keep_length = matches!(filter, Filter::Json(_) | Filter::Raw);
     let mut resp = Response::new(ResponseBody::Relay(Box::new(Relay::new(
@@ -1106,6 +1108,7 @@ fn response_filter(
     status: StatusCode,
     request: &Prepared<'_>,
     prefix: Option<&str>,
+    expect: anthropic::Expect,
 ) -> Filter {
     let slot = match request.kind {
         EndpointKind::Chat => Some(PrefixSlot::Chat),
@@ -1117,10 +1120,12 @@ fn response_filter(
         _ => None,
     };
     match media {
-        Media::EventStream => Filter::Sse(SseFilter::new(request.include_usage, prefix)),
+        Media::EventStream => {
+            Filter::Sse(SseFilter::new(request.include_usage, prefix).expecting(expect))
+        }
         Media::Json => match prefix {
             Some((p, slot)) => Filter::Prefix(PrefixBuffer::new(p, slot)),
-            None => Filter::Json(JsonSniffer::new()),
+            None => Filter::Json(JsonSniffer::new().expecting(expect)),
         },
         Media::Other => Filter::Raw,
     }

@@ -21,6 +21,8 @@ static BLANK_LINE_CRLF: LazyLock<memmem::Finder> =
     LazyLock::new(|| memmem::Finder::new(b"\r\n\r\n"));
 use serde_json::Value;
 
+use super::anthropic::Expect;
+
 /// Token counts reported by the upstream.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -140,6 +142,9 @@ pub struct SseFilter {
     drop_usage_chunk: bool,
     prefix: Option<(String, PrefixSlot)>,
     pub usage: Option<Usage>,
+    expect: Expect,
+    /// An event in the other API's format was seen: usage is unknown.
+    pub foreign: bool,
 }
 
 enum Verdict {
@@ -155,7 +160,18 @@ impl SseFilter {
             drop_usage_chunk,
             prefix,
             usage: None,
+            expect: Expect::Any,
+            foreign: false,
         }
+    }
+
+    pub fn expect(&self) -> Expect {
+        self.expect
+    }
+
+    /// Notes events in the other API's format than `expect`.
+    pub fn expecting(self, expect: Expect) -> Self {
+        SseFilter { expect, ..self }
     }
 
     /// Takes one upstream chunk and queues what the caller gets: whole
@@ -222,6 +238,7 @@ impl SseFilter {
                 .or_else(|| json.pointer("/response/usage").and_then(Usage::from_json))
                 .or_else(|| json.pointer("/message/usage").and_then(Usage::from_json));
             if let Some(u) = usage {
+                self.foreign |= self.expect.foreign_event(&json);
                 self.usage = Some(match self.usage {
                     Some(before) => before.merged(u),
                     None => u,
