@@ -270,7 +270,7 @@ async fn auth_styles_send_the_key_where_the_client_wants_it() {
     let open = MockUpstream::start("open").await;
     let bearer_anthropic = MockUpstream::start("ba").await;
     let yaml = format!(
-        "usage:\n  enabled: false\nopenai_clients:\n{}{}  - name: open\n    base_url: \"{}\"\n    auth: none\n    model_match: {{ type: exact, value: [local] }}\n{}",
+        "server:\n  admin_token: adm\nusage:\n  enabled: false\nopenai_clients:\n{}{}  - name: open\n    base_url: \"{}\"\n    auth: none\n    model_match: {{ type: exact, value: [local] }}\n{}",
         client_yaml("azure", &azure.url(), &["az-key"], "auth: api-key\nmodel_match: { type: exact, value: [az] }"),
         "",
         open.url(),
@@ -305,6 +305,32 @@ async fn auth_styles_send_the_key_where_the_client_wants_it() {
     assert_eq!(b.auth(), "Bearer bk");
     assert_eq!(b.header("x-api-key"), "");
     assert_eq!(b.header("anthropic-version"), "2024-10-22");
+
+    // The effective config says how each client is reached, and shows no
+    // key for `auth: none`.
+    let cfg = get(&gw.url("/admin/config"), &[("authorization", "Bearer adm")])
+        .await
+        .json();
+    let clients = cfg["clients"].as_array().unwrap();
+    let shown: Vec<(&str, &str, usize)> = clients
+        .iter()
+        .map(|c| {
+            (
+                c["api"].as_str().unwrap(),
+                c["auth"].as_str().unwrap(),
+                c["keys"].as_array().unwrap().len(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            ("openai", "api-key", 1),
+            ("openai", "none", 0),
+            ("anthropic", "bearer", 1)
+        ]
+    );
+    assert_eq!(clients[2]["anthropic_version"], "2024-10-22");
 }
 
 fn write_secret(dir: &Path, name: &str, text: &str) {
