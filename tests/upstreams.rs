@@ -248,6 +248,10 @@ async fn gateway_errors_on_messages_take_anthropics_shape_and_formats_never_mix(
     .await;
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["error"]["type"], "authentication_error");
+    let r = post(&gw.url("/v1/messages"), messages("m", false)).await;
+    assert_eq!(r.status, 401);
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(msg.contains("x-api-key"), "{msg}");
     let r = post_with(&gw.url("/v1/messages"), json!({"max_tokens": 1}), &auth).await;
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"]["type"], "invalid_request_error");

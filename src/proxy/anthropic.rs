@@ -20,13 +20,18 @@ pub fn api_of(endpoint: &str) -> Api {
     }
 }
 
+/// Whether `path` is one of Anthropic's endpoints (`/v1/messages`,
+/// `/{client}/v1/messages/...`).
+pub fn is_anthropic_path(path: &str) -> bool {
+    matches!(route(path), Route::Proxy { endpoint, .. } if api_of(endpoint) == Api::Anthropic)
+}
+
 /// The error shape of a request on `path`: Anthropic's on its endpoints.
 pub fn error_shape(path: &str) -> ErrorShape {
-    match route(path) {
-        Route::Proxy { endpoint, .. } if api_of(endpoint) == Api::Anthropic => {
-            ErrorShape::Anthropic
-        }
-        _ => ErrorShape::OpenAi,
+    if is_anthropic_path(path) {
+        ErrorShape::Anthropic
+    } else {
+        ErrorShape::OpenAi
     }
 }
 
@@ -34,7 +39,7 @@ pub fn error_shape(path: &str) -> ErrorShape {
 /// endpoints also `x-api-key` (what Anthropic's SDKs send).
 pub fn caller_token<'h>(path: &str, headers: &'h HeaderMap) -> Option<&'h str> {
     bearer_token(headers).or_else(|| {
-        if error_shape(path) != ErrorShape::Anthropic {
+        if !is_anthropic_path(path) {
             return None;
         }
         let key = headers.get("x-api-key")?.to_str().ok()?.trim();

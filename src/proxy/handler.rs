@@ -336,6 +336,9 @@ fn authenticate(
     state.metrics.auth_failure(failure.reason());
     AUTH_LOG[failure as usize].log(failure.reason(), peer);
     Err(ApiError::Unauthorized(match failure {
+        AuthFailure::Missing if anthropic::is_anthropic_path(path) => {
+            "missing token: send `x-api-key: <token>` or `Authorization: Bearer <token>`".to_owned()
+        }
         AuthFailure::Missing => {
             "missing bearer token: send `Authorization: Bearer <token>`".to_owned()
         }
