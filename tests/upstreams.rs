@@ -487,6 +487,20 @@ fn validate_config_reads_secret_files_from_the_credentials_directory() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("several lines"), "{out}");
     assert!(!out.contains("sk-a") && !out.contains("sk-b"), "{out}");
+
+    // auth: none needs no key, and says so of keys it would never send.
+    std::fs::write(
+        &config,
+        "openai_clients:\n  - name: local\n    base_url: \"http://127.0.0.1:9/v1\"\n    auth: none\n    model_match: { type: exact, value: [m] }\n  - name: keyed\n    base_url: \"http://127.0.0.1:9/v1\"\n    auth: none\n    api_key: unused\n    model_match: { type: exact, value: [n] }\n",
+    )
+    .unwrap();
+    let (code, out) = validate(&config, None);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("client `keyed` has auth: none, so its keys are never sent"),
+        "{out}"
+    );
+    assert!(!out.contains("client `local`"), "{out}");
 }
 
 /// The official Anthropic Python SDK against the gateway and a mock

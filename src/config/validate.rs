@@ -810,7 +810,17 @@ fn client(
             "anthropic_version must be a non-empty header value such as \"2023-06-01\"",
         );
     }
-    if auth == AuthStyle::None && keys.is_empty() {
+    if auth == AuthStyle::None {
+        if !keys.is_empty() {
+            diags.warn_at(
+                map.value(&at("auth")),
+                format!(
+                    "client `{}` has auth: none, so its keys are never sent",
+                    c.name
+                ),
+            );
+            keys.clear();
+        }
         // One placeholder, never sent: key health then counts the client.
         keys.push(Secret::new(""));
     }
