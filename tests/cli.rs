@@ -348,6 +348,7 @@ fn every_shipped_config_validates() {
         ("OPENAI_KEY_3", "3"),
         ("RESELLER_KEY", "r"),
         ("BACKUP_KEY", "b"),
+        ("ANTHROPIC_API_KEY", "sk-ant"),
     ];
     let mut files = vec![
         root.join("config/config.yaml"),

@@ -92,7 +92,11 @@ fn client(c: &ClientConfig) -> Value {
     json!({
         "name": c.name,
         "base_url": c.base_url,
-        "keys": c.keys.iter().map(|k| k.key_id().to_string()).collect::<Vec<_>>(),
+        "api": c.api.as_str(),
+        "auth": c.auth.as_str(),
+        "anthropic_version": (c.api == super::Api::Anthropic).then_some(&c.anthropic_version),
+        // `auth: none` holds one placeholder key, never sent: none to show.
+        "keys": c.keys.iter().filter(|_| c.auth != super::AuthStyle::None).map(|k| k.key_id().to_string()).collect::<Vec<_>>(),
         "priority": c.priority,
         "weight": c.weight,
         "model_match": { "type": c.model_match.kind.to_string(), "value": c.model_match.values },

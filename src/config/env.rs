@@ -9,6 +9,8 @@
 pub enum EnvError {
     Unset(String),
     Malformed(String),
+    /// `${file:PATH}` could not be read; the reason names the path only.
+    File(String),
 }
 
 impl std::fmt::Display for EnvError {
@@ -18,7 +20,7 @@ impl std::fmt::Display for EnvError {
                 f,
                 "environment variable `{var}` is not set (use ${{{var}:-default}} to give a default)"
             ),
-            EnvError::Malformed(why) => f.write_str(why),
+            EnvError::Malformed(why) | EnvError::File(why) => f.write_str(why),
         }
     }
 }
@@ -26,6 +28,17 @@ impl std::fmt::Display for EnvError {
 /// Expands every `${...}` in `input`. `$${` stands for a literal `${`.
 /// An unset or empty variable takes the `:-` default, as in the shell.
 pub fn expand(input: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, EnvError> {
+    expand_with_files(input, lookup, &|_| {
+        Err("`${file:...}` is not read here".to_owned())
+    })
+}
+
+/// [`expand`], with `${file:PATH}` replaced by what `files` reads at PATH.
+pub fn expand_with_files(
+    input: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    files: &dyn Fn(&str) -> Result<String, String>,
+) -> Result<String, EnvError> {
     if !input.contains('$') {
         return Ok(input.to_owned());
     }
@@ -42,6 +55,11 @@ pub fn expand(input: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<St
                 .find('}')
                 .ok_or_else(|| EnvError::Malformed(format!("unterminated `${{` in `{input}`")))?;
             let inner = &tail[..end];
+            if let Some(file) = inner.strip_prefix("file:") {
+                out.push_str(&files(file).map_err(EnvError::File)?);
+                rest = &tail[end + 1..];
+                continue;
+            }
             let (name, default) = match inner.split_once(":-") {
                 Some((name, default)) => (name, Some(default)),
                 None => (inner, None),
@@ -96,6 +114,20 @@ mod tests {
         assert!(matches!(
             expand("${A B}", &env),
             Err(EnvError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn file_references_are_read_through_the_reader() {
+        let files = |p: &str| match p {
+            "key.txt" => Ok("sk-file".to_owned()),
+            _ => Err(format!("cannot read secret file {p}")),
+        };
+        let got = expand_with_files("a-${file:key.txt}-${KEY}", &env, &files);
+        assert_eq!(got.unwrap(), "a-sk-file-sk-1");
+        assert!(matches!(
+            expand_with_files("${file:nope}", &env, &files),
+            Err(EnvError::File(m)) if m.contains("nope")
         ));
     }
 

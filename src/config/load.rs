@@ -10,6 +10,7 @@ use serde_yaml::Value;
 
 use super::env;
 use super::schema::{self, TOP_LEVEL_KEYS};
+use super::secret_files;
 use super::source_map::{Pos, SourceMap};
 use super::validate::{self, Sections};
 use super::{Config, Diagnostic, Severity};
@@ -80,13 +81,15 @@ pub fn load_str(
             return Err(diags.list);
         }
     };
-    expand_env(&mut doc, String::new(), lookup, &map, &mut diags);
-
-    let sections = read_sections(doc, &map, &mut diags);
     let base_dir = path
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
+    let secrets = secret_files::SecretDir::new(&base_dir, lookup);
+    expand_env(&mut doc, String::new(), lookup, &secrets, &map, &mut diags);
+    secret_files::resolve(&mut doc, &secrets, &map, &mut diags);
+
+    let sections = read_sections(doc, &map, &mut diags);
     let config = sections.and_then(|s| validate::validate(s, &base_dir, &map, &mut diags));
     diags.list.sort_by_key(|d| (d.line, d.col));
     match config {
@@ -136,17 +139,29 @@ fn expand_env(
     node: &mut Value,
     path: String,
     lookup: &dyn Fn(&str) -> Option<String>,
+    secrets: &secret_files::SecretDir,
     map: &SourceMap,
     diags: &mut Diags,
 ) {
     match node {
-        Value::String(s) => match env::expand(s, lookup) {
-            Ok(expanded) => *s = expanded,
-            Err(e) => diags.error_at(map.value(&path), e.to_string()),
-        },
+        Value::String(s) => {
+            let warnings = std::cell::RefCell::new(Vec::new());
+            let files = |p: &str| {
+                let (text, warning) = secrets.read(p)?;
+                warnings.borrow_mut().extend(warning);
+                Ok(text)
+            };
+            match env::expand_with_files(s, lookup, &files) {
+                Ok(expanded) => *s = expanded,
+                Err(e) => diags.error_at(map.value(&path), e.to_string()),
+            }
+            for w in warnings.into_inner() {
+                diags.warn_at(map.value(&path), format!("{path}: {w}"));
+            }
+        }
         Value::Sequence(items) => {
             for (i, item) in items.iter_mut().enumerate() {
-                expand_env(item, format!("{path}[{i}]"), lookup, map, diags);
+                expand_env(item, format!("{path}[{i}]"), lookup, secrets, map, diags);
             }
         }
         Value::Mapping(entries) => {
@@ -157,10 +172,10 @@ fn expand_env(
                 } else {
                     format!("{path}.{key}")
                 };
-                expand_env(value, child, lookup, map, diags);
+                expand_env(value, child, lookup, secrets, map, diags);
             }
         }
-        Value::Tagged(tagged) => expand_env(&mut tagged.value, path, lookup, map, diags),
+        Value::Tagged(tagged) => expand_env(&mut tagged.value, path, lookup, secrets, map, diags),
         Value::Null | Value::Bool(_) | Value::Number(_) => {}
     }
 }

@@ -8,6 +8,7 @@ pub mod env;
 pub mod load;
 pub mod prices;
 pub mod schema;
+pub mod secret_files;
 pub mod source_map;
 pub mod validate;
 
@@ -21,7 +22,7 @@ use regex::Regex;
 
 pub use load::{load, load_str, LoadError, Loaded};
 pub use prices::{Price, PriceTable};
-pub use schema::{Balance, KeyStrategy, LogFormat, MatchKind, OnOutage, Per};
+pub use schema::{Api, AuthStyle, Balance, KeyStrategy, LogFormat, MatchKind, OnOutage, Per};
 
 use crate::secret::Secret;
 
@@ -363,7 +364,14 @@ pub struct ClientConfig {
     pub name: String,
     /// Without a trailing slash; requests go to `base_url + "/" + endpoint`.
     pub base_url: String,
-    /// Deduplicated, in file order; never empty.
+    /// `openai` (default) or `anthropic`: which endpoints it serves.
+    pub api: Api,
+    /// How keys are sent, with the API's default applied.
+    pub auth: AuthStyle,
+    /// `anthropic-version` for an `anthropic` client.
+    pub anthropic_version: String,
+    /// Deduplicated, in file order; never empty (`auth: none`: one empty
+    /// placeholder, never sent).
     pub keys: Vec<Secret>,
     pub priority: i64,
     pub weight: u32,

@@ -81,6 +81,8 @@ impl<'de> Deserialize<'de> for AuthTokenEntry {
                 }
                 match (name, token) {
                     (Some(name), Some(token)) => Ok(AuthTokenEntry::Named { name, token }),
+                    // `{ token_file: ... }` without a name reads as a bare token.
+                    (None, Some(token)) => Ok(AuthTokenEntry::Bare(token)),
                     _ => Err(de::Error::custom(SHAPE)),
                 }
             }
@@ -202,6 +204,12 @@ pub enum LogFormat {
 pub struct ClientSection {
     pub name: String,
     pub base_url: String,
+    /// The upstream's API: `openai` (default) or `anthropic`.
+    pub api: Option<Api>,
+    /// How the key is sent; default `bearer` (`x-api-key` for `anthropic`).
+    pub auth: Option<AuthStyle>,
+    /// `anthropic-version` sent to an `anthropic` client.
+    pub anthropic_version: Option<String>,
     pub api_key: Option<String>,
     #[serde(default, deserialize_with = "lenient::opt_string_list")]
     pub api_keys: Option<Vec<String>>,
@@ -304,6 +312,54 @@ impl OnOutage {
             OnOutage::Deny => "deny",
             OnOutage::Allow => "allow",
             OnOutage::LocalShare => "local_share",
+        }
+    }
+}
+
+/// The API a client speaks, which decides the endpoints it serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum Api {
+    #[default]
+    #[serde(rename = "openai")]
+    OpenAi,
+    #[serde(rename = "anthropic")]
+    Anthropic,
+}
+
+impl Api {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Api::OpenAi => "openai",
+            Api::Anthropic => "anthropic",
+        }
+    }
+}
+
+/// The header a client's key goes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum AuthStyle {
+    /// `Authorization: Bearer <key>`.
+    #[default]
+    #[serde(rename = "bearer")]
+    Bearer,
+    /// `api-key: <key>` (Azure's form).
+    #[serde(rename = "api-key")]
+    ApiKey,
+    /// `x-api-key: <key>` (Anthropic's form).
+    #[serde(rename = "x-api-key")]
+    XApiKey,
+    /// No credential; the client needs no key.
+    #[serde(rename = "none")]
+    None,
+}
+
+impl AuthStyle {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthStyle::Bearer => "bearer",
+            AuthStyle::ApiKey => "api-key",
+            AuthStyle::XApiKey => "x-api-key",
+            AuthStyle::None => "none",
         }
     }
 }

@@ -13,7 +13,7 @@ use regex::Regex;
 
 use super::load::Diags;
 use super::prices::{glob_match, Price, PriceTable, NANOS_PER_USD};
-use super::schema::{self, AuthTokenEntry, ClientSection, MatchKind};
+use super::schema::{self, Api, AuthStyle, AuthTokenEntry, ClientSection, MatchKind};
 use super::source_map::SourceMap;
 use super::{
     AuthToken, Budget, CallerConfig, CallerLimits, ClientConfig, Config, IpNet, LoggingConfig,
@@ -59,6 +59,9 @@ impl Default for Sections {
         }
     }
 }
+
+/// The `anthropic-version` an `anthropic` client is sent unless it sets one.
+pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
 
 const HEADERS_NOT_SETTABLE: &[&str] = &[
     "host",
@@ -1142,10 +1145,42 @@ fn client(
             keys.push(secret);
         }
     }
+    let api = c.api.unwrap_or_default();
+    let auth = c.auth.unwrap_or(match api {
+        Api::OpenAi => AuthStyle::Bearer,
+        Api::Anthropic => AuthStyle::XApiKey,
+    });
+    let anthropic_version = c
+        .anthropic_version
+        .clone()
+        .unwrap_or_else(|| DEFAULT_ANTHROPIC_VERSION.to_owned());
+    if HeaderValue::from_str(&anthropic_version).is_err() || anthropic_version.is_empty() {
+        diags.error_at(
+            map.value(&at("anthropic_version")),
+            "anthropic_version must be a non-empty header value such as \"2023-06-01\"",
+        );
+    }
+    if auth == AuthStyle::None {
+        if !keys.is_empty() {
+            diags.warn_at(
+                map.value(&at("auth")),
+                format!(
+                    "client `{}` has auth: none, so its keys are never sent",
+                    c.name
+                ),
+            );
+            keys.clear();
+        }
+        // One placeholder, never sent: key health then counts the client.
+        keys.push(Secret::new(""));
+    }
     if keys.is_empty() {
         diags.error_at(
             map.key(path),
-            format!("client `{}` has no keys: set api_key or api_keys", c.name),
+            format!(
+                "client `{}` has no keys: set api_key, api_keys, api_key_file or api_keys_file (or auth: none)",
+                c.name
+            ),
         );
     }
 
@@ -1223,6 +1258,9 @@ fn client(
     Some(ClientConfig {
         name: c.name.clone(),
         base_url,
+        api,
+        auth,
+        anthropic_version,
         keys,
         priority: c.priority.unwrap_or(100),
         weight,
@@ -1286,7 +1324,8 @@ fn check_fallbacks(clients: &[(String, ClientConfig)], map: &SourceMap, diags: &
     let mut missing = HashSet::new();
     for (path, c) in clients {
         for (i, target) in c.fallback.iter().enumerate() {
-            if matcher::candidates(&configs, target).is_empty() {
+            // A fallback is routed among the clients of the same API.
+            if matcher::candidates_of(&configs, c.api, target).is_empty() {
                 missing.insert(target.clone());
                 let fpath = if c.fallback.len() == 1
                     && map.value(&format!("{path}.fallback[0]")) == map.value(path)
@@ -1298,8 +1337,12 @@ fn check_fallbacks(clients: &[(String, ClientConfig)], map: &SourceMap, diags: &
                 diags.error_at(
                     map.value(&fpath),
                     format!(
-                        "fallback target `{target}` of client `{}` is matched by no client",
-                        c.name
+                        "fallback target `{target}` of client `{}` is matched by no {}client",
+                        c.name,
+                        match c.api {
+                            Api::OpenAi => "",
+                            Api::Anthropic => "`anthropic` ",
+                        }
                     ),
                 );
             }

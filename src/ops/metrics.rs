@@ -60,6 +60,13 @@ struct KeyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BudgetLabels {
+    caller: String,
+    /// `usd` or `tokens`.
+    budget: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
 }
@@ -134,6 +141,7 @@ pub struct Metrics {
     tokens: Family<TokenLabels, Counter>,
     key_healthy: Family<KeyLabels, Gauge>,
     key_cooldown: Family<KeyLabels, Gauge<f64, AtomicU64>>,
+    budget_used: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
     key_requests: Family<KeyLabels, Gauge>,
     affinity: Family<ResultLabels, Counter>,
     key_remaining_requests: Family<KeyLabels, Gauge>,
@@ -175,6 +183,7 @@ impl Metrics {
             tokens: Family::default(),
             key_healthy: Family::default(),
             key_cooldown: Family::default(),
+            budget_used: Family::default(),
             key_requests: Family::default(),
             affinity: Family::default(),
             key_remaining_requests: Family::default(),
@@ -251,6 +260,11 @@ impl Metrics {
             "key_remaining_tokens",
             "Tokens left by the key's last quota reading, while it holds",
             m.key_remaining_tokens.clone(),
+        );
+        registry.register(
+            "caller_budget_used_ratio",
+            "Share of each caller budget spent in its current day or month (1 = all of it)",
+            m.budget_used.clone(),
         );
         registry.register("reloads", "Config reloads by result", m.reloads.clone());
         registry.register(
@@ -608,6 +622,26 @@ impl Metrics {
                         .get_or_create(&labels)
                         .set(t.left.min(i64::MAX as u64) as i64);
                 }
+            }
+        }
+        self.budget_used.clear();
+        let now = std::time::SystemTime::now();
+        for c in &table.callers {
+            let l = &c.cfg.limits;
+            for (budget, b) in [("usd", l.budget_usd), ("tokens", l.budget_tokens)] {
+                let Some(b) = b else { continue };
+                let snap = c.state.snapshot(now, b.per);
+                let used = match budget {
+                    "usd" => snap.spent_nanos.max(0) as f64,
+                    _ => snap.spent_tokens as f64,
+                };
+                let labels = BudgetLabels {
+                    caller: c.cfg.name.clone(),
+                    budget,
+                };
+                self.budget_used
+                    .get_or_create(&labels)
+                    .set(used / (b.amount.max(1) as f64));
             }
         }
         let mut out = String::new();

@@ -1,5 +1,8 @@
 //! The only builder of error bodies: OpenAI's shape,
-//! `{"error": {"message", "type", "param", "code"}}`.
+//! `{"error": {"message", "type", "param", "code"}}`, or Anthropic's,
+//! `{"type": "error", "error": {"type", "message"}}`, for a request on
+//! `/v1/messages` (the shape is chosen once per request by
+//! [`ErrorShape::scope`] in the handler, and read here).
 //!
 //! `type` and `code` both carry the error's name (`model_not_found`, ...), so
 //! callers matching on either field see the same thing; the caller limits'
@@ -15,6 +18,34 @@ use super::body::ResponseBody;
 
 /// The name is checked once, at compile time, not per response.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Which API's error body a request gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ErrorShape {
+    #[default]
+    OpenAi,
+    Anthropic,
+}
+
+tokio::task_local! {
+    static SHAPE: ErrorShape;
+}
+
+impl ErrorShape {
+    /// Runs `fut` with every error body it builds in this shape.
+    pub async fn scope<F: std::future::Future>(self, fut: F) -> F::Output {
+        SHAPE.scope(self, fut).await
+    }
+
+    /// [`ErrorShape::scope`] for code that does not wait.
+    pub fn sync_scope<R>(self, f: impl FnOnce() -> R) -> R {
+        SHAPE.sync_scope(self, f)
+    }
+
+    fn current() -> ErrorShape {
+        SHAPE.try_with(|s| *s).unwrap_or_default()
+    }
+}
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
@@ -119,8 +150,30 @@ impl ApiError {
         }
     }
 
+    /// Anthropic's name for the error, by its status.
+    fn anthropic_kind(&self) -> &'static str {
+        match self.status().as_u16() {
+            400 | 405 | 408 => "invalid_request_error",
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            503 => "overloaded_error",
+            504 => "timeout_error",
+            _ => "api_error",
+        }
+    }
+
     /// The JSON body alone, for callers that build their own response.
     pub fn body(&self) -> Bytes {
+        if ErrorShape::current() == ErrorShape::Anthropic {
+            let body = serde_json::json!({
+                "type": "error",
+                "error": {"type": self.anthropic_kind(), "message": self.to_string()},
+            });
+            return Bytes::from(body.to_string());
+        }
         let body = serde_json::json!({
             "error": {
                 "message": self.to_string(),
@@ -186,5 +239,18 @@ mod tests {
         .into_response(None);
         assert_eq!(r.status(), 503);
         assert_eq!(r.headers()["retry-after"], "2");
+    }
+
+    #[test]
+    fn messages_requests_get_anthropics_shape() {
+        let e = ApiError::ModelNotFound("no `anthropic` client serves model `x`".into());
+        let body = ErrorShape::Anthropic.sync_scope(|| e.body());
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type": "error", "error": {"type": "not_found_error", "message": "no `anthropic` client serves model `x`"}})
+        );
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["error"]["code"], "model_not_found");
     }
 }

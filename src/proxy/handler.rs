@@ -17,6 +17,7 @@ use http_body_util::BodyExt;
 use smallvec::{smallvec, SmallVec};
 
 use super::access;
+use super::anthropic;
 use super::api_error::{ApiError, X_REQUEST_ID};
 use super::attempt::{self, Outcome, UpstreamError};
 use super::body::{BoxError, ResponseBody};
@@ -198,24 +199,30 @@ pub async fn handle<B: RequestBodyStream>(
     // ASCII by construction: never the empty default.
     let request_id = std::str::from_utf8(&id).unwrap_or_default();
     let rid_header = HeaderValue::from_str(request_id).expect("request ids are ASCII hex");
-    if conflicting_framing {
-        let msg = "the request has both Content-Length and Transfer-Encoding".to_owned();
-        let mut resp = ApiError::InvalidRequest(msg).into_response(Some(&rid_header));
-        resp.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return Ok(resp);
-    }
-    let cors = cors::allowed_origin(&state, req.headers());
-    let logged = access::Request::begin(&state, &req, peer);
-    let mut resp = match access::within(logged, dispatch(&state, req, request_id, peer)).await {
-        Ok(resp) => resp,
-        Err(e) => e.into_response(None),
-    };
-    resp.headers_mut().insert(X_REQUEST_ID, rid_header);
-    if let Some(origin) = cors {
-        cors::mark(resp.headers_mut(), origin);
-    }
-    Ok(resp)
+    let shape = anthropic::error_shape(req.uri().path());
+    shape
+        .scope(async move {
+            if conflicting_framing {
+                let msg = "the request has both Content-Length and Transfer-Encoding".to_owned();
+                let mut resp = ApiError::InvalidRequest(msg).into_response(Some(&rid_header));
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return Ok(resp);
+            }
+            let cors = cors::allowed_origin(&state, req.headers());
+            let logged = access::Request::begin(&state, &req, peer);
+            let mut resp =
+                match access::within(logged, dispatch(&state, req, request_id, peer)).await {
+                    Ok(resp) => resp,
+                    Err(e) => e.into_response(None),
+                };
+            resp.headers_mut().insert(X_REQUEST_ID, rid_header);
+            if let Some(origin) = cors {
+                cors::mark(resp.headers_mut(), origin);
+            }
+            Ok(resp)
+        })
+        .await
 }
 
 async fn dispatch<B: RequestBodyStream>(
@@ -249,7 +256,7 @@ async fn dispatch<B: RequestBodyStream>(
         }
         Route::NotFound => Err(ApiError::NotFound(format!("no route for {method} {path}"))),
         route => {
-            let caller = authenticate(state, &table, &parts.headers, peer)?;
+            let caller = authenticate(state, &table, path, &parts.headers, peer)?;
             match route {
                 Route::Metrics => Ok(endpoints::metrics(state, &table)),
                 Route::Models if method == Method::GET => Ok(endpoints::models(
@@ -272,6 +279,11 @@ async fn dispatch<B: RequestBodyStream>(
                         })?),
                         None => None,
                     };
+                    if let Some(e) =
+                        pinned.and_then(|ci| anthropic::pinned_mismatch(&table, ci, endpoint))
+                    {
+                        return Err(e);
+                    }
                     let request = Caller {
                         parts: &parts,
                         endpoint,
@@ -321,13 +333,14 @@ impl AuthFailure {
 fn authenticate(
     state: &AppState,
     table: &RoutingTable,
+    path: &str,
     headers: &HeaderMap,
     peer: Option<SocketAddr>,
 ) -> Result<Option<usize>, ApiError> {
     if table.callers.is_empty() {
         return Ok(None);
     }
-    let failure = match bearer_token(headers) {
+    let failure = match anthropic::caller_token(path, headers) {
         None => AuthFailure::Missing,
         Some(token) => match table.caller_by_token(&sha256(token.as_bytes())) {
             Some(caller) => return Ok(Some(caller)),
@@ -337,6 +350,9 @@ fn authenticate(
     state.metrics.auth_failure(failure.reason());
     AUTH_LOG[failure as usize].log(failure.reason(), peer);
     Err(ApiError::Unauthorized(match failure {
+        AuthFailure::Missing if anthropic::is_anthropic_path(path) => {
+            "missing token: send `x-api-key: <token>` or `Authorization: Bearer <token>`".to_owned()
+        }
         AuthFailure::Missing => {
             "missing bearer token: send `Authorization: Bearer <token>`".to_owned()
         }
@@ -400,12 +416,14 @@ pub fn refuse_before_body(
         Route::Healthz | Route::Readyz | Route::Admin(_) | Route::NotFound => None,
         _ => {
             let table = state.table.load();
-            let refused = authenticate(state, &table, headers, peer).err()?;
-            let mut resp = refused.into_response(None);
-            if let Some(origin) = cors::allowed_origin(state, headers) {
-                cors::mark(resp.headers_mut(), origin);
-            }
-            Some(resp)
+            anthropic::error_shape(path).sync_scope(|| {
+                let refused = authenticate(state, &table, path, headers, peer).err()?;
+                let mut resp = refused.into_response(None);
+                if let Some(origin) = cors::allowed_origin(state, headers) {
+                    cors::mark(resp.headers_mut(), origin);
+                }
+                Some(resp)
+            })
         }
     }
 }
@@ -580,12 +598,12 @@ async fn proxy_admitted<B: RequestBodyStream>(
     // The requested model's candidates, looked up once: for the 404 here
     // and for the first round of attempts below.
     let mut first_candidates = None;
+    let api = anthropic::api_of(endpoint);
     if pinned.is_none() {
         let m = model.unwrap_or_default();
-        let candidates = table.candidates(m);
+        let candidates = table.candidates_of(api, m);
         if candidates.is_empty() {
-            let e = ApiError::ModelNotFound(format!("no client serves model `{m}`"));
-            return fail(done, e, request_id);
+            return fail(done, anthropic::model_not_found(table, api, m), request_id);
         }
         first_candidates = Some(candidates);
     }
@@ -650,6 +668,7 @@ async fn proxy_admitted<B: RequestBodyStream>(
     let plan = Plan {
         model,
         pinned,
+        api,
         first_candidates,
     };
     let all = attempts(&state, table, &request, plan, &mut run, request_id);
@@ -679,6 +698,8 @@ async fn proxy_admitted<B: RequestBodyStream>(
 struct Plan<'t> {
     model: Option<&'t str>,
     pinned: Option<usize>,
+    /// Which API's clients may answer (`/v1/messages`: Anthropic's).
+    api: crate::config::Api,
     first_candidates: Option<crate::routing::table::CandidatesRef<'t>>,
 }
 
@@ -695,6 +716,7 @@ async fn attempts(
     let Plan {
         model,
         pinned,
+        api,
         mut first_candidates,
     } = plan;
     if let Some(ci) = pinned {
@@ -720,7 +742,7 @@ async fn attempts(
         models_tried.push(m);
         let candidates = match first_candidates.take() {
             Some(c) if depth == 0 => c,
-            _ => table.candidates(m),
+            _ => table.candidates_of(api, m),
         };
         for ci in table.order(&candidates, lead, request.reserve_tokens) {
             if let Some(answer) =
@@ -1311,11 +1333,13 @@ fn respond(
         let m = m.clone();
         done.price = table.price(answer.client, &m);
     }
+    let expect = anthropic::Expect::of(client.cfg.api, request.kind.is_text_generation());
     let filter = response_filter(
         media,
         answer.parts.status,
         request,
         client.cfg.special_prefix.as_deref(),
+        expect,
     );
     let keep_length = matches!(filter, Filter::Json(_) | Filter::Raw);
     let mut resp = Response::new(ResponseBody::Relay(Box::new(Relay::new(
@@ -1342,6 +1366,7 @@ fn response_filter(
     status: StatusCode,
     request: &Prepared<'_>,
     prefix: Option<&str>,
+    expect: anthropic::Expect,
 ) -> Filter {
     let slot = match request.kind {
         EndpointKind::Chat => Some(PrefixSlot::Chat),
@@ -1353,10 +1378,12 @@ fn response_filter(
         _ => None,
     };
     match media {
-        Media::EventStream => Filter::Sse(SseFilter::new(request.include_usage, prefix)),
+        Media::EventStream => {
+            Filter::Sse(SseFilter::new(request.include_usage, prefix).expecting(expect))
+        }
         Media::Json => match prefix {
             Some((p, slot)) => Filter::Prefix(PrefixBuffer::new(p, slot)),
-            None => Filter::Json(JsonSniffer::new()),
+            None => Filter::Json(JsonSniffer::new().expecting(expect)),
         },
         Media::Other => Filter::Raw,
     }

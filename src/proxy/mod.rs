@@ -5,6 +5,7 @@
 
 pub mod access;
 pub mod admin_ui;
+pub mod anthropic;
 pub mod api_error;
 pub mod attempt;
 pub mod body;

@@ -17,6 +17,7 @@ use http_body::{Body, Frame};
 use smallvec::SmallVec;
 use tokio::time::{Instant, Sleep};
 
+use super::anthropic::Expect;
 use super::body::BoxError;
 use super::report::Completion;
 use super::sse::{self, PrefixSlot, SseFilter, Usage};
@@ -149,6 +150,7 @@ impl Relay {
     /// Tokens the body reported, and what was wrong with it, if anything.
     fn outcome(&self) -> (Option<Usage>, Option<String>) {
         match &self.filter {
+            Filter::Sse(f) if f.foreign => (None, Some(f.expect().note())),
             Filter::Sse(f) => (f.usage, None),
             Filter::Json(s) if self.upstream_done => s.outcome(),
             Filter::Json(_) => (None, None),
@@ -263,6 +265,7 @@ const JSON_TAIL: usize = 16 * 1024;
 /// only a tail.
 #[derive(Default)]
 pub struct JsonSniffer {
+    expect: Expect,
     /// Inline for the usual body of one or two chunks.
     chunks: SmallVec<[Bytes; 2]>,
     len: usize,
@@ -276,6 +279,11 @@ impl JsonSniffer {
             whole: true,
             ..JsonSniffer::default()
         }
+    }
+
+    /// Notes a whole body in the other API's format than `expect`.
+    pub fn expecting(self, expect: Expect) -> Self {
+        JsonSniffer { expect, ..self }
     }
 
     fn observe(&mut self, chunk: &Bytes) {
@@ -312,7 +320,11 @@ impl JsonSniffer {
         if !self.whole {
             return (sse::usage_in_json_tail(&self.tail), None);
         }
-        match sse::usage_in_whole_json(&self.whole_body()) {
+        let body = self.whole_body();
+        if self.expect != Expect::Any && self.expect.foreign_json(&body) {
+            return (None, Some(self.expect.note()));
+        }
+        match sse::usage_in_whole_json(&body) {
             Ok(usage) => (usage, None),
             Err(_) if self.len == 0 => (None, None),
             Err(_) => (

@@ -21,6 +21,8 @@ static BLANK_LINE_CRLF: LazyLock<memmem::Finder> =
     LazyLock::new(|| memmem::Finder::new(b"\r\n\r\n"));
 use serde_json::Value;
 
+use super::anthropic::Expect;
+
 /// Token counts reported by the upstream.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -46,6 +48,10 @@ impl Usage {
             let read = |d: &str| obj.get(d).and_then(|d| d.get(k)).and_then(Value::as_u64);
             read(a).or_else(|| read(b))
         };
+        let anthropic_cache = anthropic_cache(
+            count("cache_read_input_tokens"),
+            count("cache_creation_input_tokens"),
+        );
         let u = Usage {
             prompt_tokens: get("prompt_tokens", "input_tokens"),
             completion_tokens: get("completion_tokens", "output_tokens"),
@@ -61,6 +67,7 @@ impl Usage {
                 "reasoning_tokens",
             ),
         };
+        let u = with_anthropic_cache(u, anthropic_cache);
         let total = u
             .total_tokens
             .or(match (u.prompt_tokens, u.completion_tokens) {
@@ -71,6 +78,47 @@ impl Usage {
             total_tokens: total,
             ..u
         })
+    }
+
+    /// Counts read later in a stream over those read before: Anthropic
+    /// sends the input counts in `message_start` and the output count in
+    /// `message_delta`. The total is their sum once both are known.
+    pub fn merged(self, newer: Usage) -> Usage {
+        let prompt_tokens = newer.prompt_tokens.or(self.prompt_tokens);
+        let completion_tokens = newer.completion_tokens.or(self.completion_tokens);
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: match (prompt_tokens, completion_tokens) {
+                (Some(p), Some(c)) => Some(p.saturating_add(c)),
+                _ => newer.total_tokens.or(self.total_tokens),
+            },
+            cached_tokens: newer.cached_tokens.or(self.cached_tokens),
+            reasoning_tokens: newer.reasoning_tokens.or(self.reasoning_tokens),
+        }
+    }
+}
+
+/// Anthropic's cache counts (read, creation), when either is present.
+fn anthropic_cache(read: Option<u64>, creation: Option<u64>) -> Option<(u64, u64)> {
+    (read.is_some() || creation.is_some()).then(|| (read.unwrap_or(0), creation.unwrap_or(0)))
+}
+
+/// Anthropic's `input_tokens` leave out cached tokens: the prompt is
+/// input + cache read + cache creation, and the cache read is `cached_tokens`.
+fn with_anthropic_cache(u: Usage, cache: Option<(u64, u64)>) -> Usage {
+    let Some((read, creation)) = cache else {
+        return u;
+    };
+    Usage {
+        prompt_tokens: Some(
+            u.prompt_tokens
+                .unwrap_or(0)
+                .saturating_add(read)
+                .saturating_add(creation),
+        ),
+        cached_tokens: u.cached_tokens.or(Some(read)),
+        ..u
     }
 }
 
@@ -94,6 +142,9 @@ pub struct SseFilter {
     drop_usage_chunk: bool,
     prefix: Option<(String, PrefixSlot)>,
     pub usage: Option<Usage>,
+    expect: Expect,
+    /// An event in the other API's format was seen: usage is unknown.
+    pub foreign: bool,
 }
 
 enum Verdict {
@@ -109,7 +160,18 @@ impl SseFilter {
             drop_usage_chunk,
             prefix,
             usage: None,
+            expect: Expect::Any,
+            foreign: false,
         }
+    }
+
+    pub fn expect(&self) -> Expect {
+        self.expect
+    }
+
+    /// Notes events in the other API's format than `expect`.
+    pub fn expecting(self, expect: Expect) -> Self {
+        SseFilter { expect, ..self }
     }
 
     /// Takes one upstream chunk and queues what the caller gets: whole
@@ -173,9 +235,14 @@ impl SseFilter {
             let usage = json
                 .get("usage")
                 .and_then(Usage::from_json)
-                .or_else(|| json.pointer("/response/usage").and_then(Usage::from_json));
+                .or_else(|| json.pointer("/response/usage").and_then(Usage::from_json))
+                .or_else(|| json.pointer("/message/usage").and_then(Usage::from_json));
             if let Some(u) = usage {
-                self.usage = Some(u);
+                self.foreign |= self.expect.foreign_event(&json);
+                self.usage = Some(match self.usage {
+                    Some(before) => before.merged(u),
+                    None => u,
+                });
                 let no_choices = json
                     .get("choices")
                     .is_none_or(|c| c.as_array().is_some_and(|a| a.is_empty()));
@@ -287,6 +354,10 @@ struct UsageFields {
     completion_tokens_details: Details,
     #[serde(default)]
     output_tokens_details: Details,
+    #[serde(default)]
+    cache_read_input_tokens: Count,
+    #[serde(default)]
+    cache_creation_input_tokens: Count,
 }
 
 /// The counts gptbalance reads from a `*_tokens_details` object; nothing
@@ -354,7 +425,22 @@ impl<'de> serde::Deserialize<'de> for Details {
 impl UsageFields {
     /// The same reading as [`Usage::from_json`].
     fn usage(&self) -> Usage {
-        let prompt_tokens = self.prompt_tokens.0.or(self.input_tokens.0);
+        let read = Usage {
+            prompt_tokens: self.prompt_tokens.0.or(self.input_tokens.0),
+            cached_tokens: self
+                .prompt_tokens_details
+                .cached_tokens
+                .or(self.input_tokens_details.cached_tokens),
+            ..Usage::default()
+        };
+        let read = with_anthropic_cache(
+            read,
+            anthropic_cache(
+                self.cache_read_input_tokens.0,
+                self.cache_creation_input_tokens.0,
+            ),
+        );
+        let prompt_tokens = read.prompt_tokens;
         let completion_tokens = self.completion_tokens.0.or(self.output_tokens.0);
         let total_tokens = self
             .total_tokens
@@ -367,10 +453,7 @@ impl UsageFields {
             prompt_tokens,
             completion_tokens,
             total_tokens,
-            cached_tokens: self
-                .prompt_tokens_details
-                .cached_tokens
-                .or(self.input_tokens_details.cached_tokens),
+            cached_tokens: read.cached_tokens,
             reasoning_tokens: self
                 .completion_tokens_details
                 .reasoning_tokens
@@ -583,6 +666,8 @@ fn plain_usage_fields(json: &[u8]) -> Option<(UsageFields, &[u8])> {
             b"completion_tokens" => Some((4, &mut fields.completion_tokens)),
             b"output_tokens" => Some((8, &mut fields.output_tokens)),
             b"total_tokens" => Some((16, &mut fields.total_tokens)),
+            b"cache_read_input_tokens" => Some((512, &mut fields.cache_read_input_tokens)),
+            b"cache_creation_input_tokens" => Some((1024, &mut fields.cache_creation_input_tokens)),
             _ => None,
         };
         let details = match key {
@@ -786,6 +871,62 @@ impl<'a> Cursor<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn anthropic_usage_counts_cache_tokens_in_the_prompt() {
+        let want = Usage {
+            prompt_tokens: Some(10 + 5 + 2),
+            completion_tokens: Some(7),
+            total_tokens: Some(24),
+            cached_tokens: Some(5),
+            reasoning_tokens: None,
+        };
+        let body = br#"{"type":"message","content":[],"usage":{"input_tokens":10,"cache_read_input_tokens":5,"cache_creation_input_tokens":2,"output_tokens":7}}"#;
+        assert_eq!(usage_in_whole_json(body).unwrap(), Some(want));
+        let spaced = br#"{"usage": {"input_tokens": 10, "output_tokens": 7, "cache_creation_input_tokens": 2, "cache_read_input_tokens": 5, "service_tier": {"x": 1}}, "id": "m"}"#;
+        assert_eq!(usage_in_whole_json(spaced).unwrap(), Some(want));
+        let v: Value = serde_json::from_slice(&body[..]).unwrap();
+        assert_eq!(Usage::from_json(&v["usage"]), Some(want));
+        // No cache fields: nothing added.
+        let plain = br#"{"usage":{"input_tokens":3,"output_tokens":4}}"#;
+        assert_eq!(
+            usage_in_whole_json(plain).unwrap().unwrap().prompt_tokens,
+            Some(3)
+        );
+    }
+
+    #[test]
+    fn anthropic_stream_usage_joins_message_start_and_message_delta_byte_for_byte() {
+        let events = concat!(
+            "event: message_start\n",
+            "data: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"usage\":{\"input_tokens\":10,\"cache_read_input_tokens\":4,\"output_tokens\":1}}}\n\n",
+            "event: content_block_delta\n",
+            "data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"hi\"}}\n\n",
+            "event: message_delta\n",
+            "data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":15}}\n\n",
+            "event: message_stop\n",
+            "data: {\"type\":\"message_stop\"}\n\n",
+        );
+        let mut f = SseFilter::new(false, None);
+        let mut out = VecDeque::new();
+        let bytes = Bytes::from_static(events.as_bytes());
+        for piece in bytes.chunks(7) {
+            f.push(Bytes::copy_from_slice(piece), &mut out);
+        }
+        f.finish(&mut out);
+        let relayed: Vec<u8> = out.iter().flat_map(|b| b.iter().copied()).collect();
+        assert_eq!(relayed, events.as_bytes());
+        assert_eq!(
+            f.usage,
+            Some(Usage {
+                prompt_tokens: Some(14),
+                completion_tokens: Some(15),
+                total_tokens: Some(29),
+                cached_tokens: Some(4),
+                reasoning_tokens: None,
+            })
+        );
+    }
 
     #[test]
     fn the_last_usage_key_is_found_from_its_g() {

@@ -838,7 +838,7 @@ pub fn build_request<'a>(
         uri,
         headers: OutHeaders::Routed {
             caller: caller_headers,
-            authorization: &key.authorization,
+            credential: &key.credential,
             extra: &client.cfg.headers,
         },
         body,
@@ -863,11 +863,13 @@ pub struct Outgoing<'a> {
 enum OutHeaders<'a> {
     /// The caller's headers minus those never forwarded (and any its
     /// `Connection` header names or `extra` replaces), then the key's
-    /// `Authorization`, `Accept-Encoding: identity`, a JSON
-    /// `Content-Type` for a POST without one, then the client's `extra`.
+    /// credential headers (`Authorization`, `api-key`, or `x-api-key` and
+    /// `anthropic-version`, which replace the caller's of the same name),
+    /// `Accept-Encoding: identity`, a JSON `Content-Type` for a POST
+    /// without one, then the client's `extra`.
     Routed {
         caller: &'a HeaderMap,
-        authorization: &'a HeaderValue,
+        credential: &'a [(HeaderName, HeaderValue)],
         extra: &'a [(HeaderName, HeaderValue)],
     },
     /// Exactly these.
@@ -889,14 +891,15 @@ impl From<Request<Bytes>> for Outgoing<'static> {
 impl Outgoing<'_> {
     /// Calls `f` with every header sent, in order.
     pub fn for_each_header(&self, mut f: impl FnMut(&HeaderName, &HeaderValue)) {
-        let (caller, authorization, extra) = match &self.headers {
+        let (caller, credential, extra) = match &self.headers {
             OutHeaders::Whole(map) => return map.iter().for_each(|(n, v)| f(n, v)),
             OutHeaders::Routed {
                 caller,
-                authorization,
+                credential,
                 extra,
-            } => (caller, authorization, extra),
+            } => (caller, credential, extra),
         };
+        let ours = |name: &HeaderName| credential.iter().any(|(n, _)| n == name);
         let replaced = |name: &HeaderName| extra.iter().any(|(n, _)| n == name);
         // Usually absent: the names a caller's `Connection` header lists.
         let named_by_connection: Vec<String> = caller
@@ -909,14 +912,20 @@ impl Outgoing<'_> {
         let mut has_content_type = false;
         for (name, value) in caller.iter() {
             let n = name.as_str();
-            if not_forwarded(n) || named_by_connection.iter().any(|c| c == n) || replaced(name) {
+            if not_forwarded(n)
+                || named_by_connection.iter().any(|c| c == n)
+                || replaced(name)
+                || ours(name)
+            {
                 continue;
             }
             has_content_type |= name == header::CONTENT_TYPE;
             f(name, value);
         }
-        if !replaced(&header::AUTHORIZATION) {
-            f(&header::AUTHORIZATION, authorization);
+        for (name, value) in credential.iter() {
+            if !replaced(name) {
+                f(name, value);
+            }
         }
         if !replaced(&header::ACCEPT_ENCODING) {
             f(&header::ACCEPT_ENCODING, &IDENTITY);
@@ -991,7 +1000,7 @@ mod tests {
         ] {
             caller.append(HeaderName::from_static(n), HeaderValue::from_static(v));
         }
-        let auth = HeaderValue::from_static("Bearer k");
+        let auth = [(header::AUTHORIZATION, HeaderValue::from_static("Bearer k"))];
         let extra = [(
             HeaderName::from_static("x-replaced"),
             HeaderValue::from_static("config"),
@@ -1001,7 +1010,7 @@ mod tests {
             uri: Uri::from_static("https://up.example/v1/x"),
             headers: OutHeaders::Routed {
                 caller: &caller,
-                authorization: &auth,
+                credential: &auth,
                 extra: &extra,
             },
             body: Cow::Owned(Bytes::new()),

@@ -1,15 +1,30 @@
 //! `model_match`: exact, keyword, regex — and the rule that exact wins.
 
-use crate::config::{ClientConfig, MatchKind};
+use crate::config::{Api, ClientConfig, MatchKind};
 
 /// Indexes of the clients that are candidates for `model`, in ascending
 /// priority (file order among equals). If any client matches `model`
 /// exactly, only the exact matches are candidates.
 pub fn candidates<C: AsRef<ClientConfig>>(clients: &[C], model: &str) -> Vec<usize> {
+    candidates_among(clients, model, |_| true)
+}
+
+/// [`candidates`] among the clients that speak `api`: the exact-wins rule
+/// applies within them.
+pub fn candidates_of<C: AsRef<ClientConfig>>(clients: &[C], api: Api, model: &str) -> Vec<usize> {
+    candidates_among(clients, model, |c| c.api == api)
+}
+
+fn candidates_among<C: AsRef<ClientConfig>>(
+    clients: &[C],
+    model: &str,
+    eligible: impl Fn(&ClientConfig) -> bool,
+) -> Vec<usize> {
     let matching = |exact: bool| -> Vec<usize> {
         clients
             .iter()
             .enumerate()
+            .filter(|(_, c)| eligible(c.as_ref()))
             .filter(|(_, c)| {
                 let rule = &c.as_ref().model_match;
                 (rule.kind == MatchKind::Exact) == exact && rule.matches(model)

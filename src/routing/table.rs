@@ -15,7 +15,9 @@ use super::affinity;
 use super::key_health::KeyHealth;
 use super::matcher;
 use super::selector::{self, Candidates, Order, Tier, TtfbAverage};
-use crate::config::{Balance, CallerConfig, ClientConfig, Config, KeyStrategy, Price};
+use crate::config::{
+    Api, AuthStyle, Balance, CallerConfig, ClientConfig, Config, KeyStrategy, Price,
+};
 use crate::limits::CallerState;
 use crate::ops::metrics::{ClientMetrics, Metrics};
 use crate::secret::{KeyId, Secret};
@@ -76,9 +78,11 @@ pub struct RoutingTable {
     pub config: Arc<Config>,
     pub clients: Vec<ClientRoute>,
     by_name: HashMap<String, usize>,
-    /// Routes for every exact model name and fallback target, built up front.
-    known: HashMap<String, Arc<Candidates>, BuildHasherDefault<Fnv>>,
-    cache: RwLock<HashMap<Box<str>, Arc<Candidates>>>,
+    /// Routes for every exact model name and fallback target, built up
+    /// front, one map per [`Api`] (only clients of a request's API are
+    /// its candidates).
+    known: [HashMap<String, Arc<Candidates>, BuildHasherDefault<Fnv>>; 2],
+    cache: [RwLock<HashMap<Box<str>, Arc<Candidates>>>; 2],
     /// Every caller (`callers`, then `auth_tokens`); empty: no auth.
     pub callers: Vec<CallerRoute>,
     /// `shadow` rules, with their clients resolved.
@@ -150,8 +154,10 @@ pub struct KeyRoute {
     pub label: Arc<str>,
     pub secret: Secret,
     pub health: Arc<KeyHealth>,
-    /// `Bearer <key>`, marked sensitive so hyper never logs it.
-    pub authorization: HeaderValue,
+    /// The headers that carry the key by the client's `auth` (and
+    /// `anthropic-version` for an `anthropic` client), marked sensitive so
+    /// hyper never logs them; empty for `auth: none`.
+    pub credential: Vec<(http::HeaderName, HeaderValue)>,
     /// This (client, key) pair in affinity's rendezvous hashing.
     pub affinity_seed: u64,
 }
@@ -193,17 +199,13 @@ impl RoutingTable {
                             .and_then(|o| o.keys.iter().find(|k| &k.secret == secret))
                             .map(|k| k.health.clone())
                             .unwrap_or_default();
-                        let mut authorization =
-                            HeaderValue::from_str(&format!("Bearer {}", secret.expose())).expect(
-                                "keys are checked for header-safe characters by validation",
-                            );
-                        authorization.set_sensitive(true);
+                        let credential = credential_headers(cfg, secret);
                         KeyRoute {
                             id: secret.key_id(),
                             label: Arc::from(secret.key_id().to_string()),
                             secret: secret.clone(),
                             health,
-                            authorization,
+                            credential,
                             affinity_seed: affinity::pair_seed(&cfg.name, secret.key_id().as_str()),
                         }
                     })
@@ -270,32 +272,36 @@ impl RoutingTable {
             config: Arc::new(config),
             clients,
             by_name,
-            known: HashMap::default(),
-            cache: RwLock::new(HashMap::new()),
+            known: Default::default(),
+            cache: Default::default(),
             callers,
             by_token,
         };
-        let names: Vec<String> = table
+        let names: Vec<(Api, String)> = table
             .clients
             .iter()
             .flat_map(|c| {
+                let api = c.cfg.api;
                 let exact = if c.cfg.model_match.kind == crate::config::MatchKind::Exact {
                     c.cfg.model_match.values.clone()
                 } else {
                     Vec::new()
                 };
-                exact.into_iter().chain(c.cfg.fallback.iter().cloned())
+                exact
+                    .into_iter()
+                    .chain(c.cfg.fallback.iter().cloned())
+                    .map(move |n| (api, n))
             })
             .collect();
-        for name in names {
-            let route = table.resolve(&name);
-            table.known.insert(name, route);
+        for (api, name) in names {
+            let route = table.resolve(api, &name);
+            table.known[api as usize].insert(name, route);
         }
         table
     }
 
-    fn resolve(&self, model: &str) -> Arc<Candidates> {
-        let sorted = matcher::candidates(&self.clients, model);
+    fn resolve(&self, api: Api, model: &str) -> Arc<Candidates> {
+        let sorted = matcher::candidates_of(&self.clients, api, model);
         Arc::new(Candidates::new(
             &sorted,
             |i| self.clients[i].cfg.priority,
@@ -306,19 +312,25 @@ impl RoutingTable {
     /// The candidates for `model`; empty when no client matches it.
     /// Regexes run once per distinct name, not per request.
     pub fn candidates(&self, model: &str) -> CandidatesRef<'_> {
-        if let Some(c) = self.known.get(model) {
+        self.candidates_of(Api::OpenAi, model)
+    }
+
+    /// The candidates for `model` among the clients that speak `api`.
+    pub fn candidates_of(&self, api: Api, model: &str) -> CandidatesRef<'_> {
+        if let Some(c) = self.known[api as usize].get(model) {
             return CandidatesRef::Known(c);
         }
-        if let Some(c) = self
-            .cache
+        if let Some(c) = self.cache[api as usize]
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(model)
         {
             return CandidatesRef::Cached(c.clone());
         }
-        let route = self.resolve(model);
-        let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+        let route = self.resolve(api, model);
+        let mut cache = self.cache[api as usize]
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         if cache.len() < ROUTE_CACHE_LIMIT {
             cache.insert(model.into(), route.clone());
         }
@@ -451,6 +463,37 @@ impl RoutingTable {
             .flat_map(|c| &c.keys)
             .any(|k| k.health.is_available())
     }
+}
+
+/// The headers that send `secret` to `cfg` by its `auth` and `api`.
+fn credential_headers(cfg: &ClientConfig, secret: &Secret) -> Vec<(http::HeaderName, HeaderValue)> {
+    let sensitive = |text: &str| {
+        let mut v = HeaderValue::from_str(text)
+            .expect("keys are checked for header-safe characters by validation");
+        v.set_sensitive(true);
+        v
+    };
+    let mut out = match cfg.auth {
+        AuthStyle::Bearer => vec![(
+            http::header::AUTHORIZATION,
+            sensitive(&format!("Bearer {}", secret.expose())),
+        )],
+        AuthStyle::ApiKey => vec![(
+            http::HeaderName::from_static("api-key"),
+            sensitive(secret.expose()),
+        )],
+        AuthStyle::XApiKey => vec![(
+            http::HeaderName::from_static("x-api-key"),
+            sensitive(secret.expose()),
+        )],
+        AuthStyle::None => Vec::new(),
+    };
+    if cfg.api == Api::Anthropic {
+        let version = HeaderValue::from_str(&cfg.anthropic_version)
+            .expect("anthropic_version is checked by validation");
+        out.push((http::HeaderName::from_static("anthropic-version"), version));
+    }
+    out
 }
 
 impl ClientRoute {

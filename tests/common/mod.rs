@@ -42,8 +42,13 @@ impl Recorded {
     }
 
     pub fn auth(&self) -> String {
+        self.header("authorization")
+    }
+
+    /// A header's value, empty when absent.
+    pub fn header(&self, name: &str) -> String {
         self.headers
-            .get("authorization")
+            .get(name)
             .map(|v| v.to_str().unwrap().to_owned())
             .unwrap_or_default()
     }
@@ -194,6 +199,47 @@ pub fn usage_chunk(p: u64, c: u64) -> String {
 }
 
 pub const DONE: &str = "data: [DONE]\n\n";
+
+/// A non-stream Anthropic Messages reply for `model`, with usage.
+pub fn anthropic_message(model: &str, text: &str) -> Value {
+    json!({
+        "id": "msg_1", "type": "message", "role": "assistant", "model": model,
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": "end_turn", "stop_sequence": null,
+        "usage": {"input_tokens": 10, "cache_read_input_tokens": 4, "cache_creation_input_tokens": 2, "output_tokens": 6}
+    })
+}
+
+/// One Anthropic SSE event, `event:` line included.
+pub fn anthropic_event(data: &Value) -> String {
+    format!(
+        "event: {}\ndata: {data}\n\n",
+        data["type"].as_str().unwrap_or("")
+    )
+}
+
+/// A whole Anthropic message stream saying `parts`: input 10 (+3 read
+/// from the cache), output 5.
+pub fn anthropic_stream(model: &str, parts: &[&str]) -> Vec<String> {
+    let mut events = vec![
+        anthropic_event(
+            &json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 10, "cache_read_input_tokens": 3, "output_tokens": 1}}}),
+        ),
+        anthropic_event(
+            &json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
+        anthropic_event(&json!({"type": "ping"})),
+    ];
+    for p in parts {
+        events.push(anthropic_event(&json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}})));
+    }
+    events.push(anthropic_event(
+        &json!({"type": "content_block_stop", "index": 0}),
+    ));
+    events.push(anthropic_event(&json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 5}})));
+    events.push(anthropic_event(&json!({"type": "message_stop"})));
+    events
+}
 
 impl MockUpstream {
     pub async fn start(name: &str) -> MockUpstream {
