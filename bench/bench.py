@@ -803,8 +803,8 @@ def figures(raw, cfg):
         sr = per_round("gw_shared", "gw_limits")
         row("shared_state (Redis) / in process, every limit", None, None, sr, "x", f">= {TARGETS['shared_ratio']:g}", sr >= TARGETS["shared_ratio"], g_ratio=None)
         pp = raw["rounds_c64_p99_ms"]
-        added = statistics.median(a - b for a, b in zip(pp["gw_shared"], pp["gw_limits"]))
-        row("p99 added by shared_state", None, None, added, "ms", f"<= {TARGETS['shared_p99_ms']:g} ms", added <= TARGETS["shared_p99_ms"], g_ratio=None)
+        extra_p99 = statistics.median(a - b for a, b in zip(pp["gw_shared"], pp["gw_limits"]))
+        row("p99 added by shared_state", None, None, extra_p99, "ms", f"<= {TARGETS['shared_p99_ms']:g} ms", extra_p99 <= TARGETS["shared_p99_ms"], g_ratio=None)
         row("Redis calls per request", None, None, raw.get("redis_calls_per_request", 0.0), "", g_ratio=None)
     return rows, checks
 

@@ -1651,3 +1651,57 @@ async fn discovered_models_are_listed_when_they_route_and_every_routed_name_reso
         [pair("gpt-4o", "exact"), pair("gpt-5", "pool")]
     );
 }
+
+/// A form upload (`audio/transcriptions`) is routed by the `model` part of
+/// its `multipart/form-data` body, and the body reaches the upstream as it
+/// came, bytes and content type alike.
+#[tokio::test]
+async fn multipart_uploads_are_routed_by_their_model_part() {
+    let whisper = MockUpstream::start("whisper").await;
+    whisper.set_default(Reply::Json(200, serde_json::json!({"text": "hello"})));
+    let other = MockUpstream::start("other").await;
+    let gw = Gateway::start(&format!(
+        "usage:\n  enabled: false\nopenai_clients:\n{}{}",
+        client_yaml(
+            "audio",
+            &whisper.url(),
+            &["k1"],
+            "model_match: { type: exact, value: [whisper-1] }"
+        ),
+        client_yaml(
+            "chat",
+            &other.url(),
+            &["k2"],
+            "model_match: { type: keyword, value: [gpt] }"
+        ),
+    ))
+    .await;
+    let boundary = "----form-boundary-7MA4YWxk";
+    let mut body = Vec::new();
+    body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\n").as_bytes());
+    body.extend_from_slice(&[0u8, 1, 2, 3, 255, 13, 10, 45, 45]);
+    body.extend_from_slice(format!("\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--{boundary}--\r\n").as_bytes());
+    let ct = format!("multipart/form-data; boundary={boundary}");
+    let req = http::Request::post(gw.url("/v1/audio/transcriptions"))
+        .header("content-type", &ct)
+        .body(http_body_util::Full::new(bytes::Bytes::from(body.clone())))
+        .unwrap();
+    let r = send(req).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let got = whisper.requests();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].uri, "/v1/audio/transcriptions");
+    assert_eq!(got[0].body.as_ref(), body.as_slice());
+    assert_eq!(got[0].headers["content-type"], ct.as_str());
+    assert_eq!(other.count(), 0);
+    // A form without a model part: 400, like a JSON body without one.
+    let req = http::Request::post(gw.url("/v1/audio/transcriptions"))
+        .header("content-type", &ct)
+        .body(http_body_util::Full::new(bytes::Bytes::from(format!(
+            "--{boundary}--\r\n"
+        ))))
+        .unwrap();
+    let r = send(req).await;
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("no `model`"), "{}", r.text());
+}

@@ -439,20 +439,7 @@ fn callers(
     for (path, c) in sections {
         let Some(c) = c else { continue };
         let at = |key: &str| format!("{path}.{key}");
-        if c.name.is_empty()
-            || !c
-                .name
-                .chars()
-                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '.' | '-'))
-        {
-            diags.error_at(
-                map.value(&at("name")),
-                format!(
-                    "caller name `{}` may use only letters, digits, `_`, `.` and `-`",
-                    c.name
-                ),
-            );
-        }
+        check_name("caller", &c.name, &at("name"), map, diags);
         if let Some(first) = names.insert(c.name.clone(), path.clone()) {
             diags.error_at(
                 map.value(&at("name")),
@@ -596,6 +583,21 @@ fn callers(
     }
     warn_unpriced_clients(clients, prices, &out, map, diags);
     out
+}
+
+/// Client and caller names appear in paths, metric labels and usage rows:
+/// `[A-Za-z0-9_.-]+`.
+fn check_name(kind: &str, name: &str, path: &str, map: &SourceMap, diags: &mut Diags) {
+    let valid = !name.is_empty()
+        && name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '.' | '-'));
+    if !valid {
+        diags.error_at(
+            map.value(path),
+            format!("{kind} name `{name}` may use only letters, digits, `_`, `.` and `-`"),
+        );
+    }
 }
 
 fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
@@ -1107,20 +1109,7 @@ fn client(
     diags: &mut Diags,
 ) -> Option<ClientConfig> {
     let at = |key: &str| format!("{path}.{key}");
-    if c.name.is_empty()
-        || !c
-            .name
-            .chars()
-            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '.' | '-'))
-    {
-        diags.error_at(
-            map.value(&at("name")),
-            format!(
-                "client name `{}` may use only letters, digits, `_`, `.` and `-`",
-                c.name
-            ),
-        );
-    }
+    check_name("client", &c.name, &at("name"), map, diags);
     let base_url = c.base_url.trim_end_matches('/').to_owned();
     check_base_url(&base_url, &at("base_url"), map, diags);
 

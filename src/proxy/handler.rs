@@ -23,6 +23,7 @@ use super::attempt::{self, Outcome, UpstreamError};
 use super::body::{BoxError, ResponseBody};
 use super::cors;
 use super::endpoints;
+use super::multipart;
 use super::plain::RelayedHeaders;
 use super::relay::{Filter, JsonSniffer, PrefixBuffer, Relay};
 use super::report::{Admission, Completion, SharedAdmission};
@@ -574,7 +575,22 @@ async fn proxy_admitted<B: RequestBodyStream>(
         Err(e) => return fail(done, e, request_id),
     };
     let is_json_object = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-    let peek = if pinned.is_some() && !is_json_object {
+    // A form upload (audio transcriptions, image edits) names its model in
+    // a part of its own; the body goes upstream as it came.
+    let form = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|ct| multipart::boundary(ct.as_bytes()));
+    let peek = if let Some(boundary) = form {
+        match multipart::model(&bytes, boundary).map(transform::usable_model) {
+            Some(Ok(m)) => transform::Peek {
+                model: Some(m),
+                ..transform::Peek::default()
+            },
+            Some(Err(msg)) => return fail(done, ApiError::InvalidRequest(msg), request_id),
+            None => transform::Peek::default(),
+        }
+    } else if pinned.is_some() && !is_json_object {
         transform::Peek::default()
     } else {
         match transform::peek(&bytes) {

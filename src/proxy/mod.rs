@@ -20,6 +20,7 @@ pub mod framing;
 pub mod handler;
 mod peek_json;
 // Reads into spare buffer capacity; header values taken unchecked.
+pub mod multipart;
 #[allow(unsafe_code)]
 pub mod plain;
 pub mod quota;

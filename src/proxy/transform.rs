@@ -102,7 +102,7 @@ fn affinity_hash(v: &str) -> u64 {
     crate::routing::affinity::hash_value(v.as_bytes())
 }
 
-fn usable_model(m: &str) -> Result<Arc<str>, String> {
+pub(crate) fn usable_model(m: &str) -> Result<Arc<str>, String> {
     if m.is_empty() {
         return Err("`model` is empty".to_owned());
     }
