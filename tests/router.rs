@@ -1705,3 +1705,70 @@ async fn multipart_uploads_are_routed_by_their_model_part() {
     assert_eq!(r.status, 400);
     assert!(r.text().contains("no `model`"), "{}", r.text());
 }
+
+/// A request whose every attempt failed is recorded against the last
+/// client and key it tried, so `usage --by client` shows who failed.
+#[tokio::test]
+async fn a_failed_request_blames_the_last_client_and_key_tried() {
+    let down = MockUpstream::start("down").await;
+    down.set_default(Reply::Json(
+        503,
+        serde_json::json!({"error": {"message": "busy"}}),
+    ));
+    let gw = Gateway::start(&format!(
+        "usage:\n  dir: ./usage\nopenai_clients:\n{}",
+        client_yaml(
+            "flaky",
+            &down.url(),
+            &["k-flaky"],
+            "max_attempts: 1\nmodel_match: { type: exact, value: [m] }"
+        ),
+    ))
+    .await;
+    let r = gw.chat("m").await;
+    assert_eq!(r.status, 502);
+    let dir = gw.stop().await;
+    let month = &humantime::format_rfc3339(std::time::SystemTime::now()).to_string()[..7];
+    let db =
+        rusqlite::Connection::open(dir.path().join(format!("usage/usage-{month}.sqlite"))).unwrap();
+    let (client, key, status, attempts): (Option<String>, Option<String>, i64, i64) = db
+        .query_row(
+            "SELECT client, key_id, status, attempts FROM requests",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .unwrap();
+    assert_eq!(client.as_deref(), Some("flaky"));
+    assert_eq!(
+        key,
+        Some(gptbalance::secret::KeyId::of("k-flaky").to_string())
+    );
+    assert_eq!((status, attempts), (502, 1));
+}
+
+/// With callers set, a request without a valid token is refused on its
+/// head: a body announced at 30 MB is never read, on the fast path.
+#[tokio::test]
+async fn a_bad_token_is_refused_before_the_body_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = MockUpstream::start("up").await;
+    let gw = Gateway::start(&format!(
+        "server:\n  auth_tokens: [\"a-caller-token-0123456789\"]\nusage:\n  enabled: false\nopenai_clients:\n{}",
+        one_client(&up, "")
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\nContent-Type: application/json\r\nContent-Length: 30000000\r\n\r\n{\"model\":",
+    )
+    .await
+    .unwrap();
+    // Not one more byte of the body is sent: the answer comes anyway.
+    let mut got = Vec::new();
+    let read =
+        tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "answered and closed without the body");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+    assert_eq!(up.count(), 0);
+}

@@ -699,11 +699,11 @@ async fn proxy_admitted<B: RequestBodyStream>(
         Ok(Some(answer)) => respond(done, answer, table, &request, &run),
         Ok(None) => {
             let e = run.exhausted(table, model.unwrap_or_default());
-            done.record().attempts = run.attempts;
+            run.blame(table, done.record());
             fail(done, e, request_id)
         }
         Err(e) => {
-            done.record().attempts = run.attempts;
+            run.blame(table, done.record());
             fail(done, e, request_id)
         }
     }
@@ -1104,9 +1104,22 @@ struct Run {
     last_error: Option<UpstreamError>,
     /// Whether the request was counted in the affinity metric.
     affinity_counted: bool,
+    /// The last (client, key) an attempt went to: a request that fails
+    /// is recorded against them, so usage by client shows the failure.
+    last_tried: Option<(usize, Arc<str>)>,
 }
 
 impl Run {
+    /// A failed request's row: its attempts, and the last client and key
+    /// tried (none when no attempt was made).
+    fn blame(&self, table: &RoutingTable, r: &mut UsageRecord) {
+        r.attempts = self.attempts;
+        if let Some((ci, key)) = &self.last_tried {
+            r.client = Some(table.clients[*ci].name.clone());
+            r.key_id = Some(key.clone());
+        }
+    }
+
     fn past_deadline(&self, table: &RoutingTable, model: &str, limit: Duration) -> ApiError {
         let tried: Vec<&str> = self
             .clients_tried
@@ -1224,6 +1237,7 @@ async fn try_client(
         if !run.clients_tried.contains(&ci) {
             run.clients_tried.push(ci);
         }
+        run.last_tried = Some((ci, key.label.clone()));
         let body = transform::upstream_body(&request.body, &client.cfg, request.kind, &changes);
         let up = upstream::build_request(
             client,
