@@ -244,15 +244,18 @@ async fn dispatch<B: RequestBodyStream>(
     match route(path) {
         Route::Healthz => Ok(endpoints::text(StatusCode::OK, "ok\n")),
         Route::Readyz => Ok(endpoints::readyz(&table)),
+        // Boxed: the admin endpoints' future is many times the size of
+        // the proxy's, and every request's future would otherwise carry
+        // (and move) that room.
         Route::Admin(what) => {
-            endpoints::admin(
+            Box::pin(endpoints::admin(
                 state,
                 &table,
                 method,
                 what,
                 parts.uri.query(),
                 &parts.headers,
-            )
+            ))
             .await
         }
         Route::NotFound => Err(ApiError::NotFound(format!("no route for {method} {path}"))),
