@@ -99,6 +99,9 @@ pub struct CallerRoute {
     pub cfg: CallerConfig,
     pub name: Arc<str>,
     pub state: Arc<CallerState>,
+    /// `x-ratelimit-limit-requests` and `-tokens`, formatted once per
+    /// config generation instead of per admitted request.
+    pub limit_headers: [Option<(u64, http::HeaderValue)>; 2],
 }
 
 #[derive(Debug)]
@@ -236,6 +239,8 @@ impl RoutingTable {
             .map(|cfg| CallerRoute {
                 cfg: cfg.clone(),
                 name: Arc::from(cfg.name.as_str()),
+                limit_headers: [cfg.limits.rpm, cfg.limits.tpm]
+                    .map(|l| l.map(|n| (n, http::HeaderValue::from(n)))),
                 state: previous
                     .and_then(|p| p.callers.iter().find(|c| c.cfg.name == cfg.name))
                     .map(|c| c.state.clone())
