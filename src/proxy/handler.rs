@@ -563,6 +563,7 @@ async fn proxy_admitted<B: RequestBodyStream>(
         ..UsageRecord::default()
     });
     let mut done = Completion::start(state.clone(), record, started);
+    done.caller_metrics = caller.map(|c| c.metrics.clone());
     let server = &table.config.server;
     let bytes = match read_body(
         body,

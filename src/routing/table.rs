@@ -102,6 +102,8 @@ pub struct CallerRoute {
     /// `x-ratelimit-limit-requests` and `-tokens`, formatted once per
     /// config generation instead of per admitted request.
     pub limit_headers: [Option<(u64, http::HeaderValue)>; 2],
+    /// The caller's metric series, for this config generation.
+    pub metrics: Arc<crate::ops::metrics::CallerMetrics>,
 }
 
 #[derive(Debug)]
@@ -241,6 +243,7 @@ impl RoutingTable {
                 name: Arc::from(cfg.name.as_str()),
                 limit_headers: [cfg.limits.rpm, cfg.limits.tpm]
                     .map(|l| l.map(|n| (n, http::HeaderValue::from(n)))),
+                metrics: Arc::default(),
                 state: previous
                     .and_then(|p| p.callers.iter().find(|c| c.cfg.name == cfg.name))
                     .map(|c| c.state.clone())
