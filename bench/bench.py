@@ -496,6 +496,9 @@ def main():
                     help="A/B only: alternate these gateway variants (gw_on, gw_callers, gw_limits, "
                          "gw_shared) at c=64, --rounds times, and report medians, ratios to the first "
                          "and CPU time per request of the gateway (and Redis)")
+    ap.add_argument("--old-bin", metavar="PATH",
+                    help="with --only: a variant written NAME@old runs this gptbalance binary "
+                         "(another build) with NAME's config, for an A/B of two builds")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--secs", type=int, default=3)
     args = ap.parse_args()
@@ -518,7 +521,8 @@ def main():
     raw = {"mode": args.mode, "started": started, "settings": cfg, "machine": machine()}
     if args.only:
         try:
-            only(procs, tmp, raw, gw_bin, mock_bin, args.only.split(","), args.rounds, args.secs)
+            only(procs, tmp, raw, gw_bin, mock_bin, args.only.split(","), args.rounds, args.secs,
+                 old_bin=args.old_bin)
         finally:
             procs.stop_all()
         return
@@ -699,7 +703,7 @@ def instructions(pid, secs, action):
     return r, cpu_seconds([pid]) - before
 
 
-def only(procs, tmp, raw, gw_bin, mock_bin, names, rounds, secs):
+def only(procs, tmp, raw, gw_bin, mock_bin, names, rounds, secs, old_bin=None):
     """`--only`: the named variants alternated at c=64 (rotating order),
     with the CPU each spent; medians, ratios to the first named."""
     ports = free_ports(["mock", "redis"] + names)
@@ -710,35 +714,44 @@ def only(procs, tmp, raw, gw_bin, mock_bin, names, rounds, secs):
     kinds = {"gw_on": {}, "gw_callers": dict(callers=1), "gw_limits": dict(callers=many, limits=True),
              "gw_shared": dict(callers=many, limits=True)}
     as_callers = {"gw_callers": 1, "gw_limits": many, "gw_shared": many}
+    as_callers.update({f"{k}@old": n for k, n in list(as_callers.items())})
     gws, redis = {}, None
     for k in names:
-        if k not in kinds:
-            raise Broken(f"--only: unknown variant {k}")
-        kw = dict(kinds[k])
-        if k == "gw_shared":
+        kind, _, build = k.partition("@")
+        if kind not in kinds or build not in ("", "old") or (build and not old_bin):
+            raise Broken(f"--only: unknown variant {k} (NAME@old needs --old-bin)")
+        kw = dict(kinds[kind])
+        if kind == "gw_shared" and redis is None:
             redis = procs.start("redis", ["redis-server", "--port", str(ports["redis"]), "--bind", "127.0.0.1",
                                           "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
             wait_port(procs, redis, ports["redis"])
+        if kind == "gw_shared":
             kw["redis"] = ports["redis"]
-        conf = gateway_config(tmp, k, ports[k], ports["mock"], **kw)
-        gws[k] = procs.start(f"gptbalance-{k}", [gw_bin, "serve", "--config", conf])
+        conf = gateway_config(tmp, k.replace("@", "-"), ports[k], ports["mock"], **kw)
+        gws[k] = procs.start(f"gptbalance-{k}", [old_bin if build else gw_bin, "serve", "--config", conf])
         wait_http(procs, gws[k], f"http://127.0.0.1:{ports[k]}/healthz", b"ok\n")
-        if k == "gw_shared":
+        if kind == "gw_shared":
             time.sleep(2)  # connected to Redis (it starts in outage mode)
         wrk(url(ports[k]), 64, 1, callers=as_callers.get(k, 0))
     if redis:
         subprocess.run(["redis-cli", "-p", str(ports["redis"]), "CONFIG", "RESETSTAT"], capture_output=True)
     res = {k: {"rps": [], "p99_ms": [], "cpu_us_per_req": [], "requests": 0} for k in names}
-    redis_insn = []
+
+    def script_calls():
+        out = subprocess.run(["redis-cli", "-p", str(ports["redis"]), "INFO", "commandstats"],
+                             capture_output=True, text=True).stdout
+        return sum(int(m) for m in re.findall(r"cmdstat_eval(?:sha)?:calls=(\d+)", out))
+
     for i in range(rounds):
         for k in interleave(names, i):
             act = lambda: wrk(url(ports[k]), 64, secs, callers=as_callers.get(k, 0))  # noqa: E731
-            if k == "gw_shared" and redis:
-                # Redis's own instructions count too: it shares the cores.
+            if k.startswith("gw_shared") and redis:
+                # Redis's own CPU counts too: it shares the cores.
+                calls = script_calls()
                 r, n = instructions(gws[k].pid, secs, lambda: instructions(redis.pid, secs, act))
                 r, rn = r
-                if rn is not None:
-                    redis_insn.append(rn * 1e6 / r["requests"])
+                res[k].setdefault("redis_cpu_us_per_req", []).append(rn * 1e6 / r["requests"])
+                res[k]["redis_calls"] = res[k].get("redis_calls", 0) + script_calls() - calls
             else:
                 r, n = instructions(gws[k].pid, secs, act)
             res[k]["rps"].append(r["rps"])
@@ -759,15 +772,14 @@ def only(procs, tmp, raw, gw_bin, mock_bin, names, rounds, secs):
                       "p99_ms": med(res[k]["p99_ms"]), "cpu_us_per_req": insn}
         print(f"{k:<12}{med(res[k]['rps']):>10.0f}{med(res[k]['rps']) / med(res[base]['rps']):>8.3f}"
               f"{per_round:>10.3f}{med(res[k]['p99_ms']):>9.2f}{(insn or 0):>10.1f}")
+    for k in names:
+        if "redis_calls" in res[k]:
+            summary[k]["redis_calls_per_request"] = res[k]["redis_calls"] / max(1, res[k]["requests"])
+            summary[k]["redis_cpu_us_per_req"] = statistics.median(res[k]["redis_cpu_us_per_req"])
+            print(f"{k}: redis {summary[k]['redis_calls_per_request']:.3f} script calls per request, "
+                  f"{summary[k]['redis_cpu_us_per_req']:.1f} CPU us per request in redis-server")
     if redis:
-        out = subprocess.run(["redis-cli", "-p", str(ports["redis"]), "INFO", "commandstats"],
-                             capture_output=True, text=True).stdout
-        calls = sum(int(m) for m in re.findall(r"cmdstat_eval(?:sha)?:calls=(\d+)", out))
-        summary["redis_calls_per_request"] = calls / max(1, res["gw_shared"]["requests"])
-        summary["redis_cpu_us_per_req"] = statistics.median(redis_insn) if redis_insn else None
-        print(f"redis: {summary['redis_calls_per_request']:.3f} script calls per request, "
-              f"{summary['redis_cpu_us_per_req'] or 0:.1f} CPU us per request in redis-server")
-        if "gw_limits" in res:
+        if "gw_limits" in res and "gw_shared" in res:
             extra = statistics.median(a - b for a, b in zip(res["gw_shared"]["p99_ms"], res["gw_limits"]["p99_ms"]))
             summary["shared_added_p99_ms"] = extra
             print(f"p99 added by Redis (per-round median): {extra:.2f} ms")

@@ -1,22 +1,28 @@
 //! Callers' limits, budgets and key cooldowns shared by several instances
 //! through Redis (or Valkey): the second backend of [`super`].
 //!
-//! Every admission is one Lua script (`EVALSHA`) that frees expired
-//! reservations, checks every limit and reserves, atomically on the
-//! server; every settle is one more. Both run on one multiplexed
-//! connection, each bounded by `shared_state.timeout`.
+//! Every admission and every settle is one item of a Lua script call
+//! (`EVALSHA`) that, atomically on the server, frees expired reservations,
+//! checks every limit and reserves (or, for a settle, frees and adjusts).
+//! One batcher task ([`SharedState::batches`]) sends the items queued while
+//! the previous call was out as the next call, on one multiplexed
+//! connection: a lone request goes at once, a loaded instance sends one
+//! call for many requests. A request waits for its answer at most
+//! `shared_state.timeout`; settles never hold up a response.
 //!
-//! - Rolling windows are hashes of per-second buckets (`second → amount`),
-//!   pruned by the script that reads them and expiring after a minute.
-//! - Reservations and concurrency slots are sorted sets scored by a
-//!   deadline ([`LEASE`] ahead). This instance's heartbeat pushes the
-//!   deadlines of its open tickets forward every [`BEAT`]; a crashed
-//!   instance's tickets stop being pushed and free themselves.
+//! - A caller's counters are one hash (`state`: open tickets and what they
+//!   reserve, the rolling minute as a ring of per-second buckets with
+//!   running sums), read and written once per item (see `lua_common!`).
+//! - Reservations are a sorted set of tickets (`instance:seq:tokens:nanos`)
+//!   scored by a deadline ([`LEASE`] ahead). This instance's heartbeat
+//!   pushes the deadlines of its open tickets forward every [`BEAT`]; a
+//!   crashed instance's tickets stop being pushed and free themselves.
 //! - Budgets: each instance writes its own settled spend of the period
 //!   (restored from its own usage files at start) under its `instance` id,
 //!   as an absolute figure that only grows; the total is the sum of the
-//!   entries. A flushed or new Redis is re-filled by the next admission,
-//!   settle or heartbeat of each instance, never counted twice.
+//!   entries. After a flush each instance's admissions count its own
+//!   figure at once; its next settle or heartbeat writes it back, never
+//!   counted twice.
 //! - Cooldowns: a hash of `client\tkey → until (ms since the epoch)`,
 //!   only ever raised, plus a pub/sub message for instances already
 //!   running; one joining later reads the hash.
