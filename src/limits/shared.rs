@@ -363,12 +363,15 @@ while j <= #ARGV do
   local n = tonumber(ARGV[j + 7])
   j = j + 8
   if n > 0 then
-    local args = {}
-    for i = 0, n - 1 do
-      args[#args + 1] = deadline
-      args[#args + 1] = inst .. ':' .. ARGV[j + i]
+    -- In chunks: unpack's stack is bounded (a few thousand values).
+    for from = 0, n - 1, 500 do
+      local args = {}
+      for i = from, math.min(n, from + 500) - 1 do
+        args[#args + 1] = deadline
+        args[#args + 1] = inst .. ':' .. ARGV[j + i]
+      end
+      redis.call('ZADD', p .. 'tickets', 'XX', unpack(args))
     end
-    redis.call('ZADD', p .. 'tickets', 'XX', unpack(args))
     redis.call('EXPIRE', p .. 'tickets', 61)
     redis.call('EXPIRE', p .. 'state', 61)
   end
