@@ -492,6 +492,15 @@ def main():
     ap.add_argument("--bin-dir", required=True)
     ap.add_argument("--tmp", required=True)
     ap.add_argument("--pidfile")
+    ap.add_argument("--only", metavar="A,B,...",
+                    help="A/B only: alternate these gateway variants (gw_on, gw_callers, gw_limits, "
+                         "gw_shared) at c=64, --rounds times, and report medians, ratios to the first "
+                         "and CPU time per request of the gateway (and Redis)")
+    ap.add_argument("--old-bin", metavar="PATH",
+                    help="with --only: a variant written NAME@old runs this gptbalance binary "
+                         "(another build) with NAME's config, for an A/B of two builds")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--secs", type=int, default=3)
     args = ap.parse_args()
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, on_signal)
@@ -510,6 +519,13 @@ def main():
     t0 = time.time()
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     raw = {"mode": args.mode, "started": started, "settings": cfg, "machine": machine()}
+    if args.only:
+        try:
+            only(procs, tmp, raw, gw_bin, mock_bin, args.only.split(","), args.rounds, args.secs,
+                 old_bin=args.old_bin)
+        finally:
+            procs.stop_all()
+        return
     try:
         run(procs, tmp, cfg, raw, gw_bin, mock_bin, client_bin)
     finally:
@@ -676,6 +692,105 @@ def run(procs, tmp, cfg, raw, gw_bin, mock_bin, client_bin):
     raw["idle_streams"] = idle
     procs.stop(gwi)
     procs.stop(nginx)
+
+
+def instructions(pid, secs, action):
+    """Runs `action` and returns its result with the CPU seconds `pid`
+    spent meanwhile (user + system, from /proc: hardware instruction
+    counters are not available on every host)."""
+    before = cpu_seconds([pid])
+    r = action()
+    return r, cpu_seconds([pid]) - before
+
+
+def only(procs, tmp, raw, gw_bin, mock_bin, names, rounds, secs, old_bin=None):
+    """`--only`: the named variants alternated at c=64 (rotating order),
+    with the CPU each spent; medians, ratios to the first named."""
+    ports = free_ports(["mock", "redis"] + names)
+    url = lambda port: f"http://127.0.0.1:{port}{PATH}"  # noqa: E731
+    mock = procs.start("mock", [mock_bin, "--listen", f"127.0.0.1:{ports['mock']}", "--name", "bench"])
+    wait_port(procs, mock, ports["mock"])
+    many = SETTINGS["full"]["limited_callers"]
+    kinds = {"gw_on": {}, "gw_callers": dict(callers=1), "gw_limits": dict(callers=many, limits=True),
+             "gw_shared": dict(callers=many, limits=True)}
+    as_callers = {"gw_callers": 1, "gw_limits": many, "gw_shared": many}
+    as_callers.update({f"{k}@old": n for k, n in list(as_callers.items())})
+    gws, redis = {}, None
+    for k in names:
+        kind, _, build = k.partition("@")
+        if kind not in kinds or build not in ("", "old") or (build and not old_bin):
+            raise Broken(f"--only: unknown variant {k} (NAME@old needs --old-bin)")
+        kw = dict(kinds[kind])
+        if kind == "gw_shared" and redis is None:
+            redis = procs.start("redis", ["redis-server", "--port", str(ports["redis"]), "--bind", "127.0.0.1",
+                                          "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+            wait_port(procs, redis, ports["redis"])
+        if kind == "gw_shared":
+            kw["redis"] = ports["redis"]
+        conf = gateway_config(tmp, k.replace("@", "-"), ports[k], ports["mock"], **kw)
+        gws[k] = procs.start(f"gptbalance-{k}", [old_bin if build else gw_bin, "serve", "--config", conf])
+        wait_http(procs, gws[k], f"http://127.0.0.1:{ports[k]}/healthz", b"ok\n")
+        if kind == "gw_shared":
+            time.sleep(2)  # connected to Redis (it starts in outage mode)
+        wrk(url(ports[k]), 64, 1, callers=as_callers.get(k, 0))
+    if redis:
+        subprocess.run(["redis-cli", "-p", str(ports["redis"]), "CONFIG", "RESETSTAT"], capture_output=True)
+    res = {k: {"rps": [], "p99_ms": [], "cpu_us_per_req": [], "requests": 0} for k in names}
+
+    def script_calls():
+        out = subprocess.run(["redis-cli", "-p", str(ports["redis"]), "INFO", "commandstats"],
+                             capture_output=True, text=True).stdout
+        return sum(int(m) for m in re.findall(r"cmdstat_eval(?:sha)?:calls=(\d+)", out))
+
+    for i in range(rounds):
+        for k in interleave(names, i):
+            act = lambda: wrk(url(ports[k]), 64, secs, callers=as_callers.get(k, 0))  # noqa: E731
+            if k.startswith("gw_shared") and redis:
+                # Redis's own CPU counts too: it shares the cores.
+                calls = script_calls()
+                r, n = instructions(gws[k].pid, secs, lambda: instructions(redis.pid, secs, act))
+                r, rn = r
+                res[k].setdefault("redis_cpu_us_per_req", []).append(rn * 1e6 / r["requests"])
+                res[k]["redis_calls"] = res[k].get("redis_calls", 0) + script_calls() - calls
+            else:
+                r, n = instructions(gws[k].pid, secs, act)
+            res[k]["rps"].append(r["rps"])
+            res[k]["p99_ms"].append(r["p99_ms"])
+            res[k]["requests"] += r["requests"]
+            if n is not None:
+                res[k]["cpu_us_per_req"].append(n * 1e6 / r["requests"])
+            procs.check_alive(gws[k])
+    base = names[0]
+    print(f"c=64, {rounds} rounds of {secs} s, alternated; medians")
+    print(f"{'variant':<12}{'req/s':>10}{'ratio':>8}{'per-round':>10}{'p99 ms':>9}{'cpu us/req':>10}")
+    summary = {}
+    for k in names:
+        med = statistics.median
+        per_round = med(a / b for a, b in zip(res[k]["rps"], res[base]["rps"]))
+        insn = med(res[k]["cpu_us_per_req"]) if res[k]["cpu_us_per_req"] else None
+        summary[k] = {"rps": med(res[k]["rps"]), "ratio_per_round": per_round,
+                      "p99_ms": med(res[k]["p99_ms"]), "cpu_us_per_req": insn}
+        print(f"{k:<12}{med(res[k]['rps']):>10.0f}{med(res[k]['rps']) / med(res[base]['rps']):>8.3f}"
+              f"{per_round:>10.3f}{med(res[k]['p99_ms']):>9.2f}{(insn or 0):>10.1f}")
+    for k in names:
+        if "redis_calls" in res[k]:
+            summary[k]["redis_calls_per_request"] = res[k]["redis_calls"] / max(1, res[k]["requests"])
+            summary[k]["redis_cpu_us_per_req"] = statistics.median(res[k]["redis_cpu_us_per_req"])
+            print(f"{k}: redis {summary[k]['redis_calls_per_request']:.3f} script calls per request, "
+                  f"{summary[k]['redis_cpu_us_per_req']:.1f} CPU us per request in redis-server")
+    if redis:
+        if "gw_limits" in res and "gw_shared" in res:
+            extra = statistics.median(a - b for a, b in zip(res["gw_shared"]["p99_ms"], res["gw_limits"]["p99_ms"]))
+            summary["shared_added_p99_ms"] = extra
+            print(f"p99 added by Redis (per-round median): {extra:.2f} ms")
+    raw.update({"only": names, "rounds": rounds, "secs": secs, "results": res, "summary": summary})
+    out_dir = os.path.join(ROOT, "bench", "results")
+    os.makedirs(out_dir, exist_ok=True)
+    name = "only-" + raw["started"].replace("-", "").replace(":", "") + ".json"
+    with open(os.path.join(out_dir, name), "w") as f:
+        json.dump(raw, f, indent=1)
+        f.write("\n")
+    print(f"saved bench/results/{name}")
 
 
 # ---------------------------------------------------------------- report

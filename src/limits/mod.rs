@@ -370,9 +370,92 @@ fn secs(n: u64) -> Duration {
 /// Caller states by name, carried from one routing table to the next.
 pub type States = std::collections::HashMap<String, Arc<CallerState>>;
 
+/// Counts this thread's allocations, for the test that the
+/// reserve-and-check path makes none.
+#[cfg(test)]
+mod counting {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    pub struct Counting;
+
+    thread_local! {
+        pub static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+    }
+
+    // SAFETY: every call is passed to the system allocator as is; only a
+    // thread-local counter (const-initialised, so it never allocates)
+    // is added.
+    #[allow(unsafe_code)]
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+            // SAFETY: the caller's contract is passed on unchanged.
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: as above.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+            // SAFETY: as above.
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    #[global_allocator]
+    static COUNTING: Counting = Counting;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 1,000 callers with every limit, admitted and settled in turn over
+    /// two minutes of clock: not one allocation.
+    #[test]
+    fn reserve_and_check_allocates_nothing() {
+        let every = CallerLimits {
+            rpm: Some(1_000_000),
+            tpm: Some(1_000_000_000),
+            concurrency: Some(100),
+            budget_usd: Some(Budget {
+                amount: i64::MAX / 2,
+                per: Per::Month,
+            }),
+            budget_tokens: Some(Budget {
+                amount: i64::MAX / 2,
+                per: Per::Day,
+            }),
+        };
+        let callers: Vec<CallerState> = (0..1000).map(|_| CallerState::default()).collect();
+        let cost = Cost {
+            tokens: 300,
+            nanos: 45_000,
+        };
+        let t0 = 1_800_000_000;
+        let before = counting::ALLOCATIONS.with(|n| n.get());
+        for i in 0..120_000u64 {
+            let st = &callers[(i % 1000) as usize];
+            let now = at(t0 + i / 1000);
+            let (ticket, headroom) = st.admit(&every, cost, now).unwrap();
+            assert!(headroom.requests.is_some() && headroom.tokens.is_some());
+            st.settle(
+                ticket,
+                Cost {
+                    tokens: 250,
+                    nanos: 40_000,
+                },
+            );
+        }
+        let after = counting::ALLOCATIONS.with(|n| n.get());
+        assert_eq!(
+            after - before,
+            0,
+            "allocations on the reserve-and-check path"
+        );
+    }
 
     fn at(s: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(s)

@@ -1,22 +1,28 @@
 //! Callers' limits, budgets and key cooldowns shared by several instances
 //! through Redis (or Valkey): the second backend of [`super`].
 //!
-//! Every admission is one Lua script (`EVALSHA`) that frees expired
-//! reservations, checks every limit and reserves, atomically on the
-//! server; every settle is one more. Both run on one multiplexed
-//! connection, each bounded by `shared_state.timeout`.
+//! Every admission and every settle is one item of a Lua script call
+//! (`EVALSHA`) that, atomically on the server, frees expired reservations,
+//! checks every limit and reserves (or, for a settle, frees and adjusts).
+//! One batcher task ([`SharedState::batches`]) sends the items queued while
+//! the previous call was out as the next call, on one multiplexed
+//! connection: a lone request goes at once, a loaded instance sends one
+//! call for many requests. A request waits for its answer at most
+//! `shared_state.timeout`; settles never hold up a response.
 //!
-//! - Rolling windows are hashes of per-second buckets (`second → amount`),
-//!   pruned by the script that reads them and expiring after a minute.
-//! - Reservations and concurrency slots are sorted sets scored by a
-//!   deadline ([`LEASE`] ahead). This instance's heartbeat pushes the
-//!   deadlines of its open tickets forward every [`BEAT`]; a crashed
-//!   instance's tickets stop being pushed and free themselves.
+//! - A caller's counters are one hash (`state`: open tickets and what they
+//!   reserve, the rolling minute as a ring of per-second buckets with
+//!   running sums), read and written once per item (see `lua_common!`).
+//! - Reservations are a sorted set of tickets (`instance:seq:tokens:nanos`)
+//!   scored by a deadline ([`LEASE`] ahead). This instance's heartbeat
+//!   pushes the deadlines of its open tickets forward every [`BEAT`]; a
+//!   crashed instance's tickets stop being pushed and free themselves.
 //! - Budgets: each instance writes its own settled spend of the period
 //!   (restored from its own usage files at start) under its `instance` id,
 //!   as an absolute figure that only grows; the total is the sum of the
-//!   entries. A flushed or new Redis is re-filled by the next admission,
-//!   settle or heartbeat of each instance, never counted twice.
+//!   entries. After a flush each instance's admissions count its own
+//!   figure at once; its next settle or heartbeat writes it back, never
+//!   counted twice.
 //! - Cooldowns: a hash of `client\tkey → until (ms since the epoch)`,
 //!   only ever raised, plus a pub/sub message for instances already
 //!   running; one joining later reads the hash.
@@ -54,194 +60,345 @@ const COOLDOWN_CHANNEL: &str = "gptbalance:cooldowns";
 /// The hash of running cooldowns, for instances that join later.
 const COOLDOWN_HASH: &str = "gptbalance:cooldowns";
 
-/// Frees expired tickets, checks every limit, reserves; one atomic step.
-/// KEYS: slots, tickets, amounts, rpm, tpm, spend:day, spend:month.
-/// ARGV: ticket, lease_ms, concurrency, rpm, tpm, budget_tokens,
-/// budget_tokens_per (d|m), budget_nanos, budget_nanos_per, cost_tokens,
-/// cost_nanos, instance, own day tokens, own day nanos, own month tokens,
-/// own month nanos (-1: no such limit).
-const ADMIT: &str = r#"
-local t = redis.call('TIME')
-local sec = tonumber(t[1])
-local now = sec * 1000 + math.floor(tonumber(t[2]) / 1000)
-local a = {}
-for i = 2, 16 do a[i] = tonumber(ARGV[i]) end
-if a[2] == nil then a[2] = 0 end
-local function hmax(key, field, v, ttl)
-  local cur = tonumber(redis.call('HGET', key, field) or '0')
-  if v > cur then redis.call('HSET', key, field, v) end
-  redis.call('EXPIRE', key, ttl)
-end
-hmax(KEYS[6], ARGV[12] .. ':t', a[13], 259200)
-hmax(KEYS[6], ARGV[12] .. ':n', a[14], 259200)
-hmax(KEYS[7], ARGV[12] .. ':t', a[15], 3456000)
-hmax(KEYS[7], ARGV[12] .. ':n', a[16], 3456000)
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
-for _, id in ipairs(expired) do redis.call('HDEL', KEYS[3], id) end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if a[3] >= 0 and redis.call('ZCARD', KEYS[1]) >= a[3] then return {1, 0, 0, 0, 0, sec} end
--- A rolling minute of per-second buckets: its sum, and the seconds in order.
-local function window(key)
-  local all = redis.call('HGETALL', key)
-  local live, sum = {}, 0
-  for i = 1, #all, 2 do
-    local s, v = tonumber(all[i]), tonumber(all[i + 1])
-    if s <= sec - 60 then redis.call('HDEL', key, all[i])
-    else sum = sum + v; live[#live + 1] = {s, v} end
+/// Lua shared by the scripts: the time, a caller's state and the
+/// publication of this instance's spend.
+///
+/// A caller's counters are one hash, `state`, read and written with one
+/// command each: `n` open tickets and `rt`, `rn` the tokens and nanos they
+/// reserve; `exp`, the earliest deadline among them (no ticket can have
+/// expired before it); the rolling minute as `r` and `t`, the requests and
+/// tokens of the 60 seconds up to second `last`, kept in a ring of
+/// per-second buckets `s<i>`, `r<i>`, `t<i>` (bucket `i = second % 60`
+/// holds second `s<i>`). Moving `last` forward subtracts the seconds that
+/// left; under load that is the one bucket the new second reuses, which
+/// the same read brings.
+macro_rules! lua_common {
+    () => {
+        r#"
+local clock = redis.call('TIME')
+local sec = tonumber(clock[1])
+local now = sec * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local inst = ARGV[1]
+local lease = tonumber(ARGV[2])
+local P = 'gptbalance:caller:'
+local function load(p, at)
+  local key = p .. 'state'
+  local i = at % 60
+  local v = redis.call('HMGET', key, 'n', 'rt', 'rn', 'exp', 'last', 'r', 't', 's' .. i, 'r' .. i, 't' .. i)
+  local c = {key = key, tickets = p .. 'tickets', at = at, i = i,
+    n = tonumber(v[1]) or 0, rt = tonumber(v[2]) or 0, rn = tonumber(v[3]) or 0,
+    exp = tonumber(v[4]) or 0, last = tonumber(v[5]), r = tonumber(v[6]) or 0, t = tonumber(v[7]) or 0,
+    bs = tonumber(v[8]), br = tonumber(v[9]) or 0, bt = tonumber(v[10]) or 0, moved = false}
+  if c.last == nil then
+    -- New, expired or flushed: recount the reservations from the tickets.
+    c.last, c.r, c.t, c.n, c.rt, c.rn, c.exp, c.moved = at, 0, 0, 0, 0, 0, 0, true
+    local all = redis.call('ZRANGE', c.tickets, 0, -1)
+    for _, m in ipairs(all) do
+      local et, en = string.match(m, ':(%-?%d+):(%-?%d+)$')
+      c.n, c.rt, c.rn = c.n + 1, c.rt + (tonumber(et) or 0), c.rn + (tonumber(en) or 0)
+    end
+  elseif at > c.last then
+    if at - c.last >= 60 then
+      c.r, c.t = 0, 0
+    elseif at - c.last == 1 then
+      if c.bs == at - 60 then c.r, c.t = c.r - c.br, c.t - c.bt end
+    else
+      local f = {}
+      for s = c.last - 59, at - 60 do
+        local k = s % 60
+        f[#f + 1] = 's' .. k
+        f[#f + 1] = 'r' .. k
+        f[#f + 1] = 't' .. k
+      end
+      if #f > 0 then
+        local o = redis.call('HMGET', key, unpack(f))
+        for x = 1, #f, 3 do
+          if tonumber(o[x]) == c.last - 59 + (x - 1) / 3 then
+            c.r = c.r - (tonumber(o[x + 1]) or 0)
+            c.t = c.t - (tonumber(o[x + 2]) or 0)
+          end
+        end
+      end
+    end
+    c.last, c.moved = at, true
+  elseif at < c.last then
+    -- Redis's clock stepped back: count at the window's newest second.
+    return nil
   end
-  table.sort(live, function(x, y) return x[1] < y[1] end)
-  return sum, live
+  if c.bs ~= at then c.br, c.bt = 0, 0 end
+  return c
 end
--- Seconds until the window holds at most target.
-local function wait(sum, live, target)
-  for _, e in ipairs(live) do
-    sum = sum - e[2]
-    if sum <= target then return math.max(1, e[1] + 60 - sec) end
+local function state_of(p)
+  local c = load(p, sec)
+  if c == nil then
+    local v = redis.call('HGET', p .. 'state', 'last')
+    c = load(p, tonumber(v))
+  end
+  return c
+end
+-- Writes the counters back (and the bucket of `at` when `bucket`).
+local function keep(c, bucket)
+  if bucket then
+    redis.call('HSET', c.key, 'n', c.n, 'rt', c.rt, 'rn', c.rn, 'exp', c.exp, 'last', c.last,
+      'r', c.r, 't', c.t, 's' .. c.i, c.at, 'r' .. c.i, c.br, 't' .. c.i, c.bt)
+  else
+    redis.call('HSET', c.key, 'n', c.n, 'rt', c.rt, 'rn', c.rn, 'exp', c.exp, 'last', c.last,
+      'r', c.r, 't', c.t)
+  end
+  if c.moved then
+    -- A caller's keys outlive its last minute and its tickets' deadlines.
+    redis.call('EXPIRE', c.key, 61)
+    redis.call('EXPIRE', c.tickets, 61)
+  end
+end
+-- Tickets past their deadline (their instance stopped refreshing them)
+-- give their reservations back.
+local function expire(c)
+  if c.n == 0 or now < c.exp then return end
+  local expired = redis.call('ZRANGEBYSCORE', c.tickets, '-inf', now)
+  if #expired > 0 then
+    for _, m in ipairs(expired) do
+      local et, en = string.match(m, ':(%-?%d+):(%-?%d+)$')
+      c.rt, c.rn = c.rt - (tonumber(et) or 0), c.rn - (tonumber(en) or 0)
+    end
+    redis.call('ZREMRANGEBYSCORE', c.tickets, '-inf', now)
+  end
+  c.n = redis.call('ZCARD', c.tickets)
+  if c.n == 0 then
+    c.rt, c.rn, c.exp = 0, 0, 0
+  else
+    local first = redis.call('ZRANGE', c.tickets, 0, 0, 'WITHSCORES')
+    c.exp = tonumber(first[2]) or 0
+  end
+  c.rt, c.rn, c.moved = math.max(0, c.rt), math.max(0, c.rn), true
+end
+-- Seconds until the minute's `what` (r or t) holds at most target.
+local function wait(c, what, sum, target)
+  local f = {}
+  for k = 0, 59 do
+    f[#f + 1] = 's' .. k
+    f[#f + 1] = what .. k
+  end
+  local v = redis.call('HMGET', c.key, unpack(f))
+  local by_second = {}
+  for k = 0, 59 do
+    local s = tonumber(v[2 * k + 1])
+    if s and s > c.last - 60 and s <= c.last then by_second[s - c.last + 60] = tonumber(v[2 * k + 2]) or 0 end
+  end
+  for x = 1, 60 do
+    sum = sum - (by_second[x] or 0)
+    if sum <= target then return math.max(1, x + c.last - sec) end
   end
   return 60
 end
-local function reset(live)
-  if #live == 0 then return 0 end
-  return live[#live][1] + 60 - sec
-end
-local rpm_used, rpm_live, tpm_used, tpm_live = 0, {}, 0, {}
-if a[4] >= 0 then
-  rpm_used, rpm_live = window(KEYS[4])
-  if rpm_used >= a[4] then return {2, wait(rpm_used, rpm_live, a[4] - 1), 0, 0, 0, sec} end
-end
-if a[5] >= 0 then
-  tpm_used, tpm_live = window(KEYS[5])
-  local fits = tpm_used + a[10] <= a[5] or (tpm_used == 0 and a[10] > a[5])
-  if not fits then
-    return {3, wait(tpm_used, tpm_live, math.max(0, a[5] - math.min(a[10], a[5]))), 0, 0, 0, sec}
+-- Raises this instance's spend entries in `key` (never lowers them);
+-- a negative figure publishes nothing.
+local function publish(key, t, n, ttl)
+  if t < 0 then return end
+  local v = redis.call('HMGET', key, inst .. ':t', inst .. ':n')
+  local ct, cn = tonumber(v[1]), tonumber(v[2])
+  if ct == nil or cn == nil or t > ct or n > cn then
+    redis.call('HSET', key, inst .. ':t', math.max(t, ct or 0), inst .. ':n', math.max(n, cn or 0))
+    redis.call('EXPIRE', key, ttl)
   end
 end
-if a[6] >= 0 or a[8] >= 0 then
-  local res_t, res_n = 0, 0
-  local amounts = redis.call('HVALS', KEYS[3])
-  for _, v in ipairs(amounts) do
-    local sp = string.find(v, ' ')
-    res_t = res_t + tonumber(string.sub(v, 1, sp - 1))
-    res_n = res_n + tonumber(string.sub(v, sp + 1))
-  end
-  local function spent(key, suffix)
-    local all = redis.call('HGETALL', key)
-    local sum = 0
-    for i = 1, #all, 2 do
-      if string.sub(all[i], -2) == suffix then sum = sum + tonumber(all[i + 1]) end
-    end
-    return sum
-  end
-  local function key_of(per) if per == 'd' then return KEYS[6] end return KEYS[7] end
-  if a[6] >= 0 and spent(key_of(ARGV[7]), ':t') + res_t + a[10] > a[6] then
-    return {4, 0, 0, 0, 0, sec}
-  end
-  if a[8] >= 0 and spent(key_of(ARGV[9]), ':n') + res_n + math.max(a[11], 0) > a[8] then
-    return {5, 0, 0, 0, 0, sec}
-  end
+local function spend_key(p, per, day, month)
+  if per == 'd' then return p .. 'spend:day:' .. day, 259200 end
+  return p .. 'spend:month:' .. month, 3456000
 end
-local deadline = now + a[2]
-if a[3] >= 0 then
-  redis.call('ZADD', KEYS[1], deadline, ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], a[2] * 2)
-end
-redis.call('ZADD', KEYS[2], deadline, ARGV[1])
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[10] .. ' ' .. ARGV[11])
-redis.call('PEXPIRE', KEYS[2], a[2] * 2)
-redis.call('PEXPIRE', KEYS[3], a[2] * 2)
-if a[4] >= 0 then
-  redis.call('HINCRBY', KEYS[4], sec, 1)
-  redis.call('EXPIRE', KEYS[4], 61)
-  rpm_used = rpm_used + 1
-end
-if a[5] >= 0 then
-  redis.call('HINCRBY', KEYS[5], sec, a[10])
-  redis.call('EXPIRE', KEYS[5], 61)
-  tpm_used = tpm_used + a[10]
-end
-local rpm_reset, tpm_reset = 0, 0
-if a[4] >= 0 then rpm_reset = 60 end
-if a[5] >= 0 then tpm_reset = 60 end
-if #rpm_live > 0 then rpm_reset = math.max(rpm_reset, reset(rpm_live)) end
-return {0, rpm_used, rpm_reset, tpm_used, tpm_reset, sec}
-"#;
+"#
+    };
+}
 
-/// Ends a ticket: frees its slot and reservation, turns its tokens in the
-/// minute window into what was used, and raises this instance's spend.
-/// KEYS: slots, tickets, amounts, tpm, spend:day, spend:month.
-/// ARGV: ticket, second admitted, reserved tokens, actual tokens, instance,
-/// own day tokens, own day nanos, own month tokens, own month nanos.
-const SETTLE: &str = r#"
-local known = redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[3], ARGV[1])
-if known == 1 then
-  local cur = redis.call('HGET', KEYS[4], ARGV[2])
-  if cur then
-    local v = tonumber(cur) - tonumber(ARGV[3]) + tonumber(ARGV[4])
-    if v < 0 then v = 0 end
-    redis.call('HSET', KEYS[4], ARGV[2], v)
+/// Admissions and settles, any number of each, in one atomic step; each
+/// admission frees expired tickets, checks every limit and reserves.
+///
+/// ARGV: instance, lease_ms, then items. A settle (`s`): caller, seq,
+/// second admitted, reserved tokens, reserved nanos, actual tokens, day,
+/// month, own day tokens, own day nanos, own month tokens, own month nanos
+/// (-1: publish none). An admission (`a`): caller, seq, concurrency, rpm,
+/// tpm, budget_tokens, its per (d|m), budget_nanos, its per, cost tokens,
+/// cost nanos, day, month, own day tokens, own day nanos, own month
+/// tokens, own month nanos (-1: no such limit). Returns six numbers per
+/// admission, in order: code (0 admitted, 1-5 the refusal), then requests
+/// used and reset, tokens used and reset (or the wait), second.
+///
+/// Per caller: `state` (above), `tickets` (a sorted set of
+/// `instance:seq:tokens:nanos` by deadline) and the spend hashes.
+const BATCH: &str = concat!(
+    lua_common!(),
+    r#"
+local out = {}
+local j = 3
+local function settle()
+  local p = P .. ARGV[j + 1] .. ':'
+  local rt, rn, at = tonumber(ARGV[j + 4]), tonumber(ARGV[j + 5]), tonumber(ARGV[j + 6])
+  local known = redis.call('ZREM', p .. 'tickets',
+    inst .. ':' .. ARGV[j + 2] .. ':' .. ARGV[j + 4] .. ':' .. ARGV[j + 5])
+  if known == 1 then
+    local s = tonumber(ARGV[j + 3])
+    local k = s % 60
+    local key = p .. 'state'
+    local v = redis.call('HMGET', key, 'n', 'rt', 'rn', 'last', 't', 's' .. k, 't' .. k)
+    local n, crt, crn = tonumber(v[1]) or 1, tonumber(v[2]) or 0, tonumber(v[3]) or 0
+    local last, bs = tonumber(v[4]), tonumber(v[6])
+    if last and bs == s and s > last - 60 then
+      local old = tonumber(v[7]) or 0
+      local new = math.max(0, old - rt + at)
+      redis.call('HSET', key, 'n', math.max(0, n - 1), 'rt', math.max(0, crt - rt),
+        'rn', math.max(0, crn - rn), 't', math.max(0, (tonumber(v[5]) or 0) - old + new), 't' .. k, new)
+    else
+      redis.call('HSET', key, 'n', math.max(0, n - 1), 'rt', math.max(0, crt - rt),
+        'rn', math.max(0, crn - rn))
+    end
+  end
+  local dk, dttl = spend_key(p, 'd', ARGV[j + 7], ARGV[j + 8])
+  local mk, mttl = spend_key(p, 'm', ARGV[j + 7], ARGV[j + 8])
+  publish(dk, tonumber(ARGV[j + 9]), tonumber(ARGV[j + 10]), dttl)
+  publish(mk, tonumber(ARGV[j + 11]), tonumber(ARGV[j + 12]), mttl)
+  j = j + 13
+end
+local function admit()
+  local p = P .. ARGV[j + 1] .. ':'
+  local a = {}
+  for i = 3, 17 do a[i] = tonumber(ARGV[j + i]) end
+  local conc, rpm, tpm, bt, bn, ct, cn = a[3], a[4], a[5], a[6], a[8], a[10], a[11]
+  local c = state_of(p)
+  expire(c)
+  if conc >= 0 and c.n >= conc then
+    -- Checked against the tickets themselves before refusing.
+    c.n = redis.call('ZCARD', c.tickets)
+    if c.n >= conc then
+      keep(c, false)
+      return {1, 0, 0, 0, 0, c.at}
+    end
+  end
+  if rpm >= 0 and c.r >= rpm then
+    local w = wait(c, 'r', c.r, rpm - 1)
+    keep(c, false)
+    return {2, w, 0, 0, 0, c.at}
+  end
+  if tpm >= 0 and not (c.t + ct <= tpm or (c.t == 0 and ct > tpm)) then
+    local w = wait(c, 't', c.t, math.max(0, tpm - math.min(ct, tpm)))
+    keep(c, false)
+    return {3, w, 0, 0, 0, c.at}
+  end
+  if bt >= 0 or bn >= 0 then
+    local seen = {}
+    local function spent(per)
+      if seen[per] then return seen[per][1], seen[per][2] end
+      local key = spend_key(p, per, ARGV[j + 12], ARGV[j + 13])
+      local own_t, own_n = a[14], a[15]
+      if per == 'm' then own_t, own_n = a[16], a[17] end
+      local all = redis.call('HGETALL', key)
+      local st, sn, mine_t, mine_n = 0, 0, 0, 0
+      for i = 1, #all, 2 do
+        local f, v = all[i], tonumber(all[i + 1]) or 0
+        if string.sub(f, -2) == ':t' then
+          st = st + v
+          if f == inst .. ':t' then mine_t = v end
+        else
+          sn = sn + v
+          if f == inst .. ':n' then mine_n = v end
+        end
+      end
+      -- This instance's own figures count even when Redis lost them.
+      st = st + math.max(0, own_t - mine_t)
+      sn = sn + math.max(0, own_n - mine_n)
+      seen[per] = {st, sn}
+      return st, sn
+    end
+    if bt >= 0 then
+      local st = spent(ARGV[j + 7])
+      if st + c.rt + ct > bt then
+        keep(c, false)
+        return {4, 0, 0, 0, 0, c.at}
+      end
+    end
+    if bn >= 0 then
+      local _, sn = spent(ARGV[j + 9])
+      if sn + c.rn + math.max(cn, 0) > bn then
+        keep(c, false)
+        return {5, 0, 0, 0, 0, c.at}
+      end
+    end
+  end
+  local deadline = now + lease
+  redis.call('ZADD', c.tickets, deadline, inst .. ':' .. ARGV[j + 2] .. ':' .. ARGV[j + 10] .. ':' .. ARGV[j + 11])
+  if c.n == 0 then c.exp = deadline end
+  c.n, c.rt, c.rn = c.n + 1, c.rt + ct, c.rn + cn
+  c.r, c.t, c.br, c.bt = c.r + 1, c.t + ct, c.br + 1, c.bt + ct
+  keep(c, true)
+  return {0, c.r, 60, c.t, 60, c.at}
+end
+while j <= #ARGV do
+  if ARGV[j] == 's' then
+    settle()
+  else
+    local r = admit()
+    for i = 1, 6 do out[#out + 1] = r[i] end
+    j = j + 18
   end
 end
-local function hmax(key, field, v, ttl)
-  local cur = tonumber(redis.call('HGET', key, field) or '0')
-  if v > cur then redis.call('HSET', key, field, v) end
-  redis.call('EXPIRE', key, ttl)
-end
-hmax(KEYS[5], ARGV[5] .. ':t', tonumber(ARGV[6]), 259200)
-hmax(KEYS[5], ARGV[5] .. ':n', tonumber(ARGV[7]), 259200)
-hmax(KEYS[6], ARGV[5] .. ':t', tonumber(ARGV[8]), 3456000)
-hmax(KEYS[6], ARGV[5] .. ':n', tonumber(ARGV[9]), 3456000)
-return known
-"#;
+return out
+"#
+);
 
 /// The heartbeat: pushes this instance's open tickets' deadlines forward,
 /// republishes its spend and adds what it admitted in process during an
-/// outage to the windows. Per caller, 7 KEYS (slots, tickets, spend:day,
-/// spend:month, rpm, tpm, amounts) and in ARGV: day tokens, day nanos, month
-/// tokens, month nanos, n tickets, the tickets, m seconds, then m
-/// (second, requests, tokens). ARGV[1] is the lease in ms, ARGV[2] the
-/// instance.
-const BEAT_SCRIPT: &str = r#"
-local t = redis.call('TIME')
-local deadline = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
-local inst = ARGV[2]
+/// outage to the windows. ARGV: instance, lease_ms, then per caller: name,
+/// day, month, day tokens, day nanos, month tokens, month nanos, n, n
+/// tickets (`seq:tokens:nanos`), m, then m (second, requests, tokens).
+const BEAT_SCRIPT: &str = concat!(
+    lua_common!(),
+    r#"
 local j = 3
-local function hmax(key, field, v, ttl)
-  local cur = tonumber(redis.call('HGET', key, field) or '0')
-  if v > cur then redis.call('HSET', key, field, v) end
-  redis.call('EXPIRE', key, ttl)
-end
-for k = 1, #KEYS, 7 do
-  hmax(KEYS[k + 2], inst .. ':t', tonumber(ARGV[j]), 259200)
-  hmax(KEYS[k + 2], inst .. ':n', tonumber(ARGV[j + 1]), 259200)
-  hmax(KEYS[k + 3], inst .. ':t', tonumber(ARGV[j + 2]), 3456000)
-  hmax(KEYS[k + 3], inst .. ':n', tonumber(ARGV[j + 3]), 3456000)
-  local n = tonumber(ARGV[j + 4])
-  j = j + 5
-  for i = 0, n - 1 do
-    redis.call('ZADD', KEYS[k], 'XX', deadline, ARGV[j + i])
-    redis.call('ZADD', KEYS[k + 1], 'XX', deadline, ARGV[j + i])
-  end
+local deadline = now + lease
+while j <= #ARGV do
+  local p = P .. ARGV[j] .. ':'
+  local dk, dttl = spend_key(p, 'd', ARGV[j + 1], ARGV[j + 2])
+  local mk, mttl = spend_key(p, 'm', ARGV[j + 1], ARGV[j + 2])
+  publish(dk, tonumber(ARGV[j + 3]), tonumber(ARGV[j + 4]), dttl)
+  publish(mk, tonumber(ARGV[j + 5]), tonumber(ARGV[j + 6]), mttl)
+  local n = tonumber(ARGV[j + 7])
+  j = j + 8
   if n > 0 then
-    -- The reservations' amounts live as long as their tickets.
-    redis.call('PEXPIRE', KEYS[k], tonumber(ARGV[1]) * 2)
-    redis.call('PEXPIRE', KEYS[k + 1], tonumber(ARGV[1]) * 2)
-    redis.call('PEXPIRE', KEYS[k + 6], tonumber(ARGV[1]) * 2)
+    -- In chunks: unpack's stack is bounded (a few thousand values).
+    for from = 0, n - 1, 500 do
+      local args = {}
+      for i = from, math.min(n, from + 500) - 1 do
+        args[#args + 1] = deadline
+        args[#args + 1] = inst .. ':' .. ARGV[j + i]
+      end
+      redis.call('ZADD', p .. 'tickets', 'XX', unpack(args))
+    end
+    redis.call('EXPIRE', p .. 'tickets', 61)
+    redis.call('EXPIRE', p .. 'state', 61)
   end
   j = j + n
   local m = tonumber(ARGV[j])
   j = j + 1
-  for i = 0, m - 1 do
-    local s, r, tok = ARGV[j + 3 * i], tonumber(ARGV[j + 3 * i + 1]), tonumber(ARGV[j + 3 * i + 2])
-    if r > 0 then redis.call('HINCRBY', KEYS[k + 4], s, r); redis.call('EXPIRE', KEYS[k + 4], 61) end
-    if tok > 0 then redis.call('HINCRBY', KEYS[k + 5], s, tok); redis.call('EXPIRE', KEYS[k + 5], 61) end
+  if m > 0 then
+    local c = state_of(p)
+    keep(c, false)
+    for i = 0, m - 1 do
+      local s, r, tok = tonumber(ARGV[j + 3 * i]), tonumber(ARGV[j + 3 * i + 1]), tonumber(ARGV[j + 3 * i + 2])
+      if s > c.last - 60 and s <= c.last then
+        local k = s % 60
+        local v = redis.call('HMGET', c.key, 's' .. k, 'r' .. k, 't' .. k, 'r', 't')
+        local br, bt = 0, 0
+        if tonumber(v[1]) == s then br, bt = tonumber(v[2]) or 0, tonumber(v[3]) or 0 end
+        redis.call('HSET', c.key, 's' .. k, s, 'r' .. k, br + r, 't' .. k, bt + tok,
+          'r', (tonumber(v[4]) or 0) + r, 't', (tonumber(v[5]) or 0) + tok)
+      end
+    end
+    redis.call('EXPIRE', c.key, 61)
   end
   j = j + 3 * m
 end
 return 1
-"#;
+"#
+);
 
 /// Raises a key's shared cooldown (never shortens it) and tells the
 /// other instances. KEYS: the cooldown hash. ARGV: field, until (ms since
@@ -276,9 +433,12 @@ pub struct SharedTicket {
     pub reserved: Cost,
     /// This instance's periods at admission: where its spend counts.
     pub at: Periods,
+    /// Whether the caller had a budget per day and per month: the settle
+    /// publishes this instance's spend of those periods with it.
+    budgets: (bool, bool),
 }
 
-/// How an admission went under shared state.
+/// How an admission under shared state went.
 #[derive(Debug)]
 pub enum Grant {
     /// Reserved in Redis.
@@ -296,13 +456,40 @@ pub enum Denial {
     Unavailable,
 }
 
-/// A settle Redis did not take, replayed once it answers.
+/// A settle Redis has not taken yet: queued for the next batch, or kept
+/// for replay while Redis does not answer.
 #[derive(Debug, Clone)]
 struct Unsettled {
     caller: Arc<str>,
     ticket: SharedTicket,
     actual_tokens: u64,
+    /// This instance's spend of the ticket's day and month to publish with
+    /// it (`-1`: none; the heartbeat republishes it every [`BEAT`]).
+    own: [i64; 4],
 }
+
+/// An admission waiting for its batch: what the script needs, and where
+/// its six numbers go.
+struct Asked {
+    caller: Arc<str>,
+    seq: u64,
+    limits: [i64; 5],
+    pers: [&'static str; 2],
+    cost: Cost,
+    at: Periods,
+    own: [i64; 4],
+    answer: tokio::sync::oneshot::Sender<[i64; 6]>,
+}
+
+/// What the batcher sends to Redis, in arrival order: settles and
+/// admissions alike.
+enum Pending {
+    Admit(Asked),
+    Settle(Unsettled),
+}
+
+/// Items per script call at most.
+const MAX_BATCH: usize = 256;
 
 /// One caller, as the heartbeat sees it.
 pub struct CallerEntry {
@@ -321,28 +508,18 @@ pub struct SharedState {
     seq: AtomicU64,
     /// This instance's tickets still open in Redis, by sequence: the
     /// heartbeat refreshes their deadlines.
-    open: Mutex<HashMap<u64, Arc<str>>>,
+    open: Mutex<HashMap<u64, (Arc<str>, Cost)>>,
     unsettled: Mutex<Vec<Unsettled>>,
-    admit: Script,
-    settle: Script,
+    /// Admissions and settles for the batcher ([`SharedState::batches`]).
+    queue: tokio::sync::mpsc::UnboundedSender<Pending>,
+    queued: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Pending>>>,
+    batch: Script,
     beat: Script,
     cooldown: Script,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// The keys of one caller: `gptbalance:caller:<name>:<what>`.
-fn key(caller: &str, what: &str) -> String {
-    format!("gptbalance:caller:{caller}:{what}")
-}
-
-fn spend_keys(caller: &str, p: &Periods) -> (String, String) {
-    (
-        key(caller, &format!("spend:day:{}", p.day)),
-        key(caller, &format!("spend:month:{}", p.month)),
-    )
 }
 
 fn opt(v: Option<u64>) -> i64 {
@@ -366,6 +543,44 @@ pub fn default_instance() -> String {
     format!("{host}-{}", std::process::id())
 }
 
+/// Appends one settle to a batch call: the one builder of settles, for the
+/// batcher and the replay after an outage alike.
+fn push_settle(call: &mut redis::Cmd, u: &Unsettled) {
+    let t = &u.ticket;
+    call.arg("s")
+        .arg(&*u.caller)
+        .arg(t.seq)
+        .arg(t.second)
+        .arg(t.reserved.tokens)
+        .arg(t.reserved.nanos)
+        .arg(u.actual_tokens)
+        .arg(t.at.day)
+        .arg(t.at.month);
+    for n in u.own {
+        call.arg(n);
+    }
+}
+
+fn push_admit(call: &mut redis::Cmd, a: &Asked) {
+    call.arg("a")
+        .arg(&*a.caller)
+        .arg(a.seq)
+        .arg(a.limits[0])
+        .arg(a.limits[1])
+        .arg(a.limits[2])
+        .arg(a.limits[3])
+        .arg(a.pers[0])
+        .arg(a.limits[4])
+        .arg(a.pers[1])
+        .arg(a.cost.tokens)
+        .arg(a.cost.nanos)
+        .arg(a.at.day)
+        .arg(a.at.month);
+    for n in a.own {
+        call.arg(n);
+    }
+}
+
 impl SharedState {
     /// A shared state in outage until [`SharedState::run`] connects.
     pub fn new(cfg: SharedStateConfig) -> SharedState {
@@ -378,6 +593,7 @@ impl SharedState {
                 None
             }
         };
+        let (queue, queued) = tokio::sync::mpsc::unbounded_channel();
         SharedState {
             cfg,
             instance,
@@ -389,8 +605,9 @@ impl SharedState {
             seq: AtomicU64::new(0),
             open: Mutex::new(HashMap::new()),
             unsettled: Mutex::new(Vec::new()),
-            admit: Script::new(ADMIT),
-            settle: Script::new(SETTLE),
+            queue,
+            queued: Mutex::new(Some(queued)),
+            batch: Script::new(BATCH),
             beat: Script::new(BEAT_SCRIPT),
             cooldown: Script::new(COOLDOWN),
         }
@@ -431,9 +648,9 @@ impl SharedState {
         self.conn.load_full().map(|c| (*c).clone())
     }
 
-    /// Admits a request of `caller` under shared state: one script in
-    /// Redis, or `on_outage` at once when Redis is out or slower than
-    /// `timeout`.
+    /// Admits a request of `caller` under shared state: its item rides in
+    /// the batcher's next script call, or `on_outage` applies at once when
+    /// Redis is out or has not answered within `timeout`.
     pub async fn admit(
         &self,
         caller: &Arc<str>,
@@ -442,60 +659,56 @@ impl SharedState {
         cost: Cost,
         now: SystemTime,
     ) -> Result<(Grant, Headroom), Denial> {
-        let Some(mut conn) = self.connection() else {
+        if self.outage.load(Ordering::Relaxed) {
             return self.admit_in_outage(state, limits, cost, now);
-        };
+        }
         let p = Periods::of(now);
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{}:{seq}", self.instance);
-        let (day_key, month_key) = spend_keys(caller, &p);
         let (day, month) = state.own_spend(now);
         let budget = |b: Option<crate::config::Budget>| {
             b.map_or((-1, "m"), |b| (b.amount.max(0), per_code(b.per)))
         };
         let (bt, bt_per) = budget(limits.budget_tokens);
         let (bn, bn_per) = budget(limits.budget_usd);
-        let mut call = self.admit.prepare_invoke();
-        call.key(key(caller, "slots"))
-            .key(key(caller, "tickets"))
-            .key(key(caller, "amounts"))
-            .key(key(caller, "rpm"))
-            .key(key(caller, "tpm"))
-            .key(day_key)
-            .key(month_key)
-            .arg(&id)
-            .arg(LEASE.as_millis() as u64)
-            .arg(limits.concurrency.map_or(-1, i64::from))
-            .arg(opt(limits.rpm))
-            .arg(opt(limits.tpm))
-            .arg(bt)
-            .arg(bt_per)
-            .arg(bn)
-            .arg(bn_per)
-            .arg(cost.tokens)
-            .arg(cost.nanos)
-            .arg(&*self.instance)
-            .arg(day.tokens)
-            .arg(day.nanos)
-            .arg(month.tokens)
-            .arg(month.nanos);
-        let answer: Vec<i64> =
-            match tokio::time::timeout(self.cfg.timeout, call.invoke_async(&mut conn)).await {
-                Ok(Ok(v)) => v,
-                Ok(Err(e)) => {
-                    self.fail(&e.to_string());
-                    return self.admit_in_outage(state, limits, cost, now);
-                }
-                Err(_) => {
-                    self.fail("no answer within shared_state.timeout");
-                    return self.admit_in_outage(state, limits, cost, now);
-                }
-            };
-        let at = |i: usize| answer.get(i).copied().unwrap_or(0).max(0) as u64;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let asked = Asked {
+            caller: caller.clone(),
+            seq,
+            limits: [
+                limits.concurrency.map_or(-1, i64::from),
+                opt(limits.rpm),
+                opt(limits.tpm),
+                bt,
+                bn,
+            ],
+            pers: [bt_per, bn_per],
+            cost,
+            at: p,
+            own: [
+                day.tokens as i64,
+                day.nanos,
+                month.tokens as i64,
+                month.nanos,
+            ],
+            answer: tx,
+        };
+        if self.queue.send(Pending::Admit(asked)).is_err() {
+            return self.admit_in_outage(state, limits, cost, now);
+        }
+        let answer = match tokio::time::timeout(self.cfg.timeout, rx).await {
+            Ok(Ok(v)) => v,
+            // The batch failed: the batcher has entered outage mode.
+            Ok(Err(_)) => return self.admit_in_outage(state, limits, cost, now),
+            Err(_) => {
+                self.fail("no answer within shared_state.timeout");
+                return self.admit_in_outage(state, limits, cost, now);
+            }
+        };
+        let at = |i: usize| answer[i].max(0) as u64;
         let wait = |n: u64| Duration::from_secs(n.max(1));
         match at(0) {
             0 => {
-                lock(&self.open).insert(seq, caller.clone());
+                lock(&self.open).insert(seq, (caller.clone(), cost));
                 let headroom = Headroom {
                     requests: limits
                         .rpm
@@ -504,11 +717,15 @@ impl SharedState {
                         .tpm
                         .map(|l| (l, l.saturating_sub(at(3)), Duration::from_secs(at(4)))),
                 };
+                let has =
+                    |b: Option<crate::config::Budget>, per: Per| b.is_some_and(|b| b.per == per);
+                let per = |per| has(limits.budget_tokens, per) || has(limits.budget_usd, per);
                 let ticket = SharedTicket {
                     seq,
                     second: at(5),
                     reserved: cost,
                     at: p,
+                    budgets: (per(Per::Day), per(Per::Month)),
                 };
                 Ok((Grant::Shared(ticket), headroom))
             }
@@ -554,8 +771,8 @@ impl SharedState {
     }
 
     /// Ends a ticket: this instance's spend is counted at once in process,
-    /// and the settle goes to Redis in the background (kept for replay
-    /// when Redis does not take it).
+    /// and the settle joins the batcher's next script call (kept for
+    /// replay when Redis does not take it). The response never waits on it.
     pub fn settle(
         self: &Arc<Self>,
         caller: Arc<str>,
@@ -565,23 +782,33 @@ impl SharedState {
     ) {
         state.record_spend(ticket.at, actual);
         lock(&self.open).remove(&ticket.seq);
+        let (day, month) = state.own_spend(SystemTime::now());
+        // A ticket of an earlier period publishes that period's figures
+        // only when they are still the current ones; a period without a
+        // budget is left to the heartbeat.
+        let figures = |s: super::Spend, period: u64, budget: bool| {
+            if budget && s.period == period {
+                [s.tokens as i64, s.nanos]
+            } else {
+                [-1, -1]
+            }
+        };
+        let [dt, dn] = figures(day, ticket.at.day, ticket.budgets.0);
+        let [mt, mn] = figures(month, ticket.at.month, ticket.budgets.1);
         let u = Unsettled {
             caller,
             ticket,
             actual_tokens: actual.tokens,
+            own: [dt, dn, mt, mn],
         };
-        let (day, month) = state.own_spend(SystemTime::now());
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                let me = self.clone();
-                rt.spawn(async move {
-                    if let Err(why) = me.deliver(&u, day, month).await {
-                        me.keep_unsettled(u);
-                        me.fail(&why);
-                    }
-                });
+        if self.outage.load(Ordering::Relaxed) {
+            self.keep_unsettled(u);
+            return;
+        }
+        if let Err(e) = self.queue.send(Pending::Settle(u)) {
+            if let Pending::Settle(u) = e.0 {
+                self.keep_unsettled(u);
             }
-            Err(_) => self.keep_unsettled(u),
         }
     }
 
@@ -592,44 +819,125 @@ impl SharedState {
         }
     }
 
-    async fn deliver(
-        &self,
-        u: &Unsettled,
-        day: super::Spend,
-        month: super::Spend,
-    ) -> Result<(), String> {
+    /// The batcher: takes what is queued (up to [`MAX_BATCH`] items) while
+    /// the previous call is out, sends it as one script call, hands each
+    /// admission its answer. One call at a time: under load a batch fills
+    /// during the round trip of the one before.
+    async fn batches(self: Arc<Self>) {
+        let Some(mut queued) = lock(&self.queued).take() else {
+            return;
+        };
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = queued.recv().await {
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match queued.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
+                }
+            }
+            self.send_batch(&mut batch).await;
+            batch.clear();
+        }
+    }
+
+    async fn send_batch(&self, batch: &mut Vec<Pending>) {
+        // A request that stopped waiting (its timeout passed) is not
+        // reserved for.
+        batch.retain(|p| !matches!(p, Pending::Admit(a) if a.answer.is_closed()));
+        if batch.is_empty() {
+            return;
+        }
         let Some(mut conn) = self.connection() else {
-            return Err("shared state in outage".to_owned());
+            self.give_back(batch);
+            return;
         };
-        let (day_key, month_key) = spend_keys(&u.caller, &u.ticket.at);
-        let mut call = self.settle.prepare_invoke();
-        call.key(key(&u.caller, "slots"))
-            .key(key(&u.caller, "tickets"))
-            .key(key(&u.caller, "amounts"))
-            .key(key(&u.caller, "tpm"))
-            .key(day_key)
-            .key(month_key)
-            .arg(format!("{}:{}", self.instance, u.ticket.seq))
-            .arg(u.ticket.second)
-            .arg(u.ticket.reserved.tokens)
-            .arg(u.actual_tokens)
-            .arg(&*self.instance);
-        // A ticket of an earlier period publishes that period's figures
-        // only when they are still the current ones.
-        let same = |a: u64, b: u64| a == b;
-        let (dt, dn) = if same(day.period, u.ticket.at.day) {
-            (day.tokens, day.nanos)
-        } else {
-            (0, 0)
+        let mut call = self.batch_call();
+        for p in batch.iter() {
+            match p {
+                Pending::Admit(a) => push_admit(&mut call, a),
+                Pending::Settle(u) => push_settle(&mut call, u),
+            }
+        }
+        let answer: Vec<i64> = match self
+            .invoke(&self.batch, &call, &mut conn, self.cfg.timeout)
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                self.fail(&e);
+                self.give_back(batch);
+                return;
+            }
         };
-        let (mt, mn) = if same(month.period, u.ticket.at.month) {
-            (month.tokens, month.nanos)
-        } else {
-            (0, 0)
+        let mut numbers = answer.chunks_exact(6);
+        for p in batch.drain(..) {
+            let Pending::Admit(a) = p else { continue };
+            let Some(six) = numbers.next() else { break };
+            let mut out = [0i64; 6];
+            out.copy_from_slice(six);
+            if a.answer.send(out).is_err() && out[0] == 0 {
+                // Reserved for a request that stopped waiting: given back.
+                let ticket = SharedTicket {
+                    seq: a.seq,
+                    second: out[5].max(0) as u64,
+                    reserved: a.cost,
+                    at: a.at,
+                    budgets: (false, false),
+                };
+                let u = Unsettled {
+                    caller: a.caller,
+                    ticket,
+                    actual_tokens: 0,
+                    own: [-1; 4],
+                };
+                let _ = self.queue.send(Pending::Settle(u));
+            }
+        }
+    }
+
+    /// A batch Redis did not take: its admissions learn it at once (they
+    /// go by `on_outage`), its settles wait for the replay.
+    fn give_back(&self, batch: &mut Vec<Pending>) {
+        for p in batch.drain(..) {
+            if let Pending::Settle(u) = p {
+                self.keep_unsettled(u);
+            }
+        }
+    }
+
+    /// `EVALSHA <batch script> 0 <instance> <lease>`, items to be appended.
+    fn batch_call(&self) -> redis::Cmd {
+        let mut call = redis::cmd("EVALSHA");
+        call.arg(self.batch.get_hash())
+            .arg(0)
+            .arg(&*self.instance)
+            .arg(LEASE.as_millis() as u64);
+        call
+    }
+
+    /// Runs a script call within `bound`, loading the script first when
+    /// Redis does not know it (a restarted or `SCRIPT FLUSH`ed server).
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        call: &redis::Cmd,
+        conn: &mut MultiplexedConnection,
+        bound: Duration,
+    ) -> Result<T, String> {
+        let once = async {
+            match call.query_async::<T>(conn).await {
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    script.load_async(conn).await?;
+                    call.query_async::<T>(conn).await
+                }
+                other => other,
+            }
         };
-        call.arg(dt).arg(dn).arg(mt).arg(mn);
-        match tokio::time::timeout(self.cfg.timeout, call.invoke_async::<i64>(&mut conn)).await {
-            Ok(Ok(_)) => Ok(()),
+        match tokio::time::timeout(bound, once).await {
+            Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("no answer within shared_state.timeout".to_owned()),
         }
@@ -672,6 +980,7 @@ impl SharedState {
         let Some(client) = self.client.clone() else {
             return;
         };
+        tokio::spawn(self.clone().batches());
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.cfg.timeout.max(Duration::from_millis(500))))
             .set_response_timeout(None);
@@ -729,56 +1038,38 @@ impl SharedState {
             }
         };
         ping(&mut conn, bound).await?;
-        for s in [&self.admit, &self.settle, &self.beat, &self.cooldown] {
+        for s in [&self.batch, &self.beat, &self.cooldown] {
             tokio::time::timeout(bound, s.load_async(&mut conn))
                 .await
                 .map_err(|_| "SCRIPT LOAD timed out".to_owned())?
                 .map_err(|e| e.to_string())?;
         }
-        let pending = std::mem::take(&mut *lock(&self.unsettled));
-        let mut failed = None;
-        for (i, u) in pending.iter().enumerate() {
-            if let Err(e) = self.deliver_on(&mut conn, u, bound).await {
-                lock(&self.unsettled).extend(pending[i..].iter().cloned());
-                failed = Some(e);
+        // Replayed in batches, oldest first; what Redis does not take stays.
+        loop {
+            let chunk: Vec<Unsettled> = {
+                let mut q = lock(&self.unsettled);
+                let n = q.len().min(MAX_BATCH);
+                q.drain(..n).collect()
+            };
+            if chunk.is_empty() {
                 break;
             }
-        }
-        if let Some(e) = failed {
-            return Err(e);
+            let mut call = self.batch_call();
+            for u in &chunk {
+                push_settle(&mut call, u);
+            }
+            if let Err(e) = self
+                .invoke::<redis::Value>(&self.batch, &call, &mut conn, bound)
+                .await
+            {
+                let mut q = lock(&self.unsettled);
+                let later = std::mem::take(&mut *q);
+                *q = chunk;
+                q.extend(later);
+                return Err(format!("settle replay: {e}"));
+            }
         }
         self.heartbeat(&mut conn, callers, true).await
-    }
-
-    async fn deliver_on(
-        &self,
-        conn: &mut MultiplexedConnection,
-        u: &Unsettled,
-        bound: Duration,
-    ) -> Result<(), String> {
-        let (day_key, month_key) = spend_keys(&u.caller, &u.ticket.at);
-        let mut call = self.settle.prepare_invoke();
-        call.key(key(&u.caller, "slots"))
-            .key(key(&u.caller, "tickets"))
-            .key(key(&u.caller, "amounts"))
-            .key(key(&u.caller, "tpm"))
-            .key(day_key)
-            .key(month_key)
-            .arg(format!("{}:{}", self.instance, u.ticket.seq))
-            .arg(u.ticket.second)
-            .arg(u.ticket.reserved.tokens)
-            .arg(u.actual_tokens)
-            .arg(&*self.instance)
-            // The spend itself is republished by the heartbeat.
-            .arg(0)
-            .arg(0)
-            .arg(0)
-            .arg(0);
-        match tokio::time::timeout(bound, call.invoke_async::<i64>(conn)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("settle replay timed out".to_owned()),
-        }
     }
 
     /// One round trip: every open ticket's deadline pushed forward, every
@@ -792,34 +1083,32 @@ impl SharedState {
     ) -> Result<(), String> {
         let now = SystemTime::now();
         let p = Periods::of(now);
-        let mut by_caller: HashMap<Arc<str>, Vec<u64>> = HashMap::new();
-        for (seq, c) in lock(&self.open).iter() {
-            by_caller.entry(c.clone()).or_default().push(*seq);
+        let mut by_caller: HashMap<Arc<str>, Vec<(u64, Cost)>> = HashMap::new();
+        for (seq, (c, cost)) in lock(&self.open).iter() {
+            by_caller.entry(c.clone()).or_default().push((*seq, *cost));
         }
         let list = callers();
         if list.is_empty() {
             return ping(conn, self.cfg.timeout.max(Duration::from_millis(500))).await;
         }
-        let mut call = self.beat.prepare_invoke();
-        call.arg(LEASE.as_millis() as u64).arg(&*self.instance);
+        let mut call = redis::cmd("EVALSHA");
+        call.arg(self.beat.get_hash())
+            .arg(0)
+            .arg(&*self.instance)
+            .arg(LEASE.as_millis() as u64);
         for c in &list {
-            let (day_key, month_key) = spend_keys(&c.name, &p);
-            call.key(key(&c.name, "slots"))
-                .key(key(&c.name, "tickets"))
-                .key(day_key)
-                .key(month_key)
-                .key(key(&c.name, "rpm"))
-                .key(key(&c.name, "tpm"))
-                .key(key(&c.name, "amounts"));
             let (day, month) = c.state.own_spend(now);
-            call.arg(day.tokens)
+            call.arg(&*c.name)
+                .arg(p.day)
+                .arg(p.month)
+                .arg(day.tokens)
                 .arg(day.nanos)
                 .arg(month.tokens)
                 .arg(month.nanos);
-            let seqs = by_caller.remove(&c.name).unwrap_or_default();
-            call.arg(seqs.len());
-            for s in seqs {
-                call.arg(format!("{}:{s}", self.instance));
+            let tickets = by_caller.remove(&c.name).unwrap_or_default();
+            call.arg(tickets.len());
+            for (seq, cost) in tickets {
+                call.arg(format!("{seq}:{}:{}", cost.tokens, cost.nanos));
             }
             let seconds = if reconcile {
                 c.state.take_window(now)
@@ -836,11 +1125,10 @@ impl SharedState {
         } else {
             self.cfg.timeout.max(Duration::from_millis(200))
         };
-        match tokio::time::timeout(bound, call.invoke_async::<i64>(conn)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("heartbeat: no answer in time".to_owned()),
-        }
+        self.invoke::<i64>(&self.beat, &call, conn, bound)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("heartbeat: {e}"))
     }
 
     /// Applies other instances' cooldowns: those running when this one

@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -96,6 +96,18 @@ struct ReasonLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
+}
+
+/// One caller's series: handles into the families, each made on first use
+/// (so the exposition is the same as looking them up), kept by the routing
+/// table instead of hashing the caller's name into four families per
+/// request.
+#[derive(Debug, Default)]
+pub struct CallerMetrics {
+    requests: OnceLock<Counter>,
+    spend: OnceLock<Counter<f64, AtomicU64>>,
+    prompt: OnceLock<Counter>,
+    completion: OnceLock<Counter>,
 }
 
 /// The metrics of one client that do not depend on the request's model or
@@ -455,27 +467,53 @@ impl Metrics {
             .inc();
     }
 
-    /// The per-caller and cost series of a finished request.
-    fn count_caller_and_cost(&self, r: &UsageRecord) {
+    /// The per-caller and cost series of a finished request; through the
+    /// caller's kept handles when given.
+    fn count_caller_and_cost(&self, r: &UsageRecord, kept: Option<&CallerMetrics>) {
         if let Some(caller) = &r.caller {
-            let labels = CallerLabels {
+            let labels = || CallerLabels {
                 caller: caller.clone(),
             };
-            self.caller_requests.get_or_create(&labels).inc();
-            if let Some(cost) = r.cost_usd {
-                self.caller_spend.get_or_create(&labels).inc_by(cost);
-            }
-            for (kind, n) in [
-                ("prompt", r.prompt_tokens),
-                ("completion", r.completion_tokens),
-            ] {
-                if let Some(n) = n {
-                    self.caller_tokens
-                        .get_or_create(&CallerTokenLabels {
-                            caller: caller.clone(),
-                            kind,
-                        })
-                        .inc_by(n);
+            let tokens = |kind| CallerTokenLabels {
+                caller: caller.clone(),
+                kind,
+            };
+            match kept {
+                Some(k) => {
+                    k.requests
+                        .get_or_init(|| self.caller_requests.get_or_create_owned(&labels()))
+                        .inc();
+                    if let Some(cost) = r.cost_usd {
+                        k.spend
+                            .get_or_init(|| self.caller_spend.get_or_create_owned(&labels()))
+                            .inc_by(cost);
+                    }
+                    for (kind, n, handle) in [
+                        ("prompt", r.prompt_tokens, &k.prompt),
+                        ("completion", r.completion_tokens, &k.completion),
+                    ] {
+                        if let Some(n) = n {
+                            handle
+                                .get_or_init(|| {
+                                    self.caller_tokens.get_or_create_owned(&tokens(kind))
+                                })
+                                .inc_by(n);
+                        }
+                    }
+                }
+                None => {
+                    self.caller_requests.get_or_create(&labels()).inc();
+                    if let Some(cost) = r.cost_usd {
+                        self.caller_spend.get_or_create(&labels()).inc_by(cost);
+                    }
+                    for (kind, n) in [
+                        ("prompt", r.prompt_tokens),
+                        ("completion", r.completion_tokens),
+                    ] {
+                        if let Some(n) = n {
+                            self.caller_tokens.get_or_create(&tokens(kind)).inc_by(n);
+                        }
+                    }
                 }
             }
         }
@@ -490,8 +528,18 @@ impl Metrics {
 
     /// `client`: the answering client's handles, when one answered.
     pub fn request_finished(&self, r: &UsageRecord, client_metrics: Option<&ClientMetrics>) {
+        self.request_finished_by(r, client_metrics, None);
+    }
+
+    /// [`Metrics::request_finished`], with the caller's kept handles.
+    pub fn request_finished_by(
+        &self,
+        r: &UsageRecord,
+        client_metrics: Option<&ClientMetrics>,
+        caller_metrics: Option<&CallerMetrics>,
+    ) {
         if r.caller.is_some() || r.cost_usd.is_some() {
-            self.count_caller_and_cost(r);
+            self.count_caller_and_cost(r, caller_metrics);
         }
         if let (Some(cm), Some(model)) = (client_metrics, r.model.as_deref()) {
             if self.count_cached(cm, model, r) {
@@ -666,6 +714,28 @@ mod tests {
 
     /// The series a client keeps at hand, within and past their bounds,
     /// count exactly what the lookups by label count.
+    #[test]
+    fn series_kept_for_a_caller_count_what_the_families_count() {
+        let (kept, looked_up) = (Metrics::new(), Metrics::new());
+        let handles = CallerMetrics::default();
+        for i in 0..40u64 {
+            let r = UsageRecord {
+                caller: Some(Arc::from("app")),
+                client: Some(Arc::from("c1")),
+                status: 200,
+                prompt_tokens: (i % 3 != 0).then_some(i),
+                completion_tokens: (i % 2 == 0).then_some(1),
+                cost_usd: (i % 5 != 0).then_some(0.25),
+                ..UsageRecord::default()
+            };
+            kept.request_finished_by(&r, None, Some(&handles));
+            looked_up.request_finished(&r, None);
+        }
+        let (a, b) = (exposition(&kept), exposition(&looked_up));
+        assert!(a.iter().any(|l| l.contains("caller=\"app\"")), "{a:?}");
+        assert_eq!(a, b);
+    }
+
     #[test]
     fn series_kept_by_a_client_count_what_the_families_count() {
         let client: Arc<str> = Arc::from("c1");

@@ -532,9 +532,10 @@ async fn proxy<B: RequestBodyStream>(
     body: B,
 ) -> Response<ResponseBody> {
     let mut headroom = None;
+    let limit_headers = caller.caller.map(|i| &table.callers[i].limit_headers);
     let mut resp = proxy_admitted(state, &table, caller, body, &mut headroom).await;
     if let Some(h) = headroom {
-        ratelimit_headers(resp.headers_mut(), &h);
+        ratelimit_headers(resp.headers_mut(), &h, limit_headers);
     }
     resp
 }
@@ -565,6 +566,7 @@ async fn proxy_admitted<B: RequestBodyStream>(
         ..UsageRecord::default()
     });
     let mut done = Completion::start(state.clone(), record, started);
+    done.caller_metrics = caller.map(|c| c.metrics.clone());
     let server = &table.config.server;
     let bytes = match read_body(
         body,
@@ -1009,9 +1011,16 @@ fn refusal_error(cfg: &crate::config::CallerConfig, refusal: Refusal, cost: Cost
     }
 }
 
-/// OpenAI's `x-ratelimit-*` headers for the limits the caller has.
-fn ratelimit_headers(headers: &mut HeaderMap, h: &Headroom) {
-    for (limit, names) in [
+/// OpenAI's `x-ratelimit-*` headers for the limits the caller has. The
+/// limits come formatted from the routing table (`cached`) and resets of a
+/// minute or less from a table made once: only the remaining counts are
+/// formatted per request.
+fn ratelimit_headers(
+    headers: &mut HeaderMap,
+    h: &Headroom,
+    cached: Option<&[Option<(u64, HeaderValue)>; 2]>,
+) {
+    for (k, (limit, names)) in [
         (
             h.requests,
             [
@@ -1028,17 +1037,42 @@ fn ratelimit_headers(headers: &mut HeaderMap, h: &Headroom) {
                 "x-ratelimit-reset-tokens",
             ],
         ),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let Some((max, remaining, reset)) = limit else {
             continue;
         };
         let [l, r, t] = names.map(HeaderName::from_static);
-        headers.insert(l, HeaderValue::from(max));
+        let limit_value = cached
+            .and_then(|c| c[k].as_ref())
+            .filter(|(n, _)| *n == max)
+            .map(|(_, v)| v.clone());
+        headers.insert(l, limit_value.unwrap_or_else(|| HeaderValue::from(max)));
         headers.insert(r, HeaderValue::from(remaining));
-        if let Ok(v) = HeaderValue::from_str(&openai_duration(reset)) {
+        if let Some(v) = reset_value(reset) {
             headers.insert(t, v);
         }
     }
+}
+
+/// A reset as a header value: whole seconds up to a minute (every reset
+/// of a rolling minute) come from a table written once.
+fn reset_value(d: Duration) -> Option<HeaderValue> {
+    static UP_TO_A_MINUTE: std::sync::LazyLock<Vec<HeaderValue>> = std::sync::LazyLock::new(|| {
+        (0..=60)
+            .map(|s| {
+                let text: &'static str =
+                    Box::leak(openai_duration(Duration::from_secs(s)).into_boxed_str());
+                HeaderValue::from_static(text)
+            })
+            .collect()
+    });
+    if d.subsec_nanos() == 0 && d.as_secs() <= 60 {
+        return UP_TO_A_MINUTE.get(d.as_secs() as usize).cloned();
+    }
+    HeaderValue::from_str(&openai_duration(d)).ok()
 }
 
 /// A duration as OpenAI writes its resets: `20ms`, `1s`, `6m0s`, `1h2m3s`.

@@ -78,6 +78,8 @@ pub struct Completion {
     pub in_flight: Option<InFlight>,
     /// The answering client's metric handles.
     pub client_metrics: Option<Arc<ClientMetrics>>,
+    /// The caller's metric series, when the request has a caller.
+    pub caller_metrics: Option<Arc<crate::ops::metrics::CallerMetrics>>,
     /// The caller's reservation, when its limits took one.
     pub admission: Option<Admission>,
     /// The price of the model the answering client was sent, if priced.
@@ -97,6 +99,7 @@ impl Completion {
             started,
             in_flight: None,
             client_metrics: None,
+            caller_metrics: None,
             admission: None,
             price: None,
             mirror: None,
@@ -163,9 +166,11 @@ impl Completion {
         }
         let state = &self.state;
         state.metrics.in_flight().dec();
-        state
-            .metrics
-            .request_finished(&r, self.client_metrics.as_deref());
+        state.metrics.request_finished_by(
+            &r,
+            self.client_metrics.as_deref(),
+            self.caller_metrics.as_deref(),
+        );
         let a = self.access.as_deref();
         let remote_addr = a.and_then(|a| a.remote).map(tracing::field::display);
         let peer = a.and_then(|a| a.peer).map(tracing::field::display);

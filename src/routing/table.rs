@@ -99,6 +99,11 @@ pub struct CallerRoute {
     pub cfg: CallerConfig,
     pub name: Arc<str>,
     pub state: Arc<CallerState>,
+    /// `x-ratelimit-limit-requests` and `-tokens`, formatted once per
+    /// config generation instead of per admitted request.
+    pub limit_headers: [Option<(u64, http::HeaderValue)>; 2],
+    /// The caller's metric series, for this config generation.
+    pub metrics: Arc<crate::ops::metrics::CallerMetrics>,
 }
 
 #[derive(Debug)]
@@ -236,6 +241,9 @@ impl RoutingTable {
             .map(|cfg| CallerRoute {
                 cfg: cfg.clone(),
                 name: Arc::from(cfg.name.as_str()),
+                limit_headers: [cfg.limits.rpm, cfg.limits.tpm]
+                    .map(|l| l.map(|n| (n, http::HeaderValue::from(n)))),
+                metrics: Arc::default(),
                 state: previous
                     .and_then(|p| p.callers.iter().find(|c| c.cfg.name == cfg.name))
                     .map(|c| c.state.clone())
