@@ -116,7 +116,8 @@ async fn serve(
     // Handlers go in before the line that tells the world we listen: a
     // SIGTERM right after it must drain, not kill.
     let shutdown = shutdown_signal();
-    tracing::info!(listen = %bound, clients, config = %path.display(), version = env!("CARGO_PKG_VERSION"), "gptbalance listening");
+    let tls = state.table.load().config.server.tls.is_some();
+    tracing::info!(listen = %bound, tls, clients, config = %path.display(), version = env!("CARGO_PKG_VERSION"), "gptbalance listening");
     systemd::ready();
     systemd::spawn_watchdog();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

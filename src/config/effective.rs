@@ -134,6 +134,11 @@ pub fn to_json(cfg: &Config) -> Value {
                 .map(|n| format!("{}/{}", n.addr, n.prefix))
                 .collect::<Vec<_>>(),
             "max_connections": s.max_connections,
+            // The files' paths; what they hold is never shown.
+            "tls": s.tls.as_ref().map(|t| json!({
+                "cert": t.cert.display().to_string(),
+                "key": t.key.display().to_string(),
+            })),
         },
         "routing": policy(&cfg.routing),
         "usage": { "dir": cfg.usage.dir.display().to_string(), "enabled": cfg.usage.enabled },

@@ -10,6 +10,7 @@ pub mod prices;
 pub mod schema;
 pub mod secret_files;
 pub mod source_map;
+pub mod tls;
 pub mod validate;
 
 use std::fmt;
@@ -165,6 +166,27 @@ pub struct ServerConfig {
     pub cors: Option<Cors>,
     /// Peers whose `X-Forwarded-For` names the caller (access log only).
     pub trusted_proxies: Vec<IpNet>,
+    /// `None`: the listener speaks plain HTTP.
+    pub tls: Option<ListenerTls>,
+}
+
+/// `server.tls`, read and checked: the certificate chain and the private
+/// key that matches it, as read from the files at this load.
+#[derive(Clone)]
+pub struct ListenerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub identity: std::sync::Arc<rustls::sign::CertifiedKey>,
+}
+
+impl std::fmt::Debug for ListenerTls {
+    // The paths only: nothing of the key, not even through rustls' types.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerTls")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
 }
 
 /// An address block: `10.0.0.0/8`, or one address (`/32`, `/128`).

@@ -44,6 +44,15 @@ pub struct ServerSection {
     pub max_connections: Option<usize>,
     pub cors: Option<CorsSection>,
     pub trusted_proxies: Option<Vec<String>>,
+    pub tls: Option<TlsSection>,
+}
+
+/// `server.tls`: the listener's certificate chain and private key (PEM files).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub cert: Option<String>,
+    pub key: Option<String>,
 }
 
 /// `server.cors`: which browser origins may call the gateway.

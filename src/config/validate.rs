@@ -97,7 +97,12 @@ pub fn validate(
         map,
         diags,
     );
-    let server = server(s.server.as_ref().unwrap_or(&Default::default()), map, diags);
+    let server = server(
+        s.server.as_ref().unwrap_or(&Default::default()),
+        base_dir,
+        map,
+        diags,
+    );
     let routing = routing(
         s.routing.as_ref().unwrap_or(&Default::default()),
         "routing",
@@ -749,7 +754,12 @@ fn warn_unpriced_clients(
     }
 }
 
-fn server(s: &schema::ServerSection, map: &SourceMap, diags: &mut Diags) -> ServerConfig {
+fn server(
+    s: &schema::ServerSection,
+    base_dir: &Path,
+    map: &SourceMap,
+    diags: &mut Diags,
+) -> ServerConfig {
     let listen_text = s.listen.as_deref().unwrap_or("127.0.0.1:8000");
     let listen = parse_listen(listen_text).unwrap_or_else(|| {
         diags.error_at(
@@ -837,6 +847,42 @@ fn server(s: &schema::ServerSection, map: &SourceMap, diags: &mut Diags) -> Serv
             map,
             diags,
         ),
+        tls: s.tls.as_ref().and_then(|t| tls(t, base_dir, map, diags)),
+    }
+}
+
+/// `server.tls`: both files named, read now (paths against the config
+/// file's directory), the key matching the certificate.
+fn tls(
+    t: &schema::TlsSection,
+    base_dir: &Path,
+    map: &SourceMap,
+    diags: &mut Diags,
+) -> Option<crate::config::ListenerTls> {
+    let (Some(cert), Some(key)) = (t.cert.as_deref(), t.key.as_deref()) else {
+        diags.error_at(
+            map.value("server.tls"),
+            "server.tls needs both `cert` (PEM certificate chain) and `key` (PEM private key)",
+        );
+        return None;
+    };
+    let (cert, key) = (resolve(base_dir, cert), resolve(base_dir, key));
+    match super::tls::read(&cert, &key) {
+        Ok(identity) => Some(crate::config::ListenerTls {
+            cert,
+            key,
+            identity,
+        }),
+        Err(e) => {
+            let at = match e {
+                super::tls::TlsFileError::CertUnreadable { .. }
+                | super::tls::TlsFileError::CertNotPem { .. }
+                | super::tls::TlsFileError::CertInvalid { .. } => "server.tls.cert",
+                _ => "server.tls.key",
+            };
+            diags.error_at(map.value(at), e.to_string());
+            None
+        }
     }
 }
 

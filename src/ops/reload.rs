@@ -50,7 +50,9 @@ pub async fn reload_now(state: &Arc<AppState>, trigger: &str) -> ReloadStatus {
             if loaded.config.shared_state != current.config.shared_state {
                 tracing::warn!("shared_state changed; it takes effect after a restart");
             }
-            let table = RoutingTable::build(loaded.config, Some(&current));
+            let mut config = loaded.config;
+            keep_listener_kind(&mut config, &current.config);
+            let table = RoutingTable::build(config, Some(&current));
             let generation = table.generation;
             state.table.store(Arc::new(table));
             state.metrics.reload(true, generation);
@@ -99,6 +101,30 @@ pub async fn reload_now(state: &Arc<AppState>, trigger: &str) -> ReloadStatus {
     *state.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = status.clone();
     systemd::ready();
     status
+}
+
+/// The listener stays what it started as: TLS or plain. A reload that
+/// removes `server.tls` keeps the running certificate (the listener still
+/// speaks TLS until a restart); one that adds it is not applied (the
+/// listener still speaks plain HTTP). The file's certificate and key were
+/// read and checked all the same, so a restart will take them.
+fn keep_listener_kind(new: &mut config::Config, running: &config::Config) {
+    match (&new.server.tls, &running.server.tls) {
+        (None, Some(kept)) => {
+            tracing::warn!(
+                cert = %kept.cert.display(),
+                "server.tls was removed; the listener keeps speaking TLS with its certificate until a restart"
+            );
+            new.server.tls = Some(kept.clone());
+        }
+        (Some(_), None) => {
+            tracing::warn!(
+                "server.tls was added; the listener keeps speaking plain HTTP until a restart"
+            );
+            new.server.tls = None;
+        }
+        _ => {}
+    }
 }
 
 /// What reloading the config file now would change, as `gptbalance diff`

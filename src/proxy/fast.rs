@@ -8,6 +8,8 @@
 //! 64 KiB or over 100 headers, anything httparse refuses) hands the
 //! connection, with the bytes already read and not yet used, to hyper for
 //! the rest of its life; hyper's answers to odd requests stay the answers.
+//! Plaintext only: a TLS connection (`server.tls`) never comes here, hyper
+//! serves it from its handshake on (`tls.rs`).
 //!
 //! Semantics kept from hyper's server: a new connection's first head must
 //! arrive within `header_read_timeout` of its accept, as hyper's timer

@@ -29,6 +29,7 @@ pub mod report;
 pub mod server;
 pub mod shadow;
 pub mod sse;
+pub mod tls;
 pub mod transform;
 pub mod upstream;
 // `value`: a header value httparse accepted, not checked again.
@@ -76,6 +77,9 @@ pub struct AppState {
     /// Callers' limits and key cooldowns shared with other instances;
     /// `None` without `shared_state`.
     pub shared: Option<Arc<crate::limits::shared::SharedState>>,
+    /// The TLS acceptor every worker shares, made by the first to start
+    /// when the config has `server.tls` (`tls::acceptor`).
+    pub listener_tls: std::sync::OnceLock<tokio_rustls::TlsAcceptor>,
 }
 
 impl AppState {
@@ -105,6 +109,7 @@ impl AppState {
             connection_slots: slots,
             discovered: Default::default(),
             shared: None,
+            listener_tls: std::sync::OnceLock::new(),
         }
     }
 

@@ -1,7 +1,10 @@
 //! The accept loop and graceful drain.
 //!
 //! `run` takes a bound listener and a shutdown future, so tests bind port 0
-//! and know the address before the first request.
+//! and know the address before the first request. A plain connection starts
+//! on the HTTP/1.1 fast path (`fast.rs`) and goes to hyper when a request
+//! needs it; with `server.tls`, a connection's TLS handshake (bounded by
+//! `header_read_timeout`) comes first and hyper serves it all (`tls.rs`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -29,10 +32,11 @@ use super::AppState;
 
 /// Serves until `shutdown` resolves, then stops accepting and lets open
 /// requests finish for up to `server.shutdown_grace` before cutting them.
-/// Each connection starts on the HTTP/1.1 fast path (`fast.rs`) and goes
-/// to hyper when a request needs it.
+/// Speaks TLS when the config has `server.tls` as `run` starts, for the
+/// listener's whole life.
 pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
     let server_cfg = state.table.load().config.server.clone();
+    let tls = super::tls::acceptor(&state);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -76,8 +80,12 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
         let state = state.clone();
         let builder = builder.clone();
         let draining = draining_rx.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            serve_connection(stream, peer, state, &builder, draining).await;
+            match tls {
+                None => serve_connection(stream, peer, state, &builder, draining).await,
+                Some(tls) => serve_tls(tls, stream, peer, state, &builder, draining).await,
+            }
             drop(permit);
         });
     }
@@ -104,13 +112,59 @@ async fn serve_connection(
     peer: std::net::SocketAddr,
     state: Arc<AppState>,
     builder: &auto::Builder<TokioExecutor>,
-    mut draining: watch::Receiver<bool>,
+    draining: watch::Receiver<bool>,
 ) {
     let io = match fast::serve(stream, Some(peer), state.clone(), draining.clone()).await {
         fast::Exit::Closed => return,
         fast::Exit::HandOff(io) => io,
     };
     let aborted = io.abort_flag();
+    serve_with_hyper(io, aborted, peer, state, builder, draining).await;
+}
+
+/// One TLS connection: the handshake, then hyper. A client that sends no
+/// ClientHello, or stalls in the handshake, is closed after
+/// `header_read_timeout`, as one that sends no head is.
+async fn serve_tls(
+    tls: tokio_rustls::TlsAcceptor,
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    state: Arc<AppState>,
+    builder: &auto::Builder<TokioExecutor>,
+    mut draining: watch::Receiver<bool>,
+) {
+    let limit = state.table.load().config.server.header_read_timeout;
+    let handshake = tokio::time::timeout(limit, tls.accept(stream));
+    let io = tokio::select! {
+        done = handshake => match done {
+            Ok(Ok(io)) => super::tls::TlsConn::new(io),
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, ?limit, "TLS handshake not done within header_read_timeout");
+                return;
+            }
+        },
+        _ = drained(&mut draining) => return,
+    };
+    let aborted = io.abort_flag();
+    serve_with_hyper(io, aborted, peer, state, builder, draining).await;
+}
+
+/// hyper serves the rest of a connection's life: HTTP/2, or HTTP/1.1
+/// requests the fast path does not take, or a TLS connection.
+async fn serve_with_hyper<IO>(
+    io: IO,
+    aborted: Arc<AtomicBool>,
+    peer: std::net::SocketAddr,
+    state: Arc<AppState>,
+    builder: &auto::Builder<TokioExecutor>,
+    mut draining: watch::Receiver<bool>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (io, framing) = Watched::new(TokioIo::new(io));
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         // An HTTP/2 stream is reset on its own; only an HTTP/1 response

@@ -1,0 +1,136 @@
+//! The listener's TLS (`server.tls`): a connection's handshake (rustls,
+//! through tokio-rustls), then hyper for the rest of its life.
+//!
+//! ALPN offers `h2` and `http/1.1`; hyper's auto server reads which one the
+//! client speaks. The HTTP/1.1 fast path (`fast.rs`) is plaintext-only:
+//! every TLS connection is served by hyper, whose idle HTTP/1.1 wait is
+//! bounded by `header_read_timeout` rather than `keepalive_timeout`, and
+//! whose idle HTTP/2 connections stay open until the client or a drain
+//! closes them (as with h2c).
+//!
+//! The certificate is looked up at each handshake in the running routing
+//! table's config, so a reload that read a new pair serves it to the next
+//! connection, and a connection keeps the one it shook hands with. Whether
+//! the listener speaks TLS at all is fixed when it starts (`reload.rs`
+//! keeps a removed `server.tls` until a restart). This module reads no
+//! file: `config::tls` did, at load.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
+
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+
+use super::AppState;
+
+/// Makes the acceptor every worker shares (one session cache for all, so a
+/// client resuming lands on a worker that knows it). `None` when the config
+/// at start has no `server.tls`.
+pub fn acceptor(state: &Arc<AppState>) -> Option<tokio_rustls::TlsAcceptor> {
+    state.table.load().config.server.tls.as_ref()?;
+    let acceptor = state.listener_tls.get_or_init(|| {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("ring supports rustls' default protocol versions");
+        let mut config = builder
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(CurrentIdentity(Arc::downgrade(state))));
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    });
+    Some(acceptor.clone())
+}
+
+/// The running config's certificate and key, at each handshake. Holds the
+/// state weakly: the state holds the acceptor that holds this.
+struct CurrentIdentity(Weak<AppState>);
+
+impl std::fmt::Debug for CurrentIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CurrentIdentity")
+    }
+}
+
+impl ResolvesServerCert for CurrentIdentity {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let state = self.0.upgrade()?;
+        let table = state.table.load();
+        table.config.server.tls.as_ref().map(|t| t.identity.clone())
+    }
+}
+
+/// A TLS connection as hyper serves it: when a response body failed, the
+/// connection is reset on close, as on plain connections (`fast.rs`).
+pub struct TlsConn {
+    io: TlsStream<TcpStream>,
+    aborted: Arc<AtomicBool>,
+}
+
+impl TlsConn {
+    pub fn new(io: TlsStream<TcpStream>) -> TlsConn {
+        TlsConn {
+            io,
+            aborted: Arc::default(),
+        }
+    }
+
+    /// The flag that, once set, makes dropping this connection reset it.
+    pub fn abort_flag(&self) -> Arc<AtomicBool> {
+        self.aborted.clone()
+    }
+}
+
+impl Drop for TlsConn {
+    fn drop(&mut self) {
+        if self.aborted.load(Ordering::Relaxed) {
+            super::fast::reset_on_close(self.io.get_ref().0);
+        }
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
