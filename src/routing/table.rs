@@ -13,8 +13,8 @@ use smallvec::SmallVec;
 
 use super::affinity;
 use super::key_health::KeyHealth;
-use super::matcher;
 use super::selector::{self, Candidates, Order, Tier, TtfbAverage};
+use crate::config::matcher;
 use crate::config::{
     Api, AuthStyle, Balance, CallerConfig, ClientConfig, Config, KeyStrategy, Price,
 };
