@@ -4,13 +4,19 @@
 //!
 //! - [`cli`]: one file per subcommand (`serve`, `validate-config`, ...).
 //! - [`config`]: read → expand `${VAR}` → parse → validate → `Config`, with
-//!   every diagnostic as `PATH:LINE:COL: message`.
+//!   every diagnostic as `PATH:LINE:COL: message` (`config::diags`), and the
+//!   `model_match` rule (`config::matcher`) that validation and routing share.
 //! - [`routing`]: the immutable `RoutingTable` (matching, priority tiers,
 //!   weighted round robin, fallback, key health). Knows no HTTP.
 //! - [`proxy`]: raw hyper server, request handling, upstream attempts, the
 //!   streaming relay, OpenAI-shaped errors, local endpoints. Parses no YAML.
 //! - [`usage`]: the usage record, the background SQLite writer, reports.
-//! - [`ops`]: hot reload, systemd notify, logging, metrics.
+//! - [`state`]: the daemon's shared state (`AppState`, the last reload's
+//!   status, the clock, the discovered model lists): read by the proxy per
+//!   request, written by `ops`.
+//! - [`ops`]: hot reload, systemd notify, logging, metrics, and the background
+//!   upstream calls (key probes, model discovery) made through the proxy's
+//!   upstream client.
 //! - [`secret`]: keys and tokens, which only ever show as a redacted id.
 //!
 //! A request flows one way: `proxy::handler` → `RoutingTable::candidates` →
@@ -30,4 +36,5 @@ pub mod ops;
 pub mod proxy;
 pub mod routing;
 pub mod secret;
+pub mod state;
 pub mod usage;

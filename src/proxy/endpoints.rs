@@ -8,11 +8,11 @@ use serde_json::json;
 use super::admin_ui;
 use super::api_error::ApiError;
 use super::body::ResponseBody;
-use super::{AppState, ReloadStatus};
 use crate::config::prices::usd;
 use crate::config::{CallerConfig, Per};
 use crate::routing::RoutingTable;
 use crate::secret::constant_time_eq;
+use crate::state::{AppState, ReloadStatus};
 
 pub fn text(status: StatusCode, body: &'static str) -> Response<ResponseBody> {
     let mut resp = Response::new(ResponseBody::full(body));

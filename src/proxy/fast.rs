@@ -39,7 +39,7 @@ use tokio::sync::watch;
 use super::body::ResponseBody;
 use super::handler::{self, BodyCut};
 use super::plain::{push_decimal, RelayedHeaders};
-use super::AppState;
+use crate::state::AppState;
 
 /// Longest head the fast path reads; a longer one goes to hyper, which
 /// answers 431 for it.

@@ -31,7 +31,6 @@ use super::shadow;
 use super::sse::{PrefixSlot, SseFilter};
 use super::transform::{self, Changes, EndpointKind, RequestBody};
 use super::upstream;
-use super::AppState;
 use crate::config::prices::{self, Tokens};
 use crate::config::{Affinity, Per};
 use crate::limits::shared::{Denial, Grant, SharedState};
@@ -39,6 +38,7 @@ use crate::limits::{Cost, Headroom, Refusal};
 use crate::routing::table::USUAL_ENDPOINTS;
 use crate::routing::{CallerRoute, KeyAsk, KeyPick, RoutingTable};
 use crate::secret::sha256;
+use crate::state::AppState;
 use crate::usage::UsageRecord;
 
 /// What a request path asks for.

@@ -25,7 +25,7 @@ use super::framing::Watched;
 use super::handler;
 use super::plain::RelayedHeaders;
 use super::upstream;
-use super::AppState;
+use crate::state::AppState;
 
 /// Serves until `shutdown` resolves, then stops accepting and lets open
 /// requests finish for up to `server.shutdown_grace` before cutting them.
