@@ -140,7 +140,7 @@ pub async fn admin(
         return admin_ui::asset(what)
             .ok_or_else(|| ApiError::NotFound(format!("no admin endpoint /admin/{what}")));
     }
-    let presented = super::handler::bearer_token(headers).unwrap_or("");
+    let presented = super::route::bearer_token(headers).unwrap_or("");
     if !constant_time_eq(presented.as_bytes(), admin.expose().as_bytes()) {
         return Err(ApiError::Unauthorized(
             "a valid admin token is required".to_owned(),

@@ -26,6 +26,7 @@ pub mod plain;
 pub mod quota;
 pub mod relay;
 pub mod report;
+pub mod route;
 pub mod server;
 pub mod shadow;
 pub mod sse;
