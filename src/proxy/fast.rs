@@ -76,7 +76,7 @@ pub async fn serve(
     // a new one per wait would register and deregister (two locks) each
     // time.
     let mut watch = draining.clone();
-    let mut drained = std::pin::pin!(super::server::drained(&mut watch));
+    let mut drained = std::pin::pin!(super::drain::drained(&mut watch));
     let mut conn = Conn {
         io,
         buf: BytesMut::with_capacity(READ_ROOM),

@@ -10,6 +10,7 @@ pub mod api_error;
 pub mod attempt;
 pub mod body;
 pub mod cors;
+mod drain;
 pub mod endpoints;
 // Header values httparse accepted, taken unchecked (wire_names::value).
 #[allow(unsafe_code)]

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 
 use super::api_error::ApiError;
 use super::body::{BoxError, ResponseBody};
+use super::drain::drained;
 use super::fast;
 use super::framing::Watched;
 use super::handler;
@@ -190,12 +191,6 @@ impl http_body::Body for MarksAbort {
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
     }
-}
-
-/// Resolves once the server drains (or is gone). The guard `wait_for`
-/// returns is not held across an await: it is not `Send`.
-pub(crate) async fn drained(draining: &mut watch::Receiver<bool>) {
-    let _ = draining.wait_for(|d| *d).await;
 }
 
 /// Keeps this runtime's timer driver waking at least once a second. Arming
