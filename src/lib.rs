@@ -8,7 +8,10 @@
 //!   `model_match` rule (`config::matcher`) that validation and routing share.
 //! - [`routing`]: the immutable `RoutingTable` (matching, priority tiers,
 //!   weighted round robin, fallback, key health). Knows no HTTP.
-//! - [`proxy`]: raw hyper server, request handling, upstream attempts, the
+//! - [`proxy`]: the accept loop and its drain signal (`server`, `drain`),
+//!   the HTTP/1.1 fast path (`fast`) with hyper for the rest, what a head
+//!   asks for (`route`: path and bearer token), request handling
+//!   (`handler`), upstream attempts (`attempt` via `upstream`), the
 //!   streaming relay, OpenAI-shaped errors, local endpoints. Parses no YAML.
 //! - [`usage`]: the usage record, the background SQLite writer, reports.
 //! - [`state`]: the daemon's shared state (`AppState`, the last reload's
@@ -18,11 +21,13 @@
 //!   upstream calls (key probes, model discovery) made through the proxy's
 //!   upstream client.
 //! - [`secret`]: keys and tokens, which only ever show as a redacted id.
+//! - [`calendar`]: UTC days and months, and the usage rows' time stamps.
 //!
-//! A request flows one way: `proxy::handler` → `RoutingTable::candidates` →
+//! A request flows one way: `proxy::server` (or `proxy::fast`) →
+//! `proxy::route` → `proxy::handler` → `RoutingTable::candidates` →
 //! `proxy::attempt` (via `proxy::upstream`) → `proxy::relay` →
 //! `usage::UsageSink::send`. Config flows file → `config::load` →
-//! `RoutingTable::build` → `ArcSwap::store`.
+//! `RoutingTable::build` → `ArcSwap::store` into `state::AppState::table`.
 
 // `unsafe` only where a module says why, with a `SAFETY` note per block
 // and a measured gain on the request path (see each module's docs).
