@@ -16,7 +16,7 @@ use http::{HeaderMap, Method};
 use http_body_util::BodyExt;
 
 use crate::proxy::attempt::describe;
-use crate::proxy::upstream::build_request;
+use crate::proxy::request::build_request;
 use crate::routing::RoutingTable;
 use crate::state::{AppState, Listed};
 

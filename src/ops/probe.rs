@@ -15,7 +15,8 @@ use http_body_util::BodyExt;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::proxy::upstream::{build_request, UpstreamClients};
+use crate::proxy::request::build_request;
+use crate::proxy::upstream::UpstreamClients;
 use crate::routing::key_health::ProbeResult;
 use crate::routing::RoutingTable;
 use crate::state::AppState;

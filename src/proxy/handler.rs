@@ -1127,7 +1127,7 @@ async fn try_client(
         }
         run.last_tried = Some((ci, key.label.clone()));
         let body = transform::upstream_body(&request.body, &client.cfg, request.kind, &changes);
-        let up = upstream::build_request(
+        let up = super::request::build_request(
             client,
             key,
             request.method,

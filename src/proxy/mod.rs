@@ -27,6 +27,7 @@ pub mod plain;
 pub mod quota;
 pub mod relay;
 pub mod report;
+pub mod request;
 pub mod route;
 pub mod server;
 pub mod shadow;

@@ -21,7 +21,6 @@ use http::{header, HeaderMap, HeaderValue, Method};
 use http_body_util::BodyExt;
 
 use super::sse::usage_in_whole_json;
-use super::upstream;
 use crate::config::prices::{usd, Tokens};
 use crate::routing::{KeyPick, RoutingTable};
 use crate::state::AppState;
@@ -129,7 +128,7 @@ async fn send(state: &AppState, m: &Mirror) -> &'static str {
         shadow: true,
         ..UsageRecord::default()
     };
-    let Ok(up) = upstream::build_request(
+    let Ok(up) = super::request::build_request(
         client,
         key,
         &m.method,
