@@ -4,19 +4,30 @@
 //!
 //! - [`cli`]: one file per subcommand (`serve`, `validate-config`, ...).
 //! - [`config`]: read → expand `${VAR}` → parse → validate → `Config`, with
-//!   every diagnostic as `PATH:LINE:COL: message`.
+//!   every diagnostic as `PATH:LINE:COL: message` (`config::diags`), and the
+//!   `model_match` rule (`config::matcher`) that validation and routing share.
 //! - [`routing`]: the immutable `RoutingTable` (matching, priority tiers,
 //!   weighted round robin, fallback, key health). Knows no HTTP.
-//! - [`proxy`]: raw hyper server, request handling, upstream attempts, the
+//! - [`proxy`]: the accept loop and its drain signal (`server`, `drain`),
+//!   the HTTP/1.1 fast path (`fast`) with hyper for the rest, what a head
+//!   asks for (`route`: path and bearer token), request handling
+//!   (`handler`), upstream attempts (`attempt` via `upstream`), the
 //!   streaming relay, OpenAI-shaped errors, local endpoints. Parses no YAML.
 //! - [`usage`]: the usage record, the background SQLite writer, reports.
-//! - [`ops`]: hot reload, systemd notify, logging, metrics.
+//! - [`state`]: the daemon's shared state (`AppState`, the last reload's
+//!   status, the clock, the discovered model lists): read by the proxy per
+//!   request, written by `ops`.
+//! - [`ops`]: hot reload, systemd notify, logging, metrics, and the background
+//!   upstream calls (key probes, model discovery) made through the proxy's
+//!   upstream client.
 //! - [`secret`]: keys and tokens, which only ever show as a redacted id.
+//! - [`calendar`]: UTC days and months, and the usage rows' time stamps.
 //!
-//! A request flows one way: `proxy::handler` → `RoutingTable::candidates` →
+//! A request flows one way: `proxy::server` (or `proxy::fast`) →
+//! `proxy::route` → `proxy::handler` → `RoutingTable::candidates` →
 //! `proxy::attempt` (via `proxy::upstream`) → `proxy::relay` →
 //! `usage::UsageSink::send`. Config flows file → `config::load` →
-//! `RoutingTable::build` → `ArcSwap::store`.
+//! `RoutingTable::build` → `ArcSwap::store` into `state::AppState::table`.
 
 // `unsafe` only where a module says why, with a `SAFETY` note per block
 // and a measured gain on the request path (see each module's docs).
@@ -30,4 +41,5 @@ pub mod ops;
 pub mod proxy;
 pub mod routing;
 pub mod secret;
+pub mod state;
 pub mod usage;

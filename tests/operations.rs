@@ -514,7 +514,7 @@ async fn a_new_month_gets_a_new_file_without_a_restart() {
         humantime::parse_rfc3339("2026-01-31T23:59:59.500Z").unwrap(),
     ));
     let n2 = now.clone();
-    let clock: gptbalance::proxy::Clock = Arc::new(move || *n2.lock().unwrap());
+    let clock: gptbalance::state::Clock = Arc::new(move || *n2.lock().unwrap());
     let gw = Gateway::start_with(
         &cfg(&[one_client(&up, "")], "usage:\n  dir: ./u\n"),
         Some(clock),

@@ -7,7 +7,7 @@ use std::path::Path;
 use bytes::Bytes;
 use gptbalance::config::env::expand;
 use gptbalance::config::load_str;
-use gptbalance::proxy::handler::{route, Route};
+use gptbalance::proxy::route::{route, Route};
 use gptbalance::proxy::sse::{PrefixSlot, SseFilter};
 use gptbalance::proxy::transform::peek;
 use proptest::prelude::*;

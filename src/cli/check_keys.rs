@@ -217,7 +217,7 @@ async fn probe(
         error: None,
     };
     let no_headers = HeaderMap::new();
-    let req = match upstream::build_request(
+    let req = match crate::proxy::request::build_request(
         client,
         key,
         &Method::GET,

@@ -11,8 +11,9 @@ use crate::config::validate::parse_listen;
 use crate::limits::shared::{CallerEntry, SharedState};
 use crate::ops::metrics::Metrics;
 use crate::ops::{discovery, logging, reload, systemd};
-use crate::proxy::{server, AppState};
+use crate::proxy::server;
 use crate::routing::RoutingTable;
+use crate::state::AppState;
 use crate::usage::{UsageSink, UsageWriter};
 
 #[derive(Debug, clap::Args)]

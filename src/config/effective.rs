@@ -259,8 +259,8 @@ openai_clients:
         assert_eq!(v["callers"][0]["limits"]["budget_usd"]["amount"], 2.5);
         assert_eq!(v["clients"][0]["keys"].as_array().unwrap().len(), 2);
         let stubs = routing_clients(&v);
-        assert_eq!(crate::routing::matcher::candidates(&stubs, "m-1"), [0]);
-        assert_eq!(crate::routing::matcher::candidates(&stubs, "x"), [1]);
+        assert_eq!(crate::config::matcher::candidates(&stubs, "m-1"), [0]);
+        assert_eq!(crate::config::matcher::candidates(&stubs, "x"), [1]);
         assert_eq!(stubs[0].fallback, ["x"]);
         assert_eq!((stubs[0].priority, stubs[0].weight), (2, 3));
     }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
+use super::diags::Diags;
 use super::env;
 use super::schema::{self, TOP_LEVEL_KEYS};
 use super::secret_files;
@@ -98,36 +99,6 @@ pub fn load_str(
             warnings: diags.list,
         }),
         _ => Err(diags.list),
-    }
-}
-
-/// Collects diagnostics for one file.
-pub struct Diags {
-    pub file: String,
-    pub list: Vec<Diagnostic>,
-}
-
-impl Diags {
-    pub fn error_at(&mut self, pos: Pos, message: impl Into<String>) {
-        self.push(pos, Severity::Error, message.into());
-    }
-
-    pub fn warn_at(&mut self, pos: Pos, message: impl Into<String>) {
-        self.push(pos, Severity::Warning, message.into());
-    }
-
-    fn push(&mut self, pos: Pos, severity: Severity, message: String) {
-        self.list.push(Diagnostic {
-            file: self.file.clone(),
-            line: pos.line,
-            col: pos.col,
-            severity,
-            message,
-        });
-    }
-
-    pub fn has_errors(&self) -> bool {
-        self.list.iter().any(|d| d.severity == Severity::Error)
     }
 }
 

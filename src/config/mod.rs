@@ -3,9 +3,11 @@
 //! Owns the schema and every config diagnostic. Knows no HTTP and builds no
 //! routing state; `routing::RoutingTable::build` takes a [`Config`] from here.
 
+pub mod diags;
 pub mod effective;
 pub mod env;
 pub mod load;
+pub mod matcher;
 pub mod prices;
 pub mod schema;
 pub mod secret_files;
@@ -13,7 +15,6 @@ pub mod source_map;
 pub mod tls;
 pub mod validate;
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -21,6 +22,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 use regex::Regex;
 
+pub use diags::{Diagnostic, Severity};
 pub use load::{load, load_str, LoadError, Loaded};
 pub use prices::{Price, PriceTable};
 pub use schema::{Api, AuthStyle, Balance, KeyStrategy, LogFormat, MatchKind, OnOutage, Per};
@@ -429,35 +431,5 @@ impl MatchRule {
             MatchKind::Keyword => self.values.iter().any(|v| model.contains(v.as_str())),
             MatchKind::Regex => self.regexes.iter().any(|r| r.is_match(model)),
         }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Severity {
-    Warning,
-    Error,
-}
-
-/// One problem found in a config file, printed as `PATH:LINE:COL: message`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Diagnostic {
-    pub file: String,
-    pub line: usize,
-    pub col: usize,
-    pub severity: Severity,
-    pub message: String,
-}
-
-impl fmt::Display for Diagnostic {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let level = match self.severity {
-            Severity::Warning => "warning: ",
-            Severity::Error => "",
-        };
-        write!(
-            f,
-            "{}:{}:{}: {}{}",
-            self.file, self.line, self.col, level, self.message
-        )
     }
 }

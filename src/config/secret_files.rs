@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde_yaml::{Mapping, Value};
 
-use super::load::Diags;
+use super::diags::Diags;
 use super::source_map::SourceMap;
 
 /// Where relative secret paths are taken from, and how variables are read.

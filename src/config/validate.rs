@@ -11,7 +11,8 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 use regex::Regex;
 
-use super::load::Diags;
+use super::diags::Diags;
+use super::matcher;
 use super::prices::{glob_match, Price, PriceTable, NANOS_PER_USD};
 use super::schema::{self, Api, AuthStyle, AuthTokenEntry, ClientSection, MatchKind};
 use super::source_map::SourceMap;
@@ -19,7 +20,6 @@ use super::{
     AuthToken, Budget, CallerConfig, CallerLimits, ClientConfig, Config, IpNet, LoggingConfig,
     MatchRule, RoutingPolicy, ServerConfig, SharedStateConfig, UsageConfig,
 };
-use crate::routing::matcher;
 use crate::secret::{self, Secret};
 
 /// Completion tokens reserved for a request that names no cap, unless a

@@ -9,15 +9,16 @@
 //! fetched before. Only the names the client's own `model_match` matches
 //! are listed, so the list never shows a model that would not route there.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, Method};
 use http_body_util::BodyExt;
 
-use crate::proxy::{upstream, AppState};
+use crate::proxy::attempt::describe;
+use crate::proxy::request::build_request;
 use crate::routing::RoutingTable;
+use crate::state::{AppState, Listed};
 
 /// Longest wait for one upstream's list.
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -27,65 +28,6 @@ const MAX_BODY: usize = 4 * 1024 * 1024;
 const MAX_NAMES: usize = 10_000;
 /// Longest name kept: longer ones could not be requested anyway.
 const MAX_NAME_BYTES: usize = 256;
-
-/// The names each client's upstream listed, by client name.
-#[derive(Default)]
-pub struct DiscoveredModels {
-    by_client: Mutex<HashMap<String, Listed>>,
-}
-
-struct Listed {
-    /// The list belongs to this upstream; a client whose `base_url`
-    /// changed shows nothing until its own list arrives.
-    base_url: String,
-    /// The config generation that asked: an older fetch that ends late
-    /// never replaces a newer one's list.
-    generation: u64,
-    names: Arc<[String]>,
-}
-
-impl DiscoveredModels {
-    /// The discovered names that route to each client of `table` (that
-    /// still asks for them), as `(name, client)`, in client order.
-    pub fn listed<'t>(&self, table: &'t RoutingTable) -> Vec<(String, &'t str)> {
-        let by_client = self
-            .by_client
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let mut out = Vec::new();
-        for c in &table.clients {
-            if !c.cfg.discover_models {
-                continue;
-            }
-            let Some(listed) = by_client.get(&c.cfg.name) else {
-                continue;
-            };
-            if listed.base_url != c.cfg.base_url {
-                continue;
-            }
-            for name in listed.names.iter() {
-                if c.cfg.model_match.matches(name) {
-                    out.push((name.clone(), c.cfg.name.as_str()));
-                }
-            }
-        }
-        out
-    }
-
-    fn store(&self, client: &str, listed: Listed) {
-        let mut by_client = self
-            .by_client
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if by_client
-            .get(client)
-            .is_some_and(|old| old.generation > listed.generation)
-        {
-            return;
-        }
-        by_client.insert(client.to_owned(), listed);
-    }
-}
 
 /// Starts one background fetch per client with `discover_models: true` in
 /// the current table. Call on a tokio runtime.
@@ -130,7 +72,7 @@ async fn fetch(
     let c = &table.clients[client];
     let key = c.keys.first().ok_or("the client has no key")?;
     let no_headers = HeaderMap::new();
-    let req = upstream::build_request(
+    let req = build_request(
         c,
         key,
         &Method::GET,
@@ -146,7 +88,7 @@ async fn fetch(
             .upstream
             .send(connect_timeout, req)
             .await
-            .map_err(|e| crate::proxy::attempt::describe(&e))?;
+            .map_err(|e| describe(&e))?;
         let status = resp.status();
         if !status.is_success() {
             return Err(format!("upstream answered {}", status.as_u16()));

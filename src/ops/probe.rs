@@ -15,10 +15,11 @@ use http_body_util::BodyExt;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::proxy::upstream::{self, UpstreamClients};
-use crate::proxy::AppState;
+use crate::proxy::request::build_request;
+use crate::proxy::upstream::UpstreamClients;
 use crate::routing::key_health::ProbeResult;
 use crate::routing::RoutingTable;
+use crate::state::AppState;
 
 /// Probes in flight at once, across all clients.
 const CONCURRENCY: usize = 4;
@@ -92,7 +93,7 @@ async fn probe(
     let client = &table.clients[ci];
     let key = &client.keys[ki];
     let no_headers = HeaderMap::new();
-    let Ok(req) = upstream::build_request(
+    let Ok(req) = build_request(
         client,
         key,
         &Method::GET,

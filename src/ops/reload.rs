@@ -13,8 +13,8 @@ use tokio::sync::mpsc;
 
 use super::systemd;
 use crate::config::{self, LoadError};
-use crate::proxy::{AppState, ReloadStatus};
 use crate::routing::RoutingTable;
+use crate::state::{AppState, ReloadStatus};
 
 /// Quiet time after the last change before reloading: editors write in bursts.
 const DEBOUNCE: Duration = Duration::from_millis(250);

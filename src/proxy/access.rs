@@ -19,8 +19,8 @@ use http::{HeaderMap, Method, Response, Uri};
 
 use super::api_error::ApiError;
 use super::body::ResponseBody;
-use super::AppState;
 use crate::config::IpNet;
+use crate::state::AppState;
 
 tokio::task_local! {
     static REQUEST: Arc<Request>;

@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 
 use super::api_error::ApiError;
 use super::body::ResponseBody;
-use super::AppState;
+use crate::state::AppState;
 use crate::usage::report::{self, GroupBy};
 use crate::usage::{daily, store};
 

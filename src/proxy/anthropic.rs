@@ -6,7 +6,7 @@
 use http::HeaderMap;
 
 use super::api_error::{ApiError, ErrorShape};
-use super::handler::{bearer_token, route, Route};
+use super::route::{bearer_token, route, Route};
 use crate::config::Api;
 use crate::routing::RoutingTable;
 

@@ -14,7 +14,8 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
-use super::upstream::{Outgoing, UpstreamBody, UpstreamClients};
+use super::request::Outgoing;
+use super::upstream::{UpstreamBody, UpstreamClients};
 use crate::config::RoutingPolicy;
 use crate::routing::key_health::MAX_RETRY_AFTER;
 use crate::routing::KeyRoute;

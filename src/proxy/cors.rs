@@ -19,9 +19,9 @@ use http::header::{
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 
 use super::body::ResponseBody;
-use super::AppState;
 use crate::config::Cors;
 use crate::routing::RoutingTable;
+use crate::state::AppState;
 
 /// The methods a browser may use: those the gateway serves.
 const METHODS: HeaderValue = HeaderValue::from_static("GET, POST, OPTIONS");

@@ -8,11 +8,11 @@ use serde_json::json;
 use super::admin_ui;
 use super::api_error::ApiError;
 use super::body::ResponseBody;
-use super::{AppState, ReloadStatus};
 use crate::config::prices::usd;
 use crate::config::{CallerConfig, Per};
 use crate::routing::RoutingTable;
 use crate::secret::constant_time_eq;
+use crate::state::{AppState, ReloadStatus};
 
 pub fn text(status: StatusCode, body: &'static str) -> Response<ResponseBody> {
     let mut resp = Response::new(ResponseBody::full(body));
@@ -140,7 +140,7 @@ pub async fn admin(
         return admin_ui::asset(what)
             .ok_or_else(|| ApiError::NotFound(format!("no admin endpoint /admin/{what}")));
     }
-    let presented = super::handler::bearer_token(headers).unwrap_or("");
+    let presented = super::route::bearer_token(headers).unwrap_or("");
     if !constant_time_eq(presented.as_bytes(), admin.expose().as_bytes()) {
         return Err(ApiError::Unauthorized(
             "a valid admin token is required".to_owned(),

@@ -41,7 +41,7 @@ use tokio::sync::watch;
 use super::body::ResponseBody;
 use super::handler::{self, BodyCut};
 use super::plain::{push_decimal, RelayedHeaders};
-use super::AppState;
+use crate::state::AppState;
 
 /// Longest head the fast path reads; a longer one goes to hyper, which
 /// answers 431 for it.
@@ -78,7 +78,7 @@ pub async fn serve(
     // a new one per wait would register and deregister (two locks) each
     // time.
     let mut watch = draining.clone();
-    let mut drained = std::pin::pin!(super::server::drained(&mut watch));
+    let mut drained = std::pin::pin!(super::drain::drained(&mut watch));
     let mut conn = Conn {
         io,
         buf: BytesMut::with_capacity(READ_ROOM),

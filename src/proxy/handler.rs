@@ -27,11 +27,11 @@ use super::multipart;
 use super::plain::RelayedHeaders;
 use super::relay::{Filter, JsonSniffer, PrefixBuffer, Relay};
 use super::report::{Admission, Completion, SharedAdmission};
+use super::route::{route, Route};
 use super::shadow;
 use super::sse::{PrefixSlot, SseFilter};
 use super::transform::{self, Changes, EndpointKind, RequestBody};
 use super::upstream;
-use super::AppState;
 use crate::config::prices::{self, Tokens};
 use crate::config::{Affinity, Per};
 use crate::limits::shared::{Denial, Grant, SharedState};
@@ -39,69 +39,8 @@ use crate::limits::{Cost, Headroom, Refusal};
 use crate::routing::table::USUAL_ENDPOINTS;
 use crate::routing::{CallerRoute, KeyAsk, KeyPick, RoutingTable};
 use crate::secret::sha256;
+use crate::state::AppState;
 use crate::usage::UsageRecord;
-
-/// What a request path asks for.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Route<'a> {
-    Healthz,
-    Readyz,
-    Metrics,
-    Admin(&'a str),
-    Models,
-    Model(String),
-    /// `/v1/{endpoint}` or `/{client}/v1/{endpoint}`.
-    Proxy {
-        client: Option<&'a str>,
-        endpoint: &'a str,
-    },
-    NotFound,
-}
-
-/// Classifies a path. Endpoints must be plain relative paths: no empty, `.`
-/// or `..` segments and no encoded slash, dot or backslash, so a caller can
-/// never steer a request outside its client's `base_url`.
-pub fn route(path: &str) -> Route<'_> {
-    match path {
-        "/healthz" => return Route::Healthz,
-        "/readyz" => return Route::Readyz,
-        "/metrics" => return Route::Metrics,
-        "/v1/models" | "/v1/models/" => return Route::Models,
-        _ => {}
-    }
-    if let Some(rest) = path.strip_prefix("/admin/") {
-        return Route::Admin(rest);
-    }
-    if let Some(id) = path.strip_prefix("/v1/models/") {
-        return match percent_decode(id) {
-            Some(id) if !id.is_empty() => Route::Model(id),
-            _ => Route::NotFound,
-        };
-    }
-    let (client, endpoint) = match path.strip_prefix("/v1/") {
-        Some(endpoint) => (None, endpoint),
-        None => {
-            let Some(rest) = path.strip_prefix('/') else {
-                return Route::NotFound;
-            };
-            let Some((client, endpoint)) = rest.split_once("/v1/") else {
-                return Route::NotFound;
-            };
-            if client.is_empty()
-                || !client
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-            {
-                return Route::NotFound;
-            }
-            (Some(client), endpoint)
-        }
-    };
-    if !safe_endpoint(endpoint) {
-        return Route::NotFound;
-    }
-    Route::Proxy { client, endpoint }
-}
 
 /// The endpoint as the usage row holds it: a shared name for the usual ones.
 fn usage_endpoint(endpoint: &str) -> Cow<'static, str> {
@@ -109,47 +48,6 @@ fn usage_endpoint(endpoint: &str) -> Cow<'static, str> {
         Some(e) => Cow::Borrowed(e),
         None => Cow::Owned(endpoint.to_owned()),
     }
-}
-
-fn safe_endpoint(endpoint: &str) -> bool {
-    // The usual endpoints are safe as they are, without a walk over them.
-    if USUAL_ENDPOINTS.contains(&endpoint) {
-        return true;
-    }
-    !endpoint.is_empty()
-        && endpoint
-            .split('/')
-            .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
-        && !endpoint.contains('\\')
-        && !has_encoded_separator(endpoint)
-}
-
-/// `%2f`, `%2e` or `%5c` in any case: an encoded slash, dot or backslash.
-fn has_encoded_separator(s: &str) -> bool {
-    s.as_bytes().windows(3).any(|w| {
-        w[0] == b'%'
-            && matches!(
-                (w[1], w[2].to_ascii_lowercase()),
-                (b'2', b'f' | b'e') | (b'5', b'c')
-            )
-    })
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// `req_` and 32 random hex digits.
@@ -303,16 +201,6 @@ async fn dispatch<B: RequestBodyStream>(
             }
         }
     }
-}
-
-/// The token of `Authorization: Bearer <token>`: the scheme in any letter
-/// case, the token without the spaces around it. The one reader of bearer
-/// tokens, for callers and the admin token alike.
-pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
-    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
-    let (scheme, token) = v.split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// Why a request presented no usable token.
@@ -1276,7 +1164,7 @@ async fn try_client(
         }
         run.last_tried = Some((ci, key.label.clone()));
         let body = transform::upstream_body(&request.body, &client.cfg, request.kind, &changes);
-        let up = upstream::build_request(
+        let up = super::request::build_request(
             client,
             key,
             request.method,
@@ -1486,6 +1374,7 @@ impl Media {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::route::bearer_token;
 
     #[test]
     fn encoded_separators_are_refused_in_any_case() {

@@ -34,9 +34,12 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
 use http::{Method, Response, StatusCode, Version};
 
-use super::upstream::Outgoing;
+use super::request::Outgoing;
 use tokio::io::{AsyncRead, Interest, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
+
+/// Why an answer with a transfer coding other than chunked is refused.
+pub(crate) const FOREIGN_CODING: &str = "a transfer coding other than chunked";
 
 /// Most response headers read; hyper's client allows the same.
 const MAX_HEADERS: usize = 100;
@@ -557,7 +560,7 @@ fn framing_of(head: &Response<()>, method: &Method) -> Result<(Framing, bool), W
         return Ok((Framing::Done, keep_alive));
     }
     if foreign_coding {
-        return Err(WireError::Invalid(super::upstream::FOREIGN_CODING));
+        return Err(WireError::Invalid(FOREIGN_CODING));
     }
     if let Some(coding) = last_coding {
         // Chunked only when it is the last coding; otherwise the body runs

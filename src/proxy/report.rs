@@ -11,13 +11,13 @@ use std::time::Instant;
 
 use super::access;
 use super::sse::Usage;
-use super::AppState;
 use crate::config::prices::{self, Price, Tokens};
 use crate::limits::shared::{SharedState, SharedTicket};
 use crate::limits::{CallerState, Cost, Ticket};
 use crate::ops::metrics::ClientMetrics;
 use crate::routing::key_health::InFlight;
 use crate::routing::ClientRoute;
+use crate::state::AppState;
 use crate::usage::UsageRecord;
 
 /// A caller's reservation for this request, settled when it reports.

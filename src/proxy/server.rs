@@ -23,12 +23,13 @@ use tokio::sync::watch;
 
 use super::api_error::ApiError;
 use super::body::{BoxError, ResponseBody};
+use super::drain::drained;
 use super::fast;
 use super::framing::Watched;
 use super::handler;
 use super::plain::RelayedHeaders;
 use super::upstream;
-use super::AppState;
+use crate::state::AppState;
 
 /// Serves until `shutdown` resolves, then stops accepting and lets open
 /// requests finish for up to `server.shutdown_grace` before cutting them.
@@ -244,12 +245,6 @@ impl http_body::Body for MarksAbort {
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
     }
-}
-
-/// Resolves once the server drains (or is gone). The guard `wait_for`
-/// returns is not held across an await: it is not `Send`.
-pub(crate) async fn drained(draining: &mut watch::Receiver<bool>) {
-    let _ = draining.wait_for(|d| *d).await;
 }
 
 /// Keeps this runtime's timer driver waking at least once a second. Arming

@@ -13,7 +13,7 @@
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
@@ -21,11 +21,9 @@ use http::{header, HeaderMap, HeaderValue, Method};
 use http_body_util::BodyExt;
 
 use super::sse::usage_in_whole_json;
-use super::{upstream, AppState};
 use crate::config::prices::{usd, Tokens};
-use crate::config::ShadowConfig;
-use crate::limits::Periods;
 use crate::routing::{KeyPick, RoutingTable};
+use crate::state::AppState;
 use crate::usage::UsageRecord;
 
 /// Mirrors in flight at once, per process.
@@ -34,37 +32,6 @@ pub const MAX_IN_FLIGHT: usize = 64;
 const MAX_BODY: usize = 64 * 1024 * 1024;
 
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
-
-/// A `shadow` rule with its client resolved, and what it spent today
-/// (kept across reloads by client name).
-#[derive(Debug)]
-pub struct ShadowRoute {
-    pub cfg: ShadowConfig,
-    pub client: usize,
-    /// `(day since the epoch, nano-dollars spent that day)`.
-    pub spent: Arc<Mutex<(u64, i64)>>,
-}
-
-impl ShadowRoute {
-    fn spent_today(&self, now: SystemTime) -> i64 {
-        let day = Periods::of(now).day;
-        let s = self.spent.lock().unwrap_or_else(PoisonError::into_inner);
-        if s.0 == day {
-            s.1
-        } else {
-            0
-        }
-    }
-
-    fn spend(&self, now: SystemTime, nanos: i64) {
-        let day = Periods::of(now).day;
-        let mut s = self.spent.lock().unwrap_or_else(PoisonError::into_inner);
-        if s.0 != day {
-            *s = (day, 0);
-        }
-        s.1 = s.1.saturating_add(nanos);
-    }
-}
 
 /// What is needed to send a request again after its caller is answered.
 pub struct Mirror {
@@ -161,7 +128,7 @@ async fn send(state: &AppState, m: &Mirror) -> &'static str {
         shadow: true,
         ..UsageRecord::default()
     };
-    let Ok(up) = upstream::build_request(
+    let Ok(up) = super::request::build_request(
         client,
         key,
         &m.method,

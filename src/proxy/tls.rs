@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
-use super::AppState;
+use crate::state::AppState;
 
 /// Makes the acceptor every worker shares (one session cache for all, so a
 /// client resuming lands on a worker that knows it). `None` when the config

@@ -10,8 +10,8 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::matcher;
 use crate::config::effective::routing_clients;
+use crate::config::matcher;
 use crate::config::ClientConfig;
 
 /// One setting or entity that differs. `before` or `after` is `null` for

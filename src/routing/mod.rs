@@ -6,7 +6,6 @@
 
 pub mod diff;
 pub mod key_health;
-pub mod matcher;
 pub mod selector;
 pub mod table;
 

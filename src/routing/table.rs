@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
 
@@ -13,12 +13,12 @@ use smallvec::SmallVec;
 
 use super::affinity;
 use super::key_health::KeyHealth;
-use super::matcher;
 use super::selector::{self, Candidates, Order, Tier, TtfbAverage};
+use crate::config::matcher;
 use crate::config::{
-    Api, AuthStyle, Balance, CallerConfig, ClientConfig, Config, KeyStrategy, Price,
+    Api, AuthStyle, Balance, CallerConfig, ClientConfig, Config, KeyStrategy, Price, ShadowConfig,
 };
-use crate::limits::CallerState;
+use crate::limits::{CallerState, Periods};
 use crate::ops::metrics::{ClientMetrics, Metrics};
 use crate::secret::{KeyId, Secret};
 
@@ -86,7 +86,7 @@ pub struct RoutingTable {
     /// Every caller (`callers`, then `auth_tokens`); empty: no auth.
     pub callers: Vec<CallerRoute>,
     /// `shadow` rules, with their clients resolved.
-    pub shadows: Vec<crate::proxy::shadow::ShadowRoute>,
+    pub shadows: Vec<ShadowRoute>,
     /// Callers by the SHA-256 of their token: a request's token is hashed
     /// once and looked up, never compared with each token in turn.
     by_token: HashMap<[u8; 32], usize, BuildHasherDefault<Fnv>>,
@@ -267,7 +267,7 @@ impl RoutingTable {
                             .map(|s| s.spent.clone())
                     })
                     .unwrap_or_default();
-                Some(crate::proxy::shadow::ShadowRoute {
+                Some(ShadowRoute {
                     cfg: cfg.clone(),
                     client,
                     spent,
@@ -597,6 +597,37 @@ impl ClientRoute {
     fn affinity_score(&self, value: u64, i: usize) -> f64 {
         let weight = f64::from(self.cfg.weight) / self.keys.len().max(1) as f64;
         affinity::score(value, self.keys[i].affinity_seed, weight)
+    }
+}
+
+/// A `shadow` rule with its client resolved, and what it spent today
+/// (kept across reloads by client name).
+#[derive(Debug)]
+pub struct ShadowRoute {
+    pub cfg: ShadowConfig,
+    pub client: usize,
+    /// `(day since the epoch, nano-dollars spent that day)`.
+    pub spent: Arc<Mutex<(u64, i64)>>,
+}
+
+impl ShadowRoute {
+    pub(crate) fn spent_today(&self, now: SystemTime) -> i64 {
+        let day = Periods::of(now).day;
+        let s = self.spent.lock().unwrap_or_else(PoisonError::into_inner);
+        if s.0 == day {
+            s.1
+        } else {
+            0
+        }
+    }
+
+    pub(crate) fn spend(&self, now: SystemTime, nanos: i64) {
+        let day = Periods::of(now).day;
+        let mut s = self.spent.lock().unwrap_or_else(PoisonError::into_inner);
+        if s.0 != day {
+            *s = (day, 0);
+        }
+        s.1 = s.1.saturating_add(nanos);
     }
 }
 

@@ -17,8 +17,8 @@
 
 use std::time::SystemTime;
 
-use super::store::rfc3339_millis;
 use super::UsageRecord;
+use crate::calendar::rfc3339_millis;
 
 /// The length that stands for a NULL text.
 const NULL_TEXT: u32 = u32::MAX;

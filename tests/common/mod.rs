@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use gptbalance::ops::metrics::Metrics;
-use gptbalance::proxy::{server, AppState};
+use gptbalance::proxy::server;
 use gptbalance::routing::RoutingTable;
+use gptbalance::state::AppState;
 use gptbalance::usage::{UsageSink, UsageWriter};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -519,7 +520,7 @@ impl Gateway {
         Self::start_with(yaml, None).await
     }
 
-    pub async fn start_with(yaml: &str, clock: Option<gptbalance::proxy::Clock>) -> Gateway {
+    pub async fn start_with(yaml: &str, clock: Option<gptbalance::state::Clock>) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.yaml");
         std::fs::write(&path, yaml).unwrap();

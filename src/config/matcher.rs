@@ -1,6 +1,10 @@
 //! `model_match`: exact, keyword, regex — and the rule that exact wins.
+//!
+//! The rule belongs to the config: validation asks it which clients a model
+//! or a fallback target reaches, and `routing::RoutingTable` asks it the
+//! same question per request, so both always agree.
 
-use crate::config::{Api, ClientConfig, MatchKind};
+use super::{Api, ClientConfig, MatchKind};
 
 /// Indexes of the clients that are candidates for `model`, in ascending
 /// priority (file order among equals). If any client matches `model`
