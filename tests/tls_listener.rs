@@ -459,6 +459,80 @@ async fn a_reload_serves_the_new_certificate_to_new_connections_and_refuses_a_br
 }
 
 #[tokio::test]
+async fn a_renewed_certificate_is_served_without_a_reload_being_asked() {
+    let up = MockUpstream::start("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let one = make_cert(dir.path(), "gateway-one", 1);
+    let two = make_cert(dir.path(), "gateway-two", 2);
+    install(dir.path(), &one);
+    std::fs::write(dir.path().join("config.yaml"), config(&up, true, "")).unwrap();
+    let served = Served::start(dir.path());
+    let addr = served.addr.clone();
+    let (first, second) = (der(&one.0), der(&two.0));
+    assert_eq!(
+        presented(&connect(&addr, &first, &[b"http/1.1"]).await),
+        first
+    );
+
+    // What certbot's deploy step does: new files in place, nothing else.
+    install(dir.path(), &two);
+    let renewed = eventually(Duration::from_secs(10), || {
+        served.log().contains("config reloaded")
+    })
+    .await;
+    assert!(renewed, "the certificate files' change reloaded");
+    let tls = connect(&addr, &second, &[b"http/1.1"]).await;
+    assert_eq!(presented(&tls), second);
+    let mut conn = h1(tls).await;
+    let chat = request(&addr, "POST", "/v1/chat/completions", &chat_body());
+    assert_eq!(send_h1(&mut conn, chat).await.0, 200);
+}
+
+#[tokio::test]
+async fn idle_tls_connections_close_after_keepalive_timeout_but_not_mid_request() {
+    let up = MockUpstream::start("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let made = make_cert(dir.path(), "gateway-one", 1);
+    install(dir.path(), &made);
+    // The header wait is long: only keepalive_timeout can close these.
+    let extra = "  keepalive_timeout: 1s\n  header_read_timeout: 60s\n";
+    std::fs::write(dir.path().join("config.yaml"), config(&up, true, extra)).unwrap();
+    let served = Served::start(dir.path());
+    let addr = served.addr.clone();
+    let trusted = der(&made.0);
+    let chat = || request(&addr, "POST", "/v1/chat/completions", &chat_body());
+
+    // HTTP/1.1: a request that takes 2.5 s (longer than the timeout) is
+    // answered; the connection then closes on its own about 1 s later.
+    let tls = connect(&addr, &trusted, &[b"http/1.1"]).await;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    let h1_conn = tokio::spawn(conn);
+    up.push(Reply::Delay(Duration::from_millis(2500)));
+    assert_eq!(send_h1(&mut send, chat()).await.0, 200);
+    let closed = tokio::time::timeout(Duration::from_secs(10), h1_conn).await;
+    assert!(
+        closed.is_ok(),
+        "idle HTTP/1.1 over TLS closed by keepalive_timeout"
+    );
+
+    // HTTP/2: the same, the connection ends with GOAWAY once idle.
+    let tls = connect(&addr, &trusted, &[b"h2"]).await;
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    let h2_conn = tokio::spawn(conn);
+    up.push(Reply::Delay(Duration::from_millis(2500)));
+    let resp = h2.send_request(chat()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(10), h2_conn).await;
+    assert!(closed.is_ok(), "idle HTTP/2 closed by keepalive_timeout");
+}
+
+#[tokio::test]
 async fn a_tls_stream_in_flight_finishes_when_the_gateway_drains() {
     let up = MockUpstream::start("up").await;
     let dir = tempfile::tempdir().unwrap();

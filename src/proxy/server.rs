@@ -27,6 +27,7 @@ use super::drain::drained;
 use super::fast;
 use super::framing::Watched;
 use super::handler;
+use super::idle::{Busy, Idle};
 use super::plain::RelayedHeaders;
 use super::upstream;
 use crate::state::AppState;
@@ -167,7 +168,11 @@ async fn serve_with_hyper<IO>(
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (io, framing) = Watched::new(TokioIo::new(io));
+    let keepalive = state.table.load().config.server.keepalive_timeout;
+    let idle = Idle::new();
+    let requests = idle.clone();
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let busy = requests.busy();
         // An HTTP/2 stream is reset on its own; only an HTTP/1 response
         // needs its connection reset.
         let aborted = (req.version() != http::Version::HTTP_2).then(|| aborted.clone());
@@ -185,6 +190,7 @@ async fn serve_with_hyper<IO>(
                 return Ok(resp.map(|body| MarksAbort {
                     body,
                     aborted: aborted.clone(),
+                    _busy: busy,
                 }));
             }
             let (mut parts, body) = answer.await?.into_parts();
@@ -193,6 +199,7 @@ async fn serve_with_hyper<IO>(
             let body = MarksAbort {
                 body,
                 aborted: aborted.clone(),
+                _busy: busy,
             };
             Ok::<_, std::convert::Infallible>(http::Response::from_parts(parts, body))
         }
@@ -205,6 +212,11 @@ async fn serve_with_hyper<IO>(
         biased;
         ended = conn.as_mut() => ended,
         _ = drained(&mut draining) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+        _ = idle.expired(keepalive) => {
+            tracing::debug!(%peer, ?keepalive, "idle connection closed after keepalive_timeout");
             conn.as_mut().graceful_shutdown();
             conn.await
         }
@@ -221,6 +233,8 @@ async fn serve_with_hyper<IO>(
 struct MarksAbort {
     body: ResponseBody,
     aborted: Option<Arc<AtomicBool>>,
+    /// The request counts as in flight until its body is dropped.
+    _busy: Busy,
 }
 
 impl http_body::Body for MarksAbort {

@@ -512,7 +512,7 @@ pub struct Gateway {
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     writer: Option<UsageWriter>,
-    _watcher: notify::RecommendedWatcher,
+    _watcher: gptbalance::ops::reload::ConfigWatch,
 }
 
 impl Gateway {
