@@ -721,9 +721,10 @@ async fn health_probes_readyz_of_a_real_gateway() {
 
     // Usage errors: exit 2.
     for bad in [
-        "https://example.com/readyz",
+        "ftp://example.com/readyz",
         "localhost:8000",
         "http:///readyz",
+        "https://user@example.com/readyz",
     ] {
         let out = health(bad.to_owned()).await;
         assert_eq!(out.code, 2, "{bad}: {}", out.stderr);

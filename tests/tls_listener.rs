@@ -533,6 +533,66 @@ async fn idle_tls_connections_close_after_keepalive_timeout_but_not_mid_request(
 }
 
 #[tokio::test]
+async fn health_probes_a_tls_gateway_verifying_its_certificate() {
+    let up = MockUpstream::start("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let made = make_cert(dir.path(), "gateway-one", 1);
+    let other = make_cert(dir.path(), "unrelated", 2);
+    install(dir.path(), &made);
+    std::fs::write(dir.path().join("config.yaml"), config(&up, true, "")).unwrap();
+    let served = Served::start(dir.path());
+    let url = format!("https://{}/readyz", served.addr);
+    let health = |args: Vec<String>| {
+        let dir = dir.path().to_owned();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let out = Command::new(BIN)
+                    .arg("health")
+                    .args(&args)
+                    .current_dir(&dir)
+                    .output()
+                    .unwrap();
+                (
+                    out.status.code().unwrap_or(-1),
+                    String::from_utf8_lossy(&out.stdout).into_owned()
+                        + &String::from_utf8_lossy(&out.stderr),
+                )
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let args = |extra: &[&str]| {
+        let mut v = vec!["--url".to_owned(), url.clone()];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    // Trusting the gateway's own certificate: healthy.
+    let (code, out) = health(args(&["--ca", "tls/cert.pem"])).await;
+    assert_eq!((code, out.as_str()), (0, format!("{url}: 200\n").as_str()));
+    // The public roots do not know a self-signed certificate: unhealthy.
+    let (code, out) = health(args(&[])).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("certificate"), "{out}");
+    // Nor does an unrelated one.
+    let (code, _) = health(args(&["--ca", other.0.to_str().unwrap()])).await;
+    assert_eq!(code, 1);
+    // --insecure asks only whether it answers.
+    let (code, out) = health(args(&["--insecure"])).await;
+    assert_eq!(code, 0, "{out}");
+    // Plain HTTP to the TLS port gets no HTTP answer.
+    let plain = format!("http://{}/readyz", served.addr);
+    let (code, _) = health(vec!["--url".into(), plain.clone()]).await;
+    assert_eq!(code, 1);
+    // Usage errors: 2.
+    let (code, out) = health(vec!["--url".into(), plain, "--insecure".into()]).await;
+    assert_eq!(code, 2, "{out}");
+    let (code, out) = health(args(&["--ca", "no-such.pem"])).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("no-such.pem"), "{out}");
+}
+
+#[tokio::test]
 async fn a_tls_stream_in_flight_finishes_when_the_gateway_drains() {
     let up = MockUpstream::start("up").await;
     let dir = tempfile::tempdir().unwrap();
