@@ -54,18 +54,15 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
     // request and close, and the sender sees when the last one is gone.
     let (draining_tx, draining_rx) = watch::channel(false);
     let _heartbeat = AbortOnDrop(tokio::spawn(timer_heartbeat()));
-    // Beyond max_connections (across every worker), new connections wait
-    // in the listen backlog.
+    // Beyond max_connections (across every worker), a worker holds the
+    // connection it accepted until a slot frees, and accepts no other
+    // meanwhile: the rest wait in the listen backlog. A slot is taken
+    // after the accept, never held while waiting for one: the kernel picks
+    // the worker a connection goes to, and a slot held by a worker that
+    // gets none would leave another's connection waiting for nothing.
     let slots = state.connection_slots.clone();
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = &mut shutdown => break,
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -77,6 +74,16 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
                 }
             },
             _ = &mut shutdown => break,
+        };
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => tokio::select! {
+                permit = slots.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                _ = &mut shutdown => break,
+            },
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
