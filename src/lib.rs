@@ -17,9 +17,12 @@
 //! - [`state`]: the daemon's shared state (`AppState`, the last reload's
 //!   status, the clock, the discovered model lists): read by the proxy per
 //!   request, written by `ops`.
-//! - [`ops`]: hot reload, systemd notify, logging, metrics, and the background
+//! - [`ops`]: hot reload, systemd notify, logging, and the background
 //!   upstream calls (key probes, model discovery) made through the proxy's
 //!   upstream client.
+//! - [`metrics`]: what is counted and the `/metrics` text. A leaf: callers
+//!   hand it plain values (a finished request's counted fields, the
+//!   routing table's key and budget gauges at a scrape).
 //! - [`secret`]: keys and tokens, which only ever show as a redacted id.
 //! - [`calendar`]: UTC days and months, and the usage rows' time stamps.
 //!
@@ -37,6 +40,7 @@ pub mod calendar;
 pub mod cli;
 pub mod config;
 pub mod limits;
+pub mod metrics;
 pub mod ops;
 pub mod proxy;
 pub mod routing;

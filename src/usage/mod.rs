@@ -19,6 +19,8 @@ use std::time::SystemTime;
 
 pub use writer::{UsageSink, UsageWriter};
 
+use crate::metrics::Finished;
+
 /// One row of the `requests` table.
 #[derive(Debug, Clone, Default)]
 pub struct UsageRecord {
@@ -56,4 +58,21 @@ pub struct UsageRecord {
     pub reserved_tokens: Option<u64>,
     /// A mirrored request (`shadow`), counted against no caller.
     pub shadow: bool,
+}
+
+impl UsageRecord {
+    /// The fields of this row that the metrics count.
+    pub fn counted(&self) -> Finished<'_> {
+        Finished {
+            caller: self.caller.as_ref(),
+            client: self.client.as_ref(),
+            model: self.model.as_deref(),
+            status: self.status,
+            latency_ms: self.latency_ms,
+            ttft_ms: self.ttft_ms,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            cost_usd: self.cost_usd,
+        }
+    }
 }
