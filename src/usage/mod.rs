@@ -2,14 +2,19 @@
 //! monthly SQLite files and the reports read from them.
 //!
 //! No request waits on SQLite: the proxy hands a [`UsageRecord`] to
-//! [`UsageSink::send`], which packs it into the writer's buffer.
+//! [`UsageSink::send`], which packs it into the writer's buffer. The
+//! writer thread (`writer`) packs each batch into rows (`rows`), picks the
+//! month's file (`store`: naming, schema, migration, opening) and inserts
+//! them through the prepared statements of `insert`. Reports (`report`,
+//! `daily`, `replay`) open the files read-only through `store`.
 
 pub mod daily;
+// The insert engine binds text in place through SQLite's C API.
+#[allow(unsafe_code)]
+pub mod insert;
 pub mod replay;
 pub mod report;
 pub mod rows;
-// The insert engine binds text in place through SQLite's C API.
-#[allow(unsafe_code)]
 pub mod store;
 pub mod writer;
 
