@@ -1,7 +1,7 @@
 //! Fault injection: upstreams, callers, storage and processes misbehaving.
 //! Each fault gets the right failover or error, and a usage row saying so.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! Live operations: hot reload, the usage store, metrics, admin API.
 //! Real files on disk, real SQLite files, the real server on loopback.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
