@@ -1,7 +1,7 @@
 //! The real binary: config diagnostics, exit codes, and `serve` from start
 //! to SIGTERM.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

@@ -1,7 +1,7 @@
 //! Fault injection: upstreams, callers, storage and processes misbehaving.
 //! Each fault gets the right failover or error, and a usage row saying so.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -504,7 +504,7 @@ async fn a_reader_holding_the_usage_file_does_not_stop_the_writer() {
     let written = "gptbalance_usage_rows_total{result=\"written\"} 1";
     assert!(
         eventually(Duration::from_secs(3), || metrics
-            .render(&table)
+            .render(&table.scrape())
             .contains(written))
         .await
     );
@@ -519,7 +519,7 @@ async fn a_reader_holding_the_usage_file_does_not_stop_the_writer() {
         gw.chat("m").await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let metrics = gw.state.metrics.render(&gw.state.table.load());
+    let metrics = gw.state.metrics.render(&gw.state.table.load().scrape());
     assert!(!metrics.contains("result=\"dropped\""), "{metrics}");
     reader.execute_batch("COMMIT").unwrap();
     let total: i64 = reader

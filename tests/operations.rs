@@ -1,7 +1,7 @@
 //! Live operations: hot reload, the usage store, metrics, admin API.
 //! Real files on disk, real SQLite files, the real server on loopback.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -550,7 +550,7 @@ async fn a_foreign_file_is_never_touched_and_its_rows_count_as_dropped() {
     let table = gw.state.table.load_full();
     assert!(
         eventually(Duration::from_secs(3), || metrics
-            .render(&table)
+            .render(&table.scrape())
             .contains("gptbalance_usage_rows_total{result=\"dropped\"} 1"))
         .await
     );
@@ -565,7 +565,7 @@ async fn a_foreign_file_is_never_touched_and_its_rows_count_as_dropped() {
     let written = "gptbalance_usage_rows_total{result=\"written\"} 1";
     assert!(
         eventually(Duration::from_secs(3), || metrics
-            .render(&table)
+            .render(&table.scrape())
             .contains(written))
         .await
     );

@@ -2,7 +2,7 @@
 //! that trusts a certificate made at test time, HTTP/1.1 and HTTP/2 (ALPN),
 //! reloads that change or break the certificate, and `validate-config`.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

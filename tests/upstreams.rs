@@ -2,7 +2,7 @@
 //! `POST /v1/messages`, `auth: bearer | api-key | none`, and keys and
 //! tokens read from files (re-read on reload).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! What-if tools: `gptbalance diff` against a file and the running daemon,
 //! `POST /admin/reload?dry_run=1`, and `gptbalance replay`.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

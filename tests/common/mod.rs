@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use gptbalance::ops::metrics::Metrics;
+use gptbalance::metrics::Metrics;
 use gptbalance::proxy::server;
 use gptbalance::routing::RoutingTable;
 use gptbalance::state::AppState;
