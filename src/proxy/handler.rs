@@ -541,7 +541,7 @@ async fn proxy_admitted<B: RequestBodyStream>(
         }
     }
 
-    if let Some(rule) = shadow::choose(table, model, peek.stream, (state.clock)()) {
+    if let Some(rule) = shadow::choose(table, model, peek.stream, || (state.clock)()) {
         done.mirror = Some(Box::new(shadow::Mirror {
             table: table.clone(),
             rule,
@@ -1104,6 +1104,8 @@ struct Answer {
     body: upstream::UpstreamBody,
     first: Option<Bytes>,
     ttft: Option<Duration>,
+    /// When the answer was known (see `Outcome::Respond`).
+    at: Instant,
     client: usize,
     key_id: Arc<str>,
     routed_model: Option<Arc<str>>,
@@ -1187,6 +1189,7 @@ async fn try_client(
             policy,
             key,
             request.started,
+            sent,
             request.stream,
         ));
         let outcome = attempt.await;
@@ -1215,14 +1218,18 @@ async fn try_client(
                 body,
                 first,
                 ttft,
+                at,
             } => {
-                client.ttfb.record(sent.elapsed());
+                client
+                    .ttfb
+                    .record_at(at.saturating_duration_since(sent), at);
                 client.metrics(&state.metrics).attempt_ok();
                 return Ok(Some(Answer {
                     parts,
                     body,
                     first,
                     ttft,
+                    at,
                     client: ci,
                     key_id: key.label.clone(),
                     routed_model: match (routed, request.requested_model) {
@@ -1300,6 +1307,7 @@ fn respond(
     let mut resp = Response::new(ResponseBody::Relay(Box::new(Relay::new(
         answer.body,
         answer.first,
+        answer.at,
         filter,
         client.cfg.policy.idle_timeout,
         done,
