@@ -838,6 +838,26 @@ async fn the_access_log_has_a_line_per_request_with_the_callers_address() {
     let _ = child.kill();
     let _ = child.wait();
 
+    // A request refused on its head (a bad token, its body never read)
+    // has its line too, and the token is in none.
+    let (mut child, addr, logs) =
+        start("server:\n  auth_tokens: [\"a-caller-token-0123456789\"]\n");
+    let r = common::post_with(
+        &format!("http://{addr}/v1/chat/completions"),
+        common::chat("m"),
+        &[("authorization", "Bearer not-the-token-0123456789")],
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    let line = log_line(&logs, &["request", "status=401"]);
+    assert!(
+        line.contains("method=POST path=/v1/chat/completions status=401"),
+        "{line}"
+    );
+    assert!(!line.contains("not-the-token"), "{line}");
+    let _ = child.kill();
+    let _ = child.wait();
+
     // An untrusted peer's X-Forwarded-For is not believed.
     let (mut child, addr, logs) = start("");
     assert_eq!(chat_from(&addr, "203.0.113.7").await.status, 200);

@@ -49,6 +49,16 @@ impl Request {
         req: &http::Request<B>,
         peer: Option<SocketAddr>,
     ) -> Option<Arc<Request>> {
+        Request::open(state, req.method(), req.uri(), req.headers(), peer)
+    }
+
+    fn open(
+        state: &AppState,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        peer: Option<SocketAddr>,
+    ) -> Option<Arc<Request>> {
         // The line is logged at `info`: with that level off (a gateway
         // under load usually runs at `warn`), nothing is kept for it.
         if !tracing::enabled!(tracing::Level::INFO) {
@@ -58,13 +68,13 @@ impl Request {
         if !table.config.logging.access {
             return None;
         }
-        let remote = peer
-            .map(|p| caller_address(p.ip(), &table.config.server.trusted_proxies, req.headers()));
+        let remote =
+            peer.map(|p| caller_address(p.ip(), &table.config.server.trusted_proxies, headers));
         Some(Arc::new(Request {
             peer,
             remote,
-            method: req.method().clone(),
-            uri: req.uri().clone(),
+            method: method.clone(),
+            uri: uri.clone(),
             started: Instant::now(),
             claimed: AtomicBool::new(false),
         }))
@@ -106,6 +116,24 @@ fn log_unclaimed(r: &Request, answer: &Result<Response<ResponseBody>, ApiError>)
         Ok(resp) => resp.status(),
         Err(e) => e.status(),
     };
+    log_line(r, status);
+}
+
+/// The line of a request the fast path refused on its head (no valid
+/// token), before any scope was opened.
+pub fn log_refused(
+    state: &AppState,
+    head: (&Method, &Uri, &HeaderMap),
+    peer: Option<SocketAddr>,
+    status: http::StatusCode,
+) {
+    let (method, uri, headers) = head;
+    if let Some(r) = Request::open(state, method, uri, headers, peer) {
+        log_line(&r, status);
+    }
+}
+
+fn log_line(r: &Request, status: http::StatusCode) {
     tracing::info!(
         remote_addr = r.remote.map(tracing::field::display),
         peer = r.peer.map(tracing::field::display),
