@@ -23,34 +23,6 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 
 const BIN: &str = env!("CARGO_BIN_EXE_gptbalance");
 
-/// A self-signed certificate for 127.0.0.1 named `CN=name` with `serial`,
-/// written as `name.crt` and `name.key` in `dir` by openssl.
-fn make_cert(dir: &Path, name: &str, serial: u32) -> (PathBuf, PathBuf) {
-    let (cert, key) = (
-        dir.join(format!("{name}.crt")),
-        dir.join(format!("{name}.key")),
-    );
-    let out = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
-        .args(["-set_serial", &serial.to_string()])
-        .args(["-subj", &format!("/CN={name}")])
-        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl makes the test certificates");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (cert, key)
-}
-
 fn der(cert: &Path) -> CertificateDer<'static> {
     CertificateDer::from_pem_file(cert).unwrap()
 }
