@@ -16,10 +16,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::future::{Either, FutureExt};
-use http::{HeaderMap, Method, Response, Uri};
+use http::{HeaderMap, Method, StatusCode, Uri};
 
-use super::api_error::ApiError;
-use super::body::ResponseBody;
 use crate::config::IpNet;
 use crate::state::AppState;
 
@@ -92,31 +90,23 @@ impl Request {
 /// itself, not an `async fn` around it: that would hold `f` twice (its
 /// argument and the scope's copy), and the handler's future, which holds
 /// this one, is moved per request.
-pub fn within<F>(
+pub fn within<F, T>(
     request: Option<Arc<Request>>,
     f: F,
-) -> impl Future<Output = Result<Response<ResponseBody>, ApiError>>
+    status_of: fn(&T) -> StatusCode,
+) -> impl Future<Output = T>
 where
-    F: Future<Output = Result<Response<ResponseBody>, ApiError>>,
+    F: Future<Output = T>,
 {
     match request {
         None => Either::Left(f),
         Some(request) => Either::Right(REQUEST.scope(request.clone(), f).map(move |answer| {
             if !request.claimed.load(Ordering::Relaxed) {
-                log_unclaimed(&request, &answer);
+                log_line(&request, status_of(&answer));
             }
             answer
         })),
     }
-}
-
-/// The line of a request no `Completion` claimed.
-fn log_unclaimed(r: &Request, answer: &Result<Response<ResponseBody>, ApiError>) {
-    let status = match answer {
-        Ok(resp) => resp.status(),
-        Err(e) => e.status(),
-    };
-    log_line(r, status);
 }
 
 /// The line of a request the fast path refused on its head (no valid

@@ -7,9 +7,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
+pub use super::relay::BoxError;
 use super::relay::Relay;
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub enum ResponseBody {
     Full(Option<Bytes>),

@@ -24,6 +24,7 @@ use super::attempt::{self, Outcome, UpstreamError};
 use super::body::{BoxError, ResponseBody};
 use super::cors;
 use super::endpoints;
+use super::expect;
 use super::multipart;
 use super::plain::RelayedHeaders;
 use super::relay::{Filter, JsonSniffer, PrefixBuffer, Relay};
@@ -112,7 +113,13 @@ pub fn handle<B: RequestBodyStream>(
         }
         let cors = cors::allowed_origin(&state, req.headers());
         let logged = access::Request::begin(&state, &req, peer);
-        let mut resp = match access::within(logged, dispatch(&state, req, request_id, peer)).await {
+        let mut resp = match access::within(
+            logged,
+            dispatch(&state, req, request_id, peer),
+            answer_status,
+        )
+        .await
+        {
             Ok(resp) => resp,
             Err(e) => e.into_response(None),
         };
@@ -122,6 +129,14 @@ pub fn handle<B: RequestBodyStream>(
         }
         Ok(resp)
     })
+}
+
+/// The status an answer is logged with when no `Completion` logged it.
+fn answer_status(answer: &Result<Response<ResponseBody>, ApiError>) -> StatusCode {
+    match answer {
+        Ok(resp) => resp.status(),
+        Err(e) => e.status(),
+    }
 }
 
 async fn dispatch<B: RequestBodyStream>(
@@ -1295,7 +1310,7 @@ fn respond(
         let m = m.clone();
         done.price = table.price(answer.client, &m);
     }
-    let expect = anthropic::Expect::of(client.cfg.api, request.kind.is_text_generation());
+    let expect = expect::Expect::of(client.cfg.api, request.kind.is_text_generation());
     let filter = response_filter(
         media,
         answer.parts.status,
@@ -1329,7 +1344,7 @@ fn response_filter(
     status: StatusCode,
     request: &Prepared<'_>,
     prefix: Option<&str>,
-    expect: anthropic::Expect,
+    expect: expect::Expect,
 ) -> Filter {
     let slot = match request.kind {
         EndpointKind::Chat => Some(PrefixSlot::Chat),

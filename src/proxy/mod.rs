@@ -12,6 +12,7 @@ pub mod body;
 pub mod cors;
 mod drain;
 pub mod endpoints;
+pub mod expect;
 // Header values httparse accepted, taken unchecked (wire_names::value).
 #[allow(unsafe_code)]
 pub mod fast;

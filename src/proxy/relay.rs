@@ -17,11 +17,13 @@ use http_body::{Body, Frame};
 use smallvec::SmallVec;
 use tokio::time::{Instant, Sleep};
 
-use super::anthropic::Expect;
-use super::body::BoxError;
+use super::expect::Expect;
 use super::report::Completion;
 use super::sse::{self, PrefixSlot, SseFilter, Usage};
 use super::upstream::UpstreamBody;
+
+/// The error of every body the gateway serves.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What the relay does to the bytes besides forwarding them.
 pub enum Filter {

@@ -21,7 +21,7 @@ static BLANK_LINE_CRLF: LazyLock<memmem::Finder> =
     LazyLock::new(|| memmem::Finder::new(b"\r\n\r\n"));
 use serde_json::Value;
 
-use super::anthropic::Expect;
+use super::expect::Expect;
 
 /// Token counts reported by the upstream.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
