@@ -11,8 +11,15 @@
 //! - [`proxy`]: the accept loop and its drain signal (`server`, `drain`),
 //!   the HTTP/1.1 fast path (`fast`) with hyper for the rest, what a head
 //!   asks for (`route`: path and bearer token), request handling
-//!   (`handler`), upstream attempts (`attempt` via `upstream`), the
-//!   streaming relay, OpenAI-shaped errors, local endpoints. Parses no YAML.
+//!   (`handler`), upstream attempts (`attempt`), the streaming relay
+//!   (`relay`, `sse`, checked against the expected format by `expect`),
+//!   OpenAI-shaped errors, local endpoints. Parses no YAML.
+//! - [`upstream`]: the client side: the upstream request and its header
+//!   policy (`request`), per-thread connection pools, the hand-written
+//!   HTTP/1 client for plain-HTTP upstreams (`h1_client`), hyper for TLS
+//!   ones, and the response body. Below `state` (which holds the clients)
+//!   and `ops` (whose key probes and model discovery use it), so nothing
+//!   above has to reach into `proxy` for it.
 //! - [`usage`]: the usage record, the background writer, the monthly
 //!   SQLite files (`store`: naming, schema, migration, opening) and their
 //!   insert engine (`insert`: prepared statements, binding in place),
@@ -21,8 +28,8 @@
 //!   status, the clock, the discovered model lists): read by the proxy per
 //!   request, written by `ops`.
 //! - [`ops`]: hot reload, systemd notify, logging, and the background
-//!   upstream calls (key probes, model discovery) made through the proxy's
-//!   upstream client.
+//!   upstream calls (key probes, model discovery) made through
+//!   [`upstream`].
 //! - [`metrics`]: what is counted and the `/metrics` text. A leaf: callers
 //!   hand it plain values (a finished request's counted fields, the
 //!   routing table's key and budget gauges at a scrape).
@@ -31,7 +38,7 @@
 //!
 //! A request flows one way: `proxy::server` (or `proxy::fast`) →
 //! `proxy::route` → `proxy::handler` → `RoutingTable::candidates` →
-//! `proxy::attempt` (via `proxy::upstream`) → `proxy::relay` →
+//! `proxy::attempt` (via `upstream`) → `proxy::relay` →
 //! `usage::UsageSink::send`. Config flows file → `config::load` →
 //! `RoutingTable::build` → `ArcSwap::store` into `state::AppState::table`.
 //! A finished request is counted by `metrics::Metrics::request_finished_by`
@@ -56,4 +63,5 @@ pub mod proxy;
 pub mod routing;
 pub mod secret;
 pub mod state;
+pub mod upstream;
 pub mod usage;

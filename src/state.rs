@@ -14,8 +14,8 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 
 use crate::metrics::Metrics;
-use crate::proxy::upstream::UpstreamClients;
 use crate::routing::RoutingTable;
+use crate::upstream::UpstreamClients;
 use crate::usage::UsageSink;
 
 /// Wall-clock source; tests replace it to cross a month boundary.

@@ -13,8 +13,8 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 
 use super::ConfigArg;
-use crate::proxy::upstream::{self, UpstreamClients};
 use crate::routing::RoutingTable;
+use crate::upstream::{self, UpstreamClients};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -217,7 +217,7 @@ async fn probe(
         error: None,
     };
     let no_headers = HeaderMap::new();
-    let req = match crate::proxy::request::build_request(
+    let req = match crate::upstream::request::build_request(
         client,
         key,
         &Method::GET,
@@ -243,7 +243,7 @@ async fn probe(
     probe.latency_ms = started.elapsed().as_millis() as u64;
     match result {
         Err(_) => probe.error = Some(format!("no answer within {timeout:?}")),
-        Ok(Err(e)) => probe.error = Some(crate::proxy::attempt::describe(&e)),
+        Ok(Err(e)) => probe.error = Some(crate::upstream::describe(&e)),
         Ok(Ok(status)) => {
             probe.status = Some(status);
             probe.verdict = Verdict::of_status(status);

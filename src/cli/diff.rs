@@ -89,7 +89,7 @@ fn fetch_running(url: &str, token: Option<&str>) -> Result<Value, String> {
     let rt = super::runtime().map_err(|_| "cannot start the runtime".to_owned())?;
     rt.block_on(async move {
         use http_body_util::BodyExt;
-        let clients = crate::proxy::upstream::UpstreamClients::default();
+        let clients = crate::upstream::UpstreamClients::default();
         let send = clients.send(Duration::from_secs(10), req.into());
         let resp = tokio::time::timeout(Duration::from_secs(30), send)
             .await

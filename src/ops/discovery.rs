@@ -15,10 +15,10 @@ use std::time::Duration;
 use http::{HeaderMap, Method};
 use http_body_util::BodyExt;
 
-use crate::proxy::attempt::describe;
-use crate::proxy::request::build_request;
 use crate::routing::RoutingTable;
 use crate::state::{AppState, Listed};
+use crate::upstream::describe;
+use crate::upstream::request::build_request;
 
 /// Longest wait for one upstream's list.
 const TIMEOUT: Duration = Duration::from_secs(10);

@@ -15,11 +15,11 @@ use http_body_util::BodyExt;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::proxy::request::build_request;
-use crate::proxy::upstream::UpstreamClients;
 use crate::routing::key_health::ProbeResult;
 use crate::routing::RoutingTable;
 use crate::state::AppState;
+use crate::upstream::request::build_request;
+use crate::upstream::UpstreamClients;
 
 /// Probes in flight at once, across all clients.
 const CONCURRENCY: usize = 4;

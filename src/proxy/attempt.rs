@@ -14,11 +14,11 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
-use super::request::Outgoing;
-use super::upstream::{UpstreamBody, UpstreamClients};
 use crate::config::RoutingPolicy;
 use crate::routing::key_health::MAX_RETRY_AFTER;
 use crate::routing::KeyRoute;
+use crate::upstream::request::Outgoing;
+use crate::upstream::{describe, UpstreamBody, UpstreamClients};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
@@ -93,7 +93,8 @@ pub async fn run(
     };
     key.health.record_quota(&super::quota::read(
         resp.headers(),
-        resp.extensions().get::<super::plain::RelayedHeaders>(),
+        resp.extensions()
+            .get::<crate::upstream::h1_client::RelayedHeaders>(),
     ));
     let status = resp.status().as_u16();
     if resp.status().is_success() {
@@ -224,21 +225,6 @@ pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
         at.duration_since(std::time::SystemTime::now())
             .unwrap_or_default(),
     )
-}
-
-/// The error and its causes on one line; hyper's errors carry no URL or header.
-pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

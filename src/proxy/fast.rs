@@ -40,8 +40,8 @@ use tokio::sync::watch;
 
 use super::body::ResponseBody;
 use super::handler::{self, BodyCut};
-use super::plain::{push_decimal, RelayedHeaders};
 use crate::state::AppState;
+use crate::upstream::h1_client::{push_decimal, RelayedHeaders};
 
 /// Longest head the fast path reads; a longer one goes to hyper, which
 /// answers 431 for it.
@@ -574,7 +574,7 @@ fn parse(buf: &[u8]) -> Parsed {
     let mut length: Option<u64> = None;
     let mut keep_alive = true;
     for h in req.headers.iter() {
-        let Some(name) = super::wire_names::name(h.name.as_bytes()) else {
+        let Some(name) = crate::upstream::wire_names::name(h.name.as_bytes()) else {
             return Parsed::HandOff;
         };
         if name == header::TRANSFER_ENCODING || name == header::EXPECT || name == header::UPGRADE {
@@ -598,7 +598,9 @@ fn parse(buf: &[u8]) -> Parsed {
             }
         }
         // SAFETY: a value httparse accepted.
-        headers.append(name, unsafe { super::wire_names::value(slice(h.value)) });
+        headers.append(name, unsafe {
+            crate::upstream::wire_names::value(slice(h.value))
+        });
     }
     Parsed::Head(
         Head {

@@ -26,14 +26,12 @@ use super::cors;
 use super::endpoints;
 use super::expect;
 use super::multipart;
-use super::plain::RelayedHeaders;
 use super::relay::{Filter, JsonSniffer, PrefixBuffer, Relay};
 use super::report::{Admission, Completion, SharedAdmission};
 use super::route::{route, Route};
 use super::shadow;
 use super::sse::{PrefixSlot, SseFilter};
 use super::transform::{self, Changes, EndpointKind, RequestBody};
-use super::upstream;
 use crate::config::prices::{self, Tokens};
 use crate::config::{Affinity, Per};
 use crate::limits::shared::{Denial, Grant, SharedState};
@@ -42,6 +40,8 @@ use crate::routing::table::USUAL_ENDPOINTS;
 use crate::routing::{CallerRoute, KeyAsk, KeyPick, RoutingTable};
 use crate::secret::sha256;
 use crate::state::AppState;
+use crate::upstream;
+use crate::upstream::h1_client::RelayedHeaders;
 use crate::usage::UsageRecord;
 
 /// The endpoint as the usage row holds it: a shared name for the usual ones.
@@ -1181,7 +1181,7 @@ async fn try_client(
         }
         run.last_tried = Some((ci, key.label.clone()));
         let body = transform::upstream_body(&request.body, &client.cfg, request.kind, &changes);
-        let up = super::request::build_request(
+        let up = crate::upstream::request::build_request(
             client,
             key,
             request.method,

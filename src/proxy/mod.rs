@@ -21,22 +21,14 @@ pub mod fast;
 pub mod framing;
 pub mod handler;
 mod idle;
-mod peek_json;
-// Reads into spare buffer capacity; header values taken unchecked.
 pub mod multipart;
-#[allow(unsafe_code)]
-pub mod plain;
+mod peek_json;
 pub mod quota;
 pub mod relay;
 pub mod report;
-pub mod request;
 pub mod route;
 pub mod server;
 pub mod shadow;
 pub mod sse;
 pub mod tls;
 pub mod transform;
-pub mod upstream;
-// `value`: a header value httparse accepted, not checked again.
-#[allow(unsafe_code)]
-mod wire_names;

@@ -20,7 +20,7 @@ use tokio::time::{Instant, Sleep};
 use super::expect::Expect;
 use super::report::Completion;
 use super::sse::{self, PrefixSlot, SseFilter, Usage};
-use super::upstream::UpstreamBody;
+use crate::upstream::UpstreamBody;
 
 /// The error of every body the gateway serves.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

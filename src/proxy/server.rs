@@ -28,9 +28,9 @@ use super::fast;
 use super::framing::Watched;
 use super::handler;
 use super::idle::{Busy, Idle};
-use super::plain::RelayedHeaders;
-use super::upstream;
 use crate::state::AppState;
+use crate::upstream;
+use crate::upstream::h1_client::RelayedHeaders;
 
 /// Serves until `shutdown` resolves, then stops accepting and lets open
 /// requests finish for up to `server.shutdown_grace` before cutting them.

@@ -130,7 +130,7 @@ async fn send(state: &AppState, m: &Mirror) -> &'static str {
         shadow: true,
         ..UsageRecord::default()
     };
-    let Ok(up) = super::request::build_request(
+    let Ok(up) = crate::upstream::request::build_request(
         client,
         key,
         &m.method,

@@ -552,8 +552,7 @@ impl Gateway {
         let shared = table.config.shared_state.clone();
         let mut state = AppState::new(table, sink, metrics, Some(path));
         if let Some((cert, _)) = TEST_CERT.get() {
-            state.upstream =
-                gptbalance::proxy::upstream::UpstreamClients::trusting(vec![cert.clone()]);
+            state.upstream = gptbalance::upstream::UpstreamClients::trusting(vec![cert.clone()]);
         }
         if let Some(c) = clock {
             state = state.with_clock(c);

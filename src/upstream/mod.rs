@@ -3,13 +3,21 @@
 //! Each worker thread keeps its own pool of upstream connections, keyed by
 //! scheme and authority: HTTP/1.1 connections are reused one request at a
 //! time, an HTTP/2 connection (when TLS negotiates it) is shared. Plain-HTTP
-//! upstreams are spoken to by [`super::plain`] on the request's own task;
+//! upstreams are spoken to by [`h1_client`] on the request's own task;
 //! TLS ones through hyper. A request never hops threads and the pool needs
 //! no lock. An HTTP/1.1
 //! connection goes back to the pool when its response body has been read
 //! to the end; a body dropped early closes it. Pools outlive reloads, so
 //! pooled connections survive them.
 //! Redirects are never followed: a key is sent only to its `base_url`.
+
+// Reads into spare buffer capacity; header values taken unchecked.
+#[allow(unsafe_code)]
+pub mod h1_client;
+pub mod request;
+// `value`: a header value httparse accepted, not checked again.
+#[allow(unsafe_code)]
+pub(crate) mod wire_names;
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -33,8 +41,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::CertificateDer;
 use tower_service::Service;
 
-use super::plain::{self, PlainBody, RelayedHeaders, WireError, Written, FOREIGN_CODING};
-use super::request::Outgoing;
+use h1_client::{PlainBody, RelayedHeaders, WireError, Written, FOREIGN_CODING};
+use request::Outgoing;
 
 use crate::routing::table::Fnv;
 
@@ -221,7 +229,7 @@ async fn send_plain(
             Some(c) => c,
             // Boxed: only new connections need it, and inline it would
             // be the largest part of every request's future.
-            None => Box::pin(plain::Conn::connect(&key.authority, connect_timeout)).await?,
+            None => Box::pin(h1_client::Conn::connect(&key.authority, connect_timeout)).await?,
         };
         match conn.write_request(&req, host.as_ref()).await {
             Ok(Written::Whole) => {}
@@ -406,7 +414,7 @@ struct Idle {
 }
 
 struct IdlePlain {
-    conn: plain::Conn,
+    conn: h1_client::Conn,
     since: Instant,
 }
 
@@ -490,7 +498,7 @@ impl Pool {
         &mut self,
         key: &PoolKey,
         now: Instant,
-    ) -> (Option<plain::Conn>, Option<HeaderValue>) {
+    ) -> (Option<h1_client::Conn>, Option<HeaderValue>) {
         self.sweep(now);
         let up = match self.upstreams.get_mut(key) {
             Some(up) => up,
@@ -508,7 +516,7 @@ impl Pool {
         (None, up.host.clone())
     }
 
-    fn put_plain(&mut self, key: PoolKey, conn: plain::Conn) {
+    fn put_plain(&mut self, key: PoolKey, conn: h1_client::Conn) {
         let now = Instant::now();
         let up = self.upstreams.entry(key).or_default();
         up.plain.push_back(IdlePlain { conn, since: now });
@@ -792,6 +800,21 @@ pub(crate) fn foreign_transfer_coding(headers: &HeaderMap) -> bool {
             .split(|&b| b == b',')
             .any(|c| !c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
     })
+}
+
+/// The error and its causes on one line; hyper's errors carry no URL or header.
+pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
 }
 
 #[cfg(test)]

@@ -462,7 +462,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, WireError> {
 /// Whether the router reads this (not common) response header, so it goes
 /// into the map as on the TLS backend: the quota headers
 /// (`x-ratelimit-*`). Others are read through
-/// [`super::upstream::response_header`].
+/// [`super::response_header`].
 fn read_by_router(name: &[u8]) -> bool {
     name.len() > 12 && name[..12].eq_ignore_ascii_case(b"x-ratelimit-")
 }
@@ -972,7 +972,7 @@ mod tests {
         assert!(!quota.headers().contains_key("x-other"));
         let (parts, ()) = quota.into_parts();
         let read = |name| {
-            crate::proxy::upstream::response_header(&parts, name)
+            crate::upstream::response_header(&parts, name)
                 .map(|v| v.to_vec())
                 .collect::<Vec<_>>()
         };
