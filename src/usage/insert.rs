@@ -3,22 +3,19 @@
 //! Data moves one way: the writer thread packs a batch of usage records
 //! into [`Row`]s (`rows.rs`: borrowed text, formatted stamps), the month's
 //! `UsageFile` (`store.rs`) hands them to an [`Inserter`], which binds
-//! them to two statements prepared once per file (groups of
-//! [`ROWS_PER_INSERT`] rows, the rest one by one) and commits the batch as
-//! one transaction. Which file, its
-//! schema and its migration are `store.rs`'s business; this file never
-//! opens one.
+//! them to two statements kept in the connection's statement cache
+//! (groups of [`ROWS_PER_INSERT`] rows, the rest one by one) and commits
+//! the batch as one transaction. Which file, its schema and its migration
+//! are `store.rs`'s business; this file never opens one.
 //!
-//! Statements are prepared and bound through SQLite's C API so that text
-//! is bound in place (`SQLITE_STATIC`), and a parameter that already holds
-//! its value is not bound again: rusqlite's binding always copies text.
-//! Every `unsafe` block has its `SAFETY` note; the handles never leave
-//! this file, and [`Inserter`] owns the connection they point into.
+//! Binding goes through rusqlite's safe raw API
+//! (`raw_bind_parameter`/`raw_execute`): text is bound as SQLite text
+//! straight from the row's bytes, and a parameter that already holds its
+//! value from the previous run is not bound again (bindings stay between
+//! runs of a statement; they are cleared when it returns to the cache).
 
-use std::marker::PhantomData;
-use std::os::raw::c_int;
-
-use rusqlite::{ffi, Connection};
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{CachedStatement, Connection};
 use smallvec::SmallVec;
 
 use super::rows::Row;
@@ -50,7 +47,7 @@ fn insert_sql(rows: usize) -> String {
 }
 
 /// Binds `r` to the parameters from `first` (1-based) on.
-fn bind_row<'a>(stmt: &mut RawInsert<'_, 'a>, first: c_int, r: &Row<'a>) -> rusqlite::Result<()> {
+fn bind_row<'a>(stmt: &mut Binder<'_, '_, 'a>, first: usize, r: &Row<'a>) -> rusqlite::Result<()> {
     let count = |v: Option<u64>| v.map(|v| i64::try_from(v).unwrap_or(i64::MAX));
     stmt.text(first, Some(r.ts.as_slice()))?;
     stmt.text(first + 1, Some(r.request_id))?;
@@ -78,25 +75,28 @@ fn bind_row<'a>(stmt: &mut RawInsert<'_, 'a>, first: c_int, r: &Row<'a>) -> rusq
     Ok(())
 }
 
-/// The connection of a usage file open for writing, with its two INSERT
-/// statements prepared once: preparing them for every batch cost more
-/// than the rows when batches are small (a few requests a second).
+/// The connection of a usage file open for writing. Its two INSERT
+/// statements live in the connection's statement cache: preparing them
+/// for every batch cost more than the rows when batches are small (a few
+/// requests a second).
 pub struct Inserter {
-    // Finalized before the connection closes: fields drop in this order.
-    group: Prepared,
-    single: Prepared,
     conn: Connection,
+    group_sql: String,
+    single_sql: String,
 }
 
 impl Inserter {
     /// Prepares the statements on `conn`, a usage file of the current schema.
     pub fn new(conn: Connection) -> rusqlite::Result<Inserter> {
-        let group = Prepared::new(&conn, &insert_sql(ROWS_PER_INSERT))?;
-        let single = Prepared::new(&conn, &insert_sql(1))?;
+        let group_sql = insert_sql(ROWS_PER_INSERT);
+        let single_sql = insert_sql(1);
+        // Prepared now, so a schema mismatch shows when the file opens.
+        conn.prepare_cached(&group_sql)?;
+        conn.prepare_cached(&single_sql)?;
         Ok(Inserter {
-            group,
-            single,
             conn,
+            group_sql,
+            single_sql,
         })
     }
 
@@ -112,20 +112,19 @@ impl Inserter {
         mut rows: impl Iterator<Item = Row<'a>>,
     ) -> rusqlite::Result<usize> {
         let tx = self.conn.transaction()?;
-        let db = self.group.db;
-        let per_row = PARAMS_PER_ROW as c_int;
         let mut chunk: SmallVec<[Row<'a>; ROWS_PER_INSERT]> = SmallVec::new();
         let mut written = 0;
         {
-            let mut stmt = RawInsert::new(&mut self.group, db, ROWS_PER_INSERT * PARAMS_PER_ROW);
+            let mut stmt = tx.prepare_cached(&self.group_sql)?;
+            let mut stmt = Binder::new(&mut stmt, ROWS_PER_INSERT * PARAMS_PER_ROW);
             for n in 1.. {
                 chunk.clear();
                 chunk.extend(rows.by_ref().take(ROWS_PER_INSERT));
                 if chunk.len() < ROWS_PER_INSERT {
                     break;
                 }
-                for (i, r) in (0..).zip(&chunk) {
-                    bind_row(&mut stmt, 1 + i * per_row, r)?;
+                for (i, r) in chunk.iter().enumerate() {
+                    bind_row(&mut stmt, 1 + i * PARAMS_PER_ROW, r)?;
                 }
                 stmt.execute()?;
                 written += ROWS_PER_INSERT;
@@ -135,7 +134,8 @@ impl Inserter {
             }
         }
         if !chunk.is_empty() {
-            let mut stmt = RawInsert::new(&mut self.single, db, PARAMS_PER_ROW);
+            let mut stmt = tx.prepare_cached(&self.single_sql)?;
+            let mut stmt = Binder::new(&mut stmt, PARAMS_PER_ROW);
             for r in &chunk {
                 bind_row(&mut stmt, 1, r)?;
                 stmt.execute()?;
@@ -147,50 +147,8 @@ impl Inserter {
     }
 }
 
-/// A statement prepared on the connection's own handle, so that text can
-/// be bound in place (`SQLITE_STATIC`) instead of copied, as rusqlite's
-/// binding always does. Finalized on drop; it must not outlive its
-/// connection, which [`Inserter`]'s field order sees to.
-struct Prepared {
-    db: *mut ffi::sqlite3,
-    stmt: *mut ffi::sqlite3_stmt,
-}
-
-impl Prepared {
-    fn new(conn: &Connection, sql: &str) -> rusqlite::Result<Prepared> {
-        let len = c_int::try_from(sql.len()).map_err(|_| failure(ffi::SQLITE_TOOBIG, None))?;
-        let mut stmt = std::ptr::null_mut();
-        // SAFETY: the handle is valid while `conn` lives, which the
-        // statement does not outlive (see the type's comment).
-        let db = unsafe { conn.handle() };
-        // SAFETY: a valid handle; `sql` is read for `len` bytes during the
-        // call only.
-        let rc = unsafe {
-            ffi::sqlite3_prepare_v2(
-                db,
-                sql.as_ptr().cast(),
-                len,
-                &mut stmt,
-                std::ptr::null_mut(),
-            )
-        };
-        if rc != ffi::SQLITE_OK || stmt.is_null() {
-            return Err(failure(rc, Some(db)));
-        }
-        Ok(Prepared { db, stmt })
-    }
-}
-
-impl Drop for Prepared {
-    fn drop(&mut self) {
-        // SAFETY: prepared by `new` and finalized only here.
-        unsafe { ffi::sqlite3_finalize(self.stmt) };
-    }
-}
-
-/// What a parameter holds. Text is compared by content: the text bound
-/// earlier lives as long as the batch (`'a`), so SQLite reading it instead
-/// of an equal later one reads the same bytes.
+/// What a parameter holds. Text is compared by content: SQLite keeps its
+/// own copy of bound text, so an equal value needs no new binding.
 #[derive(Clone, Copy, PartialEq)]
 enum Bound<'a> {
     Null,
@@ -202,33 +160,27 @@ enum Bound<'a> {
     Unknown,
 }
 
-/// One batch's use of a prepared INSERT. `'a` covers every value bound:
-/// SQLite may read a bound value until the statement is reset and its
-/// parameters cleared, which `Drop` does. A parameter that already holds
-/// the value is not bound again (the values stay bound between runs):
-/// NULLs, status, model, client and key names, the millisecond's stamp
-/// and repeated counts mostly are.
-struct RawInsert<'s, 'a> {
-    db: *mut ffi::sqlite3,
-    stmt: *mut ffi::sqlite3_stmt,
+/// One batch's use of a cached INSERT. A parameter that already holds the
+/// value is not bound again (the values stay bound between runs): NULLs,
+/// status, model, client and key names, the millisecond's stamp and
+/// repeated counts mostly are. The statement starts the batch with every
+/// parameter NULL: the cache clears bindings when it takes it back.
+struct Binder<'s, 'c, 'a> {
+    stmt: &'s mut CachedStatement<'c>,
     bound: Vec<Bound<'a>>,
-    _borrows: PhantomData<(&'s mut Prepared, &'a ())>,
 }
 
-impl<'s, 'a> RawInsert<'s, 'a> {
-    fn new(prepared: &'s mut Prepared, db: *mut ffi::sqlite3, params: usize) -> Self {
-        RawInsert {
-            db,
-            stmt: prepared.stmt,
-            // Parameters start NULL, and are cleared back to NULL on drop.
+impl<'s, 'c, 'a> Binder<'s, 'c, 'a> {
+    fn new(stmt: &'s mut CachedStatement<'c>, params: usize) -> Self {
+        Binder {
+            stmt,
             bound: vec![Bound::Null; params + 1],
-            _borrows: PhantomData,
         }
     }
 
     /// Whether parameter `at` needs `value` bound, remembering it if so.
-    fn changes(&mut self, at: c_int, value: Bound<'a>) -> bool {
-        match usize::try_from(at).ok().and_then(|i| self.bound.get_mut(i)) {
+    fn changes(&mut self, at: usize, value: Bound<'a>) -> bool {
+        match self.bound.get_mut(at) {
             Some(slot) if *slot == value => false,
             Some(slot) => {
                 *slot = value;
@@ -238,108 +190,43 @@ impl<'s, 'a> RawInsert<'s, 'a> {
         }
     }
 
-    fn text(&mut self, at: c_int, value: Option<&'a [u8]>) -> rusqlite::Result<()> {
-        let Some(v) = value else {
-            return self.null(at);
-        };
-        let len = c_int::try_from(v.len()).map_err(|_| failure(ffi::SQLITE_TOOBIG, None))?;
-        // An empty string's pointer dangles; SQLite gets a real one.
-        let v: &[u8] = if v.is_empty() { b"" } else { v };
-        if !self.changes(at, Bound::Text(v)) {
+    fn bind(&mut self, at: usize, value: Bound<'a>, sql: ValueRef<'a>) -> rusqlite::Result<()> {
+        if !self.changes(at, value) {
             return Ok(());
         }
-        // SAFETY: `v` lives for `'a` (or is static), and the binding is
-        // cleared when this guard drops, within `'a`.
-        let rc = unsafe {
-            ffi::sqlite3_bind_text(self.stmt, at, v.as_ptr().cast(), len, ffi::SQLITE_STATIC())
-        };
-        self.check(at, rc)
-    }
-
-    fn int(&mut self, at: c_int, value: Option<i64>) -> rusqlite::Result<()> {
-        let Some(v) = value else {
-            return self.null(at);
-        };
-        if !self.changes(at, Bound::Int(v)) {
-            return Ok(());
+        let bound = self.stmt.raw_bind_parameter(at, ToSqlOutput::Borrowed(sql));
+        if bound.is_err() {
+            // A failed bind leaves the value unknown: bound again next time.
+            if let Some(slot) = self.bound.get_mut(at) {
+                *slot = Bound::Unknown;
+            }
         }
-        // SAFETY: a valid statement; the value is copied.
-        let rc = unsafe { ffi::sqlite3_bind_int64(self.stmt, at, v) };
-        self.check(at, rc)
+        bound
     }
 
-    fn real(&mut self, at: c_int, value: Option<f64>) -> rusqlite::Result<()> {
-        let Some(v) = value else {
-            return self.null(at);
-        };
-        if !self.changes(at, Bound::Real(v.to_bits())) {
-            return Ok(());
+    fn text(&mut self, at: usize, value: Option<&'a [u8]>) -> rusqlite::Result<()> {
+        match value {
+            Some(v) => self.bind(at, Bound::Text(v), ValueRef::Text(v)),
+            None => self.bind(at, Bound::Null, ValueRef::Null),
         }
-        // SAFETY: a valid statement; the value is copied.
-        let rc = unsafe { ffi::sqlite3_bind_double(self.stmt, at, v) };
-        self.check(at, rc)
     }
 
-    fn null(&mut self, at: c_int) -> rusqlite::Result<()> {
-        if !self.changes(at, Bound::Null) {
-            return Ok(());
+    fn int(&mut self, at: usize, value: Option<i64>) -> rusqlite::Result<()> {
+        match value {
+            Some(v) => self.bind(at, Bound::Int(v), ValueRef::Integer(v)),
+            None => self.bind(at, Bound::Null, ValueRef::Null),
         }
-        // SAFETY: a valid statement.
-        let rc = unsafe { ffi::sqlite3_bind_null(self.stmt, at) };
-        self.check(at, rc)
     }
 
-    /// Runs the statement once and resets it for the next values.
+    fn real(&mut self, at: usize, value: Option<f64>) -> rusqlite::Result<()> {
+        match value {
+            Some(v) => self.bind(at, Bound::Real(v.to_bits()), ValueRef::Real(v)),
+            None => self.bind(at, Bound::Null, ValueRef::Null),
+        }
+    }
+
+    /// Runs the statement once; rusqlite resets it for the next values.
     fn execute(&mut self) -> rusqlite::Result<()> {
-        // SAFETY: a valid statement with every parameter bound to values
-        // that live for `'a`.
-        let rc = unsafe { ffi::sqlite3_step(self.stmt) };
-        let result = match rc {
-            ffi::SQLITE_DONE => Ok(()),
-            _ => Err(failure(rc, Some(self.db))),
-        };
-        // SAFETY: as above; the statement is left ready for its next run.
-        unsafe { ffi::sqlite3_reset(self.stmt) };
-        result
+        self.stmt.raw_execute().map(drop)
     }
-
-    /// A failed bind leaves the parameter's value unknown: it is bound
-    /// again next time whatever the value.
-    fn check(&mut self, at: c_int, rc: c_int) -> rusqlite::Result<()> {
-        if rc == ffi::SQLITE_OK {
-            return Ok(());
-        }
-        if let Some(slot) = usize::try_from(at).ok().and_then(|i| self.bound.get_mut(i)) {
-            *slot = Bound::Unknown;
-        }
-        Err(failure(rc, Some(self.db)))
-    }
-}
-
-impl Drop for RawInsert<'_, '_> {
-    fn drop(&mut self) {
-        // SAFETY: a valid statement; afterwards it holds no pointer into
-        // the batch's values.
-        unsafe {
-            ffi::sqlite3_reset(self.stmt);
-            ffi::sqlite3_clear_bindings(self.stmt);
-        }
-    }
-}
-
-/// The error rusqlite would give for `rc`, with SQLite's message when the
-/// connection has one.
-fn failure(rc: c_int, db: Option<*mut ffi::sqlite3>) -> rusqlite::Error {
-    let message = db.and_then(|db| {
-        // SAFETY: a valid handle; the message is copied before any other
-        // call on the connection.
-        let m = unsafe { ffi::sqlite3_errmsg(db) };
-        (!m.is_null()).then(|| {
-            // SAFETY: SQLite returns a NUL-terminated UTF-8 string.
-            unsafe { std::ffi::CStr::from_ptr(m) }
-                .to_string_lossy()
-                .into_owned()
-        })
-    });
-    rusqlite::Error::SqliteFailure(ffi::Error::new(rc), message)
 }

@@ -5,12 +5,10 @@
 //! [`UsageSink::send`], which packs it into the writer's buffer. The
 //! writer thread (`writer`) packs each batch into rows (`rows`), picks the
 //! month's file (`store`: naming, schema, migration, opening) and inserts
-//! them through the prepared statements of `insert`. Reports (`report`,
+//! them through the cached statements of `insert`. Reports (`report`,
 //! `daily`, `replay`) open the files read-only through `store`.
 
 pub mod daily;
-// The insert engine binds text in place through SQLite's C API.
-#[allow(unsafe_code)]
 pub mod insert;
 pub mod replay;
 pub mod report;

@@ -294,7 +294,7 @@ mod tests {
     }
 
     /// Every column of every row holds what its record had, NULLs included,
-    /// through both statement shapes and with text bound in place.
+    /// through both statement shapes and with text bound as text.
     #[test]
     fn every_column_is_written_as_recorded() {
         let dir = tempfile::tempdir().unwrap();
