@@ -3,7 +3,6 @@
 
 use crate::common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -425,37 +424,6 @@ fn numbers_and_durations_come_from_env_and_relative_paths_from_the_file() {
 }
 
 /// Starts `serve` and returns the child and the address it listens on.
-fn spawn_serve(config: &str, dir: &Path) -> (Child, String, std::sync::mpsc::Receiver<String>) {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config", config, "--listen", "127.0.0.1:0"])
-        .current_dir(dir)
-        .env("RUST_LOG", "info")
-        .env_remove("NOTIFY_SOCKET")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while std::time::Instant::now() < deadline {
-        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
-            if let Some(rest) = line.split("listen=").nth(1) {
-                let addr = rest.split_whitespace().next().unwrap().to_owned();
-                return (child, addr, rx);
-            }
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("serve did not report its address");
-}
-
 fn sigterm(child: &Child) {
     unsafe {
         libc_kill(child.id() as i32, 15);
@@ -481,7 +449,7 @@ async fn serve_routes_then_drains_on_sigterm_and_exits_0() {
         )
     );
     let path = write(dir.path(), "config.yaml", &cfg);
-    let (mut child, addr, logs) = spawn_serve(&path, dir.path());
+    let (mut child, addr, _, logs) = common::spawn_serve(&path, dir.path());
     let r = common::post(
         &format!("http://{addr}/v1/chat/completions"),
         common::chat("m"),
@@ -599,7 +567,7 @@ async fn a_second_serve_on_a_used_address_or_usage_dir_exits_2_naming_it() {
         "first.yaml",
         &format!("usage:\n  dir: ./usage\nopenai_clients:\n{client}"),
     );
-    let (mut child, addr, _logs) = spawn_serve(&first, dir.path());
+    let (mut child, addr, _, _logs) = common::spawn_serve(&first, dir.path());
 
     // Another instance on the same address, with a usage dir of its own:
     // SO_REUSEPORT must not let it share the port.
@@ -644,10 +612,10 @@ async fn a_second_serve_on_a_used_address_or_usage_dir_exits_2_naming_it() {
         .await
         .unwrap();
     assert_eq!(status.code(), Some(0));
-    let (mut again, _, _logs) = spawn_serve(&first, dir.path());
+    let (mut again, _, _, _logs) = common::spawn_serve(&first, dir.path());
     let _ = again.kill();
     let _ = again.wait();
-    let (mut after_kill, _, _logs) = spawn_serve(&first, dir.path());
+    let (mut after_kill, _, _, _logs) = common::spawn_serve(&first, dir.path());
     sigterm(&after_kill);
     assert_eq!(after_kill.wait().unwrap().code(), Some(0));
 }
@@ -796,7 +764,7 @@ async fn the_access_log_has_a_line_per_request_with_the_callers_address() {
             "config.yaml",
             &format!("{top}usage:\n  enabled: false\nopenai_clients:\n{client}"),
         );
-        spawn_serve(&path, dir.path())
+        common::spawn_serve(&path, dir.path())
     };
     let chat_from = |addr: &str, xff: &'static str| {
         let url = format!("http://{addr}/v1/chat/completions");
@@ -804,7 +772,7 @@ async fn the_access_log_has_a_line_per_request_with_the_callers_address() {
     };
 
     // Behind a trusted proxy: the caller is the rightmost untrusted hop.
-    let (mut child, addr, logs) = start("server:\n  trusted_proxies: [\"127.0.0.0/8\"]\n");
+    let (mut child, addr, _, logs) = start("server:\n  trusted_proxies: [\"127.0.0.0/8\"]\n");
     assert_eq!(
         chat_from(&addr, "198.51.100.1, 203.0.113.7").await.status,
         200
@@ -840,7 +808,7 @@ async fn the_access_log_has_a_line_per_request_with_the_callers_address() {
 
     // A request refused on its head (a bad token, its body never read)
     // has its line too, and the token is in none.
-    let (mut child, addr, logs) =
+    let (mut child, addr, _, logs) =
         start("server:\n  auth_tokens: [\"a-caller-token-0123456789\"]\n");
     let r = common::post_with(
         &format!("http://{addr}/v1/chat/completions"),
@@ -859,7 +827,7 @@ async fn the_access_log_has_a_line_per_request_with_the_callers_address() {
     let _ = child.wait();
 
     // An untrusted peer's X-Forwarded-For is not believed.
-    let (mut child, addr, logs) = start("");
+    let (mut child, addr, _, logs) = start("");
     assert_eq!(chat_from(&addr, "203.0.113.7").await.status, 200);
     let line = log_line(&logs, &["request", "method=POST"]);
     assert!(
@@ -870,7 +838,7 @@ async fn the_access_log_has_a_line_per_request_with_the_callers_address() {
     let _ = child.wait();
 
     // logging.access: false: no line for requests that went well.
-    let (child, addr, logs) = start("logging:\n  access: false\n");
+    let (child, addr, _, logs) = start("logging:\n  access: false\n");
     assert_eq!(chat_from(&addr, "203.0.113.7").await.status, 200);
     let r = common::get(&format!("http://{addr}/healthz"), &[]).await;
     assert_eq!(r.status, 200);

@@ -4,9 +4,8 @@
 
 use crate::common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,41 +35,9 @@ struct Served {
 
 impl Served {
     fn start(dir: &Path) -> Served {
-        let mut child = Command::new(BIN)
-            .args([
-                "serve",
-                "--config",
-                "config.yaml",
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .current_dir(dir)
-            .env("RUST_LOG", "info")
-            .env_remove("NOTIFY_SOCKET")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while std::time::Instant::now() < deadline {
-            if let Ok(line) = lines.recv_timeout(Duration::from_millis(100)) {
-                if let Some(rest) = line.split("listen=").nth(1) {
-                    assert!(line.contains("tls=true"), "{line}");
-                    let addr = rest.split_whitespace().next().unwrap().to_owned();
-                    return Served { child, addr, lines };
-                }
-            }
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("serve did not report its address");
+        let (child, addr, line, lines) = common::spawn_serve("config.yaml", dir);
+        assert!(line.contains("tls=true"), "{line}");
+        Served { child, addr, lines }
     }
 
     /// Log lines so far.

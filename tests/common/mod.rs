@@ -802,3 +802,45 @@ pub fn client_yaml(name: &str, url: &str, keys: &[&str], extra: &str) -> String 
     }
     s
 }
+
+/// `gptbalance serve --config CONFIG --listen 127.0.0.1:0` in `dir`, with
+/// its log lines (stderr, `info`) on a channel: the child, the address it
+/// reported, the whole line that reported it, and the lines after it.
+pub fn spawn_serve(
+    config: &str,
+    dir: &std::path::Path,
+) -> (
+    std::process::Child,
+    String,
+    String,
+    std::sync::mpsc::Receiver<String>,
+) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gptbalance"))
+        .args(["serve", "--config", config, "--listen", "127.0.0.1:0"])
+        .current_dir(dir)
+        .env("RUST_LOG", "info")
+        .env_remove("NOTIFY_SOCKET")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(std::time::Duration::from_millis(100)) {
+            if let Some(rest) = line.split("listen=").nth(1) {
+                let addr = rest.split_whitespace().next().unwrap().to_owned();
+                return (child, addr, line, rx);
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("serve did not report its address");
+}
