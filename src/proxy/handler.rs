@@ -24,8 +24,8 @@ use super::attempt::{self, Outcome, UpstreamError};
 use super::body::{BoxError, ResponseBody};
 use super::cors;
 use super::endpoints;
+use super::http1::{self, head::RelayedHeaders};
 use super::multipart;
-use super::plain::RelayedHeaders;
 use super::relay::{Filter, JsonSniffer, PrefixBuffer, Relay};
 use super::report::{Admission, Completion, SharedAdmission};
 use super::route::{route, Route};
@@ -330,8 +330,7 @@ async fn read_body<B: RequestBodyStream>(
 ) -> Result<Bytes, ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+        .and_then(|v| http1::framing::content_length(v.as_bytes()));
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::TooLarge { limit });
     }

@@ -12,13 +12,11 @@ pub mod body;
 pub mod cors;
 mod drain;
 pub mod endpoints;
-// Header values httparse accepted, taken unchecked (wire_names::value).
+// Header values httparse accepted, taken unchecked (http1::names::value).
 #[allow(unsafe_code)]
 pub mod fast;
-// Reads straight into hyper's buffer cursor, with no copy.
-#[allow(unsafe_code)]
-pub mod framing;
 pub mod handler;
+pub mod http1;
 mod idle;
 mod peek_json;
 // Reads into spare buffer capacity; header values taken unchecked.
@@ -36,6 +34,3 @@ pub mod sse;
 pub mod tls;
 pub mod transform;
 pub mod upstream;
-// `value`: a header value httparse accepted, not checked again.
-#[allow(unsafe_code)]
-mod wire_names;

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;
 
-use super::plain::RelayedHeaders;
+use super::http1::head::RelayedHeaders;
 use crate::routing::key_health::{QuotaReading, Remaining};
 
 /// Values longer than this are not quota figures, whatever they hold.

@@ -25,10 +25,10 @@ use super::api_error::ApiError;
 use super::body::{BoxError, ResponseBody};
 use super::drain::drained;
 use super::fast;
-use super::framing::Watched;
 use super::handler;
+use super::http1::guard::Watched;
+use super::http1::head::RelayedHeaders;
 use super::idle::{Busy, Idle};
-use super::plain::RelayedHeaders;
 use super::upstream;
 use crate::state::AppState;
 

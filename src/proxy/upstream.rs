@@ -33,7 +33,9 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::CertificateDer;
 use tower_service::Service;
 
-use super::plain::{self, PlainBody, RelayedHeaders, WireError, Written, FOREIGN_CODING};
+use super::http1::framing;
+use super::http1::head::RelayedHeaders;
+use super::plain::{self, PlainBody, WireError, Written, FOREIGN_CODING};
 use super::request::Outgoing;
 
 use crate::routing::table::Fnv;
@@ -708,9 +710,8 @@ pub fn relayable_response(parts: &mut http::response::Parts, keep_length: bool) 
     let named: Vec<Vec<u8>> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|t| !t.is_empty() && !hop_by_hop_response(t) && !t.eq_ignore_ascii_case(b"close"))
+        .flat_map(|v| framing::elements(v.as_bytes()))
+        .filter(|t| !hop_by_hop_response(t) && !t.eq_ignore_ascii_case(b"close"))
         .map(<[u8]>::to_vec)
         .collect();
     let dropped = |name: &[u8]| {
@@ -787,11 +788,10 @@ pub fn response_header<'a>(
 /// (a `gzip` coding stripped with the header would leave an encoded body
 /// that says nothing of it). Refused as an invalid answer.
 pub(crate) fn foreign_transfer_coding(headers: &HeaderMap) -> bool {
-    headers.get_all(header::TRANSFER_ENCODING).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|c| !c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-    })
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .any(|v| framing::foreign_coding(v.as_bytes()))
 }
 
 #[cfg(test)]
