@@ -9,7 +9,9 @@
 //! - [`routing`]: the immutable `RoutingTable` (matching, priority tiers,
 //!   weighted round robin, fallback, key health). Knows no HTTP.
 //! - [`proxy`]: the accept loop and its drain signal (`server`, `drain`),
-//!   the HTTP/1.1 fast path (`fast`) with hyper for the rest, what a head
+//!   the HTTP/1.1 fast path (`fast`) with hyper for the rest, the one
+//!   HTTP/1 codec both it and the plain-HTTP client (`plain`) use
+//!   (`http1`: heads, framing, chunks, the CL+TE guard), what a head
 //!   asks for (`route`: path and bearer token), request handling
 //!   (`handler`), upstream attempts (`attempt` via `upstream`), the
 //!   streaming relay, OpenAI-shaped errors, local endpoints. Parses no YAML.
