@@ -20,9 +20,15 @@
 //!   ones, and the response body. Below `state` (which holds the clients)
 //!   and `ops` (whose key probes and model discovery use it), so nothing
 //!   above has to reach into `proxy` for it.
+//! - [`http1`]: the one HTTP/1.1 codec of the server loop (`proxy::fast`),
+//!   the CL+TE guard on connections handed to hyper, and the plain-HTTP
+//!   client (`upstream::h1_client`): heads and their limits, header names,
+//!   Content-Length, Transfer-Encoding and Connection rules, chunk sizes,
+//!   numbers. A leaf below both sides, as pingora keeps its HTTP/1 rules
+//!   in one file for server and client.
 //! - [`usage`]: the usage record, the background writer, the monthly
 //!   SQLite files (`store`: naming, schema, migration, opening) and their
-//!   insert engine (`insert`: prepared statements, binding in place),
+//!   insert engine (`insert`: cached statements bound through rusqlite),
 //!   reports.
 //! - [`state`]: the daemon's shared state (`AppState`, the last reload's
 //!   status, the clock, the discovered model lists): read by the proxy per
@@ -56,6 +62,7 @@
 pub mod calendar;
 pub mod cli;
 pub mod config;
+pub mod http1;
 pub mod limits;
 pub mod metrics;
 pub mod ops;

@@ -94,7 +94,7 @@ pub async fn run(
     key.health.record_quota(&super::quota::read(
         resp.headers(),
         resp.extensions()
-            .get::<crate::upstream::h1_client::RelayedHeaders>(),
+            .get::<crate::http1::head::RelayedHeaders>(),
     ));
     let status = resp.status().as_u16();
     if resp.status().is_success() {
@@ -173,6 +173,7 @@ pub async fn run(
 /// its framing promised more) is the upstream failing: no request shape a
 /// caller can send counts against a key's health.
 fn framed_empty(head_request: bool, parts: &http::response::Parts) -> bool {
+    use crate::http1::framing;
     use http::header;
     let status = parts.status;
     head_request
@@ -182,18 +183,13 @@ fn framed_empty(head_request: bool, parts: &http::response::Parts) -> bool {
         || parts
             .headers
             .get(header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes().trim_ascii() == b"0")
+            .is_some_and(|v| framing::content_length(v.as_bytes()) == Some(0))
         || parts
             .headers
             .get_all(header::TRANSFER_ENCODING)
             .iter()
             .next_back()
-            .is_some_and(|v| {
-                v.as_bytes()
-                    .rsplit(|&b| b == b',')
-                    .next()
-                    .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-            })
+            .is_some_and(|v| framing::chunked_last(v.as_bytes()))
 }
 
 fn respond(resp: http::Response<UpstreamBody>) -> Outcome {

@@ -40,14 +40,11 @@ use tokio::sync::watch;
 
 use super::body::ResponseBody;
 use super::handler::{self, BodyCut};
+use crate::http1::framing::{self, push_decimal, Connection};
+use crate::http1::head::{RelayedHeaders, MAX_HEAD, MAX_HEADERS};
+use crate::http1::{chunked, names};
 use crate::state::AppState;
-use crate::upstream::h1_client::{push_decimal, RelayedHeaders};
 
-/// Longest head the fast path reads; a longer one goes to hyper, which
-/// answers 431 for it.
-const MAX_HEAD: usize = 64 * 1024;
-/// Most headers the fast path parses; more go to hyper.
-const MAX_HEADERS: usize = 100;
 /// Room kept free in the read buffer before each read.
 const READ_ROOM: usize = 4 * 1024;
 /// Largest piece of a request body read at once.
@@ -170,12 +167,12 @@ pub async fn serve(
 }
 
 /// A parsed request head the fast path serves.
-struct Head {
-    method: Method,
+pub(super) struct Head {
+    pub(super) method: Method,
     uri: Uri,
     headers: HeaderMap,
     /// Body length (0 when there is none).
-    length: u64,
+    pub(super) length: u64,
     keep_alive: bool,
 }
 
@@ -191,7 +188,7 @@ enum HeadRead {
 // Returned once per request and unpacked at once: boxing the head
 // would cost an allocation per request.
 #[allow(clippy::large_enum_variant)]
-enum Parsed {
+pub(super) enum Parsed {
     Partial,
     HandOff,
     Head(Head, usize),
@@ -357,16 +354,14 @@ impl Conn {
                 if bodiless || length.is_some() {
                     continue;
                 }
-                length = std::str::from_utf8(value.as_bytes())
-                    .ok()
-                    .and_then(|v| v.trim().parse().ok());
+                length = framing::content_length(value.as_bytes());
                 if length.is_none() {
                     continue;
                 }
             } else if name == header::TRANSFER_ENCODING {
                 continue;
             } else if name == header::CONNECTION {
-                if value.as_bytes().eq_ignore_ascii_case(b"close") {
+                if Connection::of(value.as_bytes()).close {
                     keep_alive = false;
                 }
                 continue;
@@ -448,7 +443,7 @@ impl Conn {
                         return false;
                     }
                     if chunked {
-                        write_chunk_size(&mut self.out, data.len());
+                        chunked::push_size(&mut self.out, data.len());
                     }
                     if data.len() > GATHER {
                         if self.flush().await.is_err() || self.io.write_all(&data).await.is_err() {
@@ -479,7 +474,7 @@ impl Conn {
                 }
                 Step::End => {
                     if chunked {
-                        self.out.extend_from_slice(b"0\r\n\r\n");
+                        self.out.extend_from_slice(chunked::LAST_CHUNK);
                     }
                     let whole = length.is_none_or(|n| sent == n);
                     return self.flush().await.is_ok() && whole && keep_alive;
@@ -516,28 +511,11 @@ enum Step {
     End,
 }
 
-fn write_chunk_size(out: &mut Vec<u8>, n: usize) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut digits = [0u8; 16];
-    let mut i = digits.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        digits[i] = HEX[n & 15];
-        n >>= 4;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
-    out.extend_from_slice(b"\r\n");
-}
-
 /// Parses the head at the start of `buf`, deciding whether the fast path
 /// serves it. The head is copied once; the path and header values are
 /// slices of that copy (one allocation, not one per header), and the read
 /// buffer is not shared with them.
-fn parse(buf: &[u8]) -> Parsed {
+pub(super) fn parse(buf: &[u8]) -> Parsed {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut slots);
     let len = match req.parse(buf) {
@@ -572,35 +550,32 @@ fn parse(buf: &[u8]) -> Parsed {
     };
     let mut headers = HeaderMap::with_capacity(req.headers.len());
     let mut length: Option<u64> = None;
-    let mut keep_alive = true;
+    let mut connection = Connection::default();
     for h in req.headers.iter() {
-        let Some(name) = crate::upstream::wire_names::name(h.name.as_bytes()) else {
+        let Some(name) = names::name(h.name.as_bytes()) else {
             return Parsed::HandOff;
         };
         if name == header::TRANSFER_ENCODING || name == header::EXPECT || name == header::UPGRADE {
             return Parsed::HandOff;
         }
         if name == header::CONTENT_LENGTH {
-            let v = h.value;
-            if length.is_some() || v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit)
-            {
+            // One plain number; a list, a repeat or anything odd goes
+            // to hyper.
+            if length.is_some() {
                 return Parsed::HandOff;
             }
-            length = Some(v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')));
+            match framing::decimal(h.value) {
+                Some(n) => length = Some(n),
+                None => return Parsed::HandOff,
+            }
         } else if name == header::CONNECTION {
-            for token in h.value.split(|&b| b == b',') {
-                let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    keep_alive = false;
-                } else if token.eq_ignore_ascii_case(b"upgrade") {
-                    return Parsed::HandOff;
-                }
+            connection.add(h.value);
+            if connection.upgrade {
+                return Parsed::HandOff;
             }
         }
         // SAFETY: a value httparse accepted.
-        headers.append(name, unsafe {
-            crate::upstream::wire_names::value(slice(h.value))
-        });
+        headers.append(name, unsafe { names::value(slice(h.value)) });
     }
     Parsed::Head(
         Head {
@@ -608,7 +583,7 @@ fn parse(buf: &[u8]) -> Parsed {
             uri,
             headers,
             length: length.unwrap_or(0),
-            keep_alive,
+            keep_alive: !connection.close,
         },
         len,
     )

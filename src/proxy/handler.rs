@@ -34,6 +34,7 @@ use super::sse::{PrefixSlot, SseFilter};
 use super::transform::{self, Changes, EndpointKind, RequestBody};
 use crate::config::prices::{self, Tokens};
 use crate::config::{Affinity, Per};
+use crate::http1::{self, head::RelayedHeaders};
 use crate::limits::shared::{Denial, Grant, SharedState};
 use crate::limits::{Cost, Headroom, Refusal};
 use crate::routing::table::USUAL_ENDPOINTS;
@@ -41,7 +42,6 @@ use crate::routing::{CallerRoute, KeyAsk, KeyPick, RoutingTable};
 use crate::secret::sha256;
 use crate::state::AppState;
 use crate::upstream;
-use crate::upstream::h1_client::RelayedHeaders;
 use crate::usage::UsageRecord;
 
 /// The endpoint as the usage row holds it: a shared name for the usual ones.
@@ -345,8 +345,7 @@ async fn read_body<B: RequestBodyStream>(
 ) -> Result<Bytes, ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+        .and_then(|v| http1::framing::content_length(v.as_bytes()));
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::TooLarge { limit });
     }

@@ -10,15 +10,15 @@ pub mod api_error;
 pub mod attempt;
 pub mod body;
 pub mod cors;
+// The HTTP/1 codec and the server loop against hyper and httparse.
+#[cfg(test)]
+mod differential;
 mod drain;
 pub mod endpoints;
 pub mod expect;
-// Header values httparse accepted, taken unchecked (wire_names::value).
+// Header values httparse accepted, taken unchecked (http1::names::value).
 #[allow(unsafe_code)]
 pub mod fast;
-// Reads straight into hyper's buffer cursor, with no copy.
-#[allow(unsafe_code)]
-pub mod framing;
 pub mod handler;
 mod idle;
 pub mod multipart;

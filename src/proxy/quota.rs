@@ -13,8 +13,8 @@ use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;
 
+use crate::http1::head::RelayedHeaders;
 use crate::routing::key_health::{QuotaReading, Remaining};
-use crate::upstream::h1_client::RelayedHeaders;
 
 /// Values longer than this are not quota figures, whatever they hold.
 const MAX_VALUE: usize = 64;

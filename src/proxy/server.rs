@@ -25,12 +25,12 @@ use super::api_error::ApiError;
 use super::body::{BoxError, ResponseBody};
 use super::drain::drained;
 use super::fast;
-use super::framing::Watched;
 use super::handler;
 use super::idle::{Busy, Idle};
+use crate::http1::guard::Watched;
+use crate::http1::head::RelayedHeaders;
 use crate::state::AppState;
 use crate::upstream;
-use crate::upstream::h1_client::RelayedHeaders;
 
 /// Serves until `shutdown` resolves, then stops accepting and lets open
 /// requests finish for up to `server.shutdown_grace` before cutting them.

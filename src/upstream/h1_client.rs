@@ -35,18 +35,16 @@ use http::uri::Authority;
 use http::{Method, Response, StatusCode, Version};
 
 use super::request::Outgoing;
+use crate::http1::chunked;
+use crate::http1::framing::{push_decimal, Connection, ContentLength};
+use crate::http1::head::{RelayedHeaders, Span, MAX_HEAD, MAX_HEADERS};
+use crate::http1::{framing, names};
 use tokio::io::{AsyncRead, Interest, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// Why an answer with a transfer coding other than chunked is refused.
 pub(crate) const FOREIGN_CODING: &str = "a transfer coding other than chunked";
 
-/// Most response headers read; hyper's client allows the same.
-const MAX_HEADERS: usize = 100;
-/// Longest response head (and longest trailer section) read.
-const MAX_HEAD: usize = 64 * 1024;
-/// Longest chunk-size line, extensions included.
-const MAX_CHUNK_LINE: usize = 4096;
 /// Read buffer room asked for before each read.
 const READ_ROOM: usize = 8 * 1024;
 /// Request bodies up to this size go out in the same write as the head.
@@ -345,21 +343,6 @@ pub fn encode_head(req: &Outgoing<'_>, host: Option<&HeaderValue>, out: &mut Vec
     out.extend_from_slice(b"\r\n");
 }
 
-/// Appends `n` in decimal.
-pub(crate) fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
-}
-
 /// The status code of the status line at the start of `buf`, once its
 /// first twelve bytes are there and read as one.
 fn status_code(buf: &[u8]) -> Option<u16> {
@@ -378,8 +361,7 @@ fn status_code(buf: &[u8]) -> Option<u16> {
 /// A complete response head off the front of `buf`, or `None` when more
 /// bytes are needed. Header values share the head's bytes.
 fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, WireError> {
-    // (name start, name end, value start, value end) within the head.
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let mut spans: [Span; MAX_HEADERS] = [(0, 0, 0, 0); MAX_HEADERS];
     let (len, code, minor, count) = {
         let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut []);
@@ -428,7 +410,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, WireError> {
     for &span in &spans[..count] {
         let (ns, ne, vs, ve) = span;
         let name = &head[ns as usize..ne as usize];
-        let name = match super::wire_names::known(name) {
+        let name = match names::known(name) {
             Some(name) => Some(name),
             None if read_by_router(name) => HeaderName::from_bytes(name).ok(),
             None => None,
@@ -437,17 +419,15 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, WireError> {
             Some(name) => {
                 let value = head.slice(vs as usize..ve as usize);
                 // SAFETY: a value of the head httparse accepted.
-                headers.append(name, unsafe { super::wire_names::value(value) });
+                headers.append(name, unsafe { names::value(value) });
             }
             None => relayed.push(span),
         }
     }
     let mut resp = Response::new(());
     if !relayed.is_empty() {
-        resp.extensions_mut().insert(RelayedHeaders {
-            head: head.clone(),
-            spans: relayed,
-        });
+        resp.extensions_mut()
+            .insert(RelayedHeaders::new(head.clone(), relayed));
     }
     *resp.status_mut() = status;
     *resp.version_mut() = if minor == 0 {
@@ -467,91 +447,26 @@ fn read_by_router(name: &[u8]) -> bool {
     name.len() > 12 && name[..12].eq_ignore_ascii_case(b"x-ratelimit-")
 }
 
-/// Response headers gptbalance only relays, as they came: the head and
-/// where each line's name and value are in it. A response carries them
-/// as an extension; the fast path writes them as they are, and
-/// [`RelayedHeaders::merge`] puts them in the header map for hyper.
-/// Names are tokens and values valid, as httparse checked them.
-#[derive(Clone, Debug)]
-pub struct RelayedHeaders {
-    head: Bytes,
-    /// (name start, name end, value start, value end) within `head`.
-    spans: Vec<(u32, u32, u32, u32)>,
-}
-
-impl RelayedHeaders {
-    /// Each header's name and value, in the order received.
-    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.spans.iter().map(|&(ns, ne, vs, ve)| {
-            (
-                &self.head[ns as usize..ne as usize],
-                &self.head[vs as usize..ve as usize],
-            )
-        })
-    }
-
-    /// Keeps only the headers whose name `keep` accepts.
-    pub fn retain(&mut self, mut keep: impl FnMut(&[u8]) -> bool) {
-        let head = &self.head;
-        self.spans
-            .retain(|&(ns, ne, _, _)| keep(&head[ns as usize..ne as usize]));
-    }
-
-    /// Moves the relayed headers of `extensions`, if any, into `headers`.
-    pub fn merge(extensions: &mut http::Extensions, headers: &mut HeaderMap) {
-        let Some(relayed) = extensions.remove::<RelayedHeaders>() else {
-            return;
-        };
-        for &(ns, ne, vs, ve) in &relayed.spans {
-            if let Ok(name) = HeaderName::from_bytes(&relayed.head[ns as usize..ne as usize]) {
-                let value = relayed.head.slice(vs as usize..ve as usize);
-                // SAFETY: a value of the head httparse accepted.
-                headers.append(name, unsafe { super::wire_names::value(value) });
-            }
-        }
-    }
-}
-
 /// How the body is delimited, and whether the connection may be reused.
 /// One pass over the headers: standard names compare without hashing.
 fn framing_of(head: &Response<()>, method: &Method) -> Result<(Framing, bool), WireError> {
     let http10 = head.version() == Version::HTTP_10;
-    let mut keep_alive = !http10;
+    let mut connection = Connection::default();
     let mut last_coding: Option<&[u8]> = None;
     let mut foreign_coding = false;
-    let mut length: Option<u64> = None;
-    let mut bad_length = None;
+    let mut length = ContentLength::default();
     for (name, value) in head.headers() {
         let value = value.as_bytes();
         if name == header::CONNECTION {
-            for token in value.split(|&b| b == b',') {
-                let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    keep_alive = false;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") && http10 {
-                    keep_alive = true;
-                }
-            }
+            connection.add(value);
         } else if name == header::TRANSFER_ENCODING {
-            last_coding = value.rsplit(|&b| b == b',').next().map(<[u8]>::trim_ascii);
-            foreign_coding |= value
-                .split(|&b| b == b',')
-                .any(|c| !c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            last_coding = Some(value);
+            foreign_coding |= framing::foreign_coding(value);
         } else if name == header::CONTENT_LENGTH {
-            for part in value.split(|&b| b == b',') {
-                let part = part.trim_ascii();
-                if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-                    bad_length = Some("bad content-length");
-                    continue;
-                }
-                let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-                if length.is_some_and(|l| l != n) {
-                    bad_length = Some("conflicting content-length");
-                }
-                length = Some(n);
-            }
+            length.add(value);
         }
     }
+    let keep_alive = connection.persists(http10);
     let status = head.status();
     if *method == Method::HEAD
         || status == StatusCode::NO_CONTENT
@@ -567,16 +482,13 @@ fn framing_of(head: &Response<()>, method: &Method) -> Result<(Framing, bool), W
         // to the close. Transfer-Encoding overrides any Content-Length, but
         // a response with both (or chunked over HTTP/1.0) is suspect
         // framing: the connection is not reused after it (RFC 9112 6.1, 6.3).
-        if coding.eq_ignore_ascii_case(b"chunked") {
-            let trusted = keep_alive && !http10 && length.is_none() && bad_length.is_none();
+        if framing::chunked_last(coding) {
+            let trusted = keep_alive && !http10 && !length.is_present();
             return Ok((Framing::Chunked(Chunk::Size), trusted));
         }
         return Ok((Framing::ToClose, false));
     }
-    if let Some(why) = bad_length {
-        return Err(WireError::Invalid(why));
-    }
-    Ok(match length {
+    Ok(match length.get().map_err(WireError::Invalid)? {
         Some(0) => (Framing::Done, keep_alive),
         Some(n) => (Framing::Length(n), keep_alive),
         None => (Framing::ToClose, false),
@@ -776,14 +688,15 @@ fn chunk_framing(framing: &mut Framing, buf: &mut BytesMut) -> Result<bool, Wire
     match state {
         Chunk::Data(_) => Ok(false),
         Chunk::Size => {
-            let Some(end) = memchr::memchr(b'\n', buf) else {
-                if buf.len() > MAX_CHUNK_LINE {
-                    return Err(WireError::Invalid("chunk size line too long"));
+            let (line, size) = match chunked::parse_size(buf) {
+                Ok(Some(line)) => line,
+                Ok(None) if buf.len() > chunked::MAX_LINE => {
+                    return Err(WireError::Invalid("chunk size line too long"))
                 }
-                return Ok(false);
+                Ok(None) => return Ok(false),
+                Err(chunked::BadSize(why)) => return Err(WireError::Invalid(why)),
             };
-            let size = chunk_size(&buf[..end])?;
-            buf.advance(end + 1);
+            buf.advance(line);
             *framing = Framing::Chunked(if size == 0 {
                 Chunk::Trailers { read: 0 }
             } else {
@@ -825,33 +738,6 @@ fn chunk_framing(framing: &mut Framing, buf: &mut BytesMut) -> Result<bool, Wire
             Ok(true)
         }
     }
-}
-
-/// The size from a chunk-size line (without its `\n`): hex digits, then
-/// optional whitespace and extensions (no control bytes), and a `\r`.
-fn chunk_size(line: &[u8]) -> Result<u64, WireError> {
-    let Some(line) = line.strip_suffix(b"\r") else {
-        return Err(WireError::Invalid("chunk size line without CRLF"));
-    };
-    if line.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
-        return Err(WireError::Invalid("bad chunk size"));
-    }
-    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-    if digits == 0 {
-        return Err(WireError::Invalid("bad chunk size"));
-    }
-    let rest = &line[digits..];
-    let rest_ok = match rest.iter().position(|&b| b != b' ' && b != b'\t') {
-        None => true,
-        Some(i) => rest[i] == b';',
-    };
-    let significant = line[..digits].iter().skip_while(|&&b| b == b'0').count();
-    if !rest_ok || significant > 15 {
-        return Err(WireError::Invalid("bad chunk size"));
-    }
-    Ok(line[..digits].iter().fold(0u64, |n, &b| {
-        n * 16 + u64::from((b as char).to_digit(16).unwrap_or(0))
-    }))
 }
 
 #[cfg(test)]
@@ -935,7 +821,7 @@ mod tests {
                 String::from_utf8_lossy(wire)
             );
         }
-        let long = vec![b'1'; MAX_CHUNK_LINE + 10];
+        let long = vec![b'1'; chunked::MAX_LINE + 10];
         assert!(matches!(
             decode(Framing::Chunked(Chunk::Size), &long, 4096),
             Err(WireError::Invalid(_))

@@ -15,9 +15,6 @@
 #[allow(unsafe_code)]
 pub mod h1_client;
 pub mod request;
-// `value`: a header value httparse accepted, not checked again.
-#[allow(unsafe_code)]
-pub(crate) mod wire_names;
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -41,7 +38,9 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::CertificateDer;
 use tower_service::Service;
 
-use h1_client::{PlainBody, RelayedHeaders, WireError, Written, FOREIGN_CODING};
+use crate::http1::framing;
+use crate::http1::head::RelayedHeaders;
+use h1_client::{PlainBody, WireError, Written, FOREIGN_CODING};
 use request::Outgoing;
 
 use crate::routing::table::Fnv;
@@ -716,9 +715,8 @@ pub fn relayable_response(parts: &mut http::response::Parts, keep_length: bool) 
     let named: Vec<Vec<u8>> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|t| !t.is_empty() && !hop_by_hop_response(t) && !t.eq_ignore_ascii_case(b"close"))
+        .flat_map(|v| framing::elements(v.as_bytes()))
+        .filter(|t| !hop_by_hop_response(t) && !t.eq_ignore_ascii_case(b"close"))
         .map(<[u8]>::to_vec)
         .collect();
     let dropped = |name: &[u8]| {
@@ -795,11 +793,10 @@ pub fn response_header<'a>(
 /// (a `gzip` coding stripped with the header would leave an encoded body
 /// that says nothing of it). Refused as an invalid answer.
 pub(crate) fn foreign_transfer_coding(headers: &HeaderMap) -> bool {
-    headers.get_all(header::TRANSFER_ENCODING).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|c| !c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-    })
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .any(|v| framing::foreign_coding(v.as_bytes()))
 }
 
 /// The error and its causes on one line; hyper's errors carry no URL or header.

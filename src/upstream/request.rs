@@ -4,7 +4,7 @@
 //!
 //! `handler`/`attempt` (and the key probe and model discovery) build an
 //! [`Outgoing`] with [`build_request`]; `upstream` sends it, and the plain
-//! HTTP/1 client (`plain::encode_head`) or hyper's (`into_request`) writes
+//! HTTP/1 client (`h1_client::encode_head`) or hyper's (`into_request`) writes
 //! its head. Which caller headers never go upstream is decided here alone
 //! ([`not_forwarded`]).
 

@@ -16,24 +16,9 @@ use std::task::{Context, Poll};
 
 use hyper::rt::{Read, ReadBufCursor, Write};
 
-/// Where the head at the start of `buf` ends (just past its empty line),
-/// looking from `from` on. Lines end at `\n`, with or without a `\r`
-/// before it, as httparse reads them: a head of bare-LF lines ends at
-/// `\n\n`, and finding heads by `\r\n\r\n` alone would take the next
-/// request's head for part of this one.
-fn head_end(buf: &[u8], from: usize) -> Option<usize> {
-    memchr::memchr_iter(b'\n', &buf[from..]).find_map(|nl| {
-        let next = from + nl + 1;
-        match buf.get(next..)? {
-            [b'\n', ..] => Some(next + 1),
-            [b'\r', b'\n', ..] => Some(next + 2),
-            _ => None,
-        }
-    })
-}
-
-/// Longest request head followed; hyper rejects longer ones itself.
-const MAX_HEAD: usize = 64 * 1024;
+use super::chunked;
+use super::framing::RequestBody;
+use super::head::{head_end, MAX_HEAD};
 
 /// Shared between the watcher and the connection's service.
 #[derive(Debug, Default)]
@@ -54,7 +39,7 @@ impl Verdict {
 }
 
 #[derive(Debug, PartialEq)]
-enum State {
+pub(crate) enum State {
     Head,
     Fixed(u64),
     ChunkSize,
@@ -138,9 +123,9 @@ impl<IO> Watched<IO> {
                     bytes = &bytes[nl + 1..];
                     let line = std::mem::take(&mut self.buf);
                     self.state = match self.state {
-                        State::ChunkSize => match httparse::parse_chunk_size(&line) {
-                            Ok(httparse::Status::Complete((_, 0))) => State::Trailers,
-                            Ok(httparse::Status::Complete((_, size))) => State::ChunkData(size),
+                        State::ChunkSize => match chunked::parse_size(&line) {
+                            Ok(Some((_, 0))) => State::Trailers,
+                            Ok(Some((_, size))) => State::ChunkData(size),
                             _ => State::Off,
                         },
                         _ if line == b"\r\n" || line == b"\n" => State::Head,
@@ -190,12 +175,12 @@ impl<IO> Watched<IO> {
 
 /// What a request head says about its body's framing.
 #[derive(Debug, Default, PartialEq)]
-struct HeadFacts<'a> {
-    connect: bool,
+pub(crate) struct HeadFacts<'a> {
+    pub(crate) connect: bool,
     /// The first `Content-Length` value.
-    first_length: Option<&'a [u8]>,
+    pub(crate) first_length: Option<&'a [u8]>,
     /// The last `Transfer-Encoding` value.
-    last_encoding: Option<&'a [u8]>,
+    pub(crate) last_encoding: Option<&'a [u8]>,
 }
 
 impl<'a> HeadFacts<'a> {
@@ -206,7 +191,7 @@ impl<'a> HeadFacts<'a> {
     /// hyper answers it with 400 and closes the connection, so nothing
     /// after it is followed. `None` for HTTP/2's preface or a field line
     /// without `:`: stop following. No second full parse per request.
-    fn read(head: &'a [u8]) -> Option<HeadFacts<'a>> {
+    pub(crate) fn read(head: &'a [u8]) -> Option<HeadFacts<'a>> {
         if head.starts_with(b"PRI * HTTP/2.0") {
             return None;
         }
@@ -239,8 +224,9 @@ impl<'a> HeadFacts<'a> {
 
     /// How the body is framed, and whether the head has both a length and
     /// a transfer coding (then nothing more is followed).
-    fn framing(&self) -> (State, bool) {
-        if self.last_encoding.is_some() && self.first_length.is_some() {
+    pub(crate) fn framing(&self) -> (State, bool) {
+        let body = RequestBody::of(self.first_length, self.last_encoding);
+        if body == RequestBody::Conflict {
             return (State::Off, true);
         }
         // A CONNECT is answered 405 and its connection closed (see
@@ -249,28 +235,12 @@ impl<'a> HeadFacts<'a> {
         if self.connect {
             return (State::Off, false);
         }
-        if let Some(last) = self.last_encoding {
-            let chunked = last
-                .rsplit(|b| *b == b',')
-                .next()
-                .is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-            let state = if chunked {
-                State::ChunkSize
-            } else {
-                State::Off
-            };
-            return (state, false);
-        }
-        let state = match self.first_length.map(|v| {
-            std::str::from_utf8(v)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        }) {
-            None => State::Head,
-            Some(Some(0)) => State::Head,
-            Some(Some(n)) => State::Fixed(n),
-            // hyper answers an invalid length with 400 itself.
-            Some(None) => State::Off,
+        let state = match body {
+            RequestBody::Length(0) => State::Head,
+            RequestBody::Length(n) => State::Fixed(n),
+            RequestBody::Chunked => State::ChunkSize,
+            // hyper answers these with 400 itself.
+            RequestBody::Invalid | RequestBody::Conflict => State::Off,
         };
         (state, false)
     }
@@ -352,7 +322,7 @@ mod tests {
     fn follows_bodies_to_find_each_head() {
         let a: &[u8] = b"POST /v1/x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello";
         let b: &[u8] =
-            b"POST /v1/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhe\r\n\r\n0\r\n\r\n";
+            b"POST /v1/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
         let c: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
         let all = [a, b, c].concat();
         assert_eq!(heads(&[&all]), (3, 0));
