@@ -8,8 +8,9 @@
 //!   `model_match` rule (`config::matcher`) that validation and routing share.
 //! - [`routing`]: the immutable `RoutingTable` (matching, priority tiers,
 //!   weighted round robin, fallback, key health). Knows no HTTP.
-//! - [`proxy`]: the accept loop and its drain signal (`server`, `drain`),
-//!   the HTTP/1.1 fast path (`fast`) with hyper for the rest, what a head
+//! - [`proxy`]: the accept loop and its drain (`server`, `server::drain`),
+//!   its own HTTP/1.1 loop (`server::h1_loop`) with hyper for the rest
+//!   (`server::handoff`), what a head
 //!   asks for (`route`: path and bearer token), request handling
 //!   (`handler`), upstream attempts (`attempt`), the streaming relay
 //!   (`relay`, `sse`, checked against the expected format by `expect`),
@@ -20,7 +21,7 @@
 //!   ones, and the response body. Below `state` (which holds the clients)
 //!   and `ops` (whose key probes and model discovery use it), so nothing
 //!   above has to reach into `proxy` for it.
-//! - [`http1`]: the one HTTP/1.1 codec of the server loop (`proxy::fast`),
+//! - [`http1`]: the one HTTP/1.1 codec of the server loop (`proxy::server::h1_loop`),
 //!   the CL+TE guard on connections handed to hyper, and the plain-HTTP
 //!   client (`upstream::h1_client`): heads and their limits, header names,
 //!   Content-Length, Transfer-Encoding and Connection rules, chunk sizes,
@@ -42,7 +43,7 @@
 //! - [`secret`]: keys and tokens, which only ever show as a redacted id.
 //! - [`calendar`]: UTC days and months, and the usage rows' time stamps.
 //!
-//! A request flows one way: `proxy::server` (or `proxy::fast`) →
+//! A request flows one way: `proxy::server` (`h1_loop`, or hyper) →
 //! `proxy::route` → `proxy::handler` → `RoutingTable::candidates` →
 //! `proxy::attempt` (via `upstream`) → `proxy::relay` →
 //! `usage::UsageSink::send`. Config flows file → `config::load` →

@@ -1,5 +1,5 @@
 //! The HTTP/1.1 wire rules, once, for every side that speaks HTTP/1.1:
-//! the server loop (`fast`), the guard on connections handed to hyper
+//! the server loop (`proxy::server::h1_loop`), the guard on connections handed to hyper
 //! ([`guard`]), and the client to plain-HTTP upstreams
 //! (`upstream::h1_client`). A leaf: it imports neither side.
 //!

@@ -65,7 +65,7 @@ fn new_request_id() -> [u8; 36] {
 }
 
 /// A request body as the handler reads it: hyper's `Incoming`, or the
-/// body the HTTP/1.1 fast path has already read (`fast::FastBody`).
+/// body the HTTP/1.1 fast path has already read (`server::h1_loop::FastBody`).
 pub trait RequestBodyStream:
     http_body::Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static
 {

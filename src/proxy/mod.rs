@@ -10,17 +10,9 @@ pub mod api_error;
 pub mod attempt;
 pub mod body;
 pub mod cors;
-// The HTTP/1 codec and the server loop against hyper and httparse.
-#[cfg(test)]
-mod differential;
-mod drain;
 pub mod endpoints;
 pub mod expect;
-// Header values httparse accepted, taken unchecked (http1::names::value).
-#[allow(unsafe_code)]
-pub mod fast;
 pub mod handler;
-mod idle;
 pub mod multipart;
 mod peek_json;
 pub mod quota;
@@ -30,5 +22,4 @@ pub mod route;
 pub mod server;
 pub mod shadow;
 pub mod sse;
-pub mod tls;
 pub mod transform;

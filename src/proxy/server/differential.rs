@@ -14,7 +14,7 @@ use http_body::Body as _;
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::fast::{parse, Parsed};
+use super::h1_loop::{parse, Parsed};
 use crate::http1::chunked;
 use crate::http1::guard::{HeadFacts, State};
 

@@ -1,5 +1,5 @@
-//! The HTTP/1.1 fast path: the usual request served on a read/write loop of
-//! its own, without hyper's per-request machinery.
+//! The server's own HTTP/1.1 loop: the usual request served on a
+//! read/write loop of its own, without hyper's per-request machinery.
 //!
 //! The usual request is a GET or POST in HTTP/1.1, in origin form, with a
 //! `Content-Length` body or none, and no `Transfer-Encoding`, `Expect` or
@@ -9,7 +9,7 @@
 //! connection, with the bytes already read and not yet used, to hyper for
 //! the rest of its life; hyper's answers to odd requests stay the answers.
 //! Plaintext only: a TLS connection (`server.tls`) never comes here, hyper
-//! serves it from its handshake on (`tls.rs`).
+//! serves it from its handshake on (`tls`).
 //!
 //! Semantics kept from hyper's server: a new connection's first head must
 //! arrive within `header_read_timeout` of its accept, as hyper's timer
@@ -36,13 +36,13 @@ use http::{header, HeaderMap, Method, Request, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 
-use super::body::ResponseBody;
-use super::handler::{self, BodyCut};
+use super::Drain;
 use crate::http1::framing::{self, push_decimal, Connection};
 use crate::http1::head::{RelayedHeaders, MAX_HEAD, MAX_HEADERS};
 use crate::http1::{chunked, names};
+use crate::proxy::body::ResponseBody;
+use crate::proxy::handler::{self, BodyCut};
 use crate::state::AppState;
 
 /// Room kept free in the read buffer before each read.
@@ -68,14 +68,14 @@ pub async fn serve(
     io: TcpStream,
     peer: Option<std::net::SocketAddr>,
     state: Arc<AppState>,
-    draining: watch::Receiver<bool>,
+    drain: Drain,
 ) -> Exit {
     // Made once per connection, not per wait for a request: it registers
     // with the drain signal on its first wait and stays registered, where
     // a new one per wait would register and deregister (two locks) each
     // time.
-    let mut watch = draining.clone();
-    let mut drained = std::pin::pin!(super::drain::drained(&mut watch));
+    let mut watch = drain.clone();
+    let mut drained = std::pin::pin!(watch.started());
     let mut conn = Conn {
         io,
         buf: BytesMut::with_capacity(READ_ROOM),
@@ -93,7 +93,7 @@ pub async fn serve(
             .read_head(
                 (!first).then_some(head_timeout),
                 wait.as_mut(),
-                &draining,
+                &drain,
                 drained.as_mut(),
             )
             .await
@@ -123,7 +123,7 @@ pub async fn serve(
             handler::refuse_before_body(&state, head.uri.path(), &head.headers, peer)
         {
             let parts = (&head.method, &head.uri, &head.headers);
-            super::access::log_refused(&state, parts, peer, refused.status());
+            crate::proxy::access::log_refused(&state, parts, peer, refused.status());
             let _ = conn.write_response(refused, false).await;
             return Exit::Closed;
         }
@@ -158,7 +158,7 @@ pub async fn serve(
             },
             () = conn.gone() => return Exit::Closed,
         };
-        keep_alive &= !*draining.borrow();
+        keep_alive &= !drain.is_draining();
         if !conn.write_response(resp, keep_alive).await {
             return Exit::Closed;
         }
@@ -212,7 +212,7 @@ impl Conn {
         &mut self,
         restart: Option<Duration>,
         mut wait: Pin<&mut tokio::time::Sleep>,
-        draining: &watch::Receiver<bool>,
+        drain: &Drain,
         mut drained: Pin<&mut impl Future<Output = ()>>,
     ) -> HeadRead {
         let mut restart = restart;
@@ -237,7 +237,7 @@ impl Conn {
             }
             self.make_room();
             let read = if self.buf.is_empty() {
-                if *draining.borrow() {
+                if drain.is_draining() {
                     return HeadRead::Closed;
                 }
                 tokio::select! {

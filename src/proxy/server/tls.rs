@@ -2,7 +2,7 @@
 //! through tokio-rustls), then hyper for the rest of its life.
 //!
 //! ALPN offers `h2` and `http/1.1`; hyper's auto server reads which one the
-//! client speaks. The HTTP/1.1 fast path (`fast.rs`) is plaintext-only:
+//! client speaks. The HTTP/1.1 fast path (`h1_loop`) is plaintext-only:
 //! every TLS connection is served by hyper, with `keepalive_timeout`
 //! applied by `idle.rs` (HTTP/2: GOAWAY) as on any connection hyper serves.
 //!
@@ -66,7 +66,7 @@ impl ResolvesServerCert for CurrentIdentity {
 }
 
 /// A TLS connection as hyper serves it: when a response body failed, the
-/// connection is reset on close, as on plain connections (`fast.rs`).
+/// connection is reset on close, as on plain connections (`h1_loop`).
 pub struct TlsConn {
     io: TlsStream<TcpStream>,
     aborted: Arc<AtomicBool>,
@@ -89,7 +89,7 @@ impl TlsConn {
 impl Drop for TlsConn {
     fn drop(&mut self) {
         if self.aborted.load(Ordering::Relaxed) {
-            super::fast::reset_on_close(self.io.get_ref().0);
+            super::h1_loop::reset_on_close(self.io.get_ref().0);
         }
     }
 }
