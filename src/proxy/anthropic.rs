@@ -10,6 +10,11 @@ use super::route::{bearer_token, route, Route};
 use crate::config::Api;
 use crate::routing::RoutingTable;
 
+/// Built once: `memmem::find` builds a searcher on every call, and every
+/// OpenAI text answer is searched for this key.
+static TYPE_KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"type\""));
+
 /// The API an endpoint belongs to: `messages` (and `messages/...`, such as
 /// `messages/count_tokens`) is Anthropic's, everything else OpenAI's.
 pub fn api_of(endpoint: &str) -> Api {
@@ -136,7 +141,7 @@ impl Expect {
             Expect::Any => false,
             Expect::Anthropic => top().is_some_and(|t| t.object.is_some() || t.choices.is_some()),
             Expect::OpenAiText => {
-                memchr::memmem::find(body, b"\"type\"").is_some()
+                TYPE_KEY.find(body).is_some()
                     && top().is_some_and(|t| t.kind.is_some_and(|k| k == "message"))
             }
         }
