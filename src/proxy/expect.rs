@@ -4,6 +4,11 @@
 
 use crate::config::Api;
 
+/// Built once: `memmem::find` builds a searcher on every call, and every
+/// OpenAI text answer is searched for this key.
+static TYPE_KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"type\""));
+
 /// The body format a response is expected in, to notice an upstream that
 /// answers in the other API's format: such a body is passed on as it came,
 /// its usage counted as unknown, and the usage row notes it.
@@ -54,7 +59,7 @@ impl Expect {
             Expect::Any => false,
             Expect::Anthropic => top().is_some_and(|t| t.object.is_some() || t.choices.is_some()),
             Expect::OpenAiText => {
-                memchr::memmem::find(body, b"\"type\"").is_some()
+                TYPE_KEY.find(body).is_some()
                     && top().is_some_and(|t| t.kind.is_some_and(|k| k == "message"))
             }
         }

@@ -18,6 +18,7 @@ pub mod request;
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::future::Either;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri};
@@ -89,28 +91,36 @@ impl UpstreamClients {
     /// Sends `req` (absolute URI) on a pooled or new connection. An idle
     /// connection found closed when used is replaced, and the request sent
     /// again, only when it had not been sent at all.
-    pub async fn send(
+    pub fn send<'r>(
         &self,
         connect_timeout: Duration,
-        req: Outgoing<'_>,
-    ) -> Result<Response<UpstreamBody>, SendError> {
-        self.send_at(connect_timeout, req, Instant::now()).await
+        req: Outgoing<'r>,
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + 'r {
+        self.send_at(connect_timeout, req, Instant::now())
     }
 
     /// [`UpstreamClients::send`] with the caller's reading of the clock
     /// (`now`, for the pool's idle times): the attempt has just read it.
-    pub async fn send_at(
+    ///
+    /// Not an `async fn`: the connection is chosen when called, and the
+    /// future is the plain or TLS sender's own. An `async fn` around them
+    /// would hold `req` twice (its argument and the sender's), and an
+    /// attempt's future, which holds this one, is moved whole.
+    pub fn send_at<'r>(
         &self,
         connect_timeout: Duration,
-        req: Outgoing<'_>,
+        req: Outgoing<'r>,
         now: Instant,
-    ) -> Result<Response<UpstreamBody>, SendError> {
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + 'r {
+        let Some(authority) = req.uri.authority().cloned() else {
+            return Either::Left(std::future::ready(Err(SendError::NoHost)));
+        };
         let key = PoolKey {
             https: req.uri.scheme() == Some(&Scheme::HTTPS),
-            authority: req.uri.authority().cloned().ok_or(SendError::NoHost)?,
+            authority,
         };
         if !key.https {
-            return send_plain(connect_timeout, req, key, now).await;
+            return Either::Right(Either::Left(send_plain(connect_timeout, req, key, now)));
         }
         let req = req.into_request();
         let uri = req.uri().clone();
@@ -118,7 +128,9 @@ impl UpstreamClients {
         // Boxed: the TLS path's future is large, and inline it would make
         // every plain-HTTP request's future (and each one awaiting it) as
         // large, to be moved whole at every level.
-        Box::pin(send_tls(connector, req, uri, key, now)).await
+        Either::Right(Either::Right(Box::pin(send_tls(
+            connector, req, uri, key, now,
+        ))))
     }
 
     /// Clients whose TLS connections trust only `roots` (tests: an
