@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use hyper::rt::{Read, ReadBufCursor, Write};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::chunked;
 use super::framing::RequestBody;
@@ -246,37 +246,28 @@ impl<'a> HeadFacts<'a> {
     }
 }
 
-impl<IO: Read + Unpin> Read for Watched<IO> {
+impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        mut buf: ReadBufCursor<'_>,
+        buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         if matches!(self.state, State::Off) {
             return Pin::new(&mut self.io).poll_read(cx, buf);
         }
-        // Read straight into the caller's buffer, look at what arrived, then
-        // advance the cursor over it: no copy.
-        let n = {
-            // SAFETY: the slice is only written by the inner read; only the
-            // part it reports filled is read back.
-            let spare = unsafe { buf.as_mut() };
-            let mut inner = hyper::rt::ReadBuf::uninit(spare);
-            match Pin::new(&mut self.io).poll_read(cx, inner.unfilled()) {
-                Poll::Ready(Ok(())) => {}
-                other => return other,
-            }
-            let filled = inner.filled();
-            self.feed(filled);
-            filled.len()
-        };
-        // SAFETY: the inner read initialized these `n` bytes.
-        unsafe { buf.advance(n) };
+        // Read straight into the caller's buffer and look at what arrived:
+        // no copy. (hyper reads through `TokioIo` around this.)
+        let before = buf.filled().len();
+        match Pin::new(&mut self.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {}
+            other => return other,
+        }
+        self.feed(&buf.filled()[before..]);
         Poll::Ready(Ok(()))
     }
 }
 
-impl<IO: Write + Unpin> Write for Watched<IO> {
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

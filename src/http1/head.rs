@@ -74,9 +74,11 @@ impl RelayedHeaders {
         };
         for &(ns, ne, vs, ve) in &relayed.spans {
             if let Ok(name) = HeaderName::from_bytes(&relayed.head[ns as usize..ne as usize]) {
-                let value = relayed.head.slice(vs as usize..ve as usize);
-                // SAFETY: a value of the head httparse accepted.
-                headers.append(name, unsafe { super::names::value(value) });
+                if let Some(value) =
+                    super::names::value(relayed.head.slice(vs as usize..ve as usize))
+                {
+                    headers.append(name, value);
+                }
             }
         }
     }

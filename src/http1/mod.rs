@@ -25,12 +25,6 @@
 
 pub mod chunked;
 pub mod framing;
-// Reads straight into hyper's buffer cursor, with no copy.
-#[allow(unsafe_code)]
 pub mod guard;
-// `RelayedHeaders::merge`: values httparse accepted, not checked again.
-#[allow(unsafe_code)]
 pub mod head;
-// `value`: a header value httparse accepted, not checked again.
-#[allow(unsafe_code)]
 pub mod names;

@@ -39,7 +39,7 @@ use crate::http1::chunked;
 use crate::http1::framing::{push_decimal, Connection, ContentLength};
 use crate::http1::head::{RelayedHeaders, Span, MAX_HEAD, MAX_HEADERS};
 use crate::http1::{framing, names};
-use tokio::io::{AsyncRead, Interest, ReadBuf};
+use tokio::io::Interest;
 use tokio::net::{TcpSocket, TcpStream};
 
 /// Why an answer with a transfer coding other than chunked is refused.
@@ -259,22 +259,10 @@ impl Conn {
         if self.buf.capacity() - self.buf.len() < READ_ROOM / 2 {
             self.buf.reserve(READ_ROOM);
         }
-        let spare = self.buf.spare_capacity_mut();
-        let mut read = ReadBuf::uninit(spare);
         // tokio's `poll_read` (unlike `try_read`) clears the readiness flag
         // after a short read, so a connection that has sent everything is
         // not woken again for nothing.
-        match Pin::new(&mut self.io).poll_read(cx, &mut read) {
-            Poll::Ready(Ok(())) => {
-                let n = read.filled().len();
-                // SAFETY: the first `n` bytes of the spare capacity were
-                // written by the read, as `ReadBuf::filled` reports.
-                unsafe { self.buf.set_len(self.buf.len() + n) };
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
     }
 }
 
@@ -417,9 +405,9 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Response<()>>, WireError> {
         };
         match name {
             Some(name) => {
-                let value = head.slice(vs as usize..ve as usize);
-                // SAFETY: a value of the head httparse accepted.
-                headers.append(name, unsafe { names::value(value) });
+                if let Some(value) = names::value(head.slice(vs as usize..ve as usize)) {
+                    headers.append(name, value);
+                }
             }
             None => relayed.push(span),
         }

@@ -11,8 +11,6 @@
 //! pooled connections survive them.
 //! Redirects are never followed: a key is sent only to its `base_url`.
 
-// Reads into spare buffer capacity; header values taken unchecked.
-#[allow(unsafe_code)]
 pub mod h1_client;
 pub mod request;
 

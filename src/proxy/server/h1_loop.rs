@@ -574,8 +574,10 @@ pub(super) fn parse(buf: &[u8]) -> Parsed {
                 return Parsed::HandOff;
             }
         }
-        // SAFETY: a value httparse accepted.
-        headers.append(name, unsafe { names::value(slice(h.value)) });
+        let Some(value) = names::value(slice(h.value)) else {
+            return Parsed::HandOff;
+        };
+        headers.append(name, value);
     }
     Parsed::Head(
         Head {

@@ -37,7 +37,8 @@ pub(super) async fn serve_with_hyper<IO>(
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (io, framing) = Watched::new(TokioIo::new(io));
+    let (io, framing) = Watched::new(io);
+    let io = TokioIo::new(io);
     let keepalive = state.table.load().config.server.keepalive_timeout;
     let idle = Idle::new();
     let requests = idle.clone();

@@ -24,8 +24,6 @@ use tokio::net::{TcpListener, TcpStream};
 #[cfg(test)]
 mod differential;
 mod drain;
-// Header values httparse accepted, taken unchecked (http1::names::value).
-#[allow(unsafe_code)]
 pub mod h1_loop;
 mod handoff;
 mod idle;
