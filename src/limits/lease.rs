@@ -414,12 +414,14 @@ impl Leases {
     }
 
     /// Relets Redis did not take: their leases are dropped (Redis frees
-    /// them by their deadline).
-    pub fn lost(&self, relets: &[Relet]) {
+    /// them by their deadline) and their callers take the exact path; they
+    /// are not asked again for a lease's life.
+    pub fn lost(&self, relets: &[Relet], now: Instant) {
         let mut map = self.lock();
         for r in relets {
             if let Some(l) = map.get_mut(&r.caller).filter(|l| l.epoch == r.epoch) {
                 l.lose();
+                l.taken = Some(now);
             }
         }
     }
@@ -539,5 +541,38 @@ mod tests {
         leases.apply(&plan[0], &[0, 0, 0, 0, 0, 0, 0, 100], now);
         assert!(leases.take(&c, &limits(), cost).is_none());
         assert!(leases.tickets().is_empty());
+    }
+
+    /// A relet Redis did not take drops only that lease: its caller goes
+    /// the exact way and is not asked again before a lease's life.
+    #[test]
+    fn a_lost_relet_drops_only_its_lease() {
+        let leases = Leases::default();
+        let seq = AtomicU64::new(0);
+        let cost = Cost::default();
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        for _ in 0..MIN_USE {
+            leases.take(&a, &limits(), cost);
+            leases.take(&b, &limits(), cost);
+        }
+        let now = Instant::now();
+        let plan = leases.plan(now, &seq);
+        assert_eq!(plan.len(), 2);
+        let (ra, rb) = if *plan[0].caller == *"a" {
+            (&plan[0], &plan[1])
+        } else {
+            (&plan[1], &plan[0])
+        };
+        leases.apply(rb, &[1, 8, 64, 0, 0, 64, 0, 100], now);
+        leases.lost(std::slice::from_ref(ra), now);
+        assert!(leases.take(&a, &limits(), cost).is_none());
+        assert!(leases.take(&b, &limits(), cost).is_some());
+        assert_eq!(leases.tickets().len(), 1);
+        for _ in 0..MIN_USE {
+            leases.take(&a, &limits(), cost);
+        }
+        assert!(leases.plan(now + TICK, &seq).is_empty());
+        let later = leases.plan(now + 2 * LIFE, &seq);
+        assert!(later.iter().any(|r| *r.caller == *"a" && r.old.is_none()));
     }
 }

@@ -1110,10 +1110,11 @@ impl SharedState {
     }
 
     /// Sends relets; what Redis does not take is dropped here (and frees
-    /// itself in Redis by its deadline).
+    /// itself in Redis by its deadline). A failed relet is no outage: its
+    /// callers go back to the exact path, whose batcher decides that.
     async fn relet(&self, plan: Vec<Relet>, callers: &Callers, bound: Duration) {
         let Some(mut conn) = self.connection() else {
-            self.leases.lost(&plan);
+            self.leases.lost(&plan, Instant::now());
             return;
         };
         let states: HashMap<Arc<str>, Arc<CallerState>> =
@@ -1139,10 +1140,17 @@ impl SharedState {
                     }
                 }
                 Err(e) => {
-                    self.fail(&e);
-                    self.leases.lost(chunk);
+                    // Only these leases are dropped (their callers take the
+                    // exact path, which is what detects a real outage): a
+                    // slow relet must not deny every caller.
+                    tracing::warn!(
+                        address = %self.cfg.address, error = %e, relets = plan.len(),
+                        "leases dropped: Redis did not take their relet in time"
+                    );
+                    let at = Instant::now();
+                    self.leases.lost(chunk, at);
                     for rest in chunks {
-                        self.leases.lost(rest);
+                        self.leases.lost(rest, at);
                     }
                     return;
                 }
