@@ -18,7 +18,9 @@
 //! the exact path (one script item per admission and per settle), so small
 //! limits and limits nearly reached stay exact to the request.
 //!
-//! Each lease lives about [`LIFE`]: then, in the same script item that takes
+//! Each lease lives about [`LIFE`] (0.75 to 1.25 of it, at random, so that
+//! leases taken together are not all relet together; the keeper sends
+//! [`RELETS_PER_TICK`] relets per tick at most, the longest waiting first): then, in the same script item that takes
 //! the next one, it is given back — the requests and tokens it did not use
 //! leave the second they were counted in, and its ticket is replaced by the
 //! new lease's (which also holds the slots and budget amounts of requests
@@ -42,7 +44,8 @@ use crate::config::CallerLimits;
 
 /// How often the keeper looks at every lease.
 pub const TICK: Duration = Duration::from_millis(250);
-/// How long a lease is used before it is given back and taken anew.
+/// How long a lease is used before it is given back and taken anew, on
+/// average ([`life`] spreads it).
 pub const LIFE: Duration = Duration::from_secs(1);
 /// Admissions of a caller in the last second on this instance before it
 /// leases: below that, the exact path costs Redis little.
@@ -52,6 +55,16 @@ pub const MIN_USE: u64 = 8;
 pub const ROOM: u64 = 4;
 /// Ticks the demand is measured over: one [`LIFE`].
 const TICKS: usize = 4;
+/// Relets sent to Redis per tick at most, in one script call: with many
+/// busy callers, a call this small keeps Redis free for the admissions
+/// between the keeper's calls.
+pub const RELETS_PER_TICK: usize = 64;
+
+/// A lease's life: 0.75 to 1.25 times [`LIFE`], at random, so that the
+/// relets of leases taken in the same tick spread over half a second.
+fn life() -> Duration {
+    LIFE.mul_f64(0.75 + fastrand::f64() / 2.0)
+}
 
 /// Marks a ticket admitted from a lease: which one, and whether it holds a
 /// slot of it.
@@ -151,6 +164,9 @@ struct Lease {
     known: (u64, u64),
     /// When Redis last answered for it (granted or not).
     taken: Option<Instant>,
+    /// How long after `taken` it is relet: [`LIFE`] spread at random
+    /// ([`life`]), so that leases taken together are not relet together.
+    life: Duration,
     /// A relet is out.
     pending: bool,
     /// A request found the lease short since the last relet.
@@ -300,13 +316,14 @@ impl Leases {
         }
     }
 
-    /// The relets due now, one per caller at most; their leases stop
-    /// admitting until Redis answers. Moves the demand on by a tick and
-    /// forgets callers with nothing held and nothing asked.
-    pub fn plan(&self, now: Instant, seq: &AtomicU64) -> Vec<Relet> {
-        let mut out = Vec::new();
+    /// The relets due now, one per caller at most and `most` in all (the
+    /// longest waiting first; the others stay due for the next tick);
+    /// their leases stop admitting until Redis answers. Moves the demand
+    /// on by a tick and forgets callers with nothing held and nothing asked.
+    pub fn plan(&self, now: Instant, seq: &AtomicU64, most: usize) -> Vec<Relet> {
         let mut map = self.lock();
         map.retain(|_, l| l.held.is_some() || l.pending || l.busy > 0 || l.demand().reqs > 0);
+        let mut due = Vec::new();
         for (caller, l) in map.iter_mut() {
             let d = l.demand();
             l.tick = (l.tick + 1) % TICKS;
@@ -318,15 +335,15 @@ impl Leases {
                 continue;
             }
             let wants = d.reqs >= MIN_USE;
-            let old_enough = l.taken.is_none_or(|t| now.duration_since(t) >= LIFE);
-            let due = match (&l.held, wants) {
+            let old_enough = l.taken.is_none_or(|t| now.duration_since(t) >= l.life);
+            let is_due = match (&l.held, wants) {
                 (None, false) => false,
                 (None, true) => old_enough,
                 // Given back once nothing it holds is in flight.
                 (Some(_), false) => l.granted || l.in_flight.reqs == 0,
                 (Some(_), true) => old_enough || (l.starved && l.granted),
             };
-            if !due {
+            if !is_due {
                 continue;
             }
             let lim = &l.limits;
@@ -352,8 +369,18 @@ impl Leases {
             } else {
                 Amounts::default()
             };
+            due.push((l.taken, caller.clone(), want));
+        }
+        // Never answered first, then the oldest answer.
+        due.sort_unstable_by_key(|(taken, _, _)| *taken);
+        due.truncate(most);
+        let mut out = Vec::with_capacity(due.len());
+        for (_, caller, want) in due {
+            let Some(l) = map.get_mut(&caller) else {
+                continue;
+            };
             out.push(Relet {
-                caller: caller.clone(),
+                caller,
                 epoch: l.epoch,
                 old: l.held.clone(),
                 used_reqs: l.used_reqs,
@@ -392,6 +419,7 @@ impl Leases {
         let granted = g != Amounts::default();
         l.pending = false;
         l.taken = Some(now);
+        l.life = life();
         l.known = (n(5), n(6));
         l.granted = granted;
         l.held = (n(0) == 1).then(|| Held {
@@ -422,6 +450,7 @@ impl Leases {
             if let Some(l) = map.get_mut(&r.caller).filter(|l| l.epoch == r.epoch) {
                 l.lose();
                 l.taken = Some(now);
+                l.life = life();
             }
         }
     }
@@ -502,7 +531,7 @@ mod tests {
             leases.settle("c", None, cost, cost);
         }
         let now = Instant::now();
-        let plan = leases.plan(now, &seq);
+        let plan = leases.plan(now, &seq, RELETS_PER_TICK);
         assert_eq!(plan.len(), 1);
         let r = &plan[0];
         assert_eq!(r.want.reqs, 2 * MIN_USE);
@@ -518,7 +547,7 @@ mod tests {
         leases.settle("c", Some(marks[0]), cost, cost);
         assert!(leases.take(&c, &limits(), cost).is_some());
         // Relet: what is in flight is held by the new ticket.
-        let plan = leases.plan(now + LIFE, &seq);
+        let plan = leases.plan(now + 2 * LIFE, &seq, RELETS_PER_TICK);
         let r = &plan[0];
         assert_eq!(r.in_flight.slots, slots);
         assert_eq!(r.old.as_ref().unwrap().reqs, 2 * MIN_USE);
@@ -537,7 +566,7 @@ mod tests {
             leases.take(&c, &limits(), cost);
         }
         let now = Instant::now();
-        let plan = leases.plan(now, &seq);
+        let plan = leases.plan(now, &seq, RELETS_PER_TICK);
         leases.apply(&plan[0], &[0, 0, 0, 0, 0, 0, 0, 100], now);
         assert!(leases.take(&c, &limits(), cost).is_none());
         assert!(leases.tickets().is_empty());
@@ -556,7 +585,7 @@ mod tests {
             leases.take(&b, &limits(), cost);
         }
         let now = Instant::now();
-        let plan = leases.plan(now, &seq);
+        let plan = leases.plan(now, &seq, RELETS_PER_TICK);
         assert_eq!(plan.len(), 2);
         let (ra, rb) = if *plan[0].caller == *"a" {
             (&plan[0], &plan[1])
@@ -571,8 +600,41 @@ mod tests {
         for _ in 0..MIN_USE {
             leases.take(&a, &limits(), cost);
         }
-        assert!(leases.plan(now + TICK, &seq).is_empty());
-        let later = leases.plan(now + 2 * LIFE, &seq);
+        assert!(leases.plan(now + TICK, &seq, RELETS_PER_TICK).is_empty());
+        let later = leases.plan(now + 2 * LIFE, &seq, RELETS_PER_TICK);
         assert!(later.iter().any(|r| *r.caller == *"a" && r.old.is_none()));
+    }
+
+    /// No more relets than asked go out in one tick; those left out are
+    /// relet at the next.
+    #[test]
+    fn relets_per_tick_are_capped() {
+        let leases = Leases::default();
+        let seq = AtomicU64::new(0);
+        let cost = Cost::default();
+        let callers: Vec<Arc<str>> = ["a", "b", "c"].map(Arc::from).to_vec();
+        for c in &callers {
+            for _ in 0..MIN_USE {
+                leases.take(c, &limits(), cost);
+            }
+        }
+        let now = Instant::now();
+        let first = leases.plan(now, &seq, 2);
+        assert_eq!(first.len(), 2);
+        let second = leases.plan(now + TICK, &seq, 2);
+        assert_eq!(second.len(), 1);
+        assert!(first.iter().all(|r| r.caller != second[0].caller));
+    }
+
+    /// Leases answered at once are relet over a spread of times, within
+    /// 0.75 to 1.25 of [`LIFE`].
+    #[test]
+    fn lease_lives_are_spread() {
+        let lives: Vec<Duration> = (0..200).map(|_| life()).collect();
+        assert!(lives
+            .iter()
+            .all(|l| *l >= LIFE * 3 / 4 && *l <= LIFE * 5 / 4));
+        assert!(lives.iter().any(|l| *l < LIFE * 9 / 10));
+        assert!(lives.iter().any(|l| *l > LIFE * 11 / 10));
     }
 }

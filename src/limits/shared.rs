@@ -1092,8 +1092,10 @@ impl SharedState {
     }
 
     /// The lease keeper: every [`lease::TICK`], gives back and takes the
-    /// leases due (see [`super::lease`]), in as few script calls as there
-    /// are [`MAX_BATCH`]es of them. Runs for the life of the process.
+    /// leases due (see [`super::lease`]), [`lease::RELETS_PER_TICK`] at
+    /// most in one script call, so that between two of its calls the
+    /// batcher's admissions have Redis to themselves. Runs for the life of
+    /// the process.
     async fn keep_leases(self: Arc<Self>, callers: Callers) {
         let mut tick = tokio::time::interval(lease::TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -1102,7 +1104,9 @@ impl SharedState {
             if self.outage.load(Ordering::Relaxed) {
                 continue;
             }
-            let plan = self.leases.plan(Instant::now(), &self.seq);
+            let plan = self
+                .leases
+                .plan(Instant::now(), &self.seq, lease::RELETS_PER_TICK);
             if !plan.is_empty() {
                 self.relet(plan, &callers, self.cfg.timeout).await;
             }
@@ -1122,7 +1126,7 @@ impl SharedState {
         let now = SystemTime::now();
         let p = Periods::of(now);
         let factor = lease::ROOM * u64::from(self.cfg.replicas.max(1));
-        let mut chunks = plan.chunks(MAX_BATCH);
+        let mut chunks = plan.chunks(lease::RELETS_PER_TICK);
         while let Some(chunk) = chunks.next() {
             let mut call = self.batch_call();
             for r in chunk {
