@@ -55,10 +55,13 @@ pub const MIN_USE: u64 = 8;
 pub const ROOM: u64 = 4;
 /// Ticks the demand is measured over: one [`LIFE`].
 const TICKS: usize = 4;
-/// Relets sent to Redis per tick at most, in one script call: with many
-/// busy callers, a call this small keeps Redis free for the admissions
-/// between the keeper's calls.
-pub const RELETS_PER_TICK: usize = 64;
+/// Relets sent to Redis per tick at most: enough for about a thousand
+/// busy callers relet each second.
+pub const RELETS_PER_TICK: usize = 256;
+/// Relets per script call: with many busy callers, calls this small, one
+/// after the other's answer, let the admission batcher's calls reach Redis
+/// between them.
+pub const RELETS_PER_CALL: usize = 64;
 
 /// A lease's life: 0.75 to 1.25 times [`LIFE`], at random, so that the
 /// relets of leases taken in the same tick spread over half a second.

@@ -1126,7 +1126,7 @@ impl SharedState {
         let now = SystemTime::now();
         let p = Periods::of(now);
         let factor = lease::ROOM * u64::from(self.cfg.replicas.max(1));
-        let mut chunks = plan.chunks(lease::RELETS_PER_TICK);
+        let mut chunks = plan.chunks(lease::RELETS_PER_CALL);
         while let Some(chunk) = chunks.next() {
             let mut call = self.batch_call();
             for r in chunk {
