@@ -13,7 +13,7 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 
-use crate::ops::metrics::Metrics;
+use crate::metrics::Metrics;
 use crate::proxy::upstream::UpstreamClients;
 use crate::routing::RoutingTable;
 use crate::usage::UsageSink;

@@ -1,7 +1,7 @@
 //! Callers: tokens, model allow-lists, rate limits and budgets held under
 //! concurrency, prices and cost in the usage rows, spend kept across reloads.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

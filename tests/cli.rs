@@ -1,7 +1,7 @@
 //! The real binary: config diagnostics, exit codes, and `serve` from start
 //! to SIGTERM.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -721,9 +721,10 @@ async fn health_probes_readyz_of_a_real_gateway() {
 
     // Usage errors: exit 2.
     for bad in [
-        "https://example.com/readyz",
+        "ftp://example.com/readyz",
         "localhost:8000",
         "http:///readyz",
+        "https://user@example.com/readyz",
     ] {
         let out = health(bad.to_owned()).await;
         assert_eq!(out.code, 2, "{bad}: {}", out.stderr);
@@ -834,6 +835,26 @@ async fn the_access_log_has_a_line_per_request_with_the_callers_address() {
     assert_eq!(r.status, 404);
     let line = log_line(&logs, &["path=/nothing-here status=404"]);
     assert!(!line.contains("x=1"), "the query is not logged: {line}");
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // A request refused on its head (a bad token, its body never read)
+    // has its line too, and the token is in none.
+    let (mut child, addr, logs) =
+        start("server:\n  auth_tokens: [\"a-caller-token-0123456789\"]\n");
+    let r = common::post_with(
+        &format!("http://{addr}/v1/chat/completions"),
+        common::chat("m"),
+        &[("authorization", "Bearer not-the-token-0123456789")],
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    let line = log_line(&logs, &["request", "status=401"]);
+    assert!(
+        line.contains("method=POST path=/v1/chat/completions status=401"),
+        "{line}"
+    );
+    assert!(!line.contains("not-the-token"), "{line}");
     let _ = child.kill();
     let _ = child.wait();
 

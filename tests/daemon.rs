@@ -1,7 +1,7 @@
 //! The real binary as a daemon: signals, graceful drain, systemd notify,
 //! log output, and no secret in any output.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

@@ -4,7 +4,7 @@
 //! `promtool check rules` (when promtool is installed; `.ci/run` installs
 //! it and sets GPTBALANCE_REQUIRE_PROMTOOL=1) and a structure check.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::Path;

@@ -1,7 +1,7 @@
 //! Fault injection: upstreams, callers, storage and processes misbehaving.
 //! Each fault gets the right failover or error, and a usage row saying so.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -436,6 +436,61 @@ async fn connections_beyond_max_connections_wait_instead_of_growing_memory() {
     drop(b);
 }
 
+/// Workers share max_connections but each has its own socket, and the
+/// kernel picks which one a connection reaches: a worker waiting to accept
+/// must not hold a slot meanwhile, or another's connection waits for a
+/// slot no connection uses.
+#[tokio::test]
+async fn a_worker_waiting_to_accept_holds_no_connection_slot() {
+    let up = MockUpstream::start("up").await;
+    let gw = Gateway::start(&cfg(
+        &[one_client(&up, "")],
+        "server:\n  max_connections: 1\nusage:\n  enabled: false\n",
+    ))
+    .await;
+    // A second worker on a socket of its own, sharing the state (and so
+    // the slots) with the first, which gets no connection.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let state = gw.state.clone();
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(gptbalance::proxy::server::run(listener, state, async {
+        let _ = stopped.await;
+    }));
+    for _ in 0..3 {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut buf))
+            .await
+            .expect("served by the worker that accepted it")
+            .unwrap();
+        assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"));
+    }
+    // Still one at a time across both workers: the first worker's
+    // connection waits while the second's is open.
+    let held = TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut c = TcpStream::connect(gw.addr).await.unwrap();
+    c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let early = tokio::time::timeout(Duration::from_millis(300), c.read(&mut buf)).await;
+    assert!(
+        early.is_err(),
+        "not served while the other worker's connection is open"
+    );
+    drop(held);
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+}
+
 #[tokio::test]
 async fn a_reader_holding_the_usage_file_does_not_stop_the_writer() {
     let up = MockUpstream::start("up").await;
@@ -449,7 +504,7 @@ async fn a_reader_holding_the_usage_file_does_not_stop_the_writer() {
     let written = "gptbalance_usage_rows_total{result=\"written\"} 1";
     assert!(
         eventually(Duration::from_secs(3), || metrics
-            .render(&table)
+            .render(&table.scrape())
             .contains(written))
         .await
     );
@@ -464,7 +519,7 @@ async fn a_reader_holding_the_usage_file_does_not_stop_the_writer() {
         gw.chat("m").await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let metrics = gw.state.metrics.render(&gw.state.table.load());
+    let metrics = gw.state.metrics.render(&gw.state.table.load().scrape());
     assert!(!metrics.contains("result=\"dropped\""), "{metrics}");
     reader.execute_batch("COMMIT").unwrap();
     let total: i64 = reader

@@ -4,7 +4,7 @@
 //! (issue 19), and a differential test that sends the same bytes to the
 //! fast path and to the hyper path and compares what comes out.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

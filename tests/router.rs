@@ -1,7 +1,7 @@
 //! The routing rules of the spec (§2) and the HTTP surface (§3), against the
 //! real server on loopback and real HTTP mock upstreams.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

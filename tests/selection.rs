@@ -2,7 +2,7 @@
 //! quota headers and `key_strategy: headroom`, affinity, the request
 //! deadline and `first_token_timeout`, and `balance: latency`.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -6,7 +6,7 @@
 //! persistence, and stops it by PID. Without `redis-server` installed these
 //! tests fail (`.ci/run` installs it).
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};

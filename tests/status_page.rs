@@ -1,7 +1,7 @@
 //! The status page and what feeds it: `/admin/ui` in a real browser,
 //! `/admin/usage`, and the background probes of keys refused with 401/403.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

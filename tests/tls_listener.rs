@@ -2,7 +2,7 @@
 //! that trusts a certificate made at test time, HTTP/1.1 and HTTP/2 (ALPN),
 //! reloads that change or break the certificate, and `validate-config`.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -22,34 +22,6 @@ use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 
 const BIN: &str = env!("CARGO_BIN_EXE_gptbalance");
-
-/// A self-signed certificate for 127.0.0.1 named `CN=name` with `serial`,
-/// written as `name.crt` and `name.key` in `dir` by openssl.
-fn make_cert(dir: &Path, name: &str, serial: u32) -> (PathBuf, PathBuf) {
-    let (cert, key) = (
-        dir.join(format!("{name}.crt")),
-        dir.join(format!("{name}.key")),
-    );
-    let out = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
-        .args(["-set_serial", &serial.to_string()])
-        .args(["-subj", &format!("/CN={name}")])
-        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl makes the test certificates");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (cert, key)
-}
 
 fn der(cert: &Path) -> CertificateDer<'static> {
     CertificateDer::from_pem_file(cert).unwrap()
@@ -456,6 +428,140 @@ async fn a_reload_serves_the_new_certificate_to_new_connections_and_refuses_a_br
             .contains("server.tls was removed"))
         .await
     );
+}
+
+#[tokio::test]
+async fn a_renewed_certificate_is_served_without_a_reload_being_asked() {
+    let up = MockUpstream::start("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let one = make_cert(dir.path(), "gateway-one", 1);
+    let two = make_cert(dir.path(), "gateway-two", 2);
+    install(dir.path(), &one);
+    std::fs::write(dir.path().join("config.yaml"), config(&up, true, "")).unwrap();
+    let served = Served::start(dir.path());
+    let addr = served.addr.clone();
+    let (first, second) = (der(&one.0), der(&two.0));
+    assert_eq!(
+        presented(&connect(&addr, &first, &[b"http/1.1"]).await),
+        first
+    );
+
+    // What certbot's deploy step does: new files in place, nothing else.
+    install(dir.path(), &two);
+    let renewed = eventually(Duration::from_secs(10), || {
+        served.log().contains("config reloaded")
+    })
+    .await;
+    assert!(renewed, "the certificate files' change reloaded");
+    let tls = connect(&addr, &second, &[b"http/1.1"]).await;
+    assert_eq!(presented(&tls), second);
+    let mut conn = h1(tls).await;
+    let chat = request(&addr, "POST", "/v1/chat/completions", &chat_body());
+    assert_eq!(send_h1(&mut conn, chat).await.0, 200);
+}
+
+#[tokio::test]
+async fn idle_tls_connections_close_after_keepalive_timeout_but_not_mid_request() {
+    let up = MockUpstream::start("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let made = make_cert(dir.path(), "gateway-one", 1);
+    install(dir.path(), &made);
+    // The header wait is long: only keepalive_timeout can close these.
+    let extra = "  keepalive_timeout: 1s\n  header_read_timeout: 60s\n";
+    std::fs::write(dir.path().join("config.yaml"), config(&up, true, extra)).unwrap();
+    let served = Served::start(dir.path());
+    let addr = served.addr.clone();
+    let trusted = der(&made.0);
+    let chat = || request(&addr, "POST", "/v1/chat/completions", &chat_body());
+
+    // HTTP/1.1: a request that takes 2.5 s (longer than the timeout) is
+    // answered; the connection then closes on its own about 1 s later.
+    let tls = connect(&addr, &trusted, &[b"http/1.1"]).await;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    let h1_conn = tokio::spawn(conn);
+    up.push(Reply::Delay(Duration::from_millis(2500)));
+    assert_eq!(send_h1(&mut send, chat()).await.0, 200);
+    let closed = tokio::time::timeout(Duration::from_secs(10), h1_conn).await;
+    assert!(
+        closed.is_ok(),
+        "idle HTTP/1.1 over TLS closed by keepalive_timeout"
+    );
+
+    // HTTP/2: the same, the connection ends with GOAWAY once idle.
+    let tls = connect(&addr, &trusted, &[b"h2"]).await;
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    let h2_conn = tokio::spawn(conn);
+    up.push(Reply::Delay(Duration::from_millis(2500)));
+    let resp = h2.send_request(chat()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(10), h2_conn).await;
+    assert!(closed.is_ok(), "idle HTTP/2 closed by keepalive_timeout");
+}
+
+#[tokio::test]
+async fn health_probes_a_tls_gateway_verifying_its_certificate() {
+    let up = MockUpstream::start("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let made = make_cert(dir.path(), "gateway-one", 1);
+    let other = make_cert(dir.path(), "unrelated", 2);
+    install(dir.path(), &made);
+    std::fs::write(dir.path().join("config.yaml"), config(&up, true, "")).unwrap();
+    let served = Served::start(dir.path());
+    let url = format!("https://{}/readyz", served.addr);
+    let health = |args: Vec<String>| {
+        let dir = dir.path().to_owned();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let out = Command::new(BIN)
+                    .arg("health")
+                    .args(&args)
+                    .current_dir(&dir)
+                    .output()
+                    .unwrap();
+                (
+                    out.status.code().unwrap_or(-1),
+                    String::from_utf8_lossy(&out.stdout).into_owned()
+                        + &String::from_utf8_lossy(&out.stderr),
+                )
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let args = |extra: &[&str]| {
+        let mut v = vec!["--url".to_owned(), url.clone()];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    // Trusting the gateway's own certificate: healthy.
+    let (code, out) = health(args(&["--ca", "tls/cert.pem"])).await;
+    assert_eq!((code, out.as_str()), (0, format!("{url}: 200\n").as_str()));
+    // The public roots do not know a self-signed certificate: unhealthy.
+    let (code, out) = health(args(&[])).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("certificate"), "{out}");
+    // Nor does an unrelated one.
+    let (code, _) = health(args(&["--ca", other.0.to_str().unwrap()])).await;
+    assert_eq!(code, 1);
+    // --insecure asks only whether it answers.
+    let (code, out) = health(args(&["--insecure"])).await;
+    assert_eq!(code, 0, "{out}");
+    // Plain HTTP to the TLS port gets no HTTP answer.
+    let plain = format!("http://{}/readyz", served.addr);
+    let (code, _) = health(vec!["--url".into(), plain.clone()]).await;
+    assert_eq!(code, 1);
+    // Usage errors: 2.
+    let (code, out) = health(vec!["--url".into(), plain, "--insecure".into()]).await;
+    assert_eq!(code, 2, "{out}");
+    let (code, out) = health(args(&["--ca", "no-such.pem"])).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("no-such.pem"), "{out}");
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! The operator toolkit: check-keys, route, usage; the packaging files;
 //! the README's config reference against the schema.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

@@ -2,9 +2,10 @@
 //! `POST /v1/messages`, `auth: bearer | api-key | none`, and keys and
 //! tokens read from files (re-read on reload).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
+use std::time::Duration;
 
 use common::*;
 use serde_json::{json, Value};
@@ -422,6 +423,63 @@ async fn secrets_come_from_files_and_are_read_again_on_reload() {
     }
     post_with(&gw.url("/v1/chat/completions"), chat("one"), &as_app).await;
     assert_eq!(up.requests().last().unwrap().auth(), "Bearer rotated-key");
+}
+
+#[tokio::test]
+async fn a_secret_file_changed_alone_is_read_again_without_being_asked() {
+    let up = MockUpstream::start("up").await;
+    // The secrets live outside the config file's directory, as with
+    // systemd credentials or a mounted secret volume.
+    let secrets = tempfile::tempdir().unwrap();
+    let s = secrets.path().display().to_string();
+    write_secret(secrets.path(), "key", "first-key\n");
+    let yaml = format!(
+        "usage:\n  enabled: false\nopenai_clients:\n  - name: one\n    base_url: \"{url}\"\n    api_key_file: {s}/key\n    model_match: {{ type: exact, value: [one] }}\n",
+        url = up.url()
+    );
+    let gw = Gateway::start(&yaml).await;
+    assert_eq!(
+        post(&gw.url("/v1/chat/completions"), chat("one"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(up.requests()[0].auth(), "Bearer first-key");
+
+    // Rotated in place: no reload asked for, the config file untouched.
+    write_secret(secrets.path(), "key", "second-key\n");
+    assert!(
+        gw.wait_generation(2).await,
+        "the secret file's change reloaded"
+    );
+    assert_eq!(
+        post(&gw.url("/v1/chat/completions"), chat("one"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(up.requests().last().unwrap().auth(), "Bearer second-key");
+
+    // Swapped by rename, as secret managers and editors do.
+    write_secret(secrets.path(), "key.new", "third-key\n");
+    std::fs::rename(secrets.path().join("key.new"), secrets.path().join("key")).unwrap();
+    assert!(
+        gw.wait_generation(3).await,
+        "the renamed-in secret reloaded"
+    );
+    assert_eq!(
+        post(&gw.url("/v1/chat/completions"), chat("one"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(up.requests().last().unwrap().auth(), "Bearer third-key");
+
+    // Another file in that directory is not followed.
+    let g = gw.generation();
+    write_secret(secrets.path(), "unrelated", "x");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(gw.generation(), g, "an unrelated file reloads nothing");
 }
 
 fn validate(config: &Path, creds: Option<&Path>) -> (i32, String) {

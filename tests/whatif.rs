@@ -1,7 +1,7 @@
 //! What-if tools: `gptbalance diff` against a file and the running daemon,
 //! `POST /admin/reload?dry_run=1`, and `gptbalance replay`.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;
@@ -399,6 +399,88 @@ async fn replay_re_decides_recorded_rows_under_new_limits_and_prices() {
             && text.contains("refused: app: rate_limit_exceeded: 2"),
         "{text}"
     );
+}
+
+/// `/v1/messages` is routed among Anthropic clients only: `route` shows
+/// them, and `replay` sends a recorded `messages` row to them, never to an
+/// OpenAI client that matches the same name (and the reverse).
+#[tokio::test]
+async fn route_and_replay_know_anthropic_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let usage = dir.path().join("usage");
+    std::fs::create_dir_all(&usage).unwrap();
+    let mut chat = record("2026-04-10T10:00:00.000Z", "app", "claude-x", "old", 10, 10);
+    chat.request_id = "req-chat".into();
+    let mut messages = chat.clone();
+    messages.request_id = "req-messages".into();
+    messages.endpoint = "messages".into();
+    let mut f =
+        gptbalance::usage::store::UsageFile::open(&usage.join("usage-2026-04.sqlite")).unwrap();
+    f.insert_batch(&[&chat, &messages, &messages]).unwrap();
+    drop(f);
+    let config = dir.path().join("c.yaml");
+    std::fs::write(
+        &config,
+        "usage:\n  dir: ./usage\nopenai_clients:\n  - { name: oa, base_url: \"http://127.0.0.1:9/v1\", api_key: k1, model_match: { type: keyword, value: [claude] } }\n  - { name: an, api: anthropic, base_url: \"http://127.0.0.1:9/v1\", api_key: k2, model_match: { type: exact, value: [claude-x] }, fallback: [claude-y] }\n  - { name: an2, api: anthropic, base_url: \"http://127.0.0.1:9/v1\", api_key: k3, model_match: { type: exact, value: [claude-y] } }\n",
+    )
+    .unwrap();
+    let c = config.display().to_string();
+    let (code, out, err) = run_async(
+        vec![
+            "route".into(),
+            "--config".into(),
+            c.clone(),
+            "claude-x".into(),
+        ],
+        vec![],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let anthropic = out
+        .find("model `claude-x` on /v1/messages (Anthropic clients)")
+        .unwrap_or_else(|| panic!("{out}"));
+    let (openai_part, anthropic_part) = out.split_at(anthropic);
+    assert!(openai_part.contains("oa — weight"), "{out}");
+    assert!(!openai_part.contains("an — weight"), "{out}");
+    assert!(anthropic_part.contains("an — weight"), "{out}");
+    assert!(!anthropic_part.contains("oa — weight"), "{out}");
+    assert!(
+        anthropic_part.contains("-> claude-y (depth 1): an2"),
+        "{out}"
+    );
+
+    // A name only Anthropic clients serve is still explained.
+    let (code, out, _) = run_async(
+        vec![
+            "route".into(),
+            "--config".into(),
+            c.clone(),
+            "claude-y".into(),
+        ],
+        vec![],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("an2 — weight"), "{out}");
+
+    let (code, out, err) = run_async(
+        vec![
+            "replay".into(),
+            "--config".into(),
+            c,
+            "--month".into(),
+            "2026-04".into(),
+            "--format".into(),
+            "json".into(),
+        ],
+        vec![],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["rows"], 3, "{v}");
+    assert_eq!(v["after"]["clients"]["oa"], 1, "{v}");
+    assert_eq!(v["after"]["clients"]["an"], 2, "{v}");
 }
 
 /// Shadow: matching non-stream requests are mirrored after the caller's

@@ -245,7 +245,9 @@ fn decide(
             return refuse(out, "model_not_allowed");
         }
     }
-    let candidates = table.candidates(model);
+    // `/v1/messages` rows go to Anthropic clients, the rest to OpenAI ones.
+    let api = crate::proxy::anthropic::api_of(&row.endpoint);
+    let candidates = table.candidates_of(api, model);
     if candidates.is_empty() {
         *out.after.unroutable.entry(model.to_owned()).or_default() += 1;
         return;
@@ -255,15 +257,15 @@ fn decide(
     let (depth, served) = match row.routed_model.as_deref() {
         Some(r) if r != model => {
             let clients: Vec<_> = table.clients.iter().map(|c| c.cfg.clone()).collect();
-            let (_, chain) = crate::routing::diff::route(&clients, model, max_depth);
+            let (_, chain) = crate::routing::diff::route_of(&clients, api, model, max_depth);
             match chain.iter().position(|m| m == r) {
-                Some(i) if !table.candidates(r).is_empty() => (i + 1, r),
+                Some(i) if !table.candidates_of(api, r).is_empty() => (i + 1, r),
                 _ => (0, model),
             }
         }
         _ => (0, model),
     };
-    let order = table.candidates(served).order();
+    let order = table.candidates_of(api, served).order();
     let Some(&ci) = order.first() else {
         *out.after.unroutable.entry(model.to_owned()).or_default() += 1;
         return;

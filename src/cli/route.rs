@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use super::ConfigArg;
 use crate::config::load::did_you_mean;
-use crate::config::{MatchKind, MatchRule};
+use crate::config::{Api, MatchKind, MatchRule};
 use crate::routing::RoutingTable;
 
 #[derive(Debug, clap::Args)]
@@ -33,10 +33,13 @@ pub fn run(args: Args) -> ExitCode {
     }
 }
 
-/// The explanation; `Err` when no client serves `model`.
+/// The explanation; `Err` when no client serves `model`. OpenAI clients
+/// (the usual endpoints) first, then Anthropic clients (`/v1/messages`)
+/// when some serve it.
 pub fn explain(table: &RoutingTable, model: &str) -> Result<String, String> {
-    let candidates = table.candidates(model);
-    if candidates.is_empty() {
+    let openai = table.candidates(model);
+    let anthropic = table.candidates_of(Api::Anthropic, model);
+    if openai.is_empty() && anthropic.is_empty() {
         let mut out = format!(
             "no client serves model `{model}`: a request for it gets 404 model_not_found\n"
         );
@@ -59,7 +62,29 @@ pub fn explain(table: &RoutingTable, model: &str) -> Result<String, String> {
         }
         return Err(out);
     }
-    let mut out = format!("model `{model}`\n");
+    let mut out = String::new();
+    if !openai.is_empty() {
+        out.push_str(&format!("model `{model}`\n"));
+        explain_api(table, Api::OpenAi, model, &openai, &mut out);
+    }
+    if !anthropic.is_empty() {
+        out.push_str(&format!(
+            "model `{model}` on /v1/messages (Anthropic clients)\n"
+        ));
+        explain_api(table, Api::Anthropic, model, &anthropic, &mut out);
+    }
+    Ok(out)
+}
+
+/// Candidates, transforms, deadline, affinity and fallbacks of `model`
+/// among the clients that speak `api`.
+fn explain_api(
+    table: &RoutingTable,
+    api: Api,
+    model: &str,
+    candidates: &crate::routing::table::CandidatesRef<'_>,
+    out: &mut String,
+) {
     let exact = candidates
         .in_priority_order()
         .any(|i| table.clients[i].cfg.model_match.kind == MatchKind::Exact);
@@ -108,8 +133,7 @@ pub fn explain(table: &RoutingTable, model: &str) -> Result<String, String> {
             a.describe()
         ));
     }
-    out.push_str(&fallback_chain(table, model));
-    Ok(out)
+    out.push_str(&fallback_chain(table, api, model));
 }
 
 /// Which of the client's `model_match` values matched `model`: the first,
@@ -202,12 +226,12 @@ fn selection(c: &crate::routing::ClientRoute) -> Vec<String> {
 }
 
 /// The fallback walk the proxy would make, depth first, with skips marked.
-fn fallback_chain(table: &RoutingTable, model: &str) -> String {
+fn fallback_chain(table: &RoutingTable, api: Api, model: &str) -> String {
     let max_depth = table.config.routing.max_fallback_depth;
     let mut out = String::from("fallback chain when every candidate fails:\n");
     let mut tried = vec![model.to_owned()];
     let mut lines = Vec::new();
-    walk(table, model, 0, max_depth, &mut tried, &mut lines);
+    walk(table, api, model, 0, max_depth, &mut tried, &mut lines);
     if lines.is_empty() {
         out.push_str("  none: the request ends with 502 (or 503 when every key is cooling down)\n");
     }
@@ -219,13 +243,14 @@ fn fallback_chain(table: &RoutingTable, model: &str) -> String {
 
 fn walk(
     table: &RoutingTable,
+    api: Api,
     model: &str,
     depth: u32,
     max_depth: u32,
     tried: &mut Vec<String>,
     lines: &mut Vec<String>,
 ) {
-    let candidates = table.candidates(model);
+    let candidates = table.candidates_of(api, model);
     let fallback = table.fallback_of(&candidates);
     let indent = "  ".repeat(depth as usize + 1);
     for f in fallback {
@@ -243,7 +268,7 @@ fn walk(
         }
         tried.push(f.clone());
         let names: Vec<&str> = table
-            .candidates(f)
+            .candidates_of(api, f)
             .order()
             .into_iter()
             .map(|i| table.clients[i].cfg.name.as_str())
@@ -254,7 +279,7 @@ fn walk(
             names.join(", ")
         };
         lines.push(format!("{indent}-> {f} (depth {}): {served}\n", depth + 1));
-        walk(table, f, depth + 1, max_depth, tried, lines);
+        walk(table, api, f, depth + 1, max_depth, tried, lines);
     }
 }
 

@@ -9,7 +9,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use super::ConfigArg;
 use crate::config::validate::parse_listen;
 use crate::limits::shared::{CallerEntry, SharedState};
-use crate::ops::metrics::Metrics;
+use crate::metrics::Metrics;
 use crate::ops::{discovery, logging, reload, systemd};
 use crate::proxy::server;
 use crate::routing::RoutingTable;

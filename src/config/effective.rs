@@ -264,4 +264,71 @@ openai_clients:
         assert_eq!(stubs[0].fallback, ["x"]);
         assert_eq!((stubs[0].priority, stubs[0].weight), (2, 3));
     }
+
+    /// Every key the README's config reference documents shows in the
+    /// effective config (under its own name, or the one it is another form
+    /// of), so `diff` and `GET /admin/config` see a change of any of them.
+    #[test]
+    fn every_documented_key_is_in_the_effective_config() {
+        let yaml = r#"
+shared_state: { url: "redis://127.0.0.1:6379" }
+callers:
+  - { name: app, token: caller-secret-token-1, limits: { rpm: 1 } }
+shadow:
+  - { client: a, percent: 1 }
+openai_clients:
+  - { name: a, base_url: "http://h", api_key: k, model_match: { type: exact, value: [m] } }
+"#;
+        let cfg = crate::config::load_str(yaml, Path::new("t.yaml"), &|_| None)
+            .unwrap()
+            .config;
+        let v = to_json(&cfg);
+        let readme = include_str!("../../README.md");
+        let sections = [
+            ("server", "/server"),
+            ("routing", "/routing"),
+            ("usage", "/usage"),
+            ("logging", "/logging"),
+            ("callers", "/callers/0"),
+            ("shadow", "/shadow/0"),
+            ("shared_state", "/shared_state"),
+            ("openai_clients", "/clients/0"),
+        ];
+        let mut checked = 0;
+        for (section, at) in sections {
+            let heading = format!("### `{section}`");
+            let start = readme
+                .find(&heading)
+                .unwrap_or_else(|| panic!("README has no {heading}"));
+            let body = &readme[start + heading.len()..];
+            let body = &body[..body.find("\n### ").unwrap_or(body.len())];
+            for line in body.lines() {
+                let Some(key) = line
+                    .strip_prefix("| `")
+                    .and_then(|l| l.split_once("` |"))
+                    .map(|(k, _)| k)
+                else {
+                    continue;
+                };
+                let shown = match (section, key) {
+                    // Listed as callers without limits.
+                    ("server", "auth_tokens") => continue,
+                    (_, "admin_token_file") => "admin_token",
+                    (_, "token_file" | "token_sha256") => "token",
+                    (_, "api_key" | "api_key_file" | "api_keys" | "api_keys_file") => "keys",
+                    ("callers", "rpm" | "tpm" | "concurrency" | "budget_usd" | "budget_tokens") => {
+                        &format!("limits/{key}")
+                    }
+                    _ => key,
+                };
+                let path = format!("{at}/{shown}");
+                assert!(
+                    v.pointer(&path).is_some(),
+                    "README documents `{section}.{key}` but the effective config has no {path}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 50, "only {checked} keys found in the README");
+    }
 }

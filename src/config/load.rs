@@ -92,6 +92,15 @@ pub fn load_str(
 
     let sections = read_sections(doc, &map, &mut diags);
     let config = sections.and_then(|s| validate::validate(s, &base_dir, &map, &mut diags));
+    let config = config.map(|mut config| {
+        config.read_files = secrets.asked();
+        if let Some(tls) = &config.server.tls {
+            config
+                .read_files
+                .extend([tls.cert.clone(), tls.key.clone()]);
+        }
+        config
+    });
     diags.list.sort_by_key(|d| (d.line, d.col));
     match config {
         Some(config) if !diags.has_errors() => Ok(Loaded {

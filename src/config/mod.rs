@@ -46,6 +46,10 @@ pub struct Config {
     pub clients: Vec<ClientConfig>,
     /// `None`: this instance keeps its callers' state to itself.
     pub shared_state: Option<SharedStateConfig>,
+    /// The files this config was made from besides the config file itself
+    /// (secret files, `server.tls` cert and key): the reload watcher follows
+    /// them, so a rotated secret or a renewed certificate is read again.
+    pub read_files: Vec<std::path::PathBuf>,
 }
 
 /// The Redis (or Valkey) several instances share callers' limits, budgets

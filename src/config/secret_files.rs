@@ -7,7 +7,8 @@
 //! whichever way a secret was given. Relative paths are taken against
 //! `$CREDENTIALS_DIRECTORY` when it is set (systemd's `LoadCredential=`),
 //! else against the config file's directory. Files are read on every load,
-//! so every reload reads them again. A file's content never reaches a
+//! so every reload reads them again; the paths asked for go to
+//! `Config::read_files`, which the reload watcher follows. A file's content never reaches a
 //! diagnostic: messages name the path and the reason only.
 
 use std::path::{Path, PathBuf};
@@ -20,6 +21,9 @@ use super::source_map::SourceMap;
 /// Where relative secret paths are taken from, and how variables are read.
 pub struct SecretDir {
     dir: PathBuf,
+    /// Every path `read` was asked for, read or not: the reload watcher
+    /// follows them (`Config::read_files`).
+    asked: std::cell::RefCell<Vec<PathBuf>>,
 }
 
 impl SecretDir {
@@ -28,7 +32,18 @@ impl SecretDir {
         let dir = lookup("CREDENTIALS_DIRECTORY")
             .filter(|d| !d.is_empty())
             .map_or_else(|| config_dir.to_path_buf(), PathBuf::from);
-        SecretDir { dir }
+        SecretDir {
+            dir,
+            asked: Default::default(),
+        }
+    }
+
+    /// The paths `read` was asked for so far, each once.
+    pub fn asked(&self) -> Vec<PathBuf> {
+        let mut list = self.asked.borrow().clone();
+        list.sort();
+        list.dedup();
+        list
     }
 
     fn path(&self, p: &str) -> PathBuf {
@@ -47,6 +62,7 @@ impl SecretDir {
             return Err("the secret file path is empty".to_owned());
         }
         let path = self.path(p);
+        self.asked.borrow_mut().push(path.clone());
         let text = std::fs::read_to_string(&path)
             .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
         let text = text

@@ -190,6 +190,7 @@ pub fn validate(
         shadow,
         clients: clients.into_iter().map(|(_, c)| c).collect(),
         shared_state,
+        read_files: Vec::new(),
     })
 }
 

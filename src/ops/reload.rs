@@ -1,11 +1,13 @@
-//! Hot reload: watch the config's directory, debounce, load, validate, swap.
+//! Hot reload: watch the config's directory (and those of the files it
+//! reads), debounce, load, validate, swap.
 //!
 //! A valid file becomes a new `RoutingTable` swapped in whole; requests in
 //! flight keep the table they started with. An invalid file keeps the
 //! running table, and its errors are logged and shown in `/admin/status`.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use notify::{RecursiveMode, Watcher};
@@ -170,31 +172,61 @@ pub async fn dry_run(state: &Arc<AppState>) -> serde_json::Value {
     }
 }
 
-/// Watches the config file's directory (so rename-saves and symlink flips
-/// are seen) and reloads after each burst of changes. The returned watcher
-/// must be kept alive.
-pub fn watch(state: Arc<AppState>, path: &Path) -> notify::Result<notify::RecommendedWatcher> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
-    let name = path.file_name().map(|n| n.to_owned()).unwrap_or_default();
+/// The files a reload follows and the directories watched for them.
+#[derive(Default)]
+struct Followed {
+    files: HashSet<PathBuf>,
+    dirs: HashSet<PathBuf>,
+}
+
+impl Followed {
+    /// Whether a change at `path` concerns a followed file: the file
+    /// itself, or a `..name` entry in a watched directory (the symlink flip
+    /// by which Kubernetes and others swap a whole directory of secrets).
+    fn concerns(&self, path: &Path) -> bool {
+        self.files.contains(path)
+            || path.parent().is_some_and(|d| self.dirs.contains(d))
+                && path
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(".."))
+    }
+}
+
+/// Keeps the file watch alive; dropping it stops the watching.
+pub struct ConfigWatch {
+    _watcher: Arc<Mutex<notify::RecommendedWatcher>>,
+}
+
+/// Watches the config file and every file it read (secret files,
+/// `server.tls` cert and key: `Config::read_files`) through their
+/// directories, so rename-saves and symlink flips are seen, and reloads
+/// after each burst of changes. Files a reload newly reads are followed
+/// from then on.
+pub fn watch(state: Arc<AppState>, path: &Path) -> notify::Result<ConfigWatch> {
+    let followed = Arc::new(Mutex::new(Followed::default()));
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+    let seen = followed.clone();
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         if event.kind.is_access() {
             return;
         }
-        let relevant = event.paths.iter().any(|p| {
-            p.file_name()
-                .is_some_and(|n| n == name || n.to_string_lossy().starts_with(".."))
-        });
+        let relevant = {
+            let seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+            event.paths.iter().any(|p| seen.concerns(p))
+        };
         if relevant {
             let _ = tx.send(());
         }
     })?;
-    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    let watcher = Arc::new(Mutex::new(watcher));
+    let config_file = absolute(path);
+    follow(&watcher, &followed, std::slice::from_ref(&config_file))?;
+    let read = state.table.load().config.read_files.clone();
+    if let Err(e) = follow(&watcher, &followed, &read) {
+        tracing::warn!(error = %e, "cannot watch a file the config reads; reload with SIGHUP after changing it");
+    }
+    let weak = Arc::downgrade(&watcher);
     tokio::spawn(async move {
         while rx.recv().await.is_some() {
             // Wait for the burst to end: DEBOUNCE with no further change.
@@ -206,9 +238,40 @@ pub fn watch(state: Arc<AppState>, path: &Path) -> notify::Result<notify::Recomm
                 }
             }
             reload_now(&state, "file change").await;
+            let Some(watcher) = weak.upgrade() else {
+                return;
+            };
+            let read = state.table.load().config.read_files.clone();
+            if let Err(e) = follow(&watcher, &followed, &read) {
+                tracing::warn!(error = %e, "cannot watch a file the config reads; reload with SIGHUP after changing it");
+            }
         }
     });
-    Ok(watcher)
+    Ok(ConfigWatch { _watcher: watcher })
+}
+
+/// Adds `files` to those followed, watching each one's directory once.
+fn follow(
+    watcher: &Mutex<notify::RecommendedWatcher>,
+    followed: &Mutex<Followed>,
+    files: &[PathBuf],
+) -> notify::Result<()> {
+    let mut followed = followed.lock().unwrap_or_else(|e| e.into_inner());
+    let mut watcher = watcher.lock().unwrap_or_else(|e| e.into_inner());
+    for file in files {
+        let file = absolute(file);
+        let dir = file
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        followed.files.insert(file);
+        if !followed.dirs.contains(&dir) {
+            watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+            followed.dirs.insert(dir);
+        }
+    }
+    Ok(())
 }
 
 /// Reloads on every SIGHUP.

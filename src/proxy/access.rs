@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures_util::future::{Either, FutureExt};
 use http::{HeaderMap, Method, Response, Uri};
 
 use super::api_error::ApiError;
@@ -48,6 +49,16 @@ impl Request {
         req: &http::Request<B>,
         peer: Option<SocketAddr>,
     ) -> Option<Arc<Request>> {
+        Request::open(state, req.method(), req.uri(), req.headers(), peer)
+    }
+
+    fn open(
+        state: &AppState,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        peer: Option<SocketAddr>,
+    ) -> Option<Arc<Request>> {
         // The line is logged at `info`: with that level off (a gateway
         // under load usually runs at `warn`), nothing is kept for it.
         if !tracing::enabled!(tracing::Level::INFO) {
@@ -57,13 +68,13 @@ impl Request {
         if !table.config.logging.access {
             return None;
         }
-        let remote = peer
-            .map(|p| caller_address(p.ip(), &table.config.server.trusted_proxies, req.headers()));
+        let remote =
+            peer.map(|p| caller_address(p.ip(), &table.config.server.trusted_proxies, headers));
         Some(Arc::new(Request {
             peer,
             remote,
-            method: req.method().clone(),
-            uri: req.uri().clone(),
+            method: method.clone(),
+            uri: uri.clone(),
             started: Instant::now(),
             claimed: AtomicBool::new(false),
         }))
@@ -77,32 +88,61 @@ impl Request {
 }
 
 /// Runs `f` (the request's handling) inside `request`'s scope, then logs
-/// the request if nothing on its way claimed it.
-pub async fn within<F>(request: Option<Arc<Request>>, f: F) -> F::Output
+/// the request if nothing on its way claimed it. The scope's future
+/// itself, not an `async fn` around it: that would hold `f` twice (its
+/// argument and the scope's copy), and the handler's future, which holds
+/// this one, is moved per request.
+pub fn within<F>(
+    request: Option<Arc<Request>>,
+    f: F,
+) -> impl Future<Output = Result<Response<ResponseBody>, ApiError>>
 where
     F: Future<Output = Result<Response<ResponseBody>, ApiError>>,
 {
-    let Some(request) = request else {
-        return f.await;
-    };
-    let answer = REQUEST.scope(request.clone(), f).await;
-    if !request.claimed.load(Ordering::Relaxed) {
-        let status = match &answer {
-            Ok(resp) => resp.status(),
-            Err(e) => e.status(),
-        };
-        let r = &request;
-        tracing::info!(
-            remote_addr = r.remote.map(tracing::field::display),
-            peer = r.peer.map(tracing::field::display),
-            method = %r.method,
-            path = %r.path(),
-            status = status.as_u16(),
-            latency_ms = r.started.elapsed().as_millis() as u64,
-            "request"
-        );
+    match request {
+        None => Either::Left(f),
+        Some(request) => Either::Right(REQUEST.scope(request.clone(), f).map(move |answer| {
+            if !request.claimed.load(Ordering::Relaxed) {
+                log_unclaimed(&request, &answer);
+            }
+            answer
+        })),
     }
-    answer
+}
+
+/// The line of a request no `Completion` claimed.
+fn log_unclaimed(r: &Request, answer: &Result<Response<ResponseBody>, ApiError>) {
+    let status = match answer {
+        Ok(resp) => resp.status(),
+        Err(e) => e.status(),
+    };
+    log_line(r, status);
+}
+
+/// The line of a request the fast path refused on its head (no valid
+/// token), before any scope was opened.
+pub fn log_refused(
+    state: &AppState,
+    head: (&Method, &Uri, &HeaderMap),
+    peer: Option<SocketAddr>,
+    status: http::StatusCode,
+) {
+    let (method, uri, headers) = head;
+    if let Some(r) = Request::open(state, method, uri, headers, peer) {
+        log_line(&r, status);
+    }
+}
+
+fn log_line(r: &Request, status: http::StatusCode) {
+    tracing::info!(
+        remote_addr = r.remote.map(tracing::field::display),
+        peer = r.peer.map(tracing::field::display),
+        method = %r.method,
+        path = %r.path(),
+        status = status.as_u16(),
+        latency_ms = r.started.elapsed().as_millis() as u64,
+        "request"
+    );
 }
 
 /// For a `Completion`: takes over logging the current request. `None`

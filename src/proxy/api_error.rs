@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Response, StatusCode};
+use tokio::task::futures::TaskLocalFuture;
 
 use super::body::ResponseBody;
 
@@ -32,9 +33,12 @@ tokio::task_local! {
 }
 
 impl ErrorShape {
-    /// Runs `fut` with every error body it builds in this shape.
-    pub async fn scope<F: std::future::Future>(self, fut: F) -> F::Output {
-        SHAPE.scope(self, fut).await
+    /// Runs `fut` with every error body it builds in this shape. The
+    /// task-local future itself, not an `async fn` around it: that would
+    /// hold `fut` twice (its argument and the scope's copy), and every
+    /// request's future is moved at least once.
+    pub fn scope<F: std::future::Future>(self, fut: F) -> TaskLocalFuture<ErrorShape, F> {
+        SHAPE.scope(self, fut)
     }
 
     /// [`ErrorShape::scope`] for code that does not wait.

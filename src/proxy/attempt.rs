@@ -54,32 +54,43 @@ pub enum Outcome {
         body: UpstreamBody,
         first: Option<Bytes>,
         ttft: Option<Duration>,
+        /// When the answer was known (its first byte, or its head): one
+        /// reading of the clock for the time to first byte, the client's
+        /// average and the relay's idle timer.
+        at: std::time::Instant,
     },
     /// Try the next key or client.
     FailOver(UpstreamError),
 }
 
+/// `started`: when the request arrived; `sent`: when this attempt began
+/// (the caller's reading, so the clock is not read again here).
 pub async fn run(
     upstream: &UpstreamClients,
     req: Outgoing<'_>,
     policy: &RoutingPolicy,
     key: &KeyRoute,
     started: std::time::Instant,
+    sent: std::time::Instant,
     stream: bool,
 ) -> Outcome {
-    let deadline = Instant::now() + policy.request_timeout;
+    let deadline = Instant::from_std(sent) + policy.request_timeout;
     let head_request = req.method == http::Method::HEAD;
     let failed = |e: UpstreamError| {
         key.health
             .record_failure(policy.max_failures, policy.cooldown);
         Outcome::FailOver(e)
     };
-    let resp =
-        match tokio::time::timeout_at(deadline, upstream.send(policy.connect_timeout, req)).await {
-            Err(_) => return failed(UpstreamError::HeadersTimeout(policy.request_timeout)),
-            Ok(Err(e)) => return failed(UpstreamError::Connect(describe(&e))),
-            Ok(Ok(resp)) => resp,
-        };
+    let resp = match tokio::time::timeout_at(
+        deadline,
+        upstream.send_at(policy.connect_timeout, req, sent),
+    )
+    .await
+    {
+        Err(_) => return failed(UpstreamError::HeadersTimeout(policy.request_timeout)),
+        Ok(Err(e)) => return failed(UpstreamError::Connect(describe(&e))),
+        Ok(Ok(resp)) => resp,
+    };
     key.health.record_quota(&super::quota::read(
         resp.headers(),
         resp.extensions().get::<super::plain::RelayedHeaders>(),
@@ -101,11 +112,13 @@ pub async fn run(
                 Ok(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) if !data.is_empty() => {
                         key.health.record_success();
+                        let at = std::time::Instant::now();
                         return Outcome::Respond {
                             parts,
                             body,
                             first: Some(data),
-                            ttft: Some(started.elapsed()),
+                            ttft: Some(at.saturating_duration_since(started)),
+                            at,
                         };
                     }
                     _ => continue,
@@ -120,6 +133,7 @@ pub async fn run(
                         body,
                         first: None,
                         ttft: None,
+                        at: std::time::Instant::now(),
                     };
                 }
             }
@@ -188,6 +202,7 @@ fn respond(resp: http::Response<UpstreamBody>) -> Outcome {
         body,
         first: None,
         ttft: None,
+        at: std::time::Instant::now(),
     }
 }
 

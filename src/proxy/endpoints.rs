@@ -47,7 +47,7 @@ pub fn readyz(table: &RoutingTable) -> Response<ResponseBody> {
 }
 
 pub fn metrics(state: &AppState, table: &RoutingTable) -> Response<ResponseBody> {
-    let mut text = state.metrics.render(table);
+    let mut text = state.metrics.render(&table.scrape());
     if let Some(shared) = &state.shared {
         // Only with `shared_state`: a 0 would read as an outage otherwise.
         let up = u8::from(shared.mode().ok);

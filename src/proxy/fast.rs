@@ -125,6 +125,8 @@ pub async fn serve(
         if let Some(refused) =
             handler::refuse_before_body(&state, head.uri.path(), &head.headers, peer)
         {
+            let parts = (&head.method, &head.uri, &head.headers);
+            super::access::log_refused(&state, parts, peer, refused.status());
             let _ = conn.write_response(refused, false).await;
             return Exit::Closed;
         }

@@ -6,6 +6,7 @@
 
 use std::borrow::Cow;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -88,40 +89,39 @@ pub enum BodyCut {
 /// Answers one request, from the HTTP/1.1 fast path or from hyper.
 /// `conflicting_framing`: the request had both `Content-Length` and
 /// `Transfer-Encoding` on the wire (only hyper's path sees such requests).
-pub async fn handle<B: RequestBodyStream>(
+/// Not an `async fn`: its future is the error shape's scope itself, which
+/// then holds the arguments once.
+pub fn handle<B: RequestBodyStream>(
     state: Arc<AppState>,
     req: Request<B>,
     conflicting_framing: bool,
     peer: Option<SocketAddr>,
-) -> Result<Response<ResponseBody>, Infallible> {
+) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send {
     let id = new_request_id();
-    // ASCII by construction: never the empty default.
-    let request_id = std::str::from_utf8(&id).unwrap_or_default();
-    let rid_header = HeaderValue::from_str(request_id).expect("request ids are ASCII hex");
+    let rid_header = HeaderValue::from_bytes(&id).expect("request ids are ASCII hex");
     let shape = anthropic::error_shape(req.uri().path());
-    shape
-        .scope(async move {
-            if conflicting_framing {
-                let msg = "the request has both Content-Length and Transfer-Encoding".to_owned();
-                let mut resp = ApiError::InvalidRequest(msg).into_response(Some(&rid_header));
-                resp.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                return Ok(resp);
-            }
-            let cors = cors::allowed_origin(&state, req.headers());
-            let logged = access::Request::begin(&state, &req, peer);
-            let mut resp =
-                match access::within(logged, dispatch(&state, req, request_id, peer)).await {
-                    Ok(resp) => resp,
-                    Err(e) => e.into_response(None),
-                };
-            resp.headers_mut().insert(X_REQUEST_ID, rid_header);
-            if let Some(origin) = cors {
-                cors::mark(resp.headers_mut(), origin);
-            }
-            Ok(resp)
-        })
-        .await
+    shape.scope(async move {
+        // ASCII by construction: never the empty default.
+        let request_id = std::str::from_utf8(&id).unwrap_or_default();
+        if conflicting_framing {
+            let msg = "the request has both Content-Length and Transfer-Encoding".to_owned();
+            let mut resp = ApiError::InvalidRequest(msg).into_response(Some(&rid_header));
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Ok(resp);
+        }
+        let cors = cors::allowed_origin(&state, req.headers());
+        let logged = access::Request::begin(&state, &req, peer);
+        let mut resp = match access::within(logged, dispatch(&state, req, request_id, peer)).await {
+            Ok(resp) => resp,
+            Err(e) => e.into_response(None),
+        };
+        resp.headers_mut().insert(X_REQUEST_ID, rid_header);
+        if let Some(origin) = cors {
+            cors::mark(resp.headers_mut(), origin);
+        }
+        Ok(resp)
+    })
 }
 
 async fn dispatch<B: RequestBodyStream>(
@@ -541,7 +541,7 @@ async fn proxy_admitted<B: RequestBodyStream>(
         }
     }
 
-    if let Some(rule) = shadow::choose(table, model, peek.stream, (state.clock)()) {
+    if let Some(rule) = shadow::choose(table, model, peek.stream, || (state.clock)()) {
         done.mirror = Some(Box::new(shadow::Mirror {
             table: table.clone(),
             rule,
@@ -1104,6 +1104,8 @@ struct Answer {
     body: upstream::UpstreamBody,
     first: Option<Bytes>,
     ttft: Option<Duration>,
+    /// When the answer was known (see `Outcome::Respond`).
+    at: Instant,
     client: usize,
     key_id: Arc<str>,
     routed_model: Option<Arc<str>>,
@@ -1187,6 +1189,7 @@ async fn try_client(
             policy,
             key,
             request.started,
+            sent,
             request.stream,
         ));
         let outcome = attempt.await;
@@ -1215,14 +1218,18 @@ async fn try_client(
                 body,
                 first,
                 ttft,
+                at,
             } => {
-                client.ttfb.record(sent.elapsed());
+                client
+                    .ttfb
+                    .record_at(at.saturating_duration_since(sent), at);
                 client.metrics(&state.metrics).attempt_ok();
                 return Ok(Some(Answer {
                     parts,
                     body,
                     first,
                     ttft,
+                    at,
                     client: ci,
                     key_id: key.label.clone(),
                     routed_model: match (routed, request.requested_model) {
@@ -1300,6 +1307,7 @@ fn respond(
     let mut resp = Response::new(ResponseBody::Relay(Box::new(Relay::new(
         answer.body,
         answer.first,
+        answer.at,
         filter,
         client.cfg.policy.idle_timeout,
         done,

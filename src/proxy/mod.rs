@@ -19,6 +19,7 @@ pub mod fast;
 #[allow(unsafe_code)]
 pub mod framing;
 pub mod handler;
+mod idle;
 mod peek_json;
 // Reads into spare buffer capacity; header values taken unchecked.
 pub mod multipart;

@@ -90,10 +90,12 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// `first` is the chunk already read while the response headers were held.
+    /// `first` is the chunk already read while the response headers were
+    /// held, at `first_at` (the idle timeout counts from there).
     pub fn new(
         upstream: UpstreamBody,
         first: Option<Bytes>,
+        first_at: std::time::Instant,
         filter: Filter,
         idle_timeout: Duration,
         completion: Completion,
@@ -103,7 +105,7 @@ impl Relay {
             queued: Queue::default(),
             filter,
             idle_timeout,
-            last_data: Instant::now(),
+            last_data: Instant::from_std(first_at),
             idle: None,
             upstream_done: false,
             completion: Some(completion),

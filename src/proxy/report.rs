@@ -14,7 +14,7 @@ use super::sse::Usage;
 use crate::config::prices::{self, Price, Tokens};
 use crate::limits::shared::{SharedState, SharedTicket};
 use crate::limits::{CallerState, Cost, Ticket};
-use crate::ops::metrics::ClientMetrics;
+use crate::metrics::ClientMetrics;
 use crate::routing::key_health::InFlight;
 use crate::routing::ClientRoute;
 use crate::state::AppState;
@@ -79,7 +79,7 @@ pub struct Completion {
     /// The answering client's metric handles.
     pub client_metrics: Option<Arc<ClientMetrics>>,
     /// The caller's metric series, when the request has a caller.
-    pub caller_metrics: Option<Arc<crate::ops::metrics::CallerMetrics>>,
+    pub caller_metrics: Option<Arc<crate::metrics::CallerMetrics>>,
     /// The caller's reservation, when its limits took one.
     pub admission: Option<Admission>,
     /// The price of the model the answering client was sent, if priced.
@@ -167,7 +167,7 @@ impl Completion {
         let state = &self.state;
         state.metrics.in_flight().dec();
         state.metrics.request_finished_by(
-            &r,
+            &r.counted(),
             self.client_metrics.as_deref(),
             self.caller_metrics.as_deref(),
         );

@@ -27,6 +27,7 @@ use super::drain::drained;
 use super::fast;
 use super::framing::Watched;
 use super::handler;
+use super::idle::{Busy, Idle};
 use super::plain::RelayedHeaders;
 use super::upstream;
 use crate::state::AppState;
@@ -53,18 +54,15 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
     // request and close, and the sender sees when the last one is gone.
     let (draining_tx, draining_rx) = watch::channel(false);
     let _heartbeat = AbortOnDrop(tokio::spawn(timer_heartbeat()));
-    // Beyond max_connections (across every worker), new connections wait
-    // in the listen backlog.
+    // Beyond max_connections (across every worker), a worker holds the
+    // connection it accepted until a slot frees, and accepts no other
+    // meanwhile: the rest wait in the listen backlog. A slot is taken
+    // after the accept, never held while waiting for one: the kernel picks
+    // the worker a connection goes to, and a slot held by a worker that
+    // gets none would leave another's connection waiting for nothing.
     let slots = state.connection_slots.clone();
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = &mut shutdown => break,
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -76,6 +74,16 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
                 }
             },
             _ = &mut shutdown => break,
+        };
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => tokio::select! {
+                permit = slots.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                _ = &mut shutdown => break,
+            },
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
@@ -167,7 +175,11 @@ async fn serve_with_hyper<IO>(
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (io, framing) = Watched::new(TokioIo::new(io));
+    let keepalive = state.table.load().config.server.keepalive_timeout;
+    let idle = Idle::new();
+    let requests = idle.clone();
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let busy = requests.busy();
         // An HTTP/2 stream is reset on its own; only an HTTP/1 response
         // needs its connection reset.
         let aborted = (req.version() != http::Version::HTTP_2).then(|| aborted.clone());
@@ -185,6 +197,7 @@ async fn serve_with_hyper<IO>(
                 return Ok(resp.map(|body| MarksAbort {
                     body,
                     aborted: aborted.clone(),
+                    _busy: busy,
                 }));
             }
             let (mut parts, body) = answer.await?.into_parts();
@@ -193,6 +206,7 @@ async fn serve_with_hyper<IO>(
             let body = MarksAbort {
                 body,
                 aborted: aborted.clone(),
+                _busy: busy,
             };
             Ok::<_, std::convert::Infallible>(http::Response::from_parts(parts, body))
         }
@@ -205,6 +219,11 @@ async fn serve_with_hyper<IO>(
         biased;
         ended = conn.as_mut() => ended,
         _ = drained(&mut draining) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+        _ = idle.expired(keepalive) => {
+            tracing::debug!(%peer, ?keepalive, "idle connection closed after keepalive_timeout");
             conn.as_mut().graceful_shutdown();
             conn.await
         }
@@ -221,6 +240,8 @@ async fn serve_with_hyper<IO>(
 struct MarksAbort {
     body: ResponseBody,
     aborted: Option<Arc<AtomicBool>>,
+    /// The request counts as in flight until its body is dropped.
+    _busy: Busy,
 }
 
 impl http_body::Body for MarksAbort {

@@ -47,12 +47,14 @@ pub struct Mirror {
 }
 
 /// The rule that mirrors this request, if any draws it: non-stream
-/// requests only, the model matching, the day's budget not spent.
+/// requests only, the model matching, the day's budget not spent. `now`
+/// is read only for a rule with a daily budget: with no shadow configured,
+/// a request does not read the clock here.
 pub fn choose(
     table: &RoutingTable,
     model: Option<&str>,
     stream: bool,
-    now: SystemTime,
+    now: impl Fn() -> SystemTime,
 ) -> Option<usize> {
     if stream || table.shadows.is_empty() {
         return None;
@@ -63,7 +65,7 @@ pub fn choose(
             && fastrand::f64() * 100.0 < s.cfg.percent
             && s.cfg
                 .max_nanos_per_day
-                .is_none_or(|max| s.spent_today(now) < max)
+                .is_none_or(|max| s.spent_today(now()) < max)
     })
 }
 

@@ -3,13 +3,12 @@
 //!
 //! ALPN offers `h2` and `http/1.1`; hyper's auto server reads which one the
 //! client speaks. The HTTP/1.1 fast path (`fast.rs`) is plaintext-only:
-//! every TLS connection is served by hyper, whose idle HTTP/1.1 wait is
-//! bounded by `header_read_timeout` rather than `keepalive_timeout`, and
-//! whose idle HTTP/2 connections stay open until the client or a drain
-//! closes them (as with h2c).
+//! every TLS connection is served by hyper, with `keepalive_timeout`
+//! applied by `idle.rs` (HTTP/2: GOAWAY) as on any connection hyper serves.
 //!
 //! The certificate is looked up at each handshake in the running routing
-//! table's config, so a reload that read a new pair serves it to the next
+//! table's config, so a reload (the reload watcher follows the two files)
+//! that read a new pair serves it to the next
 //! connection, and a connection keeps the one it shook hands with. Whether
 //! the listener speaks TLS at all is fixed when it starts (`reload.rs`
 //! keeps a removed `server.tls` until a restart). This module reads no

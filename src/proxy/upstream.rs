@@ -87,12 +87,23 @@ impl UpstreamClients {
         connect_timeout: Duration,
         req: Outgoing<'_>,
     ) -> Result<Response<UpstreamBody>, SendError> {
+        self.send_at(connect_timeout, req, Instant::now()).await
+    }
+
+    /// [`UpstreamClients::send`] with the caller's reading of the clock
+    /// (`now`, for the pool's idle times): the attempt has just read it.
+    pub async fn send_at(
+        &self,
+        connect_timeout: Duration,
+        req: Outgoing<'_>,
+        now: Instant,
+    ) -> Result<Response<UpstreamBody>, SendError> {
         let key = PoolKey {
             https: req.uri.scheme() == Some(&Scheme::HTTPS),
             authority: req.uri.authority().cloned().ok_or(SendError::NoHost)?,
         };
         if !key.https {
-            return send_plain(connect_timeout, req, key).await;
+            return send_plain(connect_timeout, req, key, now).await;
         }
         let req = req.into_request();
         let uri = req.uri().clone();
@@ -100,7 +111,7 @@ impl UpstreamClients {
         // Boxed: the TLS path's future is large, and inline it would make
         // every plain-HTTP request's future (and each one awaiting it) as
         // large, to be moved whole at every level.
-        Box::pin(send_tls(connector, req, uri, key)).await
+        Box::pin(send_tls(connector, req, uri, key, now)).await
     }
 
     /// Clients whose TLS connections trust only `roots` (tests: an
@@ -120,11 +131,12 @@ async fn send_tls(
     req: Request<Bytes>,
     uri: Uri,
     key: PoolKey,
+    now: Instant,
 ) -> Result<Response<UpstreamBody>, SendError> {
     let body = req.body().clone();
     let mut req = req.map(Full::new);
     loop {
-        let (pooled, host) = POOL.with(|p| p.borrow_mut().take(&key));
+        let (pooled, host) = POOL.with(|p| p.borrow_mut().take(&key, now));
         let (sender, reused) = match pooled {
             Some(s) => (s, true),
             // Boxed: the handshake futures are large and rarely
@@ -200,9 +212,10 @@ async fn send_plain(
     connect_timeout: Duration,
     req: Outgoing<'_>,
     key: PoolKey,
+    now: Instant,
 ) -> Result<Response<UpstreamBody>, SendError> {
     loop {
-        let (pooled, host) = POOL.with(|p| p.borrow_mut().take_plain(&key));
+        let (pooled, host) = POOL.with(|p| p.borrow_mut().take_plain(&key, now));
         let reused = pooled.is_some();
         let mut conn = match pooled {
             Some(c) => c,
@@ -460,8 +473,7 @@ thread_local! {
 
 impl Pool {
     /// An idle connection to `key`'s upstream, if any, and its `Host`.
-    fn take(&mut self, key: &PoolKey) -> (Option<Sender>, Option<HeaderValue>) {
-        let now = Instant::now();
+    fn take(&mut self, key: &PoolKey, now: Instant) -> (Option<Sender>, Option<HeaderValue>) {
         self.sweep(now);
         let up = match self.upstreams.get_mut(key) {
             Some(up) => up,
@@ -474,8 +486,11 @@ impl Pool {
     }
 
     /// An idle plain-HTTP connection that still looks open, and `Host`.
-    fn take_plain(&mut self, key: &PoolKey) -> (Option<plain::Conn>, Option<HeaderValue>) {
-        let now = Instant::now();
+    fn take_plain(
+        &mut self,
+        key: &PoolKey,
+        now: Instant,
+    ) -> (Option<plain::Conn>, Option<HeaderValue>) {
         self.sweep(now);
         let up = match self.upstreams.get_mut(key) {
             Some(up) => up,

@@ -224,8 +224,32 @@ pub fn route(
     model: &str,
     max_depth: usize,
 ) -> (Vec<String>, Vec<String>) {
+    route_among(clients, model, max_depth, |m| {
+        matcher::candidates(clients, m)
+    })
+}
+
+/// [`route`] among the clients that speak `api`, as a request on one of
+/// that API's endpoints is routed.
+pub fn route_of(
+    clients: &[ClientConfig],
+    api: crate::config::Api,
+    model: &str,
+    max_depth: usize,
+) -> (Vec<String>, Vec<String>) {
+    route_among(clients, model, max_depth, |m| {
+        matcher::candidates_of(clients, api, m)
+    })
+}
+
+fn route_among(
+    clients: &[ClientConfig],
+    model: &str,
+    max_depth: usize,
+    candidates: impl Fn(&str) -> Vec<usize>,
+) -> (Vec<String>, Vec<String>) {
     let order = |m: &str| -> Vec<usize> {
-        let mut c = matcher::candidates(clients, m);
+        let mut c = candidates(m);
         c.sort_by_key(|&i| (clients[i].priority, std::cmp::Reverse(clients[i].weight), i));
         c
     };

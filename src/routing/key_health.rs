@@ -99,6 +99,12 @@ impl QuotaCell {
         );
     }
 
+    /// Whether a reading was ever recorded: without one, nothing needs
+    /// the clock.
+    fn is_empty(&self) -> bool {
+        self.until.load(Ordering::Relaxed) == 0
+    }
+
     /// The reading while it holds.
     fn get(&self, now: u64) -> Option<Remaining> {
         let until = self.until.load(Ordering::Relaxed);
@@ -139,11 +145,14 @@ pub struct KeyHealth {
 
 impl KeyHealth {
     /// Time left in the current cooldown, `None` when the key is usable.
+    /// A key never cooled down does not read the clock.
     pub fn cooling_for(&self) -> Option<Duration> {
         let until = self.cooldown_until.load(Ordering::Relaxed);
-        let now = now_ms();
-        if until > now {
-            return Some(Duration::from_millis(until - now));
+        if until != 0 {
+            let now = now_ms();
+            if until > now {
+                return Some(Duration::from_millis(until - now));
+            }
         }
         self.awaiting_probe
             .load(Ordering::Relaxed)
@@ -296,6 +305,9 @@ impl KeyHealth {
     /// `None` when it has (or nothing says it has not). A short key is
     /// skipped, not failed.
     pub fn quota_short(&self, tokens: u64) -> Option<Duration> {
+        if self.no_quota_reading() {
+            return None;
+        }
         let now = now_ms();
         let requests = self.quota_requests.get(now).filter(|r| r.left == 0);
         let tokens = self.quota_tokens.get(now).filter(|r| r.left < tokens);
@@ -308,6 +320,9 @@ impl KeyHealth {
     /// How many more requests of `tokens` the last reading leaves room
     /// for; `u64::MAX` when nothing is known.
     pub fn headroom(&self, tokens: u64) -> u64 {
+        if self.no_quota_reading() {
+            return u64::MAX;
+        }
         let now = now_ms();
         let requests = self.quota_requests.get(now).map_or(u64::MAX, |r| r.left);
         let by_tokens = self
@@ -320,9 +335,18 @@ impl KeyHealth {
     /// Takes one request and `tokens` from the reading, until the next
     /// reading replaces it.
     pub fn spend_quota(&self, tokens: u64) {
+        if self.no_quota_reading() {
+            return;
+        }
         let now = now_ms();
         self.quota_requests.take(1, now);
         self.quota_tokens.take(tokens, now);
+    }
+
+    /// No upstream ever sent a quota figure for this key (the usual case):
+    /// the per-request quota checks then skip the clock.
+    fn no_quota_reading(&self) -> bool {
+        self.quota_requests.is_empty() && self.quota_tokens.is_empty()
     }
 }
 

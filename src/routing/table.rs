@@ -19,7 +19,7 @@ use crate::config::{
     Api, AuthStyle, Balance, CallerConfig, ClientConfig, Config, KeyStrategy, Price, ShadowConfig,
 };
 use crate::limits::{CallerState, Periods};
-use crate::ops::metrics::{ClientMetrics, Metrics};
+use crate::metrics::{BudgetGauge, ClientMetrics, KeyGauges, Metrics, Scrape};
 use crate::secret::{KeyId, Secret};
 
 /// Model names resolved on demand and remembered; past this many, further
@@ -103,7 +103,7 @@ pub struct CallerRoute {
     /// config generation instead of per admitted request.
     pub limit_headers: [Option<(u64, http::HeaderValue)>; 2],
     /// The caller's metric series, for this config generation.
-    pub metrics: Arc<crate::ops::metrics::CallerMetrics>,
+    pub metrics: Arc<crate::metrics::CallerMetrics>,
 }
 
 #[derive(Debug)]
@@ -470,6 +470,46 @@ impl RoutingTable {
             .iter()
             .flat_map(|c| &c.keys)
             .any(|k| k.health.is_available())
+    }
+
+    /// The key and budget gauges of a `/metrics` scrape, read now.
+    pub fn scrape(&self) -> Scrape {
+        let keys = self.clients.iter().flat_map(|c| {
+            c.keys.iter().map(|k| {
+                let quota = k.health.quota();
+                KeyGauges {
+                    client: c.cfg.name.clone(),
+                    key: k.id.to_string(),
+                    cooling_for: k.health.cooling_for(),
+                    requests: k.health.requests(),
+                    remaining_requests: quota.requests.map(|r| r.left),
+                    remaining_tokens: quota.tokens.map(|t| t.left),
+                }
+            })
+        });
+        let now = SystemTime::now();
+        let mut budgets = Vec::new();
+        for c in &self.callers {
+            let l = &c.cfg.limits;
+            for (budget, b) in [("usd", l.budget_usd), ("tokens", l.budget_tokens)] {
+                let Some(b) = b else { continue };
+                let snap = c.state.snapshot(now, b.per);
+                let used = match budget {
+                    "usd" => snap.spent_nanos.max(0) as f64,
+                    _ => snap.spent_tokens as f64,
+                };
+                budgets.push(BudgetGauge {
+                    caller: c.cfg.name.clone(),
+                    budget,
+                    used: used / (b.amount.max(1) as f64),
+                });
+            }
+        }
+        Scrape {
+            generation: self.generation,
+            keys: keys.collect(),
+            budgets,
+        }
     }
 }
 

@@ -2,14 +2,19 @@
 //! monthly SQLite files and the reports read from them.
 //!
 //! No request waits on SQLite: the proxy hands a [`UsageRecord`] to
-//! [`UsageSink::send`], which packs it into the writer's buffer.
+//! [`UsageSink::send`], which packs it into the writer's buffer. The
+//! writer thread (`writer`) packs each batch into rows (`rows`), picks the
+//! month's file (`store`: naming, schema, migration, opening) and inserts
+//! them through the prepared statements of `insert`. Reports (`report`,
+//! `daily`, `replay`) open the files read-only through `store`.
 
 pub mod daily;
+// The insert engine binds text in place through SQLite's C API.
+#[allow(unsafe_code)]
+pub mod insert;
 pub mod replay;
 pub mod report;
 pub mod rows;
-// The insert engine binds text in place through SQLite's C API.
-#[allow(unsafe_code)]
 pub mod store;
 pub mod writer;
 
@@ -18,6 +23,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 pub use writer::{UsageSink, UsageWriter};
+
+use crate::metrics::Finished;
 
 /// One row of the `requests` table.
 #[derive(Debug, Clone, Default)]
@@ -56,4 +63,21 @@ pub struct UsageRecord {
     pub reserved_tokens: Option<u64>,
     /// A mirrored request (`shadow`), counted against no caller.
     pub shadow: bool,
+}
+
+impl UsageRecord {
+    /// The fields of this row that the metrics count.
+    pub fn counted(&self) -> Finished<'_> {
+        Finished {
+            caller: self.caller.as_ref(),
+            client: self.client.as_ref(),
+            model: self.model.as_deref(),
+            status: self.status,
+            latency_ms: self.latency_ms,
+            ttft_ms: self.ttft_ms,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            cost_usd: self.cost_usd,
+        }
+    }
 }

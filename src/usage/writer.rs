@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use super::rows::{self, Row, RowBuf};
 use super::store;
 use super::UsageRecord;
-use crate::ops::metrics::Metrics;
+use crate::metrics::Metrics;
 
 /// Rows waiting for the writer before new ones are dropped.
 const PENDING_CAPACITY: usize = 65_536;

@@ -4,13 +4,13 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use gptbalance::ops::metrics::Metrics;
+use gptbalance::metrics::Metrics;
 use gptbalance::proxy::server;
 use gptbalance::routing::RoutingTable;
 use gptbalance::state::AppState;
@@ -135,29 +135,40 @@ pub fn test_certificate() -> &'static (
     use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
     TEST_CERT.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
-        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-        let out = std::process::Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
-            .args(["-subj", "/CN=127.0.0.1"])
-            .args(["-addext", "subjectAltName=IP:127.0.0.1"])
-            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .output()
-            .expect("openssl is needed for the TLS mock");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (cert, key) = make_cert(dir.path(), "127.0.0.1", 1);
         (
             CertificateDer::from_pem_file(&cert).unwrap(),
             PrivateKeyDer::from_pem_file(&key).unwrap(),
         )
     })
+}
+
+/// A self-signed certificate for 127.0.0.1 named `CN=name` with `serial`,
+/// written as `name.crt` and `name.key` in `dir` by openssl.
+pub fn make_cert(dir: &Path, name: &str, serial: u32) -> (PathBuf, PathBuf) {
+    let (cert, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    let out = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+        .args(["-set_serial", &serial.to_string()])
+        .args(["-subj", &format!("/CN={name}")])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl makes the test certificates");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
 }
 
 struct DropFlag(Arc<MockState>, bool);
@@ -512,7 +523,7 @@ pub struct Gateway {
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     writer: Option<UsageWriter>,
-    _watcher: notify::RecommendedWatcher,
+    _watcher: gptbalance::ops::reload::ConfigWatch,
 }
 
 impl Gateway {

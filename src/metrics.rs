@@ -2,10 +2,16 @@
 //!
 //! Labels never carry a key or token: keys appear as their redacted id.
 //! Model labels come from callers, so their number is capped.
+//!
+//! A leaf: it knows neither the routing table nor the usage row. Callers
+//! hand it plain values: a finished request's counted fields
+//! ([`Finished`], borrowed from its usage row) and, per scrape, the key and
+//! budget gauges read from the routing table ([`Scrape`]).
 
 use std::collections::HashSet;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -14,9 +20,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
-
-use crate::routing::RoutingTable;
-use crate::usage::UsageRecord;
 
 /// Distinct model label values kept; further models are counted as "other".
 const MAX_MODEL_LABELS: usize = 1000;
@@ -96,6 +99,53 @@ struct ReasonLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
+}
+
+/// What a finished request counts: the fields of its usage row that the
+/// metrics read, borrowed from it (no copy per request).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Finished<'a> {
+    pub caller: Option<&'a Arc<str>>,
+    pub client: Option<&'a Arc<str>>,
+    pub model: Option<&'a str>,
+    pub status: u16,
+    pub latency_ms: u64,
+    pub ttft_ms: Option<u64>,
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+    pub cost_usd: Option<f64>,
+}
+
+/// The gauges read at a scrape, from the routing table in use.
+#[derive(Debug, Clone, Default)]
+pub struct Scrape {
+    pub generation: u64,
+    pub keys: Vec<KeyGauges>,
+    pub budgets: Vec<BudgetGauge>,
+}
+
+/// One key's state at a scrape.
+#[derive(Debug, Clone)]
+pub struct KeyGauges {
+    pub client: String,
+    /// The key's redacted id, never the key.
+    pub key: String,
+    /// Left of its cooldown; `None` when healthy.
+    pub cooling_for: Option<Duration>,
+    pub requests: u64,
+    /// From its last quota reading, while it holds.
+    pub remaining_requests: Option<u64>,
+    pub remaining_tokens: Option<u64>,
+}
+
+/// One caller budget at a scrape.
+#[derive(Debug, Clone)]
+pub struct BudgetGauge {
+    pub caller: String,
+    /// `usd` or `tokens`.
+    pub budget: &'static str,
+    /// Share spent in its current day or month (1 = all of it).
+    pub used: f64,
 }
 
 /// One caller's series: handles into the families, each made on first use
@@ -388,7 +438,7 @@ impl Metrics {
 
     /// Counts `r` in the series `cm` keeps for its model and status; false
     /// when they are not kept (a model or status past the bounds).
-    fn count_cached(&self, cm: &ClientMetrics, model: &str, r: &UsageRecord) -> bool {
+    fn count_cached(&self, cm: &ClientMetrics, model: &str, r: &Finished) -> bool {
         let mut models = cm.models.lock().unwrap_or_else(|e| e.into_inner());
         let at = match models.iter().position(|m| &*m.model == model) {
             Some(at) => at,
@@ -469,8 +519,8 @@ impl Metrics {
 
     /// The per-caller and cost series of a finished request; through the
     /// caller's kept handles when given.
-    fn count_caller_and_cost(&self, r: &UsageRecord, kept: Option<&CallerMetrics>) {
-        if let Some(caller) = &r.caller {
+    fn count_caller_and_cost(&self, r: &Finished, kept: Option<&CallerMetrics>) {
+        if let Some(caller) = r.caller {
             let labels = || CallerLabels {
                 caller: caller.clone(),
             };
@@ -517,7 +567,7 @@ impl Metrics {
                 }
             }
         }
-        if let (Some(cost), Some(client)) = (r.cost_usd, &r.client) {
+        if let (Some(cost), Some(client)) = (r.cost_usd, r.client) {
             self.client_cost
                 .get_or_create(&ClientLabels {
                     client: client.clone(),
@@ -527,21 +577,21 @@ impl Metrics {
     }
 
     /// `client`: the answering client's handles, when one answered.
-    pub fn request_finished(&self, r: &UsageRecord, client_metrics: Option<&ClientMetrics>) {
+    pub fn request_finished(&self, r: &Finished, client_metrics: Option<&ClientMetrics>) {
         self.request_finished_by(r, client_metrics, None);
     }
 
     /// [`Metrics::request_finished`], with the caller's kept handles.
     pub fn request_finished_by(
         &self,
-        r: &UsageRecord,
+        r: &Finished,
         client_metrics: Option<&ClientMetrics>,
         caller_metrics: Option<&CallerMetrics>,
     ) {
         if r.caller.is_some() || r.cost_usd.is_some() {
             self.count_caller_and_cost(r, caller_metrics);
         }
-        if let (Some(cm), Some(model)) = (client_metrics, r.model.as_deref()) {
+        if let (Some(cm), Some(model)) = (client_metrics, r.model) {
             if self.count_cached(cm, model, r) {
                 cm.latency.observe(r.latency_ms as f64 / 1000.0);
                 if let Some(t) = r.ttft_ms {
@@ -550,8 +600,8 @@ impl Metrics {
                 return;
             }
         }
-        let client = r.client.clone().unwrap_or_else(|| self.empty.clone());
-        let model = self.model_label(r.model.as_deref());
+        let client = r.client.cloned().unwrap_or_else(|| self.empty.clone());
+        let model = self.model_label(r.model);
         self.requests
             .get_or_create(&RequestLabels {
                 client: client.clone(),
@@ -634,63 +684,47 @@ impl Metrics {
         &self.in_flight
     }
 
-    /// The exposition text, with key gauges read from `table` now.
-    pub fn render(&self, table: &RoutingTable) -> String {
+    /// The exposition text, with the key and budget gauges of `now`.
+    pub fn render(&self, now: &Scrape) -> String {
         let _one_scrape_at_a_time = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
-        self.generation.set(table.generation as i64);
+        self.generation.set(now.generation as i64);
         self.key_healthy.clear();
         self.key_cooldown.clear();
         self.key_requests.clear();
         self.key_remaining_requests.clear();
         self.key_remaining_tokens.clear();
-        for c in &table.clients {
-            for k in &c.keys {
-                let labels = KeyLabels {
-                    client: c.cfg.name.clone(),
-                    key: k.id.to_string(),
-                };
-                let left = k.health.cooling_for();
-                self.key_healthy
+        for k in &now.keys {
+            let labels = KeyLabels {
+                client: k.client.clone(),
+                key: k.key.clone(),
+            };
+            self.key_healthy
+                .get_or_create(&labels)
+                .set(i64::from(k.cooling_for.is_none()));
+            self.key_cooldown
+                .get_or_create(&labels)
+                .set(k.cooling_for.map_or(0.0, |d| d.as_secs_f64()));
+            self.key_requests
+                .get_or_create(&labels)
+                .set(k.requests as i64);
+            if let Some(r) = k.remaining_requests {
+                self.key_remaining_requests
                     .get_or_create(&labels)
-                    .set(i64::from(left.is_none()));
-                self.key_cooldown
+                    .set(r.min(i64::MAX as u64) as i64);
+            }
+            if let Some(t) = k.remaining_tokens {
+                self.key_remaining_tokens
                     .get_or_create(&labels)
-                    .set(left.map_or(0.0, |d| d.as_secs_f64()));
-                self.key_requests
-                    .get_or_create(&labels)
-                    .set(k.health.requests() as i64);
-                let quota = k.health.quota();
-                if let Some(r) = quota.requests {
-                    self.key_remaining_requests
-                        .get_or_create(&labels)
-                        .set(r.left.min(i64::MAX as u64) as i64);
-                }
-                if let Some(t) = quota.tokens {
-                    self.key_remaining_tokens
-                        .get_or_create(&labels)
-                        .set(t.left.min(i64::MAX as u64) as i64);
-                }
+                    .set(t.min(i64::MAX as u64) as i64);
             }
         }
         self.budget_used.clear();
-        let now = std::time::SystemTime::now();
-        for c in &table.callers {
-            let l = &c.cfg.limits;
-            for (budget, b) in [("usd", l.budget_usd), ("tokens", l.budget_tokens)] {
-                let Some(b) = b else { continue };
-                let snap = c.state.snapshot(now, b.per);
-                let used = match budget {
-                    "usd" => snap.spent_nanos.max(0) as f64,
-                    _ => snap.spent_tokens as f64,
-                };
-                let labels = BudgetLabels {
-                    caller: c.cfg.name.clone(),
-                    budget,
-                };
-                self.budget_used
-                    .get_or_create(&labels)
-                    .set(used / (b.amount.max(1) as f64));
-            }
+        for b in &now.budgets {
+            let labels = BudgetLabels {
+                caller: b.caller.clone(),
+                budget: b.budget,
+            };
+            self.budget_used.get_or_create(&labels).set(b.used);
         }
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
@@ -719,14 +753,15 @@ mod tests {
         let (kept, looked_up) = (Metrics::new(), Metrics::new());
         let handles = CallerMetrics::default();
         for i in 0..40u64 {
-            let r = UsageRecord {
-                caller: Some(Arc::from("app")),
-                client: Some(Arc::from("c1")),
+            let (caller, client) = (Arc::from("app"), Arc::from("c1"));
+            let r = Finished {
+                caller: Some(&caller),
+                client: Some(&client),
                 status: 200,
                 prompt_tokens: (i % 3 != 0).then_some(i),
                 completion_tokens: (i % 2 == 0).then_some(1),
                 cost_usd: (i % 5 != 0).then_some(0.25),
-                ..UsageRecord::default()
+                ..Finished::default()
             };
             kept.request_finished_by(&r, None, Some(&handles));
             looked_up.request_finished(&r, None);
@@ -743,15 +778,16 @@ mod tests {
         let handles = kept.client(&client);
         let _same_series = looked_up.client(&client);
         for i in 0..(3 * CACHED_MODELS * (CACHED_STATUSES + 4)) {
-            let r = UsageRecord {
-                client: Some(client.clone()),
-                model: Some(format!("m{}", i % (CACHED_MODELS + 7)).into()),
+            let model = format!("m{}", i % (CACHED_MODELS + 7));
+            let r = Finished {
+                client: Some(&client),
+                model: Some(&model),
                 status: 200 + (i % (CACHED_STATUSES + 3)) as u16,
                 latency_ms: i as u64,
                 // Model m3 never reports tokens: it gets no token series.
                 prompt_tokens: (i % (CACHED_MODELS + 7) != 3).then_some(i as u64),
                 completion_tokens: (i % 2 == 0 && i % (CACHED_MODELS + 7) != 3).then_some(1),
-                ..UsageRecord::default()
+                ..Finished::default()
             };
             kept.request_finished(&r, Some(&handles));
             looked_up.request_finished(&r, None);
