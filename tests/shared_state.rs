@@ -992,6 +992,21 @@ impl Redis {
             .unwrap();
         all.into_iter().filter(|m| m.contains(":lease:")).collect()
     }
+
+    /// `caller`'s leases whose deadline has not passed (by Redis's clock):
+    /// those past it free themselves at the caller's next admission.
+    fn live_leases(&self, caller: &str) -> Vec<String> {
+        let mut c = self.conn();
+        let (secs, micros): (u64, u64) = redis::cmd("TIME").query(&mut c).unwrap();
+        let now_ms = secs * 1000 + micros / 1000;
+        let live: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(format!("gptbalance:caller:{caller}:tickets"))
+            .arg(format!("({now_ms}"))
+            .arg("+inf")
+            .query(&mut c)
+            .unwrap();
+        live.into_iter().filter(|m| m.contains(":lease:")).collect()
+    }
 }
 
 /// Keeps `tasks` requests at once going to each of `urls` until `stop`;
@@ -1162,4 +1177,126 @@ async fn a_killed_instance_gives_its_lease_back_by_its_deadline() {
         killed_at.elapsed() >= Duration::from_secs(5),
         "freed before its deadline"
     );
+}
+
+/// Redis asleep (`DEBUG SLEEP`, longer than any lease's life) while three
+/// busy instances hold leases of a shared limit: the relets that fall in
+/// the sleep are dropped at `timeout`, no request waits for Redis to wake
+/// (each sent in the sleep's first half is answered, admitted from what a
+/// lease still holds or denied, before the sleep ends), and the instances
+/// together never admit more than the limit, reached under the same load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_relet_stalls_no_request_and_overshoots_nothing() {
+    let redis = Redis::start();
+    let up = MockUpstream::start("up").await;
+    let limit: u64 = 2000;
+    let limits = format!("{{ rpm: {limit}, concurrency: 100 }}");
+    let mut gws = Vec::new();
+    for name in ["a", "b", "c"] {
+        gws.push(start_shared(&fast(config(&up, &redis, name, "deny", &limits))).await);
+    }
+    let urls: Vec<String> = gws.iter().map(|g| g.url("/v1/chat/completions")).collect();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tasks: Vec<_> = urls
+        .iter()
+        .flat_map(|u| std::iter::repeat_n(u.clone(), 4))
+        .map(|url| {
+            let (stop, refused) = (stop.clone(), refused.clone());
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let t = Instant::now();
+                    let status = call(&url, body()).await.status;
+                    seen.push((status, t.elapsed(), t));
+                    if status == 429 {
+                        refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                seen
+            })
+        })
+        .collect();
+    // Every instance holds a lease before Redis sleeps.
+    let all_leased = || {
+        let held = redis.leases("app");
+        ["a", "b", "c"]
+            .iter()
+            .all(|i| held.iter().any(|m| m.starts_with(&format!("{i}:lease:"))))
+    };
+    assert!(
+        eventually(Duration::from_secs(20), all_leased).await,
+        "not every instance took a lease: {:?}",
+        redis.leases("app")
+    );
+    let sleep = Duration::from_secs(3);
+    let port = redis.port;
+    let slept_at = Instant::now();
+    // Off the runtime's threads, which the gateways and the load use.
+    tokio::task::spawn_blocking(move || {
+        let c = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).unwrap();
+        let mut conn = c.get_connection().unwrap();
+        let _: () = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg(sleep.as_secs())
+            .query(&mut conn)
+            .unwrap();
+    })
+    .await
+    .unwrap();
+    let woke = slept_at.elapsed();
+    // The same load until the limit refuses requests (or 30 s).
+    eventually(Duration::from_secs(30), || {
+        refused.load(std::sync::atomic::Ordering::Relaxed) > 0
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut seen = Vec::new();
+    for t in tasks {
+        seen.extend(t.await.unwrap());
+    }
+    let (worst, worst_at) = seen
+        .iter()
+        .map(|(_, d, t)| (*d, t.saturating_duration_since(slept_at)))
+        .max()
+        .unwrap_or_default();
+    let admitted = seen.iter().filter(|(s, ..)| *s == 200).count() as u64;
+    let count = |code: u16| seen.iter().filter(|(s, ..)| *s == code).count();
+    println!(
+        "slow relet: {} requests, {admitted} admitted against rpm {limit}, {} refused, {} denied; \
+         longest request {worst:?} (sent {worst_at:?} after Redis fell asleep) while Redis slept {woke:?}",
+        seen.len(),
+        count(429),
+        count(503)
+    );
+    assert!(
+        seen.iter().all(|(s, ..)| [200, 429, 503].contains(s)),
+        "{:?}",
+        seen.iter().map(|(s, ..)| s).collect::<Vec<_>>()
+    );
+    // Sent in the first half of the sleep and answered after it: that
+    // request waited on Redis.
+    let stalled = seen.iter().find(|(_, d, t)| {
+        let sent = t.saturating_duration_since(slept_at);
+        *t >= slept_at && sent < woke / 2 && sent + *d >= woke
+    });
+    assert!(stalled.is_none(), "a request waited on Redis: {stalled:?}");
+    assert!(count(429) > 0, "the limit was never reached");
+    assert!(admitted <= limit, "{admitted} admitted against {limit}");
+    assert_eq!(up.count() as u64, admitted);
+    // Back in shared mode; the leases the sleep cut short free themselves
+    // by their deadline, the others are given back.
+    for gw in &gws {
+        let shared = gw.state.shared.clone().unwrap();
+        assert!(eventually(Duration::from_secs(6), || shared.mode().ok).await);
+    }
+    assert!(
+        eventually(Duration::from_secs(15), || redis
+            .live_leases("app")
+            .is_empty())
+        .await,
+        "leases still held: {:?}",
+        redis.live_leases("app")
+    );
+    assert!(redis.window("app", 'r') >= admitted);
 }

@@ -51,6 +51,8 @@ use crate::config::{CallerLimits, OnOutage, Per, SharedStateConfig};
 pub const LEASE: Duration = Duration::from_secs(10);
 /// How often this instance refreshes its tickets and republishes its spend.
 pub const BEAT: Duration = Duration::from_secs(1);
+/// Callers per heartbeat call.
+const BEAT_CALLERS: usize = 100;
 /// How often the supervisor retries while Redis does not answer.
 const RETRY: Duration = Duration::from_millis(500);
 /// Settles kept for replay while Redis does not answer; older ones are
@@ -351,12 +353,14 @@ local function admit()
 end
 -- A lease (`l`): the instance's previous lease of the caller given back
 -- (what it did not use leaves the window; what was admitted from a lease
--- Redis lost counts now), then a new one taken when every limit has room
--- for `factor` times it; otherwise only what is still in flight stays held.
+-- Redis lost counts now), its carry (requests and tokens the instance
+-- admits from while this item is out) counted anew in the new one, then
+-- a new one taken when every limit has room for `factor` times it;
+-- otherwise only the carry and what is still in flight stay held.
 local function relet()
   local p = P .. ARGV[j + 1] .. ':'
   local a = {}
-  for i = 3, 30 do a[i] = tonumber(ARGV[j + i]) end
+  for i = 3, 32 do a[i] = tonumber(ARGV[j + i]) end
   local c = state_of(p)
   expire(c)
   if ARGV[j + 2] ~= '-' then
@@ -384,6 +388,8 @@ local function relet()
     end
     c.r, c.t, c.br, c.bt = c.r + used_r, c.t + used_t, c.br + used_r, c.bt + used_t
   end
+  local kr, kt = a[31], a[32]
+  c.r, c.t, c.br, c.bt = c.r + kr, c.t + kt, c.br + kr, c.bt + kt
   local dk, dttl = spend_key(p, 'd', ARGV[j + 24], ARGV[j + 25])
   local mk, mttl = spend_key(p, 'm', ARGV[j + 24], ARGV[j + 25])
   publish(dk, a[26], a[27], dttl)
@@ -413,7 +419,7 @@ local function relet()
     and (a[10] == 0 or ws > 0) and (a[11] == 0 or wr > 0) and (a[12] == 0 or wt > 0) and (a[13] == 0 or wn > 0)
   if not ok then ws, wr, wt, wn = 0, 0, 0, 0 end
   local held = 0
-  if ok or is > 0 or it > 0 or inn > 0 then
+  if ok or is > 0 or it > 0 or inn > 0 or kr > 0 or kt > 0 then
     local deadline = now + lease
     redis.call('ZADD', c.tickets, deadline, inst .. ':lease:' .. ARGV[j + 8] .. ':'
       .. string.format('%d:%d:%d:%d', is + ws, wr, it + wt, inn + wn))
@@ -431,7 +437,7 @@ while j <= #ARGV do
   elseif ARGV[j] == 'l' then
     local r = relet()
     for i = 1, 8 do out[#out + 1] = r[i] end
-    j = j + 31
+    j = j + 33
   else
     local r = admit()
     for i = 1, 6 do out[#out + 1] = r[i] end
@@ -731,7 +737,7 @@ fn push_relet(
     for n in day.into_iter().chain(month) {
         call.arg(n);
     }
-    call.arg(factor);
+    call.arg(factor).arg(r.carry.reqs).arg(r.carry.tokens);
 }
 
 fn push_admit(call: &mut redis::Cmd, a: &Asked) {
@@ -1352,9 +1358,12 @@ impl SharedState {
         self.heartbeat(&mut conn, callers, true).await
     }
 
-    /// One round trip: every open ticket's deadline pushed forward, every
-    /// caller's spend republished; with `reconcile`, the in-process windows
-    /// of the outage are added to the shared ones (and emptied here).
+    /// Every open ticket's deadline pushed forward, every caller's spend
+    /// republished; with `reconcile`, the in-process windows of the outage
+    /// are added to the shared ones (and emptied here). In calls of
+    /// [`BEAT_CALLERS`] callers, each sent after the previous one's answer:
+    /// with a thousand callers one call would hold Redis for milliseconds,
+    /// and every admission behind it.
     async fn heartbeat(
         &self,
         conn: &mut MultiplexedConnection,
@@ -1377,12 +1386,35 @@ impl SharedState {
         if list.is_empty() {
             return ping(conn, self.cfg.timeout.max(Duration::from_millis(500))).await;
         }
+        let bound = if reconcile {
+            self.cfg.timeout.max(Duration::from_millis(500))
+        } else {
+            self.cfg.timeout.max(Duration::from_millis(200))
+        };
+        for chunk in list.chunks(BEAT_CALLERS) {
+            let call = self.beat_call(chunk, &mut by_caller, p, now, reconcile);
+            self.invoke::<i64>(&self.beat, &call, conn, bound)
+                .await
+                .map_err(|e| format!("heartbeat: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// One heartbeat call for `list`'s callers.
+    fn beat_call(
+        &self,
+        list: &[CallerEntry],
+        by_caller: &mut HashMap<Arc<str>, Vec<String>>,
+        p: Periods,
+        now: SystemTime,
+        reconcile: bool,
+    ) -> redis::Cmd {
         let mut call = redis::cmd("EVALSHA");
         call.arg(self.beat.get_hash())
             .arg(0)
             .arg(&*self.instance)
             .arg(LEASE.as_millis() as u64);
-        for c in &list {
+        for c in list {
             let (day, month) = c.state.own_spend(now);
             call.arg(&*c.name)
                 .arg(p.day)
@@ -1406,15 +1438,7 @@ impl SharedState {
                 call.arg(s).arg(r).arg(t);
             }
         }
-        let bound = if reconcile {
-            self.cfg.timeout.max(Duration::from_millis(500))
-        } else {
-            self.cfg.timeout.max(Duration::from_millis(200))
-        };
-        self.invoke::<i64>(&self.beat, &call, conn, bound)
-            .await
-            .map(|_| ())
-            .map_err(|e| format!("heartbeat: {e}"))
+        call
     }
 
     /// Applies other instances' cooldowns: those running when this one
