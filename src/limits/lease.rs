@@ -39,7 +39,8 @@
 //! item counts anew as part of the new lease whatever else Redis grants.
 //! So no request waits on a relet, and none is counted zero times; what
 //! the carry does not admit goes back with the new lease. A relet Redis
-//! does not take within `timeout` drops that lease only (its caller takes
+//! does not take within `timeout` (a [`TICK`] at least: no request waits
+//! on it) drops that lease only (its caller takes
 //! the exact path until the next one). A lease whose caller went quiet is
 //! given back. A crashed instance's lease frees its slots and budget
 //! amounts at its deadline; the requests and tokens it did not use stay

@@ -1114,7 +1114,13 @@ impl SharedState {
                 .leases
                 .plan(Instant::now(), &self.seq, lease::RELETS_PER_TICK);
             if !plan.is_empty() {
-                self.relet(plan, &callers, self.cfg.timeout).await;
+                // No request waits on a relet (its carry admits while it
+                // is out), so a relet may take up to a tick before its
+                // leases are dropped: on a loaded host, dropping them at
+                // `timeout` sent every one of their callers to the exact
+                // path at once.
+                let bound = self.cfg.timeout.max(lease::TICK);
+                self.relet(plan, &callers, bound).await;
             }
         }
     }
