@@ -738,20 +738,25 @@ def only(procs, tmp, raw, gw_bin, mock_bin, names, rounds, secs, old_bin=None):
     res = {k: {"rps": [], "p99_ms": [], "cpu_us_per_req": [], "requests": 0} for k in names}
 
     def script_calls():
+        """(script calls, every command Redis ran: round trips and the
+        commands the scripts ran inside)."""
         out = subprocess.run(["redis-cli", "-p", str(ports["redis"]), "INFO", "commandstats"],
                              capture_output=True, text=True).stdout
-        return sum(int(m) for m in re.findall(r"cmdstat_eval(?:sha)?:calls=(\d+)", out))
+        scripts = sum(int(m) for m in re.findall(r"cmdstat_eval(?:sha)?:calls=(\d+)", out))
+        return scripts, sum(int(m) for m in re.findall(r"cmdstat_[a-z|]+:calls=(\d+)", out))
 
     for i in range(rounds):
         for k in interleave(names, i):
             act = lambda: wrk(url(ports[k]), 64, secs, callers=as_callers.get(k, 0))  # noqa: E731
             if k.startswith("gw_shared") and redis:
                 # Redis's own CPU counts too: it shares the cores.
-                calls = script_calls()
+                calls, cmds = script_calls()
                 r, n = instructions(gws[k].pid, secs, lambda: instructions(redis.pid, secs, act))
                 r, rn = r
                 res[k].setdefault("redis_cpu_us_per_req", []).append(rn * 1e6 / r["requests"])
-                res[k]["redis_calls"] = res[k].get("redis_calls", 0) + script_calls() - calls
+                calls2, cmds2 = script_calls()
+                res[k]["redis_calls"] = res[k].get("redis_calls", 0) + calls2 - calls
+                res[k]["redis_commands"] = res[k].get("redis_commands", 0) + cmds2 - cmds
             else:
                 r, n = instructions(gws[k].pid, secs, act)
             res[k]["rps"].append(r["rps"])
@@ -775,8 +780,10 @@ def only(procs, tmp, raw, gw_bin, mock_bin, names, rounds, secs, old_bin=None):
     for k in names:
         if "redis_calls" in res[k]:
             summary[k]["redis_calls_per_request"] = res[k]["redis_calls"] / max(1, res[k]["requests"])
+            summary[k]["redis_commands_per_request"] = res[k]["redis_commands"] / max(1, res[k]["requests"])
             summary[k]["redis_cpu_us_per_req"] = statistics.median(res[k]["redis_cpu_us_per_req"])
-            print(f"{k}: redis {summary[k]['redis_calls_per_request']:.3f} script calls per request, "
+            print(f"{k}: redis {summary[k]['redis_calls_per_request']:.3f} script calls "
+                  f"({summary[k]['redis_commands_per_request']:.3f} commands, scripts' own included) per request, "
                   f"{summary[k]['redis_cpu_us_per_req']:.1f} CPU us per request in redis-server")
     if redis:
         if "gw_limits" in res and "gw_shared" in res:

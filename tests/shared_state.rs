@@ -980,3 +980,323 @@ async fn rediss_connects_over_tls() {
         "rpm 1, counted in Redis over TLS"
     );
 }
+
+impl Redis {
+    /// `caller`'s tickets in Redis that are leases.
+    fn leases(&self, caller: &str) -> Vec<String> {
+        let all: Vec<String> = redis::cmd("ZRANGE")
+            .arg(format!("gptbalance:caller:{caller}:tickets"))
+            .arg(0)
+            .arg(-1)
+            .query(&mut self.conn())
+            .unwrap();
+        all.into_iter().filter(|m| m.contains(":lease:")).collect()
+    }
+
+    /// `caller`'s leases whose deadline has not passed (by Redis's clock):
+    /// those past it free themselves at the caller's next admission.
+    fn live_leases(&self, caller: &str) -> Vec<String> {
+        let mut c = self.conn();
+        let (secs, micros): (u64, u64) = redis::cmd("TIME").query(&mut c).unwrap();
+        let now_ms = secs * 1000 + micros / 1000;
+        let live: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(format!("gptbalance:caller:{caller}:tickets"))
+            .arg(format!("({now_ms}"))
+            .arg("+inf")
+            .query(&mut c)
+            .unwrap();
+        live.into_iter().filter(|m| m.contains(":lease:")).collect()
+    }
+}
+
+/// Keeps `tasks` requests at once going to each of `urls` until `stop`;
+/// returns the statuses seen.
+fn load(
+    urls: &[String],
+    tasks: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Vec<u16>>> {
+    urls.iter()
+        .flat_map(|u| std::iter::repeat_n(u.clone(), tasks))
+        .map(|url| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    seen.push(call(&url, body()).await.status);
+                }
+                seen
+            })
+        })
+        .collect()
+}
+
+/// A limit with plenty of room: three busy instances take leases of it and
+/// admit from them, never more than the limit together; once the load
+/// stops the leases are given back and Redis counts exactly what was
+/// admitted; and the limit, reached afterwards request by request, is
+/// exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leases_stay_within_the_limit_and_come_back() {
+    let redis = Redis::start();
+    let up = MockUpstream::start("up").await;
+    let limit: u64 = 1200;
+    let limits = format!("{{ rpm: {limit}, concurrency: 100 }}");
+    let mut gws = Vec::new();
+    for name in ["a", "b", "c"] {
+        gws.push(start_shared(&config(&up, &redis, name, "deny", &limits)).await);
+    }
+    let urls: Vec<String> = gws.iter().map(|g| g.url("/v1/chat/completions")).collect();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tasks = load(&urls, 4, stop.clone());
+    // Load until some lease has been seen and a good part of the limit is
+    // used (or, on a slow machine, for at most 20 s).
+    let started = Instant::now();
+    let mut leased = 0;
+    while started.elapsed() < Duration::from_secs(20) {
+        leased = leased.max(redis.leases("app").len());
+        if leased > 0 && up.count() as u64 >= limit / 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.extend(t.await.unwrap());
+    }
+    assert!(leased > 0, "no instance took a lease");
+    assert!(
+        statuses.iter().all(|&s| s == 200 || s == 429),
+        "{statuses:?}"
+    );
+    let admitted = statuses.iter().filter(|&&s| s == 200).count() as u64;
+    assert!(admitted <= limit, "{admitted} admitted against {limit}");
+    // Given back once the callers went quiet: Redis holds no lease, and
+    // its minute counts exactly the requests admitted.
+    assert!(
+        eventually(Duration::from_secs(10), || redis.leases("app").is_empty()).await,
+        "leases still held: {:?}",
+        redis.leases("app")
+    );
+    assert_eq!(redis.window("app", 'r'), admitted);
+    // The rest of the limit, one request at a time, across the instances.
+    let mut more = 0;
+    let mut refused_in_a_row = 0;
+    for i in 0.. {
+        let r = call(&urls[i % 3], body()).await;
+        if r.status == 200 {
+            more += 1;
+            refused_in_a_row = 0;
+        } else {
+            assert_eq!(r.status, 429, "{}", r.text());
+            refused_in_a_row += 1;
+            if refused_in_a_row == 3 {
+                break;
+            }
+        }
+    }
+    println!(
+        "leases: {admitted} admitted under load ({} requests, leases seen: {leased}), then {more}: {} against rpm {limit}",
+        statuses.len(),
+        admitted + more
+    );
+    assert_eq!(admitted + more, limit);
+    assert_eq!(up.count(), limit as usize);
+}
+
+/// An instance killed with SIGKILL while it holds a lease: the lease's
+/// slots free themselves at its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_instance_gives_its_lease_back_by_its_deadline() {
+    let redis = Redis::start();
+    let up = MockUpstream::start("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
+    let limits = "{ rpm: 1000000, concurrency: 1000 }";
+    std::fs::write(&path, config(&up, &redis, "doomed", "deny", limits)).unwrap();
+    let doomed = Daemon::start(&path);
+    let st = format!("http://{}/admin/status", doomed.addr);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status(&st).await["shared_state"]["mode"] != "ok" {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon never reached shared mode"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tasks = load(
+        &[format!("http://{}/v1/chat/completions", doomed.addr)],
+        4,
+        stop.clone(),
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || redis
+            .leases("app")
+            .iter()
+            .any(|m| m.starts_with("doomed:lease:")))
+        .await,
+        "the busy instance took no lease"
+    );
+    drop(doomed); // SIGKILL, lease held
+    let killed_at = Instant::now();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let slots = |redis: &Redis| -> u64 {
+        redis::cmd("HGET")
+            .arg("gptbalance:caller:app:state")
+            .arg("n")
+            .query::<Option<u64>>(&mut redis.conn())
+            .unwrap()
+            .unwrap_or(0)
+    };
+    assert!(slots(&redis) > 0, "the lease holds slots");
+    let other = start_shared(&config(&up, &redis, "other", "deny", limits)).await;
+    let url = other.url("/v1/chat/completions");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Each admission frees what is past its deadline.
+    loop {
+        assert_eq!(call(&url, body()).await.status, 200);
+        if redis.leases("app").is_empty() && slots(&redis) == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dead instance's lease never freed itself"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "lease of a killed instance freed after {:?}",
+        killed_at.elapsed()
+    );
+    assert!(
+        killed_at.elapsed() >= Duration::from_secs(5),
+        "freed before its deadline"
+    );
+}
+
+/// Redis asleep (`DEBUG SLEEP`, longer than any lease's life) while three
+/// busy instances hold leases of a shared limit: the relets that fall in
+/// the sleep are dropped at `timeout`, no request waits for Redis to wake
+/// (each sent in the sleep's first half is answered, admitted from what a
+/// lease still holds or denied, before the sleep ends), and the instances
+/// together never admit more than the limit, reached under the same load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_relet_stalls_no_request_and_overshoots_nothing() {
+    let redis = Redis::start();
+    let up = MockUpstream::start("up").await;
+    let limit: u64 = 2000;
+    let limits = format!("{{ rpm: {limit}, concurrency: 100 }}");
+    let mut gws = Vec::new();
+    for name in ["a", "b", "c"] {
+        gws.push(start_shared(&fast(config(&up, &redis, name, "deny", &limits))).await);
+    }
+    let urls: Vec<String> = gws.iter().map(|g| g.url("/v1/chat/completions")).collect();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tasks: Vec<_> = urls
+        .iter()
+        .flat_map(|u| std::iter::repeat_n(u.clone(), 4))
+        .map(|url| {
+            let (stop, refused) = (stop.clone(), refused.clone());
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let t = Instant::now();
+                    let status = call(&url, body()).await.status;
+                    seen.push((status, t.elapsed(), t));
+                    if status == 429 {
+                        refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                seen
+            })
+        })
+        .collect();
+    // Every instance holds a lease before Redis sleeps.
+    let all_leased = || {
+        let held = redis.leases("app");
+        ["a", "b", "c"]
+            .iter()
+            .all(|i| held.iter().any(|m| m.starts_with(&format!("{i}:lease:"))))
+    };
+    assert!(
+        eventually(Duration::from_secs(20), all_leased).await,
+        "not every instance took a lease: {:?}",
+        redis.leases("app")
+    );
+    let sleep = Duration::from_secs(3);
+    let port = redis.port;
+    let slept_at = Instant::now();
+    // Off the runtime's threads, which the gateways and the load use.
+    tokio::task::spawn_blocking(move || {
+        let c = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).unwrap();
+        let mut conn = c.get_connection().unwrap();
+        let _: () = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg(sleep.as_secs())
+            .query(&mut conn)
+            .unwrap();
+    })
+    .await
+    .unwrap();
+    let woke = slept_at.elapsed();
+    // The same load until the limit refuses requests (or 30 s).
+    eventually(Duration::from_secs(30), || {
+        refused.load(std::sync::atomic::Ordering::Relaxed) > 0
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut seen = Vec::new();
+    for t in tasks {
+        seen.extend(t.await.unwrap());
+    }
+    let (worst, worst_at) = seen
+        .iter()
+        .map(|(_, d, t)| (*d, t.saturating_duration_since(slept_at)))
+        .max()
+        .unwrap_or_default();
+    let admitted = seen.iter().filter(|(s, ..)| *s == 200).count() as u64;
+    let count = |code: u16| seen.iter().filter(|(s, ..)| *s == code).count();
+    println!(
+        "slow relet: {} requests, {admitted} admitted against rpm {limit}, {} refused, {} denied; \
+         longest request {worst:?} (sent {worst_at:?} after Redis fell asleep) while Redis slept {woke:?}",
+        seen.len(),
+        count(429),
+        count(503)
+    );
+    assert!(
+        seen.iter().all(|(s, ..)| [200, 429, 503].contains(s)),
+        "{:?}",
+        seen.iter().map(|(s, ..)| s).collect::<Vec<_>>()
+    );
+    // Sent in the first half of the sleep and answered after it: that
+    // request waited on Redis.
+    let stalled = seen.iter().find(|(_, d, t)| {
+        let sent = t.saturating_duration_since(slept_at);
+        *t >= slept_at && sent < woke / 2 && sent + *d >= woke
+    });
+    assert!(stalled.is_none(), "a request waited on Redis: {stalled:?}");
+    assert!(count(429) > 0, "the limit was never reached");
+    assert!(admitted <= limit, "{admitted} admitted against {limit}");
+    assert_eq!(up.count() as u64, admitted);
+    // Back in shared mode; the leases the sleep cut short free themselves
+    // by their deadline, the others are given back.
+    for gw in &gws {
+        let shared = gw.state.shared.clone().unwrap();
+        assert!(eventually(Duration::from_secs(6), || shared.mode().ok).await);
+    }
+    assert!(
+        eventually(Duration::from_secs(15), || redis
+            .live_leases("app")
+            .is_empty())
+        .await,
+        "leases still held: {:?}",
+        redis.live_leases("app")
+    );
+    assert!(redis.window("app", 'r') >= admitted);
+}

@@ -171,6 +171,10 @@ async fn serve(
         }
     })
     .await;
+    if let Some(shared) = &state.shared {
+        // Leases given back: what this instance did not use is free now.
+        shared.release().await;
+    }
     if let Some(w) = writer {
         let _ = tokio::task::spawn_blocking(move || w.shutdown()).await;
     }
@@ -213,7 +217,7 @@ pub fn share_state(state: &Arc<AppState>) {
         "shared state: connecting"
     );
     let weak = Arc::downgrade(state);
-    tokio::spawn(shared.clone().run(move || {
+    tokio::spawn(shared.clone().run(Arc::new(move || {
         let Some(state) = weak.upgrade() else {
             return Vec::new();
         };
@@ -227,7 +231,7 @@ pub fn share_state(state: &Arc<AppState>) {
                 state: c.state.clone(),
             })
             .collect()
-    }));
+    })));
     let weak = Arc::downgrade(state);
     tokio::spawn(shared.follow_cooldowns(move |client, key, until| {
         let Some(state) = weak.upgrade() else {

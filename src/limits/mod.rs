@@ -17,6 +17,7 @@
 //! only the instance's own spend (which it publishes) and, during an
 //! outage under `local_share`, the in-process share of each limit.
 
+pub mod lease;
 pub mod shared;
 pub mod window;
 

@@ -43,6 +43,7 @@ use arc_swap::ArcSwapOption;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Script};
 
+use super::lease::{self, LeaseMark, Leases, Relet};
 use super::{CallerState, Cost, Headroom, Periods, Refusal, Ticket};
 use crate::config::{CallerLimits, OnOutage, Per, SharedStateConfig};
 
@@ -50,6 +51,8 @@ use crate::config::{CallerLimits, OnOutage, Per, SharedStateConfig};
 pub const LEASE: Duration = Duration::from_secs(10);
 /// How often this instance refreshes its tickets and republishes its spend.
 pub const BEAT: Duration = Duration::from_secs(1);
+/// Callers per heartbeat call.
+const BEAT_CALLERS: usize = 100;
 /// How often the supervisor retries while Redis does not answer.
 const RETRY: Duration = Duration::from_millis(500);
 /// Settles kept for replay while Redis does not answer; older ones are
@@ -81,6 +84,15 @@ local now = sec * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local inst = ARGV[1]
 local lease = tonumber(ARGV[2])
 local P = 'gptbalance:caller:'
+-- Concurrency slots a ticket holds: one, or a lease's count.
+local function slots_of(m)
+  return tonumber(string.match(m, ':lease:%d+:(%d+):%d+:%-?%d+:%-?%d+$')) or 1
+end
+local function count_slots(tickets)
+  local n = 0
+  for _, m in ipairs(redis.call('ZRANGE', tickets, 0, -1)) do n = n + slots_of(m) end
+  return n
+end
 local function load(p, at)
   local key = p .. 'state'
   local i = at % 60
@@ -95,7 +107,9 @@ local function load(p, at)
     local all = redis.call('ZRANGE', c.tickets, 0, -1)
     for _, m in ipairs(all) do
       local et, en = string.match(m, ':(%-?%d+):(%-?%d+)$')
-      c.n, c.rt, c.rn = c.n + 1, c.rt + (tonumber(et) or 0), c.rn + (tonumber(en) or 0)
+      c.n, c.rt, c.rn = c.n + slots_of(m), c.rt + (tonumber(et) or 0), c.rn + (tonumber(en) or 0)
+      -- Their deadlines are checked at the next admission.
+      c.exp = 1
     end
   elseif at > c.last then
     if at - c.last >= 60 then
@@ -154,7 +168,8 @@ end
 -- Tickets past their deadline (their instance stopped refreshing them)
 -- give their reservations back.
 local function expire(c)
-  if c.n == 0 or now < c.exp then return end
+  -- `exp` 0: no ticket open (a lease may hold no slot, so `n` cannot say).
+  if c.exp == 0 or now < c.exp then return end
   local expired = redis.call('ZRANGEBYSCORE', c.tickets, '-inf', now)
   if #expired > 0 then
     for _, m in ipairs(expired) do
@@ -163,8 +178,8 @@ local function expire(c)
     end
     redis.call('ZREMRANGEBYSCORE', c.tickets, '-inf', now)
   end
-  c.n = redis.call('ZCARD', c.tickets)
-  if c.n == 0 then
+  c.n = count_slots(c.tickets)
+  if redis.call('ZCARD', c.tickets) == 0 then
     c.rt, c.rn, c.exp = 0, 0, 0
   else
     local first = redis.call('ZRANGE', c.tickets, 0, 0, 'WITHSCORES')
@@ -230,6 +245,28 @@ const BATCH: &str = concat!(
     r#"
 local out = {}
 local j = 3
+-- Every instance's spend of a period (`per` d or m), summed; this
+-- instance's own figures count even when Redis lost them.
+local function spent_of(p, per, day, month, dt, dn, mt, mn)
+  local key = spend_key(p, per, day, month)
+  local own_t, own_n = dt, dn
+  if per == 'm' then own_t, own_n = mt, mn end
+  local all = redis.call('HGETALL', key)
+  local st, sn, mine_t, mine_n = 0, 0, 0, 0
+  for i = 1, #all, 2 do
+    local f, v = all[i], tonumber(all[i + 1]) or 0
+    if string.sub(f, -2) == ':t' then
+      st = st + v
+      if f == inst .. ':t' then mine_t = v end
+    else
+      sn = sn + v
+      if f == inst .. ':n' then mine_n = v end
+    end
+  end
+  st = st + math.max(0, own_t - mine_t)
+  sn = sn + math.max(0, own_n - mine_n)
+  return st, sn
+end
 local function settle()
   local p = P .. ARGV[j + 1] .. ':'
   local rt, rn, at = tonumber(ARGV[j + 4]), tonumber(ARGV[j + 5]), tonumber(ARGV[j + 6])
@@ -267,7 +304,7 @@ local function admit()
   expire(c)
   if conc >= 0 and c.n >= conc then
     -- Checked against the tickets themselves before refusing.
-    c.n = redis.call('ZCARD', c.tickets)
+    c.n = count_slots(c.tickets)
     if c.n >= conc then
       keep(c, false)
       return {1, 0, 0, 0, 0, c.at}
@@ -287,24 +324,7 @@ local function admit()
     local seen = {}
     local function spent(per)
       if seen[per] then return seen[per][1], seen[per][2] end
-      local key = spend_key(p, per, ARGV[j + 12], ARGV[j + 13])
-      local own_t, own_n = a[14], a[15]
-      if per == 'm' then own_t, own_n = a[16], a[17] end
-      local all = redis.call('HGETALL', key)
-      local st, sn, mine_t, mine_n = 0, 0, 0, 0
-      for i = 1, #all, 2 do
-        local f, v = all[i], tonumber(all[i + 1]) or 0
-        if string.sub(f, -2) == ':t' then
-          st = st + v
-          if f == inst .. ':t' then mine_t = v end
-        else
-          sn = sn + v
-          if f == inst .. ':n' then mine_n = v end
-        end
-      end
-      -- This instance's own figures count even when Redis lost them.
-      st = st + math.max(0, own_t - mine_t)
-      sn = sn + math.max(0, own_n - mine_n)
+      local st, sn = spent_of(p, per, ARGV[j + 12], ARGV[j + 13], a[14], a[15], a[16], a[17])
       seen[per] = {st, sn}
       return st, sn
     end
@@ -325,15 +345,99 @@ local function admit()
   end
   local deadline = now + lease
   redis.call('ZADD', c.tickets, deadline, inst .. ':' .. ARGV[j + 2] .. ':' .. ARGV[j + 10] .. ':' .. ARGV[j + 11])
-  if c.n == 0 then c.exp = deadline end
+  if c.exp == 0 then c.exp = deadline end
   c.n, c.rt, c.rn = c.n + 1, c.rt + ct, c.rn + cn
   c.r, c.t, c.br, c.bt = c.r + 1, c.t + ct, c.br + 1, c.bt + ct
   keep(c, true)
   return {0, c.r, 60, c.t, 60, c.at}
 end
+-- A lease (`l`): the instance's previous lease of the caller given back
+-- (what it did not use leaves the window; what was admitted from a lease
+-- Redis lost counts now), its carry (requests and tokens the instance
+-- admits from while this item is out) counted anew in the new one, then
+-- a new one taken when every limit has room for `factor` times it;
+-- otherwise only the carry and what is still in flight stay held.
+local function relet()
+  local p = P .. ARGV[j + 1] .. ':'
+  local a = {}
+  for i = 3, 32 do a[i] = tonumber(ARGV[j + i]) end
+  local c = state_of(p)
+  expire(c)
+  if ARGV[j + 2] ~= '-' then
+    local m = inst .. ':lease:' .. ARGV[j + 2]
+    local used_r, used_t = a[5], a[7]
+    if redis.call('ZREM', c.tickets, m) == 1 then
+      local et, en = string.match(m, ':(%-?%d+):(%-?%d+)$')
+      c.n = math.max(0, c.n - slots_of(m))
+      c.rt, c.rn = math.max(0, c.rt - (tonumber(et) or 0)), math.max(0, c.rn - (tonumber(en) or 0))
+      local s, dr, dt = a[3], a[4] - used_r, a[6] - used_t
+      if s == c.at then
+        c.br, c.bt = math.max(0, c.br - dr), math.max(0, c.bt - dt)
+        c.r, c.t = math.max(0, c.r - dr), math.max(0, c.t - dt)
+      elseif s > c.last - 60 and s < c.last then
+        local k = s % 60
+        local v = redis.call('HMGET', c.key, 's' .. k, 'r' .. k, 't' .. k)
+        if tonumber(v[1]) == s then
+          local br, bt = tonumber(v[2]) or 0, tonumber(v[3]) or 0
+          local nr, nt = math.max(0, br - dr), math.max(0, bt - dt)
+          redis.call('HSET', c.key, 'r' .. k, nr, 't' .. k, nt)
+          c.r, c.t = math.max(0, c.r - br + nr), math.max(0, c.t - bt + nt)
+        end
+      end
+      used_r, used_t = 0, 0
+    end
+    c.r, c.t, c.br, c.bt = c.r + used_r, c.t + used_t, c.br + used_r, c.bt + used_t
+  end
+  local kr, kt = a[31], a[32]
+  c.r, c.t, c.br, c.bt = c.r + kr, c.t + kt, c.br + kr, c.bt + kt
+  local dk, dttl = spend_key(p, 'd', ARGV[j + 24], ARGV[j + 25])
+  local mk, mttl = spend_key(p, 'm', ARGV[j + 24], ARGV[j + 25])
+  publish(dk, a[26], a[27], dttl)
+  publish(mk, a[28], a[29], mttl)
+  local ws, wr, wt, wn = a[10], a[11], a[12], a[13]
+  local is, it, inn = a[14], a[15], a[16]
+  local conc, rpm, tpm, bt, bn, f = a[17], a[18], a[19], a[20], a[22], a[30]
+  -- The share of what was asked that every limit has room for, `f` times.
+  local share = 1
+  local function room(left, want)
+    if want > 0 then share = math.min(share, math.max(0, left) / (f * want)) end
+  end
+  if conc >= 0 then room(conc - c.n - is, ws) end
+  if rpm >= 0 then room(rpm - c.r, wr) end
+  if tpm >= 0 then room(tpm - c.t, wt) end
+  if bt >= 0 then
+    local st = spent_of(p, ARGV[j + 21], ARGV[j + 24], ARGV[j + 25], a[26], a[27], a[28], a[29])
+    room(bt - st - c.rt - it, wt)
+  end
+  if bn >= 0 then
+    local _, sn = spent_of(p, ARGV[j + 23], ARGV[j + 24], ARGV[j + 25], a[26], a[27], a[28], a[29])
+    room(bn - sn - c.rn - inn, wn)
+  end
+  ws, wr, wt, wn = math.floor(ws * share), math.floor(wr * share), math.floor(wt * share), math.floor(wn * share)
+  -- Less than an eighth of what was asked: too little room to lease.
+  local ok = ws + wr + wt + wn > 0 and share >= 0.125
+    and (a[10] == 0 or ws > 0) and (a[11] == 0 or wr > 0) and (a[12] == 0 or wt > 0) and (a[13] == 0 or wn > 0)
+  if not ok then ws, wr, wt, wn = 0, 0, 0, 0 end
+  local held = 0
+  if ok or is > 0 or it > 0 or inn > 0 or kr > 0 or kt > 0 then
+    local deadline = now + lease
+    redis.call('ZADD', c.tickets, deadline, inst .. ':lease:' .. ARGV[j + 8] .. ':'
+      .. string.format('%d:%d:%d:%d', is + ws, wr, it + wt, inn + wn))
+    if c.exp == 0 then c.exp = deadline end
+    c.n, c.rt, c.rn = c.n + is + ws, c.rt + it + wt, c.rn + inn + wn
+    c.r, c.t, c.br, c.bt = c.r + wr, c.t + wt, c.br + wr, c.bt + wt
+    c.moved, held = true, 1
+  end
+  keep(c, true)
+  return {held, ws, wr, wt, wn, c.r, c.t, c.at}
+end
 while j <= #ARGV do
   if ARGV[j] == 's' then
     settle()
+  elseif ARGV[j] == 'l' then
+    local r = relet()
+    for i = 1, 8 do out[#out + 1] = r[i] end
+    j = j + 33
   else
     local r = admit()
     for i = 1, 6 do out[#out + 1] = r[i] end
@@ -436,6 +540,8 @@ pub struct SharedTicket {
     /// Whether the caller had a budget per day and per month: the settle
     /// publishes this instance's spend of those periods with it.
     budgets: (bool, bool),
+    /// Admitted from this instance's lease: settled here, not in Redis.
+    lease: Option<LeaseMark>,
 }
 
 /// How an admission under shared state went.
@@ -516,7 +622,13 @@ pub struct SharedState {
     batch: Script,
     beat: Script,
     cooldown: Script,
+    leases: Leases,
+    /// Set by [`SharedState::run`], for [`SharedState::release`].
+    callers: std::sync::OnceLock<Callers>,
 }
+
+/// The current callers, as the heartbeat and the lease keeper see them.
+pub type Callers = Arc<dyn Fn() -> Vec<CallerEntry> + Send + Sync>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -559,6 +671,73 @@ fn push_settle(call: &mut redis::Cmd, u: &Unsettled) {
     for n in u.own {
         call.arg(n);
     }
+}
+
+/// Appends one relet to a batch call: the old lease given back, a new one
+/// asked for (see `relet` in [`BATCH`]).
+fn push_relet(
+    call: &mut redis::Cmd,
+    r: &Relet,
+    p: Periods,
+    own: Option<(super::Spend, super::Spend)>,
+    factor: u64,
+) {
+    call.arg("l").arg(&*r.caller);
+    match &r.old {
+        Some(h) => call
+            .arg(&h.suffix)
+            .arg(h.second)
+            .arg(h.reqs)
+            .arg(r.used_reqs)
+            .arg(h.tokens)
+            .arg(r.used_tokens),
+        None => call.arg("-").arg(0).arg(0).arg(0).arg(0).arg(0),
+    };
+    call.arg(r.seq)
+        .arg("-")
+        .arg(r.want.slots)
+        .arg(r.want.reqs)
+        .arg(r.want.tokens)
+        .arg(r.want.nanos)
+        .arg(r.in_flight.slots)
+        .arg(r.in_flight.tokens)
+        .arg(r.in_flight.nanos);
+    let l = &r.limits;
+    let budget = |b: Option<crate::config::Budget>| {
+        b.map_or((-1, "m"), |b| (b.amount.max(0), per_code(b.per)))
+    };
+    let (bt, bt_per) = budget(l.budget_tokens);
+    let (bn, bn_per) = budget(l.budget_usd);
+    call.arg(l.concurrency.map_or(-1, i64::from))
+        .arg(opt(l.rpm))
+        .arg(opt(l.tpm))
+        .arg(bt)
+        .arg(bt_per)
+        .arg(bn)
+        .arg(bn_per)
+        .arg(p.day)
+        .arg(p.month);
+    // This instance's spend, published before the lease's reservation
+    // goes: what was admitted from it is never counted zero times.
+    let has = |b: Option<crate::config::Budget>, per: Per| b.is_some_and(|b| b.per == per);
+    let per = |per| has(l.budget_tokens, per) || has(l.budget_usd, per);
+    let figures = |s: super::Spend, period: u64, budget: bool| {
+        if budget && s.period == period {
+            [s.tokens as i64, s.nanos]
+        } else {
+            [-1, -1]
+        }
+    };
+    let (day, month) = own.map_or(([-1, -1], [-1, -1]), |(d, m)| {
+        (
+            figures(d, p.day, per(Per::Day)),
+            figures(m, p.month, per(Per::Month)),
+        )
+    });
+    for n in day.into_iter().chain(month) {
+        call.arg(n);
+    }
+    call.arg(factor).arg(r.carry.reqs).arg(r.carry.tokens);
 }
 
 fn push_admit(call: &mut redis::Cmd, a: &Asked) {
@@ -610,6 +789,8 @@ impl SharedState {
             batch: Script::new(BATCH),
             beat: Script::new(BEAT_SCRIPT),
             cooldown: Script::new(COOLDOWN),
+            leases: Leases::default(),
+            callers: std::sync::OnceLock::new(),
         }
     }
 
@@ -637,6 +818,7 @@ impl SharedState {
                 "shared state unavailable; on_outage applies until it answers"
             );
         }
+        self.leases.pause();
         self.wake.notify_one();
     }
 
@@ -663,6 +845,20 @@ impl SharedState {
             return self.admit_in_outage(state, limits, cost, now);
         }
         let p = Periods::of(now);
+        let has = |b: Option<crate::config::Budget>, per: Per| b.is_some_and(|b| b.per == per);
+        let per = |per| has(limits.budget_tokens, per) || has(limits.budget_usd, per);
+        let budgets = (per(Per::Day), per(Per::Month));
+        if let Some((mark, headroom)) = self.leases.take(caller, limits, cost) {
+            let ticket = SharedTicket {
+                seq: 0,
+                second: p.second,
+                reserved: cost,
+                at: p,
+                budgets,
+                lease: Some(mark),
+            };
+            return Ok((Grant::Shared(ticket), headroom));
+        }
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let (day, month) = state.own_spend(now);
         let budget = |b: Option<crate::config::Budget>| {
@@ -709,6 +905,7 @@ impl SharedState {
         match at(0) {
             0 => {
                 lock(&self.open).insert(seq, (caller.clone(), cost));
+                self.leases.admitted(caller);
                 let headroom = Headroom {
                     requests: limits
                         .rpm
@@ -717,15 +914,13 @@ impl SharedState {
                         .tpm
                         .map(|l| (l, l.saturating_sub(at(3)), Duration::from_secs(at(4)))),
                 };
-                let has =
-                    |b: Option<crate::config::Budget>, per: Per| b.is_some_and(|b| b.per == per);
-                let per = |per| has(limits.budget_tokens, per) || has(limits.budget_usd, per);
                 let ticket = SharedTicket {
                     seq,
                     second: at(5),
                     reserved: cost,
                     at: p,
-                    budgets: (per(Per::Day), per(Per::Month)),
+                    budgets,
+                    lease: None,
                 };
                 Ok((Grant::Shared(ticket), headroom))
             }
@@ -781,6 +976,11 @@ impl SharedState {
         actual: Cost,
     ) {
         state.record_spend(ticket.at, actual);
+        self.leases
+            .settle(&caller, ticket.lease, ticket.reserved, actual);
+        if ticket.lease.is_some() {
+            return;
+        }
         lock(&self.open).remove(&ticket.seq);
         let (day, month) = state.own_spend(SystemTime::now());
         // A ticket of an earlier period publishes that period's figures
@@ -884,6 +1084,7 @@ impl SharedState {
                     reserved: a.cost,
                     at: a.at,
                     budgets: (false, false),
+                    lease: None,
                 };
                 let u = Unsettled {
                     caller: a.caller,
@@ -893,6 +1094,95 @@ impl SharedState {
                 };
                 let _ = self.queue.send(Pending::Settle(u));
             }
+        }
+    }
+
+    /// The lease keeper: every [`lease::TICK`], gives back and takes the
+    /// leases due (see [`super::lease`]), [`lease::RELETS_PER_TICK`] at
+    /// most in one script call, so that between two of its calls the
+    /// batcher's admissions have Redis to themselves. Runs for the life of
+    /// the process.
+    async fn keep_leases(self: Arc<Self>, callers: Callers) {
+        let mut tick = tokio::time::interval(lease::TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tick.tick().await;
+            if self.outage.load(Ordering::Relaxed) {
+                continue;
+            }
+            let plan = self
+                .leases
+                .plan(Instant::now(), &self.seq, lease::RELETS_PER_TICK);
+            if !plan.is_empty() {
+                // No request waits on a relet (its carry admits while it
+                // is out), so a relet may take up to a tick before its
+                // leases are dropped: on a loaded host, dropping them at
+                // `timeout` sent every one of their callers to the exact
+                // path at once.
+                let bound = self.cfg.timeout.max(lease::TICK);
+                self.relet(plan, &callers, bound).await;
+            }
+        }
+    }
+
+    /// Sends relets; what Redis does not take is dropped here (and frees
+    /// itself in Redis by its deadline). A failed relet is no outage: its
+    /// callers go back to the exact path, whose batcher decides that.
+    async fn relet(&self, plan: Vec<Relet>, callers: &Callers, bound: Duration) {
+        let Some(mut conn) = self.connection() else {
+            self.leases.lost(&plan, Instant::now());
+            return;
+        };
+        let states: HashMap<Arc<str>, Arc<CallerState>> =
+            callers().into_iter().map(|c| (c.name, c.state)).collect();
+        let now = SystemTime::now();
+        let p = Periods::of(now);
+        let factor = lease::ROOM * u64::from(self.cfg.replicas.max(1));
+        let mut chunks = plan.chunks(lease::RELETS_PER_CALL);
+        while let Some(chunk) = chunks.next() {
+            let mut call = self.batch_call();
+            for r in chunk {
+                let own = states.get(&r.caller).map(|s| s.own_spend(now));
+                push_relet(&mut call, r, p, own, factor);
+            }
+            match self
+                .invoke::<Vec<i64>>(&self.batch, &call, &mut conn, bound)
+                .await
+            {
+                Ok(answer) => {
+                    let at = Instant::now();
+                    for (r, eight) in chunk.iter().zip(answer.chunks_exact(8)) {
+                        self.leases.apply(r, eight, at);
+                    }
+                }
+                Err(e) => {
+                    // Only these leases are dropped (their callers take the
+                    // exact path, which is what detects a real outage): a
+                    // slow relet must not deny every caller.
+                    tracing::warn!(
+                        address = %self.cfg.address, error = %e, relets = plan.len(),
+                        "leases dropped: Redis did not take their relet in time"
+                    );
+                    let at = Instant::now();
+                    self.leases.lost(chunk, at);
+                    for rest in chunks {
+                        self.leases.lost(rest, at);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Gives every lease back, taking none: at shutdown, so that what this
+    /// instance did not use is free at once rather than at its deadline.
+    pub async fn release(&self) {
+        let Some(callers) = self.callers.get() else {
+            return;
+        };
+        let plan = self.leases.release(&self.seq);
+        if !plan.is_empty() {
+            self.relet(plan, callers, self.cfg.timeout).await;
         }
     }
 
@@ -976,11 +1266,13 @@ impl SharedState {
     /// Connects, keeps the heartbeat, and brings the instance back to
     /// shared mode after an outage; runs for the life of the process.
     /// `callers` lists the current callers each beat.
-    pub async fn run(self: Arc<Self>, callers: impl Fn() -> Vec<CallerEntry>) {
+    pub async fn run(self: Arc<Self>, callers: Callers) {
         let Some(client) = self.client.clone() else {
             return;
         };
         tokio::spawn(self.clone().batches());
+        let _ = self.callers.set(callers.clone());
+        tokio::spawn(self.clone().keep_leases(callers.clone()));
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.cfg.timeout.max(Duration::from_millis(500))))
             .set_response_timeout(None);
@@ -1020,7 +1312,7 @@ impl SharedState {
         &self,
         client: &redis::Client,
         config: &AsyncConnectionConfig,
-        callers: &impl Fn() -> Vec<CallerEntry>,
+        callers: &Callers,
     ) -> Result<(), String> {
         let bound = self.cfg.timeout.max(Duration::from_millis(500));
         let mut conn = match self.conn.load_full() {
@@ -1072,31 +1364,63 @@ impl SharedState {
         self.heartbeat(&mut conn, callers, true).await
     }
 
-    /// One round trip: every open ticket's deadline pushed forward, every
-    /// caller's spend republished; with `reconcile`, the in-process windows
-    /// of the outage are added to the shared ones (and emptied here).
+    /// Every open ticket's deadline pushed forward, every caller's spend
+    /// republished; with `reconcile`, the in-process windows of the outage
+    /// are added to the shared ones (and emptied here). In calls of
+    /// [`BEAT_CALLERS`] callers, each sent after the previous one's answer:
+    /// with a thousand callers one call would hold Redis for milliseconds,
+    /// and every admission behind it.
     async fn heartbeat(
         &self,
         conn: &mut MultiplexedConnection,
-        callers: &impl Fn() -> Vec<CallerEntry>,
+        callers: &Callers,
         reconcile: bool,
     ) -> Result<(), String> {
         let now = SystemTime::now();
         let p = Periods::of(now);
-        let mut by_caller: HashMap<Arc<str>, Vec<(u64, Cost)>> = HashMap::new();
+        let mut by_caller: HashMap<Arc<str>, Vec<String>> = HashMap::new();
         for (seq, (c, cost)) in lock(&self.open).iter() {
-            by_caller.entry(c.clone()).or_default().push((*seq, *cost));
+            by_caller
+                .entry(c.clone())
+                .or_default()
+                .push(format!("{seq}:{}:{}", cost.tokens, cost.nanos));
+        }
+        for (c, ticket) in self.leases.tickets() {
+            by_caller.entry(c).or_default().push(ticket);
         }
         let list = callers();
         if list.is_empty() {
             return ping(conn, self.cfg.timeout.max(Duration::from_millis(500))).await;
         }
+        let bound = if reconcile {
+            self.cfg.timeout.max(Duration::from_millis(500))
+        } else {
+            self.cfg.timeout.max(Duration::from_millis(200))
+        };
+        for chunk in list.chunks(BEAT_CALLERS) {
+            let call = self.beat_call(chunk, &mut by_caller, p, now, reconcile);
+            self.invoke::<i64>(&self.beat, &call, conn, bound)
+                .await
+                .map_err(|e| format!("heartbeat: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// One heartbeat call for `list`'s callers.
+    fn beat_call(
+        &self,
+        list: &[CallerEntry],
+        by_caller: &mut HashMap<Arc<str>, Vec<String>>,
+        p: Periods,
+        now: SystemTime,
+        reconcile: bool,
+    ) -> redis::Cmd {
         let mut call = redis::cmd("EVALSHA");
         call.arg(self.beat.get_hash())
             .arg(0)
             .arg(&*self.instance)
             .arg(LEASE.as_millis() as u64);
-        for c in &list {
+        for c in list {
             let (day, month) = c.state.own_spend(now);
             call.arg(&*c.name)
                 .arg(p.day)
@@ -1107,8 +1431,8 @@ impl SharedState {
                 .arg(month.nanos);
             let tickets = by_caller.remove(&c.name).unwrap_or_default();
             call.arg(tickets.len());
-            for (seq, cost) in tickets {
-                call.arg(format!("{seq}:{}:{}", cost.tokens, cost.nanos));
+            for t in tickets {
+                call.arg(t);
             }
             let seconds = if reconcile {
                 c.state.take_window(now)
@@ -1120,15 +1444,7 @@ impl SharedState {
                 call.arg(s).arg(r).arg(t);
             }
         }
-        let bound = if reconcile {
-            self.cfg.timeout.max(Duration::from_millis(500))
-        } else {
-            self.cfg.timeout.max(Duration::from_millis(200))
-        };
-        self.invoke::<i64>(&self.beat, &call, conn, bound)
-            .await
-            .map(|_| ())
-            .map_err(|e| format!("heartbeat: {e}"))
+        call
     }
 
     /// Applies other instances' cooldowns: those running when this one
