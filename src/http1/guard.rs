@@ -22,14 +22,14 @@ use super::head::{head_end, MAX_HEAD};
 
 /// Shared between the watcher and the connection's service.
 #[derive(Debug, Default)]
-pub struct Verdict {
+pub struct FramingVerdict {
     /// Number (1-based) of the first request head with conflicting framing; 0 for none.
     conflicting_head: AtomicU64,
     /// Requests handed to the service so far.
     served: AtomicU64,
 }
 
-impl Verdict {
+impl FramingVerdict {
     /// Called once per request, in order: true when this request is the
     /// one with conflicting framing.
     pub fn next_request_conflicts(&self) -> bool {
@@ -55,12 +55,12 @@ pub struct Watched<IO> {
     state: State,
     buf: Vec<u8>,
     heads: u64,
-    verdict: Arc<Verdict>,
+    verdict: Arc<FramingVerdict>,
 }
 
 impl<IO> Watched<IO> {
-    pub fn new(io: IO) -> (Self, Arc<Verdict>) {
-        let verdict = Arc::new(Verdict::default());
+    pub fn new(io: IO) -> (Self, Arc<FramingVerdict>) {
+        let verdict = Arc::new(FramingVerdict::default());
         let w = Watched {
             io,
             state: State::Head,

@@ -147,7 +147,7 @@ pub struct SseFilter {
     pub foreign: bool,
 }
 
-enum Verdict {
+enum EventAction {
     Keep,
     Drop,
     Replace(Bytes),
@@ -188,12 +188,12 @@ impl SseFilter {
         while let Some(len) = event_len(&data[start..]) {
             let end = start + len;
             match self.inspect(&data[start..end]) {
-                Verdict::Keep => {}
-                Verdict::Drop => {
+                EventAction::Keep => {}
+                EventAction::Drop => {
                     push_slice(&data, emit_from, start, out);
                     emit_from = end;
                 }
-                Verdict::Replace(bytes) => {
+                EventAction::Replace(bytes) => {
                     push_slice(&data, emit_from, start, out);
                     out.push_back(bytes);
                     emit_from = end;
@@ -216,20 +216,20 @@ impl SseFilter {
         if !self.pending.is_empty() {
             let rest = self.pending.split().freeze();
             match self.inspect(&rest) {
-                Verdict::Keep => out.push_back(rest),
-                Verdict::Drop => {}
-                Verdict::Replace(b) => out.push_back(b),
+                EventAction::Keep => out.push_back(rest),
+                EventAction::Drop => {}
+                EventAction::Replace(b) => out.push_back(b),
             }
         }
     }
 
-    fn inspect(&mut self, event: &[u8]) -> Verdict {
+    fn inspect(&mut self, event: &[u8]) -> EventAction {
         let mentions_usage = USAGE_KEY.find(event).is_some() && USAGE_NULL.find(event).is_none();
         if !mentions_usage && self.prefix.is_none() {
-            return Verdict::Keep;
+            return EventAction::Keep;
         }
         let Some(mut json) = event_json(event) else {
-            return Verdict::Keep;
+            return EventAction::Keep;
         };
         if mentions_usage {
             let usage = json
@@ -247,7 +247,7 @@ impl SseFilter {
                     .get("choices")
                     .is_none_or(|c| c.as_array().is_some_and(|a| a.is_empty()));
                 if self.drop_usage_chunk && no_choices {
-                    return Verdict::Drop;
+                    return EventAction::Drop;
                 }
             }
         }
@@ -257,13 +257,13 @@ impl SseFilter {
                 let mut out = Vec::with_capacity(event.len() + 16);
                 out.extend_from_slice(b"data: ");
                 if serde_json::to_writer(&mut out, &json).is_err() {
-                    return Verdict::Keep;
+                    return EventAction::Keep;
                 }
                 out.extend_from_slice(b"\n\n");
-                return Verdict::Replace(Bytes::from(out));
+                return EventAction::Replace(Bytes::from(out));
             }
         }
-        Verdict::Keep
+        EventAction::Keep
     }
 }
 
@@ -588,7 +588,9 @@ pub fn usage_in_whole_json(body: &[u8]) -> Result<Option<Usage>, serde_json::Err
 /// Reads only the end of the body: no pass over all of it.
 fn usage_closing_the_body(t: &[u8]) -> Option<Usage> {
     let (fields, rest) = plain_usage_fields(usage_values_from_end(t).next()?)?;
-    Cursor(rest).plain_members_to_end().then(|| fields.usage())
+    JsonTail(rest)
+        .plain_members_to_end()
+        .then(|| fields.usage())
 }
 
 /// Finds the last `"usage": {...}` key in `tail` (the end of a body, or a
@@ -649,7 +651,7 @@ fn usage_values_from_end(json: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// twice), which the serde reader then decides: on valid JSON both read the
 /// same.
 fn plain_usage_fields(json: &[u8]) -> Option<(UsageFields, &[u8])> {
-    let mut at = Cursor(json);
+    let mut at = JsonTail(json);
     at.token(b'{')?;
     let mut fields = UsageFields::default();
     let mut seen = 0u16;
@@ -699,9 +701,9 @@ fn plain_usage_fields(json: &[u8]) -> Option<(UsageFields, &[u8])> {
 }
 
 /// The unread rest of a JSON text, for [`plain_usage_fields`].
-struct Cursor<'a>(&'a [u8]);
+struct JsonTail<'a>(&'a [u8]);
 
-impl<'a> Cursor<'a> {
+impl<'a> JsonTail<'a> {
     /// Whether the rest is `,"key":value` members with plain values (no
     /// object or array), then `}` and the end of the text.
     fn plain_members_to_end(mut self) -> bool {

@@ -1,18 +1,29 @@
-//! Upstream connections and the upstream request builder.
+//! The client side: how a request reaches an upstream and its answer
+//! comes back.
 //!
-//! Each worker thread keeps its own pool of upstream connections, keyed by
-//! scheme and authority: HTTP/1.1 connections are reused one request at a
-//! time, an HTTP/2 connection (when TLS negotiates it) is shared. Plain-HTTP
-//! upstreams are spoken to by [`h1_client`] on the request's own task;
-//! TLS ones through hyper. A request never hops threads and the pool needs
-//! no lock. An HTTP/1.1
-//! connection goes back to the pool when its response body has been read
-//! to the end; a body dropped early closes it. Pools outlive reloads, so
-//! pooled connections survive them.
-//! Redirects are never followed: a key is sent only to its `base_url`.
+//! An attempt builds its [`request::Outgoing`] (URL, the header policy
+//! for what goes upstream) and calls [`UpstreamClients::send`], here,
+//! which takes a connection from this thread's pool (`pool`) or opens
+//! one: a plain-HTTP upstream is spoken to by [`h1_client`] on the
+//! request's own task, a TLS one through hyper (HTTP/1.1 or HTTP/2 by
+//! ALPN). The answer's headers go through the one response policy
+//! (`response`) whichever backend read them, and its body
+//! ([`UpstreamBody`], `body`) hands an HTTP/1.1 connection back to the
+//! pool once read to the end. A request never hops threads; redirects are
+//! never followed: a key is sent only to its `base_url`.
 
+mod body;
 pub mod h1_client;
+mod pool;
 pub mod request;
+mod response;
+
+use body::Inner;
+pub use body::{BodyError, UpstreamBody};
+pub use pool::sweep_idle_connections;
+use pool::{connect, connector, Connector, PoolKey, Release, Sender, POOL};
+use response::foreign_transfer_coding;
+pub use response::{relayable_response, response_header};
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -45,16 +56,6 @@ use request::Outgoing;
 
 use crate::routing::table::Fnv;
 
-type Connector = HttpsConnector<HttpConnector>;
-
-/// An idle connection unused this long is closed.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// Idle HTTP/1.1 connections kept per upstream and thread.
-const MAX_IDLE: usize = 1024;
-/// How often a busy thread looks for idle connections past IDLE_TIMEOUT
-/// under upstreams it no longer uses.
-const SWEEP_EVERY: Duration = Duration::from_secs(10);
-
 /// Why an upstream request got no response.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -66,15 +67,6 @@ pub enum SendError {
     Wire(#[from] WireError),
     #[error("the upstream URL has no host")]
     NoHost,
-}
-
-/// Why an upstream response body stopped before its end.
-#[derive(Debug, thiserror::Error)]
-pub enum BodyError {
-    #[error(transparent)]
-    Http(#[from] hyper::Error),
-    #[error(transparent)]
-    Wire(#[from] WireError),
 }
 
 /// The upstream connection pools (one per worker thread, see the module
@@ -277,409 +269,6 @@ async fn send_plain(
     }
 }
 
-/// The response body of an upstream request; hands its HTTP/1.1 connection
-/// back to this thread's pool once read to the end.
-pub struct UpstreamBody {
-    inner: Inner,
-    /// Where an HTTP/1.1 connection goes back to; `None` once it has.
-    key: Option<PoolKey>,
-}
-
-enum Inner {
-    Hyper {
-        body: Incoming,
-        sender: Option<http1::SendRequest<Full<Bytes>>>,
-    },
-    Plain(PlainBody),
-}
-
-impl UpstreamBody {
-    fn hyper(body: Incoming, release: Option<Release>) -> UpstreamBody {
-        let (key, sender) = match release {
-            Some(r) => (Some(r.key), Some(r.sender)),
-            None => (None, None),
-        };
-        let mut body = UpstreamBody {
-            inner: Inner::Hyper { body, sender },
-            key,
-        };
-        body.release_if_done();
-        body
-    }
-
-    /// Returns the connection to the pool once the body has ended.
-    fn release_if_done(&mut self) {
-        if self.is_end_stream() {
-            self.release();
-        }
-    }
-
-    /// Returns the connection to the pool: the body has been read to its end.
-    fn release(&mut self) {
-        let Some(key) = self.key.take() else { return };
-        match &mut self.inner {
-            Inner::Hyper { sender, .. } => {
-                if let Some(s) = sender.take() {
-                    POOL.with(|p| p.borrow_mut().put(key, s));
-                }
-            }
-            Inner::Plain(body) => {
-                if let Some(conn) = body.take_reusable() {
-                    POOL.with(|p| p.borrow_mut().put_plain(key, conn));
-                }
-            }
-        }
-    }
-
-    /// A failed connection is never reused.
-    fn forget_connection(&mut self) {
-        self.key = None;
-        if let Inner::Hyper { sender, .. } = &mut self.inner {
-            *sender = None;
-        }
-    }
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let this = self.get_mut();
-        let polled = match &mut this.inner {
-            Inner::Hyper { body, .. } => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
-            Inner::Plain(body) => body
-                .poll_data(cx)
-                .map_ok(Frame::data)
-                .map_err(BodyError::from),
-        };
-        match &polled {
-            Poll::Ready(Some(Err(_))) => this.forget_connection(),
-            Poll::Ready(Some(Ok(_))) => this.release_if_done(),
-            Poll::Ready(None) => this.release(),
-            Poll::Pending => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            Inner::Hyper { body, .. } => body.is_end_stream(),
-            Inner::Plain(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.inner {
-            Inner::Hyper { body, .. } => body.size_hint(),
-            Inner::Plain(body) => match body.exact_len() {
-                Some(n) => SizeHint::with_exact(n),
-                None => SizeHint::default(),
-            },
-        }
-    }
-}
-
-#[derive(Clone)]
-struct PoolKey {
-    https: bool,
-    authority: Authority,
-}
-
-// By the authority's text as written in `base_url`, hashed in one call
-// (`Authority`'s own Hash lowercases and hashes byte by byte). Two
-// spellings of one host only get two pools.
-impl std::hash::Hash for PoolKey {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write(self.authority.as_str().as_bytes());
-        state.write_u8(u8::from(self.https));
-    }
-}
-
-impl PartialEq for PoolKey {
-    fn eq(&self, other: &PoolKey) -> bool {
-        self.https == other.https && self.authority.as_str() == other.authority.as_str()
-    }
-}
-
-impl Eq for PoolKey {}
-
-struct Release {
-    key: PoolKey,
-    sender: http1::SendRequest<Full<Bytes>>,
-}
-
-enum Sender {
-    H1(http1::SendRequest<Full<Bytes>>),
-    H2(http2::SendRequest<Full<Bytes>>),
-}
-
-struct Idle {
-    sender: http1::SendRequest<Full<Bytes>>,
-    since: Instant,
-}
-
-struct IdlePlain {
-    conn: h1_client::Conn,
-    since: Instant,
-}
-
-#[derive(Default)]
-struct Upstream {
-    /// Oldest at the front; the newest (warmest) is used first.
-    h1: VecDeque<Idle>,
-    /// Plain-HTTP connections, oldest at the front.
-    plain: VecDeque<IdlePlain>,
-    h2: Option<http2::SendRequest<Full<Bytes>>>,
-    /// The `Host` header for HTTP/1.1 requests, made once.
-    host: Option<HeaderValue>,
-}
-
-impl Upstream {
-    fn take(&mut self, now: Instant) -> Option<Sender> {
-        self.drop_stale(now);
-        if let Some(h2) = &self.h2 {
-            return Some(Sender::H2(h2.clone()));
-        }
-        while let Some(idle) = self.h1.pop_back() {
-            if !idle.sender.is_closed() {
-                return Some(Sender::H1(idle.sender));
-            }
-        }
-        None
-    }
-
-    fn drop_stale(&mut self, now: Instant) {
-        while self
-            .h1
-            .front()
-            .is_some_and(|i| i.sender.is_closed() || now.duration_since(i.since) > IDLE_TIMEOUT)
-        {
-            self.h1.pop_front();
-        }
-        while self
-            .plain
-            .front()
-            .is_some_and(|i| now.duration_since(i.since) > IDLE_TIMEOUT)
-        {
-            self.plain.pop_front();
-        }
-        if self.h2.as_ref().is_some_and(|s| s.is_closed()) {
-            self.h2 = None;
-        }
-    }
-}
-
-struct Pool {
-    upstreams: HashMap<PoolKey, Upstream, BuildHasherDefault<Fnv>>,
-    /// By connect timeout and extra roots (their address; 0 for none).
-    connectors: HashMap<(Duration, usize), Connector>,
-    last_sweep: Instant,
-}
-
-thread_local! {
-    static POOL: RefCell<Pool> = RefCell::new(Pool {
-        upstreams: HashMap::default(),
-        connectors: HashMap::new(),
-        last_sweep: Instant::now(),
-    });
-}
-
-impl Pool {
-    /// An idle connection to `key`'s upstream, if any, and its `Host`.
-    fn take(&mut self, key: &PoolKey, now: Instant) -> (Option<Sender>, Option<HeaderValue>) {
-        self.sweep(now);
-        let up = match self.upstreams.get_mut(key) {
-            Some(up) => up,
-            None => self.upstreams.entry(key.clone()).or_default(),
-        };
-        if up.host.is_none() {
-            up.host = host_header(&key.authority, key.https);
-        }
-        (up.take(now), up.host.clone())
-    }
-
-    /// An idle plain-HTTP connection that still looks open, and `Host`.
-    fn take_plain(
-        &mut self,
-        key: &PoolKey,
-        now: Instant,
-    ) -> (Option<h1_client::Conn>, Option<HeaderValue>) {
-        self.sweep(now);
-        let up = match self.upstreams.get_mut(key) {
-            Some(up) => up,
-            None => self.upstreams.entry(key.clone()).or_default(),
-        };
-        if up.host.is_none() {
-            up.host = host_header(&key.authority, key.https);
-        }
-        up.drop_stale(now);
-        while let Some(mut idle) = up.plain.pop_back() {
-            if idle.conn.is_reusable() {
-                return (Some(idle.conn), up.host.clone());
-            }
-        }
-        (None, up.host.clone())
-    }
-
-    fn put_plain(&mut self, key: PoolKey, conn: h1_client::Conn) {
-        let now = Instant::now();
-        let up = self.upstreams.entry(key).or_default();
-        up.plain.push_back(IdlePlain { conn, since: now });
-        if up.plain.len() > MAX_IDLE {
-            up.plain.pop_front();
-        }
-    }
-
-    fn put(&mut self, key: PoolKey, sender: http1::SendRequest<Full<Bytes>>) {
-        if sender.is_closed() {
-            return;
-        }
-        let now = Instant::now();
-        let up = self.upstreams.entry(key).or_default();
-        up.h1.push_back(Idle { sender, since: now });
-        if up.h1.len() > MAX_IDLE {
-            up.h1.pop_front();
-        }
-    }
-
-    /// Closes idle connections past their time under every upstream.
-    fn sweep(&mut self, now: Instant) {
-        if now.duration_since(self.last_sweep) < SWEEP_EVERY {
-            return;
-        }
-        self.last_sweep = now;
-        for up in self.upstreams.values_mut() {
-            up.drop_stale(now);
-        }
-        self.upstreams
-            .retain(|_, up| !up.h1.is_empty() || !up.plain.is_empty() || up.h2.is_some());
-    }
-}
-
-/// Closes this thread's idle connections that are past their time or that
-/// the upstream has closed. Run by each worker's heartbeat, so a thread
-/// that has gone quiet does not keep closed sockets open (hyper's
-/// connection tasks close theirs on their own; plain connections have no
-/// task).
-pub fn sweep_idle_connections() {
-    POOL.with(|p| {
-        let Ok(mut pool) = p.try_borrow_mut() else {
-            return;
-        };
-        let now = Instant::now();
-        for up in pool.upstreams.values_mut() {
-            up.drop_stale(now);
-            up.plain.retain_mut(|idle| idle.conn.is_reusable());
-        }
-        pool.upstreams
-            .retain(|_, up| !up.h1.is_empty() || !up.plain.is_empty() || up.h2.is_some());
-        pool.last_sweep = now;
-    });
-}
-
-/// Makes this thread use `connector` for `connect_timeout` (tests: a
-/// connector that trusts a test certificate).
-#[cfg(test)]
-fn install_connector(connect_timeout: Duration, connector: Connector) {
-    POOL.with(|p| {
-        p.borrow_mut()
-            .connectors
-            .insert((connect_timeout, 0), connector)
-    });
-}
-
-/// This thread's connector for this connect timeout (a cheap handle clone).
-fn connector(
-    connect_timeout: Duration,
-    extra_roots: Option<&Arc<[CertificateDer<'static>]>>,
-) -> Connector {
-    let roots_id = extra_roots.map_or(0, |r| Arc::as_ptr(r).cast::<u8>() as usize);
-    POOL.with(|p| {
-        p.borrow_mut()
-            .connectors
-            .entry((connect_timeout, roots_id))
-            .or_insert_with(|| build_connector(connect_timeout, extra_roots))
-            .clone()
-    })
-}
-
-fn build_connector(
-    connect_timeout: Duration,
-    extra_roots: Option<&Arc<[CertificateDer<'static>]>>,
-) -> Connector {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(connect_timeout));
-    http.set_keepalive(Some(Duration::from_secs(60)));
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = hyper_rustls::HttpsConnectorBuilder::new();
-    let builder = match extra_roots {
-        None => builder
-            .with_provider_and_webpki_roots(provider)
-            .expect("the ring provider supports the default TLS versions"),
-        Some(roots) => {
-            let mut store = rustls::RootCertStore::empty();
-            for root in roots.iter() {
-                let _ = store.add(root.clone());
-            }
-            let config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .expect("the ring provider supports the default TLS versions")
-                .with_root_certificates(store)
-                .with_no_client_auth();
-            builder.with_tls_config(config)
-        }
-    };
-    builder
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http)
-}
-
-/// Opens a connection (TLS where the URL says https; HTTP/2 where TLS
-/// negotiates it) and starts driving it on this thread's runtime.
-async fn connect(mut connector: Connector, uri: &Uri, key: &PoolKey) -> Result<Sender, SendError> {
-    let io = connector
-        .call(uri.clone())
-        .await
-        .map_err(SendError::Connect)?;
-    if io.connected().is_negotiated_h2() {
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .max_header_list_size(64 * 1024)
-            .handshake(io)
-            .await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            }
-        });
-        POOL.with(|p| {
-            p.borrow_mut().upstreams.entry(key.clone()).or_default().h2 = Some(sender.clone())
-        });
-        Ok(Sender::H2(sender))
-    } else {
-        // The response head limit of the plain client: 64 KiB, 100 lines.
-        let (sender, conn) = http1::Builder::new()
-            .max_header_size(64 * 1024)
-            .max_headers(100)
-            .handshake(io)
-            .await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            }
-        });
-        Ok(Sender::H1(sender))
-    }
-}
-
 /// `Host` for HTTP/1.1: the host, and the port when not the scheme's default.
 fn host_header(authority: &Authority, https: bool) -> Option<HeaderValue> {
     let host = authority.host();
@@ -704,111 +293,6 @@ fn origin_form(uri: &mut Uri) {
     *uri = path;
 }
 
-/// The one policy for an upstream's response headers, whichever backend
-/// read them (plain HTTP keeps most as [`RelayedHeaders`] lines, TLS puts
-/// all in the map; both are filtered here alike). Dropped: hop-by-hop
-/// headers (`Connection` and every name it lists, `Keep-Alive`,
-/// `Proxy-Connection`, `Proxy-Authenticate`, `TE`, `Trailer`,
-/// `Transfer-Encoding`, `Upgrade`), and `Content-Length` when gptbalance
-/// may change the body or the status has no body (1xx, 204, 304). A kept
-/// length is written once, however often the upstream repeated it (the
-/// framing already refused lengths that disagree).
-pub fn relayable_response(parts: &mut http::response::Parts, keep_length: bool) {
-    let status = parts.status;
-    let keep_length = keep_length
-        && !status.is_informational()
-        && status != http::StatusCode::NO_CONTENT
-        && status != http::StatusCode::NOT_MODIFIED;
-    let headers = &mut parts.headers;
-    // Usually none: the names the upstream's `Connection` header lists
-    // beyond `keep-alive` and `close` (which many send on every response).
-    let named: Vec<Vec<u8>> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| framing::elements(v.as_bytes()))
-        .filter(|t| !hop_by_hop_response(t) && !t.eq_ignore_ascii_case(b"close"))
-        .map(<[u8]>::to_vec)
-        .collect();
-    let dropped = |name: &[u8]| {
-        hop_by_hop_response(name) || named.iter().any(|n| n.eq_ignore_ascii_case(name))
-    };
-    let length = headers.get_all(header::CONTENT_LENGTH).iter().count();
-    if length > 0 {
-        if !keep_length {
-            headers.remove(header::CONTENT_LENGTH);
-        } else if length > 1 || headers[header::CONTENT_LENGTH].as_bytes().contains(&b',') {
-            let first = headers[header::CONTENT_LENGTH].as_bytes();
-            let n = first.split(|&b| b == b',').next().map(<[u8]>::trim_ascii);
-            match n.and_then(|n| HeaderValue::from_bytes(n).ok()) {
-                Some(one) => {
-                    headers.insert(header::CONTENT_LENGTH, one);
-                }
-                None => {
-                    headers.remove(header::CONTENT_LENGTH);
-                }
-            }
-        }
-    }
-    if headers.keys().any(|n| dropped(n.as_str().as_bytes())) {
-        let drop: Vec<HeaderName> = headers
-            .keys()
-            .filter(|n| dropped(n.as_str().as_bytes()))
-            .cloned()
-            .collect();
-        for name in drop {
-            headers.remove(name);
-        }
-    }
-    if let Some(relayed) = parts.extensions.get_mut::<RelayedHeaders>() {
-        relayed.retain(|name| !dropped(name));
-    }
-}
-
-/// Response headers that are never relayed, in any letter case.
-fn hop_by_hop_response(name: &[u8]) -> bool {
-    const HOP_BY_HOP: [&[u8]; 8] = [
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"transfer-encoding",
-        b"te",
-        b"trailer",
-        b"upgrade",
-    ];
-    HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
-}
-
-/// The values of an upstream response header, whichever backend read it:
-/// from the header map, then from the lines plain HTTP only relays. For
-/// the router's own reading (`retry-after`, quota headers).
-pub fn response_header<'a>(
-    parts: &'a http::response::Parts,
-    name: &'a str,
-) -> impl Iterator<Item = &'a [u8]> + 'a {
-    let relayed = parts.extensions.get::<RelayedHeaders>();
-    parts
-        .headers
-        .get_all(name)
-        .into_iter()
-        .map(HeaderValue::as_bytes)
-        .chain(relayed.into_iter().flat_map(move |r| {
-            r.iter()
-                .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-                .map(|(_, v)| v)
-        }))
-}
-
-/// A transfer coding gptbalance cannot relay honestly: any but `chunked`
-/// (a `gzip` coding stripped with the header would leave an encoded body
-/// that says nothing of it). Refused as an invalid answer.
-pub(crate) fn foreign_transfer_coding(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .any(|v| framing::foreign_coding(v.as_bytes()))
-}
-
 /// The error and its causes on one line; hyper's errors carry no URL or header.
 pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
@@ -826,6 +310,7 @@ pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::pool::install_connector;
     use super::*;
     use http_body_util::BodyExt;
     use rustls::pki_types::pem::PemObject;

@@ -165,7 +165,7 @@ impl RowBuf {
 
     /// The row at `offset`, as [`RowBuf::iter`] gave it.
     pub fn row_at(&self, offset: usize) -> Option<Row<'_>> {
-        Cursor {
+        PackedReader {
             bytes: &self.bytes,
             at: offset,
         }
@@ -224,7 +224,7 @@ impl<'a> Iterator for Rows<'a> {
         if self.left == 0 {
             return None;
         }
-        let mut c = Cursor {
+        let mut c = PackedReader {
             bytes: self.bytes,
             at: self.at,
         };
@@ -244,12 +244,12 @@ impl<'a> Iterator for Rows<'a> {
     }
 }
 
-struct Cursor<'a> {
+struct PackedReader<'a> {
     bytes: &'a [u8],
     at: usize,
 }
 
-impl<'a> Cursor<'a> {
+impl<'a> PackedReader<'a> {
     fn take<const N: usize>(&mut self) -> Option<&'a [u8; N]> {
         let end = self.at.checked_add(N)?;
         let b = self.bytes.get(self.at..end)?.try_into().ok()?;
