@@ -26,7 +26,6 @@
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -34,9 +33,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{Buf, Bytes, BytesMut};
 use http::{header, HeaderMap, Method, Request, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::conn::{reset_on_close, HandedOff};
 use super::Drain;
 use crate::http1::framing::{self, push_decimal, Connection};
 use crate::http1::head::{RelayedHeaders, MAX_HEAD, MAX_HEADERS};
@@ -59,7 +59,7 @@ pub enum Exit {
     Closed,
     /// A request the fast path does not serve: hyper takes the connection,
     /// starting with these bytes.
-    HandOff(Prefixed),
+    HandOff(HandedOff<TcpStream>),
 }
 
 /// Serves requests on `io` until the connection ends, the server drains
@@ -100,13 +100,7 @@ pub async fn serve(
         {
             HeadRead::Head(h) => h,
             HeadRead::Closed => return Exit::Closed,
-            HeadRead::HandOff => {
-                return Exit::HandOff(Prefixed {
-                    prefix: conn.buf.freeze(),
-                    io: conn.io,
-                    aborted: Arc::default(),
-                })
-            }
+            HeadRead::HandOff => return Exit::HandOff(HandedOff::new(conn.buf.freeze(), conn.io)),
         };
         first = false;
         let (limit, keepalive) = {
@@ -495,14 +489,6 @@ impl Conn {
     }
 }
 
-/// Makes closing `io` reset the connection (`SO_LINGER` 0: an RST, not a
-/// FIN): the way an aborted response is told from a complete one by a
-/// caller that reads a body to the close (HTTP/1.0, or any caller that
-/// does not check the framing). Bytes not yet sent are dropped.
-pub(crate) fn reset_on_close(io: &TcpStream) {
-    let _ = socket2::SockRef::from(io).set_linger(Some(Duration::ZERO));
-}
-
 enum Step {
     Flush,
     Gone,
@@ -643,87 +629,6 @@ impl Body for FastBody {
             FastBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             FastBody::Stalled | FastBody::TooLarge => SizeHint::default(),
         }
-    }
-}
-
-/// A connection handed to hyper: the bytes the fast path read but did not
-/// use come first.
-pub struct Prefixed {
-    prefix: Bytes,
-    io: TcpStream,
-    /// Set when a response was aborted: closing resets the connection.
-    aborted: Arc<AtomicBool>,
-}
-
-impl Prefixed {
-    /// A connection nothing has been read from yet.
-    pub fn new(io: TcpStream) -> Prefixed {
-        Prefixed {
-            prefix: Bytes::new(),
-            io,
-            aborted: Arc::default(),
-        }
-    }
-
-    /// The flag that, once set, makes dropping this connection reset it
-    /// (see [`reset_on_close`]); hyper owns the connection until then.
-    pub fn abort_flag(&self) -> Arc<AtomicBool> {
-        self.aborted.clone()
-    }
-}
-
-impl Drop for Prefixed {
-    fn drop(&mut self) {
-        if self.aborted.load(Ordering::Relaxed) {
-            reset_on_close(&self.io);
-        }
-    }
-}
-
-impl AsyncRead for Prefixed {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.prefix.is_empty() {
-            let n = this.prefix.len().min(buf.remaining());
-            buf.put_slice(&this.prefix[..n]);
-            this.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Prefixed {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 

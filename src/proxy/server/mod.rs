@@ -5,7 +5,8 @@
 //! `max_connections`, and spawns one task per connection holding a
 //! [`Drain`]. A plain connection starts on the server's own HTTP/1.1 loop
 //! (`h1_loop`), which serves the usual request and hands the connection,
-//! with the bytes it read, to hyper (`handoff`) when a request needs it;
+//! with the bytes it read, to hyper (`handoff`, over `conn::HandedOff`,
+//! which resets an aborted connection on close) when a request needs it;
 //! with `server.tls`, a connection's TLS handshake (bounded by
 //! `header_read_timeout`, `tls`) comes first and hyper serves it all.
 //! hyper's connections close when idle past `keepalive_timeout` (`idle`).
@@ -21,6 +22,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 
 // The HTTP/1 codec and the server loop against hyper and httparse.
+mod conn;
 #[cfg(test)]
 mod differential;
 mod drain;
@@ -29,6 +31,8 @@ mod handoff;
 mod idle;
 pub mod tls;
 
+use bytes::Bytes;
+use conn::HandedOff;
 pub use drain::{Drain, DrainSignal};
 use handoff::serve_with_hyper;
 
@@ -149,7 +153,7 @@ async fn serve_tls(
     let handshake = tokio::time::timeout(limit, tls.accept(stream));
     let io = tokio::select! {
         done = handshake => match done {
-            Ok(Ok(io)) => tls::TlsConn::new(io),
+            Ok(Ok(io)) => HandedOff::new(Bytes::new(), io),
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
                 return;

@@ -14,17 +14,10 @@
 //! keeps a removed `server.tls` until a restart). This module reads no
 //! file: `config::tls` did, at load.
 
-use std::io;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
-use std::task::{Context, Poll};
 
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
 
 use crate::state::AppState;
 
@@ -62,74 +55,5 @@ impl ResolvesServerCert for CurrentIdentity {
         let state = self.0.upgrade()?;
         let table = state.table.load();
         table.config.server.tls.as_ref().map(|t| t.identity.clone())
-    }
-}
-
-/// A TLS connection as hyper serves it: when a response body failed, the
-/// connection is reset on close, as on plain connections (`h1_loop`).
-pub struct TlsConn {
-    io: TlsStream<TcpStream>,
-    aborted: Arc<AtomicBool>,
-}
-
-impl TlsConn {
-    pub fn new(io: TlsStream<TcpStream>) -> TlsConn {
-        TlsConn {
-            io,
-            aborted: Arc::default(),
-        }
-    }
-
-    /// The flag that, once set, makes dropping this connection reset it.
-    pub fn abort_flag(&self) -> Arc<AtomicBool> {
-        self.aborted.clone()
-    }
-}
-
-impl Drop for TlsConn {
-    fn drop(&mut self) {
-        if self.aborted.load(Ordering::Relaxed) {
-            super::h1_loop::reset_on_close(self.io.get_ref().0);
-        }
-    }
-}
-
-impl AsyncRead for TlsConn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsConn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
