@@ -4,7 +4,18 @@
 //! dropped early closes it.
 
 use super::pool::{PoolKey, Release, POOL};
-use super::*;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+
+use h1_client::{PlainBody, WireError};
+
+use super::h1_client;
 
 /// Why an upstream response body stopped before its end.
 #[derive(Debug, thiserror::Error)]

@@ -25,36 +25,20 @@ use pool::{connect, connector, Connector, PoolKey, Release, Sender, POOL};
 use response::foreign_transfer_coding;
 pub use response::{relayable_response, response_header};
 
-use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::hash::{BuildHasherDefault, Hasher};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::Either;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri};
-use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::{Connection, HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::CertificateDer;
-use tower_service::Service;
 
-use crate::http1::framing;
-use crate::http1::head::RelayedHeaders;
-use h1_client::{PlainBody, WireError, Written, FOREIGN_CODING};
+use h1_client::{WireError, Written, FOREIGN_CODING};
 use request::Outgoing;
-
-use crate::routing::table::Fnv;
 
 /// Why an upstream request got no response.
 #[derive(Debug, thiserror::Error)]
@@ -312,7 +296,11 @@ pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
 mod tests {
     use super::pool::install_connector;
     use super::*;
+    use http::{HeaderMap, HeaderName};
     use http_body_util::BodyExt;
+    use hyper::body::Incoming;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::rt::TokioExecutor;
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     use std::sync::atomic::{AtomicUsize, Ordering};

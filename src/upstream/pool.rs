@@ -4,7 +4,26 @@
 //! an HTTP/2 connection (when TLS negotiates it) is shared; idle ones are
 //! swept by the worker's heartbeat. Pools outlive reloads.
 
-use super::*;
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::HeaderValue;
+use http::uri::Authority;
+use http::Uri;
+use http_body_util::Full;
+use hyper::client::conn::{http1, http2};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::{Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::pki_types::CertificateDer;
+use tower_service::Service;
+
+use super::{h1_client, host_header, SendError};
+use crate::routing::table::Fnv;
 
 pub(super) type Connector = HttpsConnector<HttpConnector>;
 

@@ -2,7 +2,10 @@
 //! read them: what is dropped (hop-by-hop headers), what is kept once, and
 //! how the router reads a header either backend may hold.
 
-use super::*;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::http1::framing;
+use crate::http1::head::RelayedHeaders;
 
 /// The one policy for an upstream's response headers, whichever backend
 /// read them (plain HTTP keeps most as [`RelayedHeaders`] lines, TLS puts
