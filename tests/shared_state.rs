@@ -708,6 +708,117 @@ async fn a_slow_redis_never_stalls_requests() {
     assert!(eventually(Duration::from_secs(6), || shared.mode().ok).await);
 }
 
+/// A TCP relay to Redis that can hold back everything Redis answers, on
+/// every connection, until told to let it through: one late answer.
+struct Relay {
+    port: u16,
+    hold: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    async fn start(redis_port: u16) -> Relay {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let held = hold.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await
+                else {
+                    continue;
+                };
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut from_client, &mut to_server).await;
+                });
+                let held = held.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match from_server.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        while held.load(std::sync::atomic::Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                        }
+                        if to_client.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Relay { port, hold }
+    }
+
+    fn hold(&self, on: bool) {
+        self.hold.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// One answer later than `timeout` (Redis itself fine, its answer held
+/// back on the way) under `on_outage: deny`: the request waiting on it is
+/// answered 503 `shared_state_unavailable` at `timeout`, but the instance
+/// stays in shared mode (its ping is answered) and the next request is
+/// admitted. Answers that stop coming for good still make an outage,
+/// after the ping, and the instance comes back when they flow again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_late_answer_fails_its_request_not_the_instance() {
+    let redis = Redis::start();
+    let relay = Relay::start(redis.port).await;
+    let up = MockUpstream::start("up").await;
+    // A small limit: every request takes the exact path (no lease).
+    let yaml = config(&up, &redis, "late", "deny", "{ rpm: 20 }")
+        .replace(&redis.url(), &format!("redis://127.0.0.1:{}/0", relay.port))
+        .replace("timeout: 1s", "timeout: 300ms");
+    let gw = start_shared(&yaml).await;
+    let url = gw.url("/v1/chat/completions");
+    let st = gw.url("/admin/status");
+    assert_eq!(call(&url, body()).await.status, 200);
+    let since = status(&st).await["shared_state"]["since"].clone();
+    relay.hold(true);
+    let r = call(&url, body()).await;
+    relay.hold(false);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "shared_state_unavailable");
+    let s = status(&st).await;
+    assert_eq!(s["shared_state"]["mode"], "ok", "{s}");
+    // Past the supervisor's ping and a heartbeat: still the same mode,
+    // never switched.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let s = status(&st).await;
+    assert_eq!(s["shared_state"]["mode"], "ok", "{s}");
+    assert_eq!(s["shared_state"]["since"], since, "{s}");
+    let r = call(&url, body()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // No answers at all: an outage once the ping goes unanswered, with
+    // no request waiting much past the timeout meanwhile.
+    relay.hold(true);
+    let shared = gw.state.shared.clone().unwrap();
+    let mut worst = Duration::ZERO;
+    for _ in 0..6 {
+        let t = Instant::now();
+        let r = call(&url, body()).await;
+        worst = worst.max(t.elapsed());
+        assert_eq!(r.status, 503, "{}", r.text());
+    }
+    assert!(
+        eventually(Duration::from_secs(3), || !shared.mode().ok).await,
+        "no outage while Redis's answers were held"
+    );
+    relay.hold(false);
+    assert!(
+        eventually(Duration::from_secs(6), || shared.mode().ok).await,
+        "not back in shared mode"
+    );
+    assert_eq!(call(&url, body()).await.status, 200);
+    println!("longest request while answers were held: {worst:?} (timeout 300 ms)");
+    assert!(worst < Duration::from_secs(2), "{worst:?}");
+}
+
 /// `validate-config` checks the URL's form with line:col; `check-keys`
 /// pings Redis and never prints the password.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1031,6 +1142,50 @@ fn load(
         .collect()
 }
 
+/// A new caller's second request takes a lease and is admitted from it
+/// (the first goes the exact path); once the caller went quiet and its
+/// lease was given back, its very next request takes a lease again. Each
+/// lease is held in Redis as soon as the request that asked for it is
+/// answered, and Redis counts exactly the requests admitted in the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_busy_caller_leases_with_its_own_admission() {
+    let redis = Redis::start();
+    let up = MockUpstream::start("up").await;
+    let limits = "{ rpm: 1000000, concurrency: 1000 }";
+    let gw = start_shared(&config(&up, &redis, "soon", "deny", limits)).await;
+    let url = gw.url("/v1/chat/completions");
+    assert_eq!(call(&url, body()).await.status, 200);
+    assert!(redis.leases("app").is_empty(), "{:?}", redis.leases("app"));
+    assert_eq!(redis.window("app", 'r'), 1);
+    assert_eq!(call(&url, body()).await.status, 200);
+    let held = redis.leases("app");
+    assert!(
+        held.iter().any(|m| m.starts_with("soon:lease:")),
+        "the second request took no lease: {held:?}"
+    );
+    // Quiet: the lease is given back (what it did not admit leaves the
+    // window), then the caller comes back with a single request.
+    assert!(
+        eventually(Duration::from_secs(10), || redis.leases("app").is_empty()).await,
+        "the quiet caller's lease was not given back: {:?}",
+        redis.leases("app")
+    );
+    assert_eq!(redis.window("app", 'r'), 2);
+    assert_eq!(call(&url, body()).await.status, 200);
+    let held = redis.leases("app");
+    assert!(
+        held.iter().any(|m| m.starts_with("soon:lease:")),
+        "the returning caller's first request took no lease: {held:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || redis.leases("app").is_empty()).await,
+        "{:?}",
+        redis.leases("app")
+    );
+    assert_eq!(redis.window("app", 'r'), 3);
+    assert_eq!(up.count(), 3);
+}
+
 /// A limit with plenty of room: three busy instances take leases of it and
 /// admit from them, never more than the limit together; once the load
 /// stops the leases are given back and Redis counts exactly what was
@@ -1167,7 +1322,8 @@ async fn a_killed_instance_gives_its_lease_back_by_its_deadline() {
             Instant::now() < deadline,
             "the dead instance's lease never freed itself"
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Over a second apart: too few for `other` to lease itself.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
     }
     println!(
         "lease of a killed instance freed after {:?}",

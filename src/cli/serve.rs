@@ -8,7 +8,7 @@ use tokio::net::{TcpListener, TcpSocket};
 
 use super::ConfigArg;
 use crate::config::validate::parse_listen;
-use crate::limits::shared::{CallerEntry, SharedState};
+use crate::limits::shared::{budget_periods, CallerEntry, SharedState};
 use crate::metrics::Metrics;
 use crate::ops::{discovery, logging, reload, systemd};
 use crate::proxy::server;
@@ -229,6 +229,7 @@ pub fn share_state(state: &Arc<AppState>) {
             .map(|c| CallerEntry {
                 name: c.name.clone(),
                 state: c.state.clone(),
+                budgets: budget_periods(&c.cfg.limits),
             })
             .collect()
     })));

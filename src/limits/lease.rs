@@ -2,9 +2,12 @@
 //! an instance admits most requests with no Redis work at all.
 //!
 //! When a caller is busy on this instance (at least [`MIN_USE`] admissions
-//! in the last second) and every one of its limits has plenty of room, the
-//! lease keeper ([`super::shared::SharedState`]'s `keep_leases`) takes a
-//! **lease** in one script item: this instance's demand of the last second
+//! in the last second, or that busy within [`REMEMBER`]) and every one of
+//! its limits has plenty of room, it takes a **lease** in one script item
+//! — asked for by the admission that finds it busy without one
+//! ([`Leases::ask`], which waits for it and is admitted from it), then
+//! relet by the lease keeper ([`super::shared::SharedState`]'s
+//! `keep_leases`): this instance's demand of the last second
 //! for the lease's life and one second more (requests for `rpm`, tokens
 //! for `tpm` and token budgets, nano-dollars for USD budgets; slots for
 //! `concurrency`: twice the most in flight, and two). Redis counts it at
@@ -71,8 +74,17 @@ pub const THIN_LIFE: Duration = Duration::from_secs(2);
 /// Admissions a second below which a caller is thin.
 pub const THIN: u64 = 64;
 /// Admissions of a caller in the last second on this instance before it
-/// leases: below that, the exact path costs Redis little.
-pub const MIN_USE: u64 = 8;
+/// leases: below that, the exact path costs Redis little. The admission
+/// that reaches it asks for the lease ([`Leases::ask`]) and is admitted
+/// from it, and a caller seen that busy in the last [`REMEMBER`] asks
+/// with its first admission, for its remembered demand: a new caller
+/// takes the exact path once, a returning one not at all.
+pub const MIN_USE: u64 = 2;
+/// How long a caller's demand is remembered after it went quiet.
+pub const REMEMBER: Duration = Duration::from_secs(60);
+/// A held lease not relet for this long has its deadline pushed forward
+/// by the heartbeat (a relet gives it a new one).
+pub const STALE: Duration = Duration::from_secs(3);
 /// A lease is granted only when every limit has room for this many times
 /// it per instance (`replicas`).
 pub const ROOM: u64 = 4;
@@ -219,6 +231,11 @@ struct Lease {
     pending: bool,
     /// A request found the lease short since the last relet.
     starved: bool,
+    /// The busiest second's demand seen while it leased, and when it was
+    /// last asked for anything: a returning caller's first lease is sized
+    /// by it.
+    rate: Demand,
+    seen: Option<Instant>,
 }
 
 impl Lease {
@@ -235,6 +252,111 @@ impl Lease {
         self.busy += 1;
         let d = &mut self.demand[self.tick];
         d.peak = d.peak.max(self.busy);
+    }
+
+    /// What to ask for a caller with demand `d` (its recent peak when
+    /// larger, fading: a caller back from a pause asks at once for what it
+    /// used), and the lease's mean life: its life and one second more of
+    /// it.
+    fn want(&self, d: Demand) -> (Amounts, Duration) {
+        let r = self.rate;
+        let d = Demand {
+            reqs: d.reqs.max(r.reqs),
+            tokens: d.tokens.max(r.tokens),
+            nanos: d.nanos.max(r.nanos),
+            peak: d.peak.max(r.peak),
+        };
+        let lim = &self.limits;
+        let mean = mean_life(d.reqs);
+        let times = 1 + mean.as_secs();
+        let want = Amounts {
+            reqs: if lim.rpm.is_some() { times * d.reqs } else { 0 },
+            slots: if lim.concurrency.is_some() {
+                2 * d.peak + 2
+            } else {
+                0
+            },
+            tokens: if lim.tpm.is_some() || lim.budget_tokens.is_some() {
+                d.tokens.saturating_mul(times).max(1)
+            } else {
+                0
+            },
+            nanos: if lim.budget_usd.is_some() {
+                d.nanos.saturating_mul(times as i64)
+            } else {
+                0
+            },
+        };
+        (want, mean)
+    }
+
+    /// Starts a relet of this lease for `caller`: asks for `want` and
+    /// stops the old lease (see [`Leases::plan`]).
+    fn relet(
+        &mut self,
+        caller: Arc<str>,
+        want: Amounts,
+        d: Demand,
+        mean: Duration,
+        seq: &AtomicU64,
+    ) -> Relet {
+        let l = self;
+        // The carry: a tick of demand kept from what the lease (and
+        // its carry) has left, for the requests that come while the
+        // relet is out. Redis gives it back with the old lease and
+        // counts it anew in the new one in the same step (its slots
+        // and budget amounts held as in flight), so what it admits is
+        // never counted zero times, and what it does not goes back
+        // with the new lease.
+        let keep = if l.granted && want != Amounts::default() {
+            let tick = |n: u64| n.div_ceil(TICKS as u64);
+            let (a, c) = (l.left, l.carry);
+            Amounts {
+                reqs: (a.reqs + c.reqs).min(tick(d.reqs)),
+                slots: a.slots.min(tick(d.reqs.max(d.peak)) + 1),
+                tokens: a.tokens.saturating_add(c.tokens).min(tick(d.tokens)),
+                nanos: a
+                    .nanos
+                    .saturating_add(c.nanos)
+                    .min(tick(d.nanos.max(0) as u64) as i64),
+            }
+        } else {
+            Amounts::default()
+        };
+        let f = l.in_flight;
+        let r = Relet {
+            caller,
+            epoch: l.epoch,
+            old: l.held.clone(),
+            used_reqs: l.used_reqs,
+            used_tokens: l.used_tokens,
+            seq: seq.fetch_add(1, Ordering::Relaxed),
+            want,
+            in_flight: Amounts {
+                reqs: f.reqs,
+                slots: f.slots + keep.slots,
+                tokens: f.tokens.saturating_add(keep.tokens),
+                nanos: f.nanos.saturating_add(keep.nanos),
+            },
+            limits: l.limits.clone(),
+            life: mean,
+            carry: keep,
+        };
+        // The old lease stops here (what was left of its carry with
+        // it); its slots in flight stay held. What the carry admits
+        // counts as used of the new one.
+        l.gen += 1;
+        l.left = Amounts {
+            slots: keep.slots,
+            ..Amounts::default()
+        };
+        l.carry = Amounts { slots: 0, ..keep };
+        l.used_reqs = 0;
+        l.used_tokens = 0;
+        l.granted = false;
+        l.starved = false;
+        l.pending = true;
+        r
     }
 
     /// Drops the lease: what it held frees itself in Redis by its deadline.
@@ -380,10 +502,17 @@ impl Leases {
     /// The relets due now, one per caller at most and `most` in all (the
     /// longest waiting first; the others stay due for the next tick);
     /// their leases stop admitting until Redis answers. Moves the demand
-    /// on by a tick and forgets callers with nothing held and nothing asked.
+    /// on by a tick and forgets callers with nothing held, nothing asked
+    /// and no demand to remember.
     pub fn plan(&self, now: Instant, seq: &AtomicU64, most: usize) -> Vec<Relet> {
         let mut map = self.lock();
-        map.retain(|_, l| l.held.is_some() || l.pending || l.busy > 0 || l.demand().reqs > 0);
+        map.retain(|_, l| {
+            l.held.is_some()
+                || l.pending
+                || l.busy > 0
+                || l.demand().reqs > 0
+                || l.seen.is_some_and(|t| now.duration_since(t) < REMEMBER)
+        });
         let mut due = Vec::new();
         for (caller, l) in map.iter_mut() {
             let d = l.demand();
@@ -392,6 +521,18 @@ impl Leases {
                 peak: l.busy,
                 ..Demand::default()
             };
+            if d.reqs > 0 {
+                // A peak that fades by a quarter a tick while the caller
+                // is asking, and is kept while it is quiet.
+                let r = l.rate;
+                l.rate = Demand {
+                    reqs: d.reqs.max(r.reqs * 3 / 4),
+                    tokens: d.tokens.max(r.tokens / 4 * 3),
+                    nanos: d.nanos.max(r.nanos / 4 * 3),
+                    peak: d.peak.max(r.peak * 3 / 4),
+                };
+                l.seen = Some(now);
+            }
             if l.pending {
                 continue;
             }
@@ -423,31 +564,10 @@ impl Leases {
             if !is_due {
                 continue;
             }
-            // A lease for its life and one second more, of the demand
-            // of the last second.
-            let mean = mean_life(d.reqs);
-            let times = 1 + mean.as_secs();
-            let want = if wants {
-                Amounts {
-                    reqs: if lim.rpm.is_some() { times * d.reqs } else { 0 },
-                    slots: if lim.concurrency.is_some() {
-                        2 * d.peak + 2
-                    } else {
-                        0
-                    },
-                    tokens: if lim.tpm.is_some() || lim.budget_tokens.is_some() {
-                        d.tokens.saturating_mul(times).max(1)
-                    } else {
-                        0
-                    },
-                    nanos: if lim.budget_usd.is_some() {
-                        d.nanos.saturating_mul(times as i64)
-                    } else {
-                        0
-                    },
-                }
+            let (want, mean) = if wants {
+                l.want(d)
             } else {
-                Amounts::default()
+                (Amounts::default(), mean_life(d.reqs))
             };
             due.push((l.taken, caller.clone(), want, d, mean));
         }
@@ -459,63 +579,28 @@ impl Leases {
             let Some(l) = map.get_mut(&caller) else {
                 continue;
             };
-            // The carry: a tick of demand kept from what the lease (and
-            // its carry) has left, for the requests that come while the
-            // relet is out. Redis gives it back with the old lease and
-            // counts it anew in the new one in the same step (its slots
-            // and budget amounts held as in flight), so what it admits is
-            // never counted zero times, and what it does not goes back
-            // with the new lease.
-            let keep = if l.granted && want != Amounts::default() {
-                let tick = |n: u64| n.div_ceil(TICKS as u64);
-                let (a, c) = (l.left, l.carry);
-                Amounts {
-                    reqs: (a.reqs + c.reqs).min(tick(d.reqs)),
-                    slots: a.slots.min(tick(d.reqs.max(d.peak)) + 1),
-                    tokens: a.tokens.saturating_add(c.tokens).min(tick(d.tokens)),
-                    nanos: a
-                        .nanos
-                        .saturating_add(c.nanos)
-                        .min(tick(d.nanos.max(0) as u64) as i64),
-                }
-            } else {
-                Amounts::default()
-            };
-            let f = l.in_flight;
-            out.push(Relet {
-                caller,
-                epoch: l.epoch,
-                old: l.held.clone(),
-                used_reqs: l.used_reqs,
-                used_tokens: l.used_tokens,
-                seq: seq.fetch_add(1, Ordering::Relaxed),
-                want,
-                in_flight: Amounts {
-                    reqs: f.reqs,
-                    slots: f.slots + keep.slots,
-                    tokens: f.tokens.saturating_add(keep.tokens),
-                    nanos: f.nanos.saturating_add(keep.nanos),
-                },
-                limits: l.limits.clone(),
-                life: mean,
-                carry: keep,
-            });
-            // The old lease stops here (what was left of its carry with
-            // it); its slots in flight stay held. What the carry admits
-            // counts as used of the new one.
-            l.gen += 1;
-            l.left = Amounts {
-                slots: keep.slots,
-                ..Amounts::default()
-            };
-            l.carry = Amounts { slots: 0, ..keep };
-            l.used_reqs = 0;
-            l.used_tokens = 0;
-            l.granted = false;
-            l.starved = false;
-            l.pending = true;
+            out.push(l.relet(caller, want, d, mean, seq));
         }
         out
+    }
+
+    /// A lease asked for by an admission of `caller` that found none (it
+    /// waits for Redis's answer, then takes from it): when the caller
+    /// holds no lease (nor has one asked for), was refused none within a
+    /// lease's life, and has asked for [`MIN_USE`] in the last second, or
+    /// was that busy within [`REMEMBER`] (then sized by that).
+    pub fn ask(&self, caller: &Arc<str>, now: Instant, seq: &AtomicU64) -> Option<Relet> {
+        let mut map = self.lock();
+        let l = map.get_mut(caller)?;
+        if l.held.is_some() || l.pending || l.demand().reqs.max(l.rate.reqs) < MIN_USE {
+            return None;
+        }
+        if l.taken.is_some_and(|t| now.duration_since(t) < l.life) {
+            return None;
+        }
+        let d = l.demand();
+        let (want, mean) = l.want(d);
+        Some(l.relet(caller.clone(), want, d, mean, seq))
     }
 
     /// Redis's answer to a relet: `[held, slots, requests, tokens, nanos
@@ -534,7 +619,9 @@ impl Leases {
         };
         let granted = g != Amounts::default();
         l.pending = false;
-        l.taken = Some(now);
+        // A lease given back (nothing asked) does not hold the caller's
+        // next one off; one asked for and refused does, for its life.
+        l.taken = (r.want != Amounts::default()).then_some(now);
         l.life = life(r.life);
         l.known = (n(5), n(6));
         l.granted = granted;
@@ -611,11 +698,16 @@ impl Leases {
         out
     }
 
-    /// The tickets of held leases, per caller, as the heartbeat refreshes
-    /// them (`lease:<suffix>`).
-    pub fn tickets(&self) -> Vec<(Arc<str>, String)> {
+    /// The tickets of held leases Redis last answered for before `stale`
+    /// (all with `None`), per caller, as the heartbeat refreshes them
+    /// (`lease:<suffix>`): a relet gives its ticket a deadline of its own.
+    pub fn tickets(&self, stale: Option<Instant>) -> Vec<(Arc<str>, String)> {
         self.lock()
             .iter()
+            .filter(|(_, l)| match (stale, l.taken) {
+                (Some(stale), Some(taken)) => taken <= stale,
+                _ => true,
+            })
             .filter_map(|(c, l)| {
                 l.held
                     .as_ref()
@@ -628,6 +720,10 @@ impl Leases {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Admissions asked for before a first lease in these tests (at least
+    /// [`MIN_USE`]).
+    const ASKED: u64 = 8;
 
     fn limits() -> CallerLimits {
         CallerLimits {
@@ -645,7 +741,7 @@ mod tests {
         let seq = AtomicU64::new(0);
         let c: Arc<str> = "c".into();
         let cost = Cost::default();
-        for _ in 0..MIN_USE {
+        for _ in 0..ASKED {
             assert!(leases.take(&c, &limits(), cost).is_none());
             leases.admitted(&c);
             leases.settle("c", None, cost, cost);
@@ -655,7 +751,7 @@ mod tests {
         assert_eq!(plan.len(), 1);
         let r = &plan[0];
         // A thin caller: a lease for its life and a second more.
-        assert_eq!(r.want.reqs, 3 * MIN_USE);
+        assert_eq!(r.want.reqs, 3 * ASKED);
         assert!(r.old.is_none());
         leases.apply(r, &[1, r.want.slots as i64, 16, 0, 0, 16, 0, 100], now);
         let mut marks = Vec::new();
@@ -687,7 +783,7 @@ mod tests {
     /// Leased once, with `granted` requests: the caller asked for MIN_USE
     /// in the last second.
     fn leased(leases: &Leases, seq: &AtomicU64, c: &Arc<str>, granted: i64, now: Instant) {
-        for _ in 0..MIN_USE {
+        for _ in 0..ASKED {
             assert!(leases.take(c, &rpm_only(), Cost::default()).is_none());
         }
         let plan = leases.plan(now, seq, RELETS_PER_TICK);
@@ -763,14 +859,14 @@ mod tests {
         let seq = AtomicU64::new(0);
         let c: Arc<str> = "c".into();
         let cost = Cost::default();
-        for _ in 0..MIN_USE {
+        for _ in 0..ASKED {
             leases.take(&c, &limits(), cost);
         }
         let now = Instant::now();
         let plan = leases.plan(now, &seq, RELETS_PER_TICK);
         leases.apply(&plan[0], &[0, 0, 0, 0, 0, 0, 0, 100], now);
         assert!(leases.take(&c, &limits(), cost).is_none());
-        assert!(leases.tickets().is_empty());
+        assert!(leases.tickets(None).is_empty());
     }
 
     /// A relet Redis did not take drops only that lease: its caller goes
@@ -781,7 +877,7 @@ mod tests {
         let seq = AtomicU64::new(0);
         let cost = Cost::default();
         let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
-        for _ in 0..MIN_USE {
+        for _ in 0..ASKED {
             leases.take(&a, &limits(), cost);
             leases.take(&b, &limits(), cost);
         }
@@ -797,8 +893,8 @@ mod tests {
         leases.lost(std::slice::from_ref(ra), now);
         assert!(leases.take(&a, &limits(), cost).is_none());
         assert!(leases.take(&b, &limits(), cost).is_some());
-        assert_eq!(leases.tickets().len(), 1);
-        for _ in 0..MIN_USE {
+        assert_eq!(leases.tickets(None).len(), 1);
+        for _ in 0..ASKED {
             leases.take(&a, &limits(), cost);
         }
         assert!(leases.plan(now + TICK, &seq, RELETS_PER_TICK).is_empty());
@@ -815,7 +911,7 @@ mod tests {
         let cost = Cost::default();
         let callers: Vec<Arc<str>> = ["a", "b", "c"].map(Arc::from).to_vec();
         for c in &callers {
-            for _ in 0..MIN_USE {
+            for _ in 0..ASKED {
                 leases.take(c, &limits(), cost);
             }
         }
@@ -825,6 +921,79 @@ mod tests {
         let second = leases.plan(now + TICK, &seq, 2);
         assert_eq!(second.len(), 1);
         assert!(first.iter().all(|r| r.caller != second[0].caller));
+    }
+
+    /// The admission that reaches [`MIN_USE`] without a lease asks for
+    /// one (to go in its own script call), once; a caller with a lease,
+    /// or one asked for, asks for none.
+    #[test]
+    fn the_admission_reaching_min_use_asks_for_a_lease() {
+        let leases = Leases::default();
+        let seq = AtomicU64::new(0);
+        let c: Arc<str> = "c".into();
+        let cost = Cost::default();
+        for _ in 0..MIN_USE - 1 {
+            assert!(leases.take(&c, &rpm_only(), cost).is_none());
+            assert!(leases.ask(&c, Instant::now(), &seq).is_none());
+        }
+        assert!(leases.take(&c, &rpm_only(), cost).is_none());
+        let r = leases
+            .ask(&c, Instant::now(), &seq)
+            .expect("a lease asked for");
+        assert_eq!(r.want.reqs, 3 * MIN_USE);
+        assert!(r.old.is_none());
+        // Asked once: the next exact admissions ask for nothing more.
+        assert!(leases.take(&c, &rpm_only(), cost).is_none());
+        assert!(leases.ask(&c, Instant::now(), &seq).is_none());
+        assert!(leases
+            .plan(Instant::now(), &seq, RELETS_PER_TICK)
+            .is_empty());
+        let now = Instant::now();
+        let g = r.want.reqs as i64;
+        leases.apply(&r, &[1, 0, g, 0, 0, g, 0, 100], now);
+        assert!(leases.take(&c, &rpm_only(), cost).is_some());
+        assert!(leases.ask(&c, Instant::now(), &seq).is_none());
+    }
+
+    /// A caller back after a pause asks at once for the demand it had
+    /// before (its lease was given back meanwhile), not for the little it
+    /// has asked since it came back.
+    #[test]
+    fn a_returning_caller_asks_for_its_remembered_demand() {
+        let leases = Leases::default();
+        let seq = AtomicU64::new(0);
+        let c: Arc<str> = "c".into();
+        let cost = Cost::default();
+        let now = Instant::now();
+        leased(&leases, &seq, &c, 24, now);
+        for _ in 0..40 {
+            leases.take(&c, &rpm_only(), cost);
+        }
+        // Busy for a second: 48 asked (8 before the lease, 40 after).
+        let plan = leases.plan(now + 2 * THIN_LIFE, &seq, RELETS_PER_TICK);
+        assert_eq!(plan[0].want.reqs, 3 * 48);
+        let g = plan[0].want.reqs as i64;
+        leases.apply(&plan[0], &[1, 0, g, 0, 0, g, 0, 101], now + 2 * THIN_LIFE);
+        // Quiet: given back within a second, then nothing asked of Redis.
+        let mut t = now + 2 * THIN_LIFE;
+        let mut gave_back = false;
+        for _ in 0..8 {
+            t += TICK;
+            for r in leases.plan(t, &seq, RELETS_PER_TICK) {
+                assert_eq!(r.want, Amounts::default());
+                leases.apply(&r, &[0, 0, 0, 0, 0, 0, 0, 102], t);
+                gave_back = true;
+            }
+        }
+        assert!(gave_back);
+        assert!(leases.tickets(None).is_empty());
+        // Back: its first admission asks for what it used to (40 a
+        // second: its peak of 48 faded as the busiest tick left).
+        assert!(leases.take(&c, &rpm_only(), cost).is_none());
+        let r = leases
+            .ask(&c, t + 2 * THIN_LIFE, &seq)
+            .expect("a lease asked for");
+        assert_eq!(r.want.reqs, 3 * 40);
     }
 
     /// Leases answered at once are relet over a spread of times, within

@@ -27,8 +27,15 @@
 //!   only ever raised, plus a pub/sub message for instances already
 //!   running; one joining later reads the hash.
 //!
-//! When a call fails or takes longer than `timeout`, the instance is in
-//! **outage** at once and `on_outage` applies to every request until the
+//! A request whose answer does not come within `timeout` goes by
+//! `on_outage` at once, alone. A call that fails (the connection broke, or
+//! Redis refused it) puts the instance in **outage** at once; one that is
+//! only late does not: the supervisor pings Redis at once, and the
+//! instance is in outage when that ping does not answer within `timeout`
+//! (200 ms at least), or when [`LATE_IN_A_ROW`] calls in a row came late.
+//! So one slow answer on a loaded host fails only the requests waiting on
+//! it, while a Redis that stopped answering is an outage within a ping.
+//! In outage `on_outage` applies to every request until the
 //! supervisor ([`SharedState::run`]) has Redis answering again; it then
 //! replays the settles it could not deliver, adds what was admitted in
 //! process meanwhile to the shared windows, and returns to shared mode.
@@ -53,8 +60,19 @@ pub const LEASE: Duration = Duration::from_secs(10);
 pub const BEAT: Duration = Duration::from_secs(1);
 /// Callers per heartbeat call.
 const BEAT_CALLERS: usize = 100;
+/// Every this many beats the heartbeat republishes every caller's spend,
+/// changed or not (and after a recovery, or when Redis lost this
+/// instance's marker: a flushed or new Redis); in between, only what
+/// changed since it last published.
+const FULL_BEAT: u64 = 30;
 /// How often the supervisor retries while Redis does not answer.
 const RETRY: Duration = Duration::from_millis(500);
+/// Script calls in a row answered later than `timeout` (none answered in
+/// between) that put the instance in outage without waiting for a ping.
+const LATE_IN_A_ROW: u32 = 3;
+/// How long the supervisor's ping may take, at least, when an answer came
+/// late: longer than that, Redis is out.
+const DOUBT_PING: Duration = Duration::from_millis(200);
 /// Settles kept for replay while Redis does not answer; older ones are
 /// dropped (their reservations free themselves at their deadline).
 const MAX_UNSETTLED: usize = 100_000;
@@ -84,6 +102,9 @@ local now = sec * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local inst = ARGV[1]
 local lease = tonumber(ARGV[2])
 local P = 'gptbalance:caller:'
+-- A caller's keys live this long past their last refresh, which is
+-- renewed every `renew` seconds at most (so they outlive the minute).
+local ttl, renew = 91, 20
 -- Concurrency slots a ticket holds: one, or a lease's count.
 local function slots_of(m)
   return tonumber(string.match(m, ':lease:%d+:(%d+):%d+:%-?%d+:%-?%d+$')) or 1
@@ -96,11 +117,12 @@ end
 local function load(p, at)
   local key = p .. 'state'
   local i = at % 60
-  local v = redis.call('HMGET', key, 'n', 'rt', 'rn', 'exp', 'last', 'r', 't', 's' .. i, 'r' .. i, 't' .. i)
+  local v = redis.call('HMGET', key, 'n', 'rt', 'rn', 'exp', 'last', 'r', 't', 's' .. i, 'r' .. i, 't' .. i, 'x')
   local c = {key = key, tickets = p .. 'tickets', at = at, i = i,
     n = tonumber(v[1]) or 0, rt = tonumber(v[2]) or 0, rn = tonumber(v[3]) or 0,
     exp = tonumber(v[4]) or 0, last = tonumber(v[5]), r = tonumber(v[6]) or 0, t = tonumber(v[7]) or 0,
-    bs = tonumber(v[8]), br = tonumber(v[9]) or 0, bt = tonumber(v[10]) or 0, moved = false}
+    bs = tonumber(v[8]), br = tonumber(v[9]) or 0, bt = tonumber(v[10]) or 0, x = tonumber(v[11]),
+    moved = false, opened = false}
   if c.last == nil then
     -- New, expired or flushed: recount the reservations from the tickets.
     c.last, c.r, c.t, c.n, c.rt, c.rn, c.exp, c.moved = at, 0, 0, 0, 0, 0, 0, true
@@ -152,17 +174,25 @@ local function state_of(p)
 end
 -- Writes the counters back (and the bucket of `at` when `bucket`).
 local function keep(c, bucket)
+  -- A caller's keys outlive its last minute and its tickets' deadlines:
+  -- renewed when the window moves `renew` seconds past the last renewal
+  -- (so one second in `renew` at most, not every second), and the
+  -- tickets' whenever one is added (`opened`: the set may be new, its
+  -- last ticket removed since).
+  local renewing = c.moved and (c.x == nil or c.at - c.x >= renew or c.at < c.x)
+  if renewing then c.x = c.at end
   if bucket then
     redis.call('HSET', c.key, 'n', c.n, 'rt', c.rt, 'rn', c.rn, 'exp', c.exp, 'last', c.last,
-      'r', c.r, 't', c.t, 's' .. c.i, c.at, 'r' .. c.i, c.br, 't' .. c.i, c.bt)
+      'r', c.r, 't', c.t, 's' .. c.i, c.at, 'r' .. c.i, c.br, 't' .. c.i, c.bt, 'x', c.x or c.at)
   else
     redis.call('HSET', c.key, 'n', c.n, 'rt', c.rt, 'rn', c.rn, 'exp', c.exp, 'last', c.last,
-      'r', c.r, 't', c.t)
+      'r', c.r, 't', c.t, 'x', c.x or c.at)
   end
-  if c.moved then
-    -- A caller's keys outlive its last minute and its tickets' deadlines.
-    redis.call('EXPIRE', c.key, 61)
-    redis.call('EXPIRE', c.tickets, 61)
+  if renewing or c.x == nil then
+    redis.call('EXPIRE', c.key, ttl)
+    redis.call('EXPIRE', c.tickets, ttl)
+  elseif c.opened then
+    redis.call('EXPIRE', c.tickets, ttl)
   end
 end
 -- Tickets past their deadline (their instance stopped refreshing them)
@@ -207,14 +237,15 @@ local function wait(c, what, sum, target)
   return 60
 end
 -- Raises this instance's spend entries in `key` (never lowers them);
--- a negative figure publishes nothing.
-local function publish(key, t, n, ttl)
+-- a negative figure publishes nothing. The key's expiry is set with this
+-- instance's first entry (the period's length and more: it is not renewed).
+local function publish(key, t, n, life)
   if t < 0 then return end
   local v = redis.call('HMGET', key, inst .. ':t', inst .. ':n')
   local ct, cn = tonumber(v[1]), tonumber(v[2])
   if ct == nil or cn == nil or t > ct or n > cn then
     redis.call('HSET', key, inst .. ':t', math.max(t, ct or 0), inst .. ':n', math.max(n, cn or 0))
-    redis.call('EXPIRE', key, ttl)
+    if ct == nil or cn == nil then redis.call('EXPIRE', key, life) end
   end
 end
 local function spend_key(p, per, day, month)
@@ -346,6 +377,7 @@ local function admit()
   local deadline = now + lease
   redis.call('ZADD', c.tickets, deadline, inst .. ':' .. ARGV[j + 2] .. ':' .. ARGV[j + 10] .. ':' .. ARGV[j + 11])
   if c.exp == 0 then c.exp = deadline end
+  c.opened = true
   c.n, c.rt, c.rn = c.n + 1, c.rt + ct, c.rn + cn
   c.r, c.t, c.br, c.bt = c.r + 1, c.t + ct, c.br + 1, c.bt + ct
   keep(c, true)
@@ -405,12 +437,20 @@ local function relet()
   if conc >= 0 then room(conc - c.n - is, ws) end
   if rpm >= 0 then room(rpm - c.r, wr) end
   if tpm >= 0 then room(tpm - c.t, wt) end
+  -- Each period's spend read once (both budgets are often per month).
+  local seen = {}
+  local function spent(per)
+    if not seen[per] then
+      seen[per] = {spent_of(p, per, ARGV[j + 24], ARGV[j + 25], a[26], a[27], a[28], a[29])}
+    end
+    return seen[per][1], seen[per][2]
+  end
   if bt >= 0 then
-    local st = spent_of(p, ARGV[j + 21], ARGV[j + 24], ARGV[j + 25], a[26], a[27], a[28], a[29])
+    local st = spent(ARGV[j + 21])
     room(bt - st - c.rt - it, wt)
   end
   if bn >= 0 then
-    local _, sn = spent_of(p, ARGV[j + 23], ARGV[j + 24], ARGV[j + 25], a[26], a[27], a[28], a[29])
+    local _, sn = spent(ARGV[j + 23])
     room(bn - sn - c.rn - inn, wn)
   end
   ws, wr, wt, wn = math.floor(ws * share), math.floor(wr * share), math.floor(wt * share), math.floor(wn * share)
@@ -424,6 +464,7 @@ local function relet()
     redis.call('ZADD', c.tickets, deadline, inst .. ':lease:' .. ARGV[j + 8] .. ':'
       .. string.format('%d:%d:%d:%d', is + ws, wr, it + wt, inn + wn))
     if c.exp == 0 then c.exp = deadline end
+    c.opened = true
     c.n, c.rt, c.rn = c.n + is + ws, c.rt + it + wt, c.rn + inn + wn
     c.r, c.t, c.br, c.bt = c.r + wr, c.t + wt, c.br + wr, c.bt + wt
     c.moved, held = true, 1
@@ -451,13 +492,17 @@ return out
 /// The heartbeat: pushes this instance's open tickets' deadlines forward,
 /// republishes its spend and adds what it admitted in process during an
 /// outage to the windows. ARGV: instance, lease_ms, then per caller: name,
-/// day, month, day tokens, day nanos, month tokens, month nanos, n, n
-/// tickets (`seq:tokens:nanos`), m, then m (second, requests, tokens).
+/// day, month, day tokens, day nanos, month tokens, month nanos (-1: none
+/// to publish), n, n tickets (`seq:tokens:nanos`), m, then m (second,
+/// requests, tokens). Returns 0 when this instance's marker was missing
+/// (a flushed or new Redis: every spend is to be republished), else 1.
 const BEAT_SCRIPT: &str = concat!(
     lua_common!(),
     r#"
 local j = 3
 local deadline = now + lease
+local known = 1
+if redis.call('SET', 'gptbalance:instance:' .. inst, 1, 'NX', 'EX', 86400) then known = 0 end
 while j <= #ARGV do
   local p = P .. ARGV[j] .. ':'
   local dk, dttl = spend_key(p, 'd', ARGV[j + 1], ARGV[j + 2])
@@ -476,8 +521,8 @@ while j <= #ARGV do
       end
       redis.call('ZADD', p .. 'tickets', 'XX', unpack(args))
     end
-    redis.call('EXPIRE', p .. 'tickets', 61)
-    redis.call('EXPIRE', p .. 'state', 61)
+    redis.call('EXPIRE', p .. 'tickets', ttl)
+    redis.call('EXPIRE', p .. 'state', ttl)
   end
   j = j + n
   local m = tonumber(ARGV[j])
@@ -496,11 +541,11 @@ while j <= #ARGV do
           'r', (tonumber(v[4]) or 0) + r, 't', (tonumber(v[5]) or 0) + tok)
       end
     end
-    redis.call('EXPIRE', c.key, 61)
+    redis.call('EXPIRE', c.key, ttl)
   end
   j = j + 3 * m
 end
-return 1
+return known
 "#
 );
 
@@ -588,19 +633,47 @@ struct Asked {
 }
 
 /// What the batcher sends to Redis, in arrival order: settles and
-/// admissions alike.
+/// admissions alike, and the leases admissions ask for
+/// ([`Leases::ask`]: this instance's spend and periods with them).
 enum Pending {
     Admit(Asked),
     Settle(Unsettled),
+    /// Told once Redis's answer is applied (dropped when it is not).
+    Lease(
+        Relet,
+        Periods,
+        (super::Spend, super::Spend),
+        tokio::sync::oneshot::Sender<()>,
+    ),
 }
 
 /// Items per script call at most.
 const MAX_BATCH: usize = 256;
 
+/// What one heartbeat call does for one caller.
+struct BeatItem {
+    name: Arc<str>,
+    /// Day tokens and nanos, month tokens and nanos (-1: not published).
+    spend: [i64; 4],
+    tickets: Vec<String>,
+    /// The outage's in-process seconds (second, requests, tokens).
+    seconds: Vec<(u64, u64, u64)>,
+}
+
 /// One caller, as the heartbeat sees it.
 pub struct CallerEntry {
     pub name: Arc<str>,
     pub state: Arc<CallerState>,
+    /// Whether it has a budget per day, per month ([`budget_periods`]):
+    /// the heartbeat publishes its spend of those periods only.
+    pub budgets: (bool, bool),
+}
+
+/// Whether `limits` has a budget (of tokens or USD) per day, per month.
+pub fn budget_periods(limits: &CallerLimits) -> (bool, bool) {
+    let has = |b: Option<crate::config::Budget>, per: Per| b.is_some_and(|b| b.per == per);
+    let per = |per| has(limits.budget_tokens, per) || has(limits.budget_usd, per);
+    (per(Per::Day), per(Per::Month))
 }
 
 pub struct SharedState {
@@ -609,6 +682,10 @@ pub struct SharedState {
     client: Option<redis::Client>,
     conn: ArcSwapOption<MultiplexedConnection>,
     outage: AtomicBool,
+    /// An answer came late: the supervisor pings Redis to tell.
+    doubt: AtomicBool,
+    /// Script calls in a row that came late.
+    late: std::sync::atomic::AtomicU32,
     since: Mutex<SystemTime>,
     wake: tokio::sync::Notify,
     seq: AtomicU64,
@@ -623,6 +700,12 @@ pub struct SharedState {
     beat: Script,
     cooldown: Script,
     leases: Leases,
+    /// Each caller's spend as the heartbeat last published it.
+    published: Mutex<HashMap<Arc<str>, [i64; 4]>>,
+    /// Heartbeats so far, for [`FULL_BEAT`].
+    beats: AtomicU64,
+    /// Redis lost this instance's marker: the next beat republishes all.
+    republish: AtomicBool,
     /// Set by [`SharedState::run`], for [`SharedState::release`].
     callers: std::sync::OnceLock<Callers>,
 }
@@ -779,6 +862,8 @@ impl SharedState {
             client,
             conn: ArcSwapOption::empty(),
             outage: AtomicBool::new(true),
+            doubt: AtomicBool::new(false),
+            late: std::sync::atomic::AtomicU32::new(0),
             since: Mutex::new(SystemTime::now()),
             wake: tokio::sync::Notify::new(),
             seq: AtomicU64::new(0),
@@ -790,6 +875,9 @@ impl SharedState {
             beat: Script::new(BEAT_SCRIPT),
             cooldown: Script::new(COOLDOWN),
             leases: Leases::default(),
+            published: Mutex::new(HashMap::new()),
+            beats: AtomicU64::new(0),
+            republish: AtomicBool::new(false),
             callers: std::sync::OnceLock::new(),
         }
     }
@@ -822,6 +910,19 @@ impl SharedState {
         self.wake.notify_one();
     }
 
+    /// An answer came late (`call`: a script call, counted towards
+    /// [`LATE_IN_A_ROW`]; otherwise a request that stopped waiting): the
+    /// supervisor pings Redis now, and outage follows when that fails.
+    fn doubt(&self, call: bool) {
+        if call && self.late.fetch_add(1, Ordering::Relaxed) + 1 >= LATE_IN_A_ROW {
+            self.fail("script calls answered later than shared_state.timeout, several in a row");
+            return;
+        }
+        if !self.doubt.swap(true, Ordering::Relaxed) {
+            self.wake.notify_one();
+        }
+    }
+
     /// The connection, when shared mode is on.
     fn connection(&self) -> Option<MultiplexedConnection> {
         if self.outage.load(Ordering::Relaxed) {
@@ -845,9 +946,7 @@ impl SharedState {
             return self.admit_in_outage(state, limits, cost, now);
         }
         let p = Periods::of(now);
-        let has = |b: Option<crate::config::Budget>, per: Per| b.is_some_and(|b| b.per == per);
-        let per = |per| has(limits.budget_tokens, per) || has(limits.budget_usd, per);
-        let budgets = (per(Per::Day), per(Per::Month));
+        let budgets = budget_periods(limits);
         if let Some((mark, headroom)) = self.leases.take(caller, limits, cost) {
             let ticket = SharedTicket {
                 seq: 0,
@@ -859,8 +958,48 @@ impl SharedState {
             };
             return Ok((Grant::Shared(ticket), headroom));
         }
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let until = tokio::time::Instant::now() + self.cfg.timeout;
         let (day, month) = state.own_spend(now);
+        // A caller that has become busy (or was, not long ago) asks for a
+        // lease, and this request waits for it (one round trip, as on the
+        // exact path) and is admitted from it: a caller starting or coming
+        // back does not send a second's worth of requests the exact path.
+        if let Some(r) = self.leases.ask(caller, Instant::now(), &self.seq) {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            match self.queue.send(Pending::Lease(r, p, (day, month), tx)) {
+                Err(e) => {
+                    if let Pending::Lease(r, ..) = e.0 {
+                        self.leases.lost(std::slice::from_ref(&r), Instant::now());
+                    }
+                }
+                Ok(()) => match tokio::time::timeout_at(until, rx).await {
+                    Ok(Ok(())) => {
+                        if let Some((mark, headroom)) = self.leases.take(caller, limits, cost) {
+                            let ticket = SharedTicket {
+                                seq: 0,
+                                second: p.second,
+                                reserved: cost,
+                                at: p,
+                                budgets,
+                                lease: Some(mark),
+                            };
+                            return Ok((Grant::Shared(ticket), headroom));
+                        }
+                        // Not granted (too little room): the exact path,
+                        // in what is left of `timeout`.
+                    }
+                    Ok(Err(_)) if self.outage.load(Ordering::Relaxed) => {
+                        return self.admit_in_outage(state, limits, cost, now);
+                    }
+                    Ok(Err(_)) => {}
+                    Err(_) => {
+                        self.doubt(false);
+                        return self.admit_in_outage(state, limits, cost, now);
+                    }
+                },
+            }
+        }
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let budget = |b: Option<crate::config::Budget>| {
             b.map_or((-1, "m"), |b| (b.amount.max(0), per_code(b.per)))
         };
@@ -891,12 +1030,14 @@ impl SharedState {
         if self.queue.send(Pending::Admit(asked)).is_err() {
             return self.admit_in_outage(state, limits, cost, now);
         }
-        let answer = match tokio::time::timeout(self.cfg.timeout, rx).await {
+        let answer = match tokio::time::timeout_at(until, rx).await {
             Ok(Ok(v)) => v,
             // The batch failed: the batcher has entered outage mode.
             Ok(Err(_)) => return self.admit_in_outage(state, limits, cost, now),
+            // This request alone goes by `on_outage`; whether Redis is
+            // out is the supervisor's ping to tell.
             Err(_) => {
-                self.fail("no answer within shared_state.timeout");
+                self.doubt(false);
                 return self.admit_in_outage(state, limits, cost, now);
             }
         };
@@ -1053,27 +1194,58 @@ impl SharedState {
             return;
         };
         let mut call = self.batch_call();
+        let factor = lease::ROOM * u64::from(self.cfg.replicas.max(1));
         for p in batch.iter() {
             match p {
                 Pending::Admit(a) => push_admit(&mut call, a),
                 Pending::Settle(u) => push_settle(&mut call, u),
+                Pending::Lease(r, at, own, _) => push_relet(&mut call, r, *at, Some(*own), factor),
             }
         }
         let answer: Vec<i64> = match self
             .invoke(&self.batch, &call, &mut conn, self.cfg.timeout)
             .await
         {
-            Ok(v) => v,
+            Ok(v) => {
+                self.late.store(0, Ordering::Relaxed);
+                v
+            }
             Err(e) => {
-                self.fail(&e);
+                // Its admissions go by `on_outage` (their answers are
+                // dropped here); a late call is only a doubt.
+                match e {
+                    CallError::Late => self.doubt(true),
+                    CallError::Failed(e) => self.fail(&e),
+                }
                 self.give_back(batch);
                 return;
             }
         };
-        let mut numbers = answer.chunks_exact(6);
+        // Six numbers per admission, eight per lease, in order.
+        let mut numbers = answer.as_slice();
+        let at = Instant::now();
         for p in batch.drain(..) {
-            let Pending::Admit(a) = p else { continue };
-            let Some(six) = numbers.next() else { break };
+            let a = match p {
+                Pending::Admit(a) => a,
+                Pending::Lease(r, _, _, told) => {
+                    match numbers.split_at_checked(8) {
+                        Some((eight, rest)) => {
+                            self.leases.apply(&r, eight, at);
+                            numbers = rest;
+                            let _ = told.send(());
+                        }
+                        None => self.leases.lost(std::slice::from_ref(&r), at),
+                    }
+                    continue;
+                }
+                Pending::Settle(_) => continue,
+            };
+            // (None when Redis answered short: the request goes by
+            // `on_outage`; the leases after it are still seen to.)
+            let Some((six, rest)) = numbers.split_at_checked(6) else {
+                continue;
+            };
+            numbers = rest;
             let mut out = [0i64; 6];
             out.copy_from_slice(six);
             if a.answer.send(out).is_err() && out[0] == 0 {
@@ -1187,11 +1359,16 @@ impl SharedState {
     }
 
     /// A batch Redis did not take: its admissions learn it at once (they
-    /// go by `on_outage`), its settles wait for the replay.
+    /// go by `on_outage`), its settles wait for the replay, its leases are
+    /// dropped.
     fn give_back(&self, batch: &mut Vec<Pending>) {
+        let now = Instant::now();
         for p in batch.drain(..) {
-            if let Pending::Settle(u) = p {
-                self.keep_unsettled(u);
+            match p {
+                Pending::Settle(u) => self.keep_unsettled(u),
+                // Dropped like any relet Redis did not take.
+                Pending::Lease(r, ..) => self.leases.lost(std::slice::from_ref(&r), now),
+                Pending::Admit(_) => {}
             }
         }
     }
@@ -1214,7 +1391,7 @@ impl SharedState {
         call: &redis::Cmd,
         conn: &mut MultiplexedConnection,
         bound: Duration,
-    ) -> Result<T, String> {
+    ) -> Result<T, CallError> {
         let once = async {
             match call.query_async::<T>(conn).await {
                 Err(e)
@@ -1228,8 +1405,8 @@ impl SharedState {
         };
         match tokio::time::timeout(bound, once).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("no answer within shared_state.timeout".to_owned()),
+            Ok(Err(e)) => Err(CallError::Failed(e.to_string())),
+            Err(_) => Err(CallError::Late),
         }
     }
 
@@ -1258,7 +1435,7 @@ impl SharedState {
             match tokio::time::timeout(me.cfg.timeout, call.invoke_async::<i64>(&mut conn)).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => me.fail(&e.to_string()),
-                Err(_) => me.fail("no answer within shared_state.timeout"),
+                Err(_) => me.doubt(false),
             }
         });
     }
@@ -1282,6 +1459,8 @@ impl SharedState {
                     Ok(()) => {
                         let down_for = lock(&self.since).elapsed().unwrap_or_default();
                         *lock(&self.since) = SystemTime::now();
+                        self.late.store(0, Ordering::Relaxed);
+                        self.doubt.store(false, Ordering::Relaxed);
                         self.outage.store(false, Ordering::Relaxed);
                         tracing::info!(address = %self.cfg.address, instance = %self.instance,
                             down_ms = down_for.as_millis() as u64, "shared state answering; shared mode on");
@@ -1293,15 +1472,30 @@ impl SharedState {
                     }
                 }
             }
-            // Woken early by a request that saw Redis fail.
+            // Woken early by a request that saw Redis fail or answer late.
             let _ = tokio::time::timeout(BEAT, self.wake.notified()).await;
             if self.outage.load(Ordering::Relaxed) {
                 continue;
             }
-            if let Some(mut conn) = self.conn.load_full().map(|c| (*c).clone()) {
-                if let Err(e) = self.heartbeat(&mut conn, &callers, false).await {
-                    self.fail(&e);
+            let Some(mut conn) = self.conn.load_full().map(|c| (*c).clone()) else {
+                continue;
+            };
+            let bound = self.cfg.timeout.max(DOUBT_PING);
+            if self.doubt.swap(false, Ordering::Relaxed) {
+                if let Err(e) = ping(&mut conn, bound).await {
+                    self.fail(&format!("a late answer, then no answer to a ping: {e}"));
+                    continue;
                 }
+            }
+            match self.heartbeat(&mut conn, &callers, false).await {
+                Ok(()) => {}
+                // A late heartbeat is a doubt like any late answer.
+                Err(CallError::Late) => {
+                    if let Err(e) = ping(&mut conn, bound).await {
+                        self.fail(&format!("heartbeat late, then no answer to a ping: {e}"));
+                    }
+                }
+                Err(CallError::Failed(e)) => self.fail(&format!("heartbeat: {e}")),
             }
         }
     }
@@ -1361,21 +1555,27 @@ impl SharedState {
                 return Err(format!("settle replay: {e}"));
             }
         }
-        self.heartbeat(&mut conn, callers, true).await
+        self.heartbeat(&mut conn, callers, true)
+            .await
+            .map_err(|e| format!("heartbeat: {e}"))
     }
 
-    /// Every open ticket's deadline pushed forward, every caller's spend
-    /// republished; with `reconcile`, the in-process windows of the outage
-    /// are added to the shared ones (and emptied here). In calls of
+    /// Every open ticket's deadline pushed forward (those of leases not
+    /// relet for [`lease::STALE`]: a relet renews its own), every
+    /// caller's spend republished when it changed (all of it every
+    /// [`FULL_BEAT`] beats, and when Redis lost this instance's marker);
+    /// with `reconcile`, all of it, and the in-process windows of the
+    /// outage are added to the shared ones (and emptied here). In calls of
     /// [`BEAT_CALLERS`] callers, each sent after the previous one's answer:
     /// with a thousand callers one call would hold Redis for milliseconds,
-    /// and every admission behind it.
+    /// and every admission behind it. Callers with nothing to do are left
+    /// out.
     async fn heartbeat(
         &self,
         conn: &mut MultiplexedConnection,
         callers: &Callers,
         reconcile: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), CallError> {
         let now = SystemTime::now();
         let p = Periods::of(now);
         let mut by_caller: HashMap<Arc<str>, Vec<String>> = HashMap::new();
@@ -1385,62 +1585,105 @@ impl SharedState {
                 .or_default()
                 .push(format!("{seq}:{}:{}", cost.tokens, cost.nanos));
         }
-        for (c, ticket) in self.leases.tickets() {
+        let stale = Instant::now().checked_sub(lease::STALE);
+        let stale = if reconcile { None } else { stale };
+        for (c, ticket) in self.leases.tickets(stale) {
             by_caller.entry(c).or_default().push(ticket);
         }
-        let list = callers();
-        if list.is_empty() {
-            return ping(conn, self.cfg.timeout.max(Duration::from_millis(500))).await;
+        let full = reconcile
+            || self.republish.swap(false, Ordering::Relaxed)
+            || self.beats.fetch_add(1, Ordering::Relaxed) % FULL_BEAT == 0;
+        let mut items = Vec::new();
+        {
+            let mut published = lock(&self.published);
+            if full {
+                published.clear();
+            }
+            for c in callers() {
+                let (day, month) = c.state.own_spend(now);
+                let figures = |s: super::Spend, has: bool| {
+                    if has {
+                        [s.tokens.min(i64::MAX as u64) as i64, s.nanos]
+                    } else {
+                        [-1, -1]
+                    }
+                };
+                let [dt, dn] = figures(day, c.budgets.0);
+                let [mt, mn] = figures(month, c.budgets.1);
+                let mut spend = [dt, dn, mt, mn];
+                if published.get(&c.name) == Some(&spend) {
+                    spend = [-1; 4];
+                } else if spend != [-1; 4] {
+                    published.insert(c.name.clone(), spend);
+                }
+                let tickets = by_caller.remove(&c.name).unwrap_or_default();
+                let seconds = if reconcile {
+                    c.state.take_window(now)
+                } else {
+                    Vec::new()
+                };
+                if spend == [-1; 4] && tickets.is_empty() && seconds.is_empty() {
+                    continue;
+                }
+                items.push(BeatItem {
+                    name: c.name,
+                    spend,
+                    tickets,
+                    seconds,
+                });
+            }
+        }
+        if items.is_empty() {
+            return ping(conn, self.cfg.timeout.max(Duration::from_millis(500)))
+                .await
+                .map_err(CallError::Failed);
         }
         let bound = if reconcile {
             self.cfg.timeout.max(Duration::from_millis(500))
         } else {
             self.cfg.timeout.max(Duration::from_millis(200))
         };
-        for chunk in list.chunks(BEAT_CALLERS) {
-            let call = self.beat_call(chunk, &mut by_caller, p, now, reconcile);
-            self.invoke::<i64>(&self.beat, &call, conn, bound)
-                .await
-                .map_err(|e| format!("heartbeat: {e}"))?;
+        let mut chunks = items.chunks(BEAT_CALLERS);
+        while let Some(chunk) = chunks.next() {
+            let call = self.beat_call(chunk, p);
+            match self.invoke::<i64>(&self.beat, &call, conn, bound).await {
+                Ok(known) => {
+                    if known == 0 {
+                        // A flushed or new Redis: every spend again.
+                        self.republish.store(true, Ordering::Relaxed);
+                    }
+                }
+                Err(e) => {
+                    // Not known to be published: sent again next beat.
+                    let mut published = lock(&self.published);
+                    for item in chunk.iter().chain(chunks.flatten()) {
+                        published.remove(&item.name);
+                    }
+                    return Err(e);
+                }
+            }
         }
         Ok(())
     }
 
-    /// One heartbeat call for `list`'s callers.
-    fn beat_call(
-        &self,
-        list: &[CallerEntry],
-        by_caller: &mut HashMap<Arc<str>, Vec<String>>,
-        p: Periods,
-        now: SystemTime,
-        reconcile: bool,
-    ) -> redis::Cmd {
+    /// One heartbeat call for `items`.
+    fn beat_call(&self, items: &[BeatItem], p: Periods) -> redis::Cmd {
         let mut call = redis::cmd("EVALSHA");
         call.arg(self.beat.get_hash())
             .arg(0)
             .arg(&*self.instance)
             .arg(LEASE.as_millis() as u64);
-        for c in list {
-            let (day, month) = c.state.own_spend(now);
-            call.arg(&*c.name)
-                .arg(p.day)
-                .arg(p.month)
-                .arg(day.tokens)
-                .arg(day.nanos)
-                .arg(month.tokens)
-                .arg(month.nanos);
-            let tickets = by_caller.remove(&c.name).unwrap_or_default();
-            call.arg(tickets.len());
-            for t in tickets {
+        for c in items {
+            call.arg(&*c.name).arg(p.day).arg(p.month);
+            for n in c.spend {
+                call.arg(n);
+            }
+            call.arg(c.tickets.len());
+            for t in &c.tickets {
                 call.arg(t);
             }
-            let seconds = if reconcile {
-                c.state.take_window(now)
-            } else {
-                Vec::new()
-            };
-            call.arg(seconds.len());
-            for (s, r, t) in seconds {
+            call.arg(c.seconds.len());
+            for (s, r, t) in &c.seconds {
                 call.arg(s).arg(r).arg(t);
             }
         }
@@ -1503,6 +1746,24 @@ impl SharedState {
                 }
             }
             tokio::time::sleep(RETRY).await;
+        }
+    }
+}
+
+/// Why a script call did not answer.
+#[derive(Debug)]
+enum CallError {
+    /// Not within its bound.
+    Late,
+    /// The connection or Redis said no.
+    Failed(String),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Late => f.write_str("no answer within shared_state.timeout"),
+            CallError::Failed(e) => f.write_str(e),
         }
     }
 }
