@@ -522,14 +522,17 @@ impl Leases {
                 ..Demand::default()
             };
             if d.reqs > 0 {
-                // A peak that fades by a quarter a tick while the caller
-                // is asking, and is kept while it is quiet.
+                // A peak that fades by a sixteenth a tick (by half in
+                // under three seconds) while the caller is asking, and is
+                // kept while it is quiet: the second in which a caller
+                // stops does not take its rate down with it.
                 let r = l.rate;
+                let fade = |n: u64| n - n / 16;
                 l.rate = Demand {
-                    reqs: d.reqs.max(r.reqs * 3 / 4),
-                    tokens: d.tokens.max(r.tokens / 4 * 3),
-                    nanos: d.nanos.max(r.nanos / 4 * 3),
-                    peak: d.peak.max(r.peak * 3 / 4),
+                    reqs: d.reqs.max(fade(r.reqs)),
+                    tokens: d.tokens.max(fade(r.tokens)),
+                    nanos: d.nanos.max(fade(r.nanos.max(0) as u64) as i64),
+                    peak: d.peak.max(fade(r.peak)),
                 };
                 l.seen = Some(now);
             }
@@ -987,13 +990,14 @@ mod tests {
         }
         assert!(gave_back);
         assert!(leases.tickets(None).is_empty());
-        // Back: its first admission asks for what it used to (40 a
-        // second: its peak of 48 faded as the busiest tick left).
+        // Back: its first admission asks for what it used to (45 a
+        // second: its peak of 48 less a sixteenth, faded once as the
+        // busiest tick left the last second).
         assert!(leases.take(&c, &rpm_only(), cost).is_none());
         let r = leases
             .ask(&c, t + 2 * THIN_LIFE, &seq)
             .expect("a lease asked for");
-        assert_eq!(r.want.reqs, 3 * 40);
+        assert_eq!(r.want.reqs, 3 * 45);
     }
 
     /// Leases answered at once are relet over a spread of times, within
