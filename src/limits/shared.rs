@@ -947,16 +947,24 @@ impl SharedState {
         }
         let p = Periods::of(now);
         let budgets = budget_periods(limits);
-        if let Some((mark, headroom)) = self.leases.take(caller, limits, cost) {
-            let ticket = SharedTicket {
-                seq: 0,
-                second: p.second,
-                reserved: cost,
-                at: p,
-                budgets,
-                lease: Some(mark),
-            };
-            return Ok((Grant::Shared(ticket), headroom));
+        // Admitted from this instance's lease: no Redis work.
+        let from_lease = || {
+            self.leases
+                .take(caller, limits, cost)
+                .map(|(mark, headroom)| {
+                    let ticket = SharedTicket {
+                        seq: 0,
+                        second: p.second,
+                        reserved: cost,
+                        at: p,
+                        budgets,
+                        lease: Some(mark),
+                    };
+                    (Grant::Shared(ticket), headroom)
+                })
+        };
+        if let Some(granted) = from_lease() {
+            return Ok(granted);
         }
         let until = tokio::time::Instant::now() + self.cfg.timeout;
         let (day, month) = state.own_spend(now);
@@ -974,16 +982,8 @@ impl SharedState {
                 }
                 Ok(()) => match tokio::time::timeout_at(until, rx).await {
                     Ok(Ok(())) => {
-                        if let Some((mark, headroom)) = self.leases.take(caller, limits, cost) {
-                            let ticket = SharedTicket {
-                                seq: 0,
-                                second: p.second,
-                                reserved: cost,
-                                at: p,
-                                budgets,
-                                lease: Some(mark),
-                            };
-                            return Ok((Grant::Shared(ticket), headroom));
+                        if let Some(granted) = from_lease() {
+                            return Ok(granted);
                         }
                         // Not granted (too little room): the exact path,
                         // in what is left of `timeout`.
