@@ -919,47 +919,50 @@ fn refusal_error(cfg: &crate::config::CallerConfig, refusal: Refusal, cost: Cost
 /// OpenAI's `x-ratelimit-*` headers for the limits the caller has. The
 /// limits come formatted from the routing table (`cached`) and resets of a
 /// minute or less from a table made once: only the remaining counts are
-/// formatted per request.
+/// formatted per request. The names are made at compile time.
 fn ratelimit_headers(
     headers: &mut HeaderMap,
     h: &Headroom,
     cached: Option<&[Option<(u64, HeaderValue)>; 2]>,
 ) {
-    for (k, (limit, names)) in [
-        (
-            h.requests,
-            [
-                "x-ratelimit-limit-requests",
-                "x-ratelimit-remaining-requests",
-                "x-ratelimit-reset-requests",
-            ],
-        ),
-        (
-            h.tokens,
-            [
-                "x-ratelimit-limit-tokens",
-                "x-ratelimit-remaining-tokens",
-                "x-ratelimit-reset-tokens",
-            ],
-        ),
-    ]
-    .into_iter()
-    .enumerate()
+    const REQUESTS: [HeaderName; 3] = [
+        HeaderName::from_static("x-ratelimit-limit-requests"),
+        HeaderName::from_static("x-ratelimit-remaining-requests"),
+        HeaderName::from_static("x-ratelimit-reset-requests"),
+    ];
+    const TOKENS: [HeaderName; 3] = [
+        HeaderName::from_static("x-ratelimit-limit-tokens"),
+        HeaderName::from_static("x-ratelimit-remaining-tokens"),
+        HeaderName::from_static("x-ratelimit-reset-tokens"),
+    ];
+    let present = usize::from(h.requests.is_some()) + usize::from(h.tokens.is_some());
+    // Room for all of them at once: the map grows once, if at all.
+    headers.reserve(3 * present);
+    for (k, (limit, [l, r, t])) in [(h.requests, REQUESTS), (h.tokens, TOKENS)]
+        .into_iter()
+        .enumerate()
     {
         let Some((max, remaining, reset)) = limit else {
             continue;
         };
-        let [l, r, t] = names.map(HeaderName::from_static);
         let limit_value = cached
             .and_then(|c| c[k].as_ref())
             .filter(|(n, _)| *n == max)
             .map(|(_, v)| v.clone());
-        headers.insert(l, limit_value.unwrap_or_else(|| HeaderValue::from(max)));
-        headers.insert(r, HeaderValue::from(remaining));
+        headers.insert(l, limit_value.unwrap_or_else(|| count_value(max)));
+        headers.insert(r, count_value(remaining));
         if let Some(v) = reset_value(reset) {
             headers.insert(t, v);
         }
     }
+}
+
+/// A count as a header value, in one allocation of its own size, where
+/// `HeaderValue::from(u64)` makes two (a 20-byte buffer, then the shared
+/// handle that shorter contents need).
+fn count_value(n: u64) -> HeaderValue {
+    HeaderValue::from_bytes(http1::framing::decimal_digits(&mut [0; 20], n))
+        .expect("decimal digits are a valid header value")
 }
 
 /// A reset as a header value: whole seconds up to a minute (every reset
