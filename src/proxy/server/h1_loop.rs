@@ -39,7 +39,7 @@ use tokio::net::TcpStream;
 use super::conn::{reset_on_close, HandedOff};
 use super::Drain;
 use crate::http1::framing::{self, push_decimal, Connection};
-use crate::http1::head::{RelayedHeaders, MAX_HEAD, MAX_HEADERS};
+use crate::http1::head::{push_field, RelayedHeaders, MAX_HEAD, MAX_HEADERS};
 use crate::http1::{chunked, names};
 use crate::proxy::body::ResponseBody;
 use crate::proxy::handler::{self, BodyCut};
@@ -362,17 +362,11 @@ impl Conn {
             } else if name == header::DATE {
                 has_date = true;
             }
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
+            push_field(out, name.as_str().as_bytes(), value.as_bytes());
         }
         if let Some(relayed) = parts.extensions.get::<RelayedHeaders>() {
             for (name, value) in relayed.iter() {
-                out.extend_from_slice(name);
-                out.extend_from_slice(b": ");
-                out.extend_from_slice(value);
-                out.extend_from_slice(b"\r\n");
+                push_field(out, name, value);
             }
         }
         if !has_date {
