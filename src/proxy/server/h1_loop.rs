@@ -113,14 +113,15 @@ pub async fn serve(
         let mut keep_alive = head.keep_alive;
         // A request without a valid token is refused on its head: its
         // body is never read, and the connection closes after the answer.
-        if let Some(refused) =
-            handler::refuse_before_body(&state, head.uri.path(), &head.headers, peer)
-        {
-            let parts = (&head.method, &head.uri, &head.headers);
-            crate::proxy::access::log_refused(&state, parts, peer, refused.status());
-            let _ = conn.write_response(refused, false).await;
-            return Exit::Closed;
-        }
+        let presented = match handler::check_head(&state, head.uri.path(), &head.headers, peer) {
+            Ok(hash) => hash,
+            Err(refused) => {
+                let parts = (&head.method, &head.uri, &head.headers);
+                crate::proxy::access::log_refused(&state, parts, peer, refused.status());
+                let _ = conn.write_response(*refused, false).await;
+                return Exit::Closed;
+            }
+        };
         let body = match head.length {
             0 => FastBody::Full(None),
             n if n > limit => {
@@ -146,7 +147,7 @@ pub async fn serve(
         let resp = tokio::select! {
             // In order: no random draw per request.
             biased;
-            resp = handler::handle(state.clone(), req, false, peer) => match resp {
+            resp = handler::handle(state.clone(), req, false, peer, presented) => match resp {
                 Ok(resp) => resp,
                 Err(never) => match never {},
             },
