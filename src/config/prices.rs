@@ -105,23 +105,26 @@ impl PriceTable {
 /// `*` matches any run of characters (none included); everything else is
 /// literal. Case-sensitive, like model matching.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let mut parts = pattern.split('*');
-    let first = parts.next().unwrap_or("");
-    let Some(mut rest) = text.strip_prefix(first) else {
+    // Asked per request and candidate when a caller has limits: walked
+    // byte by byte in place, nothing allocated, no searcher set up.
+    let mut parts = pattern.as_bytes().split(|&b| b == b'*');
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = text.as_bytes().strip_prefix(first) else {
         return false;
     };
-    let parts: Vec<&str> = parts.collect();
-    let Some((last, middle)) = parts.split_last() else {
+    let Some(mut part) = parts.next() else {
         // No `*`: the whole text must be the pattern.
         return rest.is_empty();
     };
-    for part in middle {
-        match rest.find(part) {
+    // Each part between stars is found in turn; the last must end the text.
+    for next in parts {
+        match memchr::memmem::find(rest, part) {
             Some(at) => rest = &rest[at + part.len()..],
             None => return false,
         }
+        part = next;
     }
-    rest.len() >= last.len() && rest.ends_with(last)
+    rest.ends_with(part)
 }
 
 #[cfg(test)]
@@ -140,6 +143,11 @@ mod tests {
         assert!(glob_match("exact", "exact"));
         assert!(!glob_match("exact", "exactly"));
         assert!(!glob_match("ab*ba", "aba"));
+        assert!(glob_match("a**b", "ab"));
+        assert!(glob_match("*4o*", "gpt-4o-mini"));
+        assert!(!glob_match("*x*", "gpt-4o-mini"));
+        assert!(glob_match("", ""));
+        assert!(!glob_match("", "a"));
     }
 
     #[test]

@@ -18,8 +18,12 @@ pub fn decimal(v: &[u8]) -> Option<u64> {
 }
 
 /// Appends `n` in decimal.
-pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
+pub fn push_decimal(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(decimal_digits(&mut [0; 20], n));
+}
+
+/// `n` in decimal, written at the end of `digits` (no allocation).
+pub fn decimal_digits(digits: &mut [u8; 20], mut n: u64) -> &[u8] {
     let mut at = digits.len();
     loop {
         at -= 1;
@@ -29,7 +33,7 @@ pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
             break;
         }
     }
-    out.extend_from_slice(&digits[at..]);
+    &digits[at..]
 }
 
 /// The comma-separated elements of a field value, trimmed, empty ones

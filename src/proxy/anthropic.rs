@@ -23,6 +23,14 @@ pub fn api_of(endpoint: &str) -> Api {
 /// Whether `path` is one of Anthropic's endpoints (`/v1/messages`,
 /// `/{client}/v1/messages/...`).
 pub fn is_anthropic_path(path: &str) -> bool {
+    // Asked two or three times a request: the usual path, `/v1/` and an
+    // endpoint that is not `messages`, is told without being routed.
+    if path
+        .strip_prefix("/v1/")
+        .is_some_and(|endpoint| !endpoint.starts_with("messages"))
+    {
+        return false;
+    }
     matches!(route(path), Route::Proxy { endpoint, .. } if api_of(endpoint) == Api::Anthropic)
 }
 

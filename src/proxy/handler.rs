@@ -90,6 +90,8 @@ pub enum BodyCut {
 /// Answers one request, from the HTTP/1.1 fast path or from hyper.
 /// `conflicting_framing`: the request had both `Content-Length` and
 /// `Transfer-Encoding` on the wire (only hyper's path sees such requests).
+/// `presented`: the hash of the token the request presents, when the
+/// server loop already took it ([`check_head`]).
 /// Not an `async fn`: its future is the error shape's scope itself, which
 /// then holds the arguments once.
 pub fn handle<B: RequestBodyStream>(
@@ -97,6 +99,7 @@ pub fn handle<B: RequestBodyStream>(
     req: Request<B>,
     conflicting_framing: bool,
     peer: Option<SocketAddr>,
+    presented: Option<TokenHash>,
 ) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send {
     let id = new_request_id();
     let rid_header = HeaderValue::from_bytes(&id).expect("request ids are ASCII hex");
@@ -115,7 +118,7 @@ pub fn handle<B: RequestBodyStream>(
         let logged = access::Request::begin(&state, &req, peer);
         let mut resp = match access::within(
             logged,
-            dispatch(&state, req, request_id, peer),
+            dispatch(&state, req, request_id, peer, presented),
             answer_status,
         )
         .await
@@ -144,6 +147,7 @@ async fn dispatch<B: RequestBodyStream>(
     req: Request<B>,
     request_id: &str,
     peer: Option<SocketAddr>,
+    presented: Option<TokenHash>,
 ) -> Result<Response<ResponseBody>, ApiError> {
     let table = state.table.load_full();
     // The request's parts stay here, and everything below borrows them:
@@ -173,7 +177,8 @@ async fn dispatch<B: RequestBodyStream>(
         }
         Route::NotFound => Err(ApiError::NotFound(format!("no route for {method} {path}"))),
         route => {
-            let caller = authenticate(state, &table, path, &parts.headers, peer)?;
+            let caller = authenticate(state, &table, path, &parts.headers, peer, presented)?
+                .map(|(caller, _)| caller);
             match route {
                 Route::Metrics => Ok(endpoints::metrics(state, &table)),
                 Route::Models if method == Method::GET => Ok(endpoints::models(
@@ -234,25 +239,37 @@ impl AuthFailure {
     }
 }
 
-/// Finds the caller whose token the request presents: the token is hashed
-/// once and looked up, so neither its bytes nor the number of callers show
-/// in the time taken. `None` when no caller or token is configured.
+/// The SHA-256 of the token a request presents: callers are looked up by
+/// it. Hashing a token costs more than the rest of an authentication, so
+/// the server loop's check on the head hands its hash on to the handler.
+#[derive(Clone, Copy)]
+pub struct TokenHash([u8; 32]);
+
+/// Finds the caller whose token the request presents, with the token's
+/// hash: the token is hashed once (or its hash taken from `presented`,
+/// made from these same headers) and looked up, so neither its bytes nor
+/// the number of callers show in the time taken. `None` when no caller or
+/// token is configured.
 fn authenticate(
     state: &AppState,
     table: &RoutingTable,
     path: &str,
     headers: &HeaderMap,
     peer: Option<SocketAddr>,
-) -> Result<Option<usize>, ApiError> {
+    presented: Option<TokenHash>,
+) -> Result<Option<(usize, TokenHash)>, ApiError> {
     if table.callers.is_empty() {
         return Ok(None);
     }
     let failure = match anthropic::caller_token(path, headers) {
         None => AuthFailure::Missing,
-        Some(token) => match table.caller_by_token(&sha256(token.as_bytes())) {
-            Some(caller) => return Ok(Some(caller)),
-            None => AuthFailure::Invalid,
-        },
+        Some(token) => {
+            let hash = presented.unwrap_or_else(|| TokenHash(sha256(token.as_bytes())));
+            match table.caller_by_token(&hash.0) {
+                Some(caller) => return Ok(Some((caller, hash))),
+                None => AuthFailure::Invalid,
+            }
+        }
     };
     state.metrics.auth_failure(failure.reason());
     AUTH_LOG[failure as usize].log(failure.reason(), peer);
@@ -310,28 +327,37 @@ impl AuthLog {
     }
 }
 
-/// A refusal the fast path can give from the head alone, before it reads
-/// a body: a request for a path that needs a token and does not carry a
-/// valid one. The body is then never read (and the connection closes).
-pub fn refuse_before_body(
+/// The fast path's check of a request's head, before it reads a body: a
+/// request for a path that needs a token and does not carry a valid one
+/// is refused (`Err`, boxed: it is rare), its body never read (and the
+/// connection closes). Else the hash of the token it presents, if one was
+/// checked, for [`handle`].
+pub fn check_head(
     state: &AppState,
     path: &str,
     headers: &HeaderMap,
     peer: Option<SocketAddr>,
-) -> Option<Response<ResponseBody>> {
+) -> Result<Option<TokenHash>, Box<Response<ResponseBody>>> {
+    let table = state.table.load();
+    // Without callers there is no token to check: the path is not even
+    // routed (the handler routes it once more).
+    if table.callers.is_empty() {
+        return Ok(None);
+    }
     match route(path) {
-        Route::Healthz | Route::Readyz | Route::Admin(_) | Route::NotFound => None,
-        _ => {
-            let table = state.table.load();
-            anthropic::error_shape(path).sync_scope(|| {
-                let refused = authenticate(state, &table, path, headers, peer).err()?;
-                let mut resp = refused.into_response(None);
-                if let Some(origin) = cors::allowed_origin(state, headers) {
-                    cors::mark(resp.headers_mut(), origin);
+        Route::Healthz | Route::Readyz | Route::Admin(_) | Route::NotFound => Ok(None),
+        _ => anthropic::error_shape(path).sync_scope(|| {
+            match authenticate(state, &table, path, headers, peer, None) {
+                Ok(found) => Ok(found.map(|(_, hash)| hash)),
+                Err(refused) => {
+                    let mut resp = refused.into_response(None);
+                    if let Some(origin) = cors::allowed_origin(state, headers) {
+                        cors::mark(resp.headers_mut(), origin);
+                    }
+                    Err(Box::new(resp))
                 }
-                Some(resp)
-            })
-        }
+            }
+        }),
     }
 }
 
@@ -916,47 +942,50 @@ fn refusal_error(cfg: &crate::config::CallerConfig, refusal: Refusal, cost: Cost
 /// OpenAI's `x-ratelimit-*` headers for the limits the caller has. The
 /// limits come formatted from the routing table (`cached`) and resets of a
 /// minute or less from a table made once: only the remaining counts are
-/// formatted per request.
+/// formatted per request. The names are made at compile time.
 fn ratelimit_headers(
     headers: &mut HeaderMap,
     h: &Headroom,
     cached: Option<&[Option<(u64, HeaderValue)>; 2]>,
 ) {
-    for (k, (limit, names)) in [
-        (
-            h.requests,
-            [
-                "x-ratelimit-limit-requests",
-                "x-ratelimit-remaining-requests",
-                "x-ratelimit-reset-requests",
-            ],
-        ),
-        (
-            h.tokens,
-            [
-                "x-ratelimit-limit-tokens",
-                "x-ratelimit-remaining-tokens",
-                "x-ratelimit-reset-tokens",
-            ],
-        ),
-    ]
-    .into_iter()
-    .enumerate()
+    const REQUESTS: [HeaderName; 3] = [
+        HeaderName::from_static("x-ratelimit-limit-requests"),
+        HeaderName::from_static("x-ratelimit-remaining-requests"),
+        HeaderName::from_static("x-ratelimit-reset-requests"),
+    ];
+    const TOKENS: [HeaderName; 3] = [
+        HeaderName::from_static("x-ratelimit-limit-tokens"),
+        HeaderName::from_static("x-ratelimit-remaining-tokens"),
+        HeaderName::from_static("x-ratelimit-reset-tokens"),
+    ];
+    let present = usize::from(h.requests.is_some()) + usize::from(h.tokens.is_some());
+    // Room for all of them at once: the map grows once, if at all.
+    headers.reserve(3 * present);
+    for (k, (limit, [l, r, t])) in [(h.requests, REQUESTS), (h.tokens, TOKENS)]
+        .into_iter()
+        .enumerate()
     {
         let Some((max, remaining, reset)) = limit else {
             continue;
         };
-        let [l, r, t] = names.map(HeaderName::from_static);
         let limit_value = cached
             .and_then(|c| c[k].as_ref())
             .filter(|(n, _)| *n == max)
             .map(|(_, v)| v.clone());
-        headers.insert(l, limit_value.unwrap_or_else(|| HeaderValue::from(max)));
-        headers.insert(r, HeaderValue::from(remaining));
+        headers.insert(l, limit_value.unwrap_or_else(|| count_value(max)));
+        headers.insert(r, count_value(remaining));
         if let Some(v) = reset_value(reset) {
             headers.insert(t, v);
         }
     }
+}
+
+/// A count as a header value, in one allocation of its own size, where
+/// `HeaderValue::from(u64)` makes two (a 20-byte buffer, then the shared
+/// handle that shorter contents need).
+fn count_value(n: u64) -> HeaderValue {
+    HeaderValue::from_bytes(http1::framing::decimal_digits(&mut [0; 20], n))
+        .expect("decimal digits are a valid header value")
 }
 
 /// A reset as a header value: whole seconds up to a minute (every reset

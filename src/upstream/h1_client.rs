@@ -37,7 +37,7 @@ use http::{Method, Response, StatusCode, Version};
 use super::request::Outgoing;
 use crate::http1::chunked;
 use crate::http1::framing::{push_decimal, Connection, ContentLength};
-use crate::http1::head::{RelayedHeaders, Span, MAX_HEAD, MAX_HEADERS};
+use crate::http1::head::{push_field, RelayedHeaders, Span, MAX_HEAD, MAX_HEADERS};
 use crate::http1::{framing, names};
 use tokio::io::Interest;
 use tokio::net::{TcpSocket, TcpStream};
@@ -308,10 +308,7 @@ pub fn encode_head(req: &Outgoing<'_>, host: Option<&HeaderValue>, out: &mut Vec
         if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
             return;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        push_field(out, name.as_str().as_bytes(), value.as_bytes());
     });
     let len = req.body.len();
     let has_body_semantics = !matches!(

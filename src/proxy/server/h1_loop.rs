@@ -39,7 +39,7 @@ use tokio::net::TcpStream;
 use super::conn::{reset_on_close, HandedOff};
 use super::Drain;
 use crate::http1::framing::{self, push_decimal, Connection};
-use crate::http1::head::{RelayedHeaders, MAX_HEAD, MAX_HEADERS};
+use crate::http1::head::{push_field, RelayedHeaders, MAX_HEAD, MAX_HEADERS};
 use crate::http1::{chunked, names};
 use crate::proxy::body::ResponseBody;
 use crate::proxy::handler::{self, BodyCut};
@@ -113,14 +113,15 @@ pub async fn serve(
         let mut keep_alive = head.keep_alive;
         // A request without a valid token is refused on its head: its
         // body is never read, and the connection closes after the answer.
-        if let Some(refused) =
-            handler::refuse_before_body(&state, head.uri.path(), &head.headers, peer)
-        {
-            let parts = (&head.method, &head.uri, &head.headers);
-            crate::proxy::access::log_refused(&state, parts, peer, refused.status());
-            let _ = conn.write_response(refused, false).await;
-            return Exit::Closed;
-        }
+        let presented = match handler::check_head(&state, head.uri.path(), &head.headers, peer) {
+            Ok(hash) => hash,
+            Err(refused) => {
+                let parts = (&head.method, &head.uri, &head.headers);
+                crate::proxy::access::log_refused(&state, parts, peer, refused.status());
+                let _ = conn.write_response(*refused, false).await;
+                return Exit::Closed;
+            }
+        };
         let body = match head.length {
             0 => FastBody::Full(None),
             n if n > limit => {
@@ -146,7 +147,7 @@ pub async fn serve(
         let resp = tokio::select! {
             // In order: no random draw per request.
             biased;
-            resp = handler::handle(state.clone(), req, false, peer) => match resp {
+            resp = handler::handle(state.clone(), req, false, peer, presented) => match resp {
                 Ok(resp) => resp,
                 Err(never) => match never {},
             },
@@ -362,17 +363,11 @@ impl Conn {
             } else if name == header::DATE {
                 has_date = true;
             }
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
+            push_field(out, name.as_str().as_bytes(), value.as_bytes());
         }
         if let Some(relayed) = parts.extensions.get::<RelayedHeaders>() {
             for (name, value) in relayed.iter() {
-                out.extend_from_slice(name);
-                out.extend_from_slice(b": ");
-                out.extend_from_slice(value);
-                out.extend_from_slice(b"\r\n");
+                push_field(out, name, value);
             }
         }
         if !has_date {

@@ -49,7 +49,7 @@ pub(super) async fn serve_with_hyper<IO>(
         let aborted = (req.version() != http::Version::HTTP_2).then(|| aborted.clone());
         let conflicting = framing.next_request_conflicts();
         let connect = req.method() == http::Method::CONNECT;
-        let answer = handler::handle(state.clone(), req, conflicting, Some(peer));
+        let answer = handler::handle(state.clone(), req, conflicting, Some(peer), None);
         async move {
             if connect {
                 // Not a tunnel: refused, and the connection closed, so
