@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
+use http_body_util::BodyExt;
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_gptbalance");
@@ -544,9 +545,13 @@ async fn a_killed_instance_frees_its_reservations() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for _ in 0..2 {
-        let u = url.clone();
-        // Cut when the daemon dies: never awaited.
-        tokio::spawn(async move { call(&u, body()).await });
+        let req = post_req(
+            &url,
+            body().to_string(),
+            &[("authorization", &format!("Bearer {TOKEN}"))],
+        );
+        // Cut when the daemon dies (an error, not a panic): never awaited.
+        tokio::spawn(client().request(req));
     }
     assert!(eventually(Duration::from_secs(5), || up.count() == 2).await);
     assert_eq!(redis.open_tickets("app"), 2, "two slots held in Redis");
@@ -1121,7 +1126,8 @@ impl Redis {
 }
 
 /// Keeps `tasks` requests at once going to each of `urls` until `stop`;
-/// returns the statuses seen.
+/// returns the statuses seen (until a request fails: its gateway was
+/// killed).
 fn load(
     urls: &[String],
     tasks: usize,
@@ -1134,7 +1140,17 @@ fn load(
             tokio::spawn(async move {
                 let mut seen = Vec::new();
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    seen.push(call(&url, body()).await.status);
+                    let req = post_req(
+                        &url,
+                        body().to_string(),
+                        &[("authorization", &format!("Bearer {TOKEN}"))],
+                    );
+                    // An error ends the load: the daemon was killed.
+                    let Ok(resp) = client().request(req).await else {
+                        break;
+                    };
+                    seen.push(resp.status().as_u16());
+                    let _ = resp.into_body().collect().await;
                 }
                 seen
             })
