@@ -704,3 +704,74 @@ async fn usage_reports_cost_and_reprices_without_writing() {
         .unwrap();
     assert!(String::from_utf8_lossy(&table.stdout).contains("COST_USD"));
 }
+
+/// Sends raw bytes and returns everything the gateway answers until it closes.
+async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("the gateway closes the connection")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn ratelimit_headers_are_the_same_on_both_server_paths() {
+    let up = MockUpstream::start("up").await;
+    // Two callers with the same limits and fresh counters: one asks over
+    // HTTP/1.1 (the gateway's own loop), the other over HTTP/1.0 (handed
+    // to hyper). The upstream's own quota headers are replaced.
+    let gw = Gateway::start(&config(
+        &up,
+        "  - name: a\n    token: tok-one-0123456789\n    limits: { rpm: 5, tpm: 100000 }\n  - name: b\n    token: tok-two-0123456789\n    limits: { rpm: 5, tpm: 100000 }\n",
+        "",
+    ))
+    .await;
+    let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+    let mut seen = Vec::new();
+    for (version, token) in [("1.1", "tok-one-0123456789"), ("1.0", "tok-two-0123456789")] {
+        up.push(Reply::Raw(
+            200,
+            vec![
+                ("x-ratelimit-remaining-requests".to_owned(), "98".to_owned()),
+                ("x-ratelimit-remaining-tokens".to_owned(), "99".to_owned()),
+            ],
+            r#"{"ok":true}"#.to_owned(),
+        ));
+        let request = format!(
+            "POST /v1/chat/completions HTTP/{version}\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let text = raw_exchange(gw.addr, request.as_bytes()).await;
+        let (head, _) = text.split_once("\r\n\r\n").expect("a whole head");
+        assert!(head.starts_with(&format!("HTTP/{version} 200")), "{head}");
+        let mut lines: Vec<String> = head
+            .lines()
+            .skip(1)
+            .map(str::to_ascii_lowercase)
+            .filter(|l| l.starts_with("x-ratelimit-"))
+            .collect();
+        lines.sort();
+        seen.push(lines);
+    }
+    assert_eq!(seen[0], seen[1]);
+    let lines = &seen[0];
+    assert_eq!(lines.len(), 6, "{lines:?}");
+    assert_eq!(lines[0], "x-ratelimit-limit-requests: 5");
+    assert_eq!(lines[1], "x-ratelimit-limit-tokens: 100000");
+    assert_eq!(lines[2], "x-ratelimit-remaining-requests: 4");
+    let tokens: u64 = lines[3]
+        .strip_prefix("x-ratelimit-remaining-tokens: ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    assert!(tokens < 100_000 && tokens != 99, "{lines:?}");
+    assert_eq!(lines[4], "x-ratelimit-reset-requests: 1m0s");
+    assert!(
+        lines[5].starts_with("x-ratelimit-reset-tokens: "),
+        "{lines:?}"
+    );
+    assert_eq!(up.count(), 2);
+}

@@ -22,16 +22,34 @@ pub fn push_decimal(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(decimal_digits(&mut [0; 20], n));
 }
 
-/// `n` in decimal, written at the end of `digits` (no allocation).
+/// `n` in decimal, written at the end of `digits` (no allocation), two
+/// digits per division as `itoa` does: counts of a billion and more are
+/// written on every limited caller's response.
 pub fn decimal_digits(digits: &mut [u8; 20], mut n: u64) -> &[u8] {
+    const PAIRS: &[u8; 200] = b"\
+        0001020304050607080910111213141516171819\
+        2021222324252627282930313233343536373839\
+        4041424344454647484950515253545556575859\
+        6061626364656667686970717273747576777879\
+        8081828384858687888990919293949596979899\
+        ";
     let mut at = digits.len();
-    loop {
+    while n >= 100 {
+        let pair = (n % 100) as usize * 2;
+        n /= 100;
+        at -= 2;
+        // Byte by byte: `copy_from_slice` is a call where not inlined.
+        digits[at] = PAIRS[pair];
+        digits[at + 1] = PAIRS[pair + 1];
+    }
+    if n >= 10 {
+        let pair = n as usize * 2;
+        at -= 2;
+        digits[at] = PAIRS[pair];
+        digits[at + 1] = PAIRS[pair + 1];
+    } else {
         at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
+        digits[at] = b'0' + n as u8;
     }
     &digits[at..]
 }
@@ -224,6 +242,20 @@ mod tests {
         assert!(foreign_coding(b"gzip, chunked"));
         assert!(foreign_coding(b"chunked,"));
         assert!(!foreign_coding(b"chunked"));
+    }
+
+    #[test]
+    fn decimals_are_written_at_every_length() {
+        // The least and the greatest number of each length.
+        let mut edges = vec![0, u64::MAX];
+        for len in 1..=19 {
+            let least = 10u64.pow(len - 1);
+            edges.extend([least, least * 10 - 1]);
+        }
+        edges.push(10u64.pow(19));
+        for n in edges {
+            assert_eq!(decimal_digits(&mut [0; 20], n), n.to_string().as_bytes());
+        }
     }
 
     proptest! {

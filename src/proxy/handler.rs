@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use smallvec::{smallvec, SmallVec};
 
@@ -26,6 +26,7 @@ use super::cors;
 use super::endpoints;
 use super::expect;
 use super::multipart;
+use super::ratelimit::RateLimitHeaders;
 use super::relay::{Filter, JsonSniffer, PrefixBuffer, Relay};
 use super::report::{Admission, Completion, SharedAdmission};
 use super::route::{route, Route};
@@ -460,10 +461,11 @@ async fn proxy<B: RequestBodyStream>(
     body: B,
 ) -> Response<ResponseBody> {
     let mut headroom = None;
-    let limit_headers = caller.caller.map(|i| &table.callers[i].limit_headers);
     let mut resp = proxy_admitted(state, &table, caller, body, &mut headroom).await;
     if let Some(h) = headroom {
-        ratelimit_headers(resp.headers_mut(), &h, limit_headers);
+        // Figures, not header values: the server writes them into the
+        // head (hyper's path merges them into the map first).
+        resp.extensions_mut().insert(RateLimitHeaders(h));
     }
     resp
 }
@@ -939,87 +941,6 @@ fn refusal_error(cfg: &crate::config::CallerConfig, refusal: Refusal, cost: Cost
     }
 }
 
-/// OpenAI's `x-ratelimit-*` headers for the limits the caller has. The
-/// limits come formatted from the routing table (`cached`) and resets of a
-/// minute or less from a table made once: only the remaining counts are
-/// formatted per request. The names are made at compile time.
-fn ratelimit_headers(
-    headers: &mut HeaderMap,
-    h: &Headroom,
-    cached: Option<&[Option<(u64, HeaderValue)>; 2]>,
-) {
-    const REQUESTS: [HeaderName; 3] = [
-        HeaderName::from_static("x-ratelimit-limit-requests"),
-        HeaderName::from_static("x-ratelimit-remaining-requests"),
-        HeaderName::from_static("x-ratelimit-reset-requests"),
-    ];
-    const TOKENS: [HeaderName; 3] = [
-        HeaderName::from_static("x-ratelimit-limit-tokens"),
-        HeaderName::from_static("x-ratelimit-remaining-tokens"),
-        HeaderName::from_static("x-ratelimit-reset-tokens"),
-    ];
-    let present = usize::from(h.requests.is_some()) + usize::from(h.tokens.is_some());
-    // Room for all of them at once: the map grows once, if at all.
-    headers.reserve(3 * present);
-    for (k, (limit, [l, r, t])) in [(h.requests, REQUESTS), (h.tokens, TOKENS)]
-        .into_iter()
-        .enumerate()
-    {
-        let Some((max, remaining, reset)) = limit else {
-            continue;
-        };
-        let limit_value = cached
-            .and_then(|c| c[k].as_ref())
-            .filter(|(n, _)| *n == max)
-            .map(|(_, v)| v.clone());
-        headers.insert(l, limit_value.unwrap_or_else(|| count_value(max)));
-        headers.insert(r, count_value(remaining));
-        if let Some(v) = reset_value(reset) {
-            headers.insert(t, v);
-        }
-    }
-}
-
-/// A count as a header value, in one allocation of its own size, where
-/// `HeaderValue::from(u64)` makes two (a 20-byte buffer, then the shared
-/// handle that shorter contents need).
-fn count_value(n: u64) -> HeaderValue {
-    HeaderValue::from_bytes(http1::framing::decimal_digits(&mut [0; 20], n))
-        .expect("decimal digits are a valid header value")
-}
-
-/// A reset as a header value: whole seconds up to a minute (every reset
-/// of a rolling minute) come from a table written once.
-fn reset_value(d: Duration) -> Option<HeaderValue> {
-    static UP_TO_A_MINUTE: std::sync::LazyLock<Vec<HeaderValue>> = std::sync::LazyLock::new(|| {
-        (0..=60)
-            .map(|s| {
-                let text: &'static str =
-                    Box::leak(openai_duration(Duration::from_secs(s)).into_boxed_str());
-                HeaderValue::from_static(text)
-            })
-            .collect()
-    });
-    if d.subsec_nanos() == 0 && d.as_secs() <= 60 {
-        return UP_TO_A_MINUTE.get(d.as_secs() as usize).cloned();
-    }
-    HeaderValue::from_str(&openai_duration(d)).ok()
-}
-
-/// A duration as OpenAI writes its resets: `20ms`, `1s`, `6m0s`, `1h2m3s`.
-fn openai_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms < 1000 {
-        return format!("{ms}ms");
-    }
-    let s = d.as_secs();
-    match (s / 3600, s / 60 % 60, s % 60) {
-        (0, 0, sec) => format!("{sec}s"),
-        (0, m, sec) => format!("{m}m{sec}s"),
-        (h, m, sec) => format!("{h}h{m}m{sec}s"),
-    }
-}
-
 /// The parts of the caller's request every attempt reuses.
 struct Prepared<'a> {
     method: &'a Method,
@@ -1473,16 +1394,6 @@ mod tests {
         let other = usage_endpoint("audio/speech");
         assert!(matches!(other, Cow::Owned(_)));
         assert_eq!(other, "audio/speech");
-    }
-
-    #[test]
-    fn resets_are_written_as_openai_writes_them() {
-        let d = |ms| openai_duration(Duration::from_millis(ms));
-        assert_eq!(d(20), "20ms");
-        assert_eq!(d(1000), "1s");
-        assert_eq!(d(59_900), "59s");
-        assert_eq!(d(360_000), "6m0s");
-        assert_eq!(d(3_723_000), "1h2m3s");
     }
 
     #[test]

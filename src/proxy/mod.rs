@@ -16,6 +16,7 @@ pub mod handler;
 pub mod multipart;
 mod peek_json;
 pub mod quota;
+pub mod ratelimit;
 pub mod relay;
 pub mod report;
 pub mod route;

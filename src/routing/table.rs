@@ -99,9 +99,6 @@ pub struct CallerRoute {
     pub cfg: CallerConfig,
     pub name: Arc<str>,
     pub state: Arc<CallerState>,
-    /// `x-ratelimit-limit-requests` and `-tokens`, formatted once per
-    /// config generation instead of per admitted request.
-    pub limit_headers: [Option<(u64, http::HeaderValue)>; 2],
     /// The caller's metric series, for this config generation.
     pub metrics: Arc<crate::metrics::CallerMetrics>,
 }
@@ -241,8 +238,6 @@ impl RoutingTable {
             .map(|cfg| CallerRoute {
                 cfg: cfg.clone(),
                 name: Arc::from(cfg.name.as_str()),
-                limit_headers: [cfg.limits.rpm, cfg.limits.tpm]
-                    .map(|l| l.map(|n| (n, http::HeaderValue::from(n)))),
                 metrics: Arc::default(),
                 state: previous
                     .and_then(|p| p.callers.iter().find(|c| c.cfg.name == cfg.name))

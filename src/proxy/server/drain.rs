@@ -7,11 +7,17 @@
 //! the connection drops its `Drain`; the signal sees when the last one is
 //! gone. mini-redis's `shutdown.rs` is the model.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use tokio::sync::watch;
 
 /// The accept loop's end of the drain.
 pub struct DrainSignal {
     tx: watch::Sender<bool>,
+    /// What the channel holds, read without its lock: the server loop
+    /// asks after every request.
+    draining: Arc<AtomicBool>,
 }
 
 /// A connection's end of the drain: whether the server is draining, and a
@@ -19,17 +25,28 @@ pub struct DrainSignal {
 #[derive(Clone)]
 pub struct Drain {
     rx: watch::Receiver<bool>,
+    draining: Arc<AtomicBool>,
 }
 
 impl DrainSignal {
     /// A signal not yet given, and the first connection end to clone.
     pub fn new() -> (DrainSignal, Drain) {
         let (tx, rx) = watch::channel(false);
-        (DrainSignal { tx }, Drain { rx })
+        let draining = Arc::new(AtomicBool::new(false));
+        (
+            DrainSignal {
+                tx,
+                draining: draining.clone(),
+            },
+            Drain { rx, draining },
+        )
     }
 
     /// Asks every connection to finish its request and close.
     pub fn start(&self) {
+        // Set before the channel wakes anyone: a connection woken by
+        // `started` finds it set.
+        self.draining.store(true, Ordering::Release);
         let _ = self.tx.send(true);
     }
 
@@ -48,7 +65,7 @@ impl Drain {
     /// Whether the drain has started: a connection about to wait for its
     /// next request closes instead.
     pub fn is_draining(&self) -> bool {
-        *self.rx.borrow()
+        self.draining.load(Ordering::Acquire)
     }
 
     /// Resolves once the drain starts (or the signal is gone). The guard

@@ -43,6 +43,7 @@ use crate::http1::head::{push_field, RelayedHeaders, MAX_HEAD, MAX_HEADERS};
 use crate::http1::{chunked, names};
 use crate::proxy::body::ResponseBody;
 use crate::proxy::handler::{self, BodyCut};
+use crate::proxy::ratelimit::RateLimitHeaders;
 use crate::state::AppState;
 
 /// Room kept free in the read buffer before each read.
@@ -342,6 +343,9 @@ impl Conn {
         let bodiless = status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
             || status.is_informational();
+        // A limited caller's `x-ratelimit-*` lines, written below, replace
+        // an upstream's of the same names.
+        let ratelimit = parts.extensions.get::<RateLimitHeaders>();
         for (name, value) in &parts.headers {
             if name == header::CONTENT_LENGTH {
                 // One length at most, and none where there is no body, as
@@ -362,6 +366,8 @@ impl Conn {
                 continue;
             } else if name == header::DATE {
                 has_date = true;
+            } else if ratelimit.is_some_and(|r| r.replaces(name)) {
+                continue;
             }
             push_field(out, name.as_str().as_bytes(), value.as_bytes());
         }
@@ -369,6 +375,9 @@ impl Conn {
             for (name, value) in relayed.iter() {
                 push_field(out, name, value);
             }
+        }
+        if let Some(r) = ratelimit {
+            r.write(out);
         }
         if !has_date {
             out.extend_from_slice(b"date: ");

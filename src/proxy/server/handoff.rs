@@ -23,6 +23,7 @@ use crate::http1::head::RelayedHeaders;
 use crate::proxy::api_error::ApiError;
 use crate::proxy::body::{BoxError, ResponseBody};
 use crate::proxy::handler;
+use crate::proxy::ratelimit::RateLimitHeaders;
 use crate::state::AppState;
 
 /// hyper serves the rest of a connection's life: HTTP/2, or HTTP/1.1
@@ -67,6 +68,7 @@ pub(super) async fn serve_with_hyper<IO>(
             let (mut parts, body) = answer.await?.into_parts();
             // hyper writes only the header map.
             RelayedHeaders::merge(&mut parts.extensions, &mut parts.headers);
+            RateLimitHeaders::merge(&mut parts.extensions, &mut parts.headers);
             let body = MarksAbort {
                 body,
                 aborted: aborted.clone(),
