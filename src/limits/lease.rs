@@ -45,7 +45,9 @@
 //! does not take within `timeout` (a [`TICK`] at least: no request waits
 //! on it) drops that lease only (its caller takes
 //! the exact path until the next one). A lease whose caller went quiet is
-//! given back. A crashed instance's lease frees its slots and budget
+//! kept [`WARM`] (relet at the caller's remembered demand, so that a
+//! pause of seconds costs its next request no round trip), then given
+//! back. A crashed instance's lease frees its slots and budget
 //! amounts at its deadline; the requests and tokens it did not use stay
 //! counted in the minute they were taken in (never too few).
 //!
@@ -82,6 +84,11 @@ pub const THIN: u64 = 64;
 pub const MIN_USE: u64 = 2;
 /// How long a caller's demand is remembered after it went quiet.
 pub const REMEMBER: Duration = Duration::from_secs(60);
+/// How long a held lease is kept, relet at the caller's remembered
+/// demand, after the caller went quiet: a pause of seconds (a client
+/// thinking between calls) does not cost the next request a round trip
+/// to Redis. Longer than that, the lease is given back.
+pub const WARM: Duration = Duration::from_secs(20);
 /// A held lease not relet for this long has its deadline pushed forward
 /// by the heartbeat (a relet gives it a new one).
 pub const STALE: Duration = Duration::from_secs(3);
@@ -543,7 +550,13 @@ impl Leases {
                 // Nothing holds what its carry was counted with any more.
                 l.carry = Amounts::default();
             }
-            let wants = d.reqs >= MIN_USE;
+            // Busy in the last second, or holding a lease and busy within
+            // [`WARM`]: then the lease is kept, sized by the remembered
+            // demand ([`Lease::want`]).
+            let warm = l.held.is_some()
+                && l.rate.reqs >= MIN_USE
+                && l.seen.is_some_and(|t| now.duration_since(t) < WARM);
+            let wants = d.reqs >= MIN_USE || warm;
             let old_enough = l.taken.is_none_or(|t| now.duration_since(t) >= l.life);
             let lim = &l.limits;
             // Low water: less left than two ticks of demand. Relet now, so
@@ -977,18 +990,32 @@ mod tests {
         assert_eq!(plan[0].want.reqs, 3 * 48);
         let g = plan[0].want.reqs as i64;
         leases.apply(&plan[0], &[1, 0, g, 0, 0, g, 0, 101], now + 2 * THIN_LIFE);
-        // Quiet: given back within a second, then nothing asked of Redis.
-        let mut t = now + 2 * THIN_LIFE;
-        let mut gave_back = false;
-        for _ in 0..8 {
+        // Quiet: kept warm (relet at the remembered demand) for
+        // [`WARM`] after the last busy tick, then given back, then
+        // nothing asked of Redis.
+        let last_busy = now + 2 * THIN_LIFE;
+        let mut t = last_busy;
+        let (mut warm, mut gave_back) = (0, None);
+        while t < last_busy + WARM + 2 * THIN_LIFE {
             t += TICK;
             for r in leases.plan(t, &seq, RELETS_PER_TICK) {
-                assert_eq!(r.want, Amounts::default());
-                leases.apply(&r, &[0, 0, 0, 0, 0, 0, 0, 102], t);
-                gave_back = true;
+                assert!(gave_back.is_none(), "asked of Redis after giving back");
+                if r.want == Amounts::default() {
+                    leases.apply(&r, &[0, 0, 0, 0, 0, 0, 0, 102], t);
+                    gave_back = Some(t);
+                } else {
+                    assert_eq!(r.want.reqs, 3 * 45);
+                    // Busy last seen within the demand's second.
+                    let seen_by = last_busy + TICK * (TICKS as u32 + 1);
+                    assert!(t < seen_by + WARM, "kept warm too long");
+                    let g = r.want.reqs as i64;
+                    leases.apply(&r, &[1, 0, g, 0, 0, g, 0, 102], t);
+                    warm += 1;
+                }
             }
         }
-        assert!(gave_back);
+        assert!(warm > 0, "not kept warm");
+        assert!(gave_back.is_some_and(|g| g >= last_busy + WARM));
         assert!(leases.tickets(None).is_empty());
         // Back: its first admission asks for what it used to (45 a
         // second: its peak of 48 less a sixteenth, faded once as the
