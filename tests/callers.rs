@@ -705,19 +705,6 @@ async fn usage_reports_cost_and_reprices_without_writing() {
     assert!(String::from_utf8_lossy(&table.stdout).contains("COST_USD"));
 }
 
-/// Sends raw bytes and returns everything the gateway answers until it closes.
-async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(request).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
-        .await
-        .expect("the gateway closes the connection")
-        .unwrap();
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[tokio::test]
 async fn ratelimit_headers_are_the_same_on_both_server_paths() {
     let up = MockUpstream::start("up").await;

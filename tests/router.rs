@@ -1009,19 +1009,6 @@ fn raw_chat(body: &str) -> String {
     )
 }
 
-/// Sends raw bytes and returns everything the gateway answers until it closes.
-async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(request).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
-        .await
-        .expect("the gateway closes the connection")
-        .unwrap();
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[tokio::test]
 async fn upstream_response_headers_reach_the_caller_on_both_server_paths() {
     let up = MockUpstream::start("up").await;
